@@ -1,0 +1,58 @@
+//! The built-in `fake` sandbox provider (spec 10 §2): creates nothing, runs
+//! nothing; used for probes and runtime tests.
+
+use serde_json::json;
+
+use crate::config::FakeSandboxConfig;
+use crate::lease::{EnvironmentLease, JsonObject};
+use crate::provider::ProviderLease;
+
+pub(crate) fn metadata(config: &FakeSandboxConfig) -> JsonObject {
+    let mut md = JsonObject::new();
+    md.insert("provider".into(), json!("fake"));
+    md.insert("image".into(), json!(config.image));
+    md.insert("reuseLease".into(), json!(config.reuse_lease));
+    md
+}
+
+pub(crate) fn acquire(
+    config: &FakeSandboxConfig,
+    environment_id: &str,
+    run_id: &str,
+) -> ProviderLease {
+    let id = if config.reuse_lease {
+        format!("sandbox://fake/{environment_id}")
+    } else {
+        format!("sandbox://fake/{run_id}/{}", uuid::Uuid::new_v4())
+    };
+    ProviderLease::new(id, metadata(config))
+}
+
+pub(crate) fn resume(config: &FakeSandboxConfig, provider_lease_id: &str) -> ProviderLease {
+    let mut md = metadata(config);
+    md.insert("resumedLease".into(), json!(true));
+    ProviderLease::new(provider_lease_id, md)
+}
+
+/// The built-in matcher: non-empty id, `provider == "fake"`, `reuseLease`, same image.
+pub(crate) fn matches(lease: &EnvironmentLease, config: &FakeSandboxConfig) -> bool {
+    lease
+        .provider_lease_id
+        .as_deref()
+        .is_some_and(|id| !id.is_empty())
+        && lease.metadata_str("provider") == Some("fake")
+        && lease.metadata.as_ref().and_then(|m| m.get("reuseLease")) == Some(&json!(true))
+        && lease.metadata_str("image") == Some(config.image.as_str())
+}
+
+/// Config rebuilt from lease metadata: needs `provider: "fake"` and a string image.
+pub(crate) fn config_from_metadata(metadata: Option<&JsonObject>) -> Option<FakeSandboxConfig> {
+    let md = metadata?;
+    if md.get("provider")?.as_str()? != "fake" {
+        return None;
+    }
+    Some(FakeSandboxConfig {
+        image: md.get("image")?.as_str()?.to_owned(),
+        reuse_lease: md.get("reuseLease") == Some(&json!(true)),
+    })
+}

@@ -1,0 +1,923 @@
+//! The `sandbox` driver (spec 00 §5.4): routes to sandbox providers by
+//! `config.provider`, strips the envelope, resolves secrets per call, composes
+//! lease metadata, matches reusable leases, records cleanup outcomes, and puts
+//! a deadline on every provider call.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::{base_metadata, builtin_fake};
+use crate::config::{SandboxConfig, TIMEOUT_MS_MAX};
+use crate::deadline::{execute_deadline, lease_operation_deadline, with_deadline};
+use crate::driver::{AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver};
+use crate::execute::{CommandExit, ExecuteRequest, OutputCollector};
+use crate::lease::{
+    CleanupStatus, Environment, EnvironmentLease, JsonObject, LeasePolicy, LeaseStatus, driver_keys,
+};
+use crate::probe::ProbeResult;
+use crate::provider::{
+    AcquireRequest, CallContext, LeaseHandle, ProviderLease, Readiness, SandboxProvider,
+};
+use crate::realize::{RealizeWorkspaceResult, WorkspaceSpec, build_realization_record};
+use crate::secret::{
+    ProviderConfig, collect_secret_ref_paths, persist_secret_refs, resolve_provider_config,
+    stored_config_for_metadata, strip_secret_paths,
+};
+use crate::store::{NewLease, ReleaseUpdate};
+use crate::{Error, Operation, Result, Unsupported, time};
+
+/// Metadata keys the host owns; provider metadata never overrides them (spec 00 §2.9 Decision).
+pub const HOST_METADATA_KEYS: [&str; 6] = [
+    "driver",
+    "executionWorkspaceMode",
+    "pluginId",
+    "pluginKey",
+    "sandboxProviderPlugin",
+    "provider",
+];
+
+/// Keys dropped when lease metadata is turned back into provider config (spec 00 §5.4.6 Decision).
+pub const INTERNAL_METADATA_KEYS: [&str; 8] = [
+    "driver",
+    "executionWorkspaceMode",
+    "pluginId",
+    "pluginKey",
+    "providerMetadata",
+    "shellCommand",
+    "sandboxProviderPlugin",
+    "workspaceRealization",
+];
+
+/// `failureReason` written when a lease is released as `failed`.
+pub const RUN_FAILURE_REASON: &str = "adapter_or_run_failure";
+/// `failureReason` written when a lease is destroyed.
+pub const DESTROYED_REASON: &str = "lease_destroyed";
+
+/// The `sandbox` driver and its provider registry.
+///
+/// ```
+/// use std::sync::Arc;
+/// use paperclip_env_core::drivers::SandboxDriver;
+/// let driver = SandboxDriver::new();
+/// assert!(driver.provider("e2b").is_none());
+/// ```
+#[derive(Default)]
+pub struct SandboxDriver {
+    providers: RwLock<BTreeMap<String, Arc<dyn SandboxProvider>>>,
+}
+
+impl std::fmt::Debug for SandboxDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxDriver")
+            .field("providers", &self.provider_keys())
+            .finish()
+    }
+}
+
+/// A lease that belongs to a provider-backed (non built-in) sandbox.
+fn provider_key_of(lease: &EnvironmentLease) -> Option<&str> {
+    let md = lease.metadata.as_ref()?;
+    let provider = md
+        .get("provider")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty());
+    let plugin_flag = md
+        .get("sandboxProviderPlugin")
+        .is_some_and(|v| v != &Value::Bool(false) && !v.is_null());
+    match provider {
+        Some("fake") if !plugin_flag => None,
+        Some(p) => Some(p),
+        None => None,
+    }
+}
+
+fn release_outcome(status: LeaseStatus, policy: LeasePolicy) -> (LeaseStatus, Option<String>) {
+    if status == LeaseStatus::Failed {
+        let stored = if policy == LeasePolicy::RetainOnFailure {
+            LeaseStatus::Retained
+        } else {
+            LeaseStatus::Failed
+        };
+        (stored, Some(RUN_FAILURE_REASON.to_owned()))
+    } else {
+        (status, None)
+    }
+}
+
+fn lease_handle(lease: &EnvironmentLease) -> LeaseHandle {
+    LeaseHandle {
+        provider_lease_id: lease.provider_lease_id.clone(),
+        metadata: lease.metadata.clone(),
+        expires_at: lease.expires_at,
+    }
+}
+
+fn resumable(lease: &EnvironmentLease, run_id: &str) -> bool {
+    lease.lease_policy == LeasePolicy::ReuseByEnvironment
+        && match lease.status {
+            LeaseStatus::Released | LeaseStatus::Retained => true,
+            LeaseStatus::Active => lease.heartbeat_run_id.as_deref() == Some(run_id),
+            _ => false,
+        }
+}
+
+/// Provider-backed reuse match (spec 00 §7.2), compared canonically.
+fn matches_stored_config(lease: &EnvironmentLease, stored: &JsonObject) -> bool {
+    let Some(md) = lease.metadata.as_ref() else {
+        return false;
+    };
+    lease
+        .provider_lease_id
+        .as_deref()
+        .is_some_and(|id| !id.is_empty())
+        && md.get("provider") == stored.get("provider")
+        && md.get("reuseLease") == Some(&Value::Bool(true))
+        && stored
+            .iter()
+            .filter(|(k, _)| k.as_str() != "provider" && k.as_str() != "reuseLease")
+            .all(|(k, v)| md.get(k) == Some(v))
+}
+
+impl SandboxDriver {
+    /// A driver with no providers (the built-in `fake` is always there).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a provider (builder form).
+    pub fn with_provider(self, provider: Arc<dyn SandboxProvider>) -> Self {
+        self.register(provider);
+        self
+    }
+
+    /// Registers a provider; a later one with the same key replaces the earlier.
+    pub fn register(&self, provider: Arc<dyn SandboxProvider>) {
+        let mut providers = self.providers.write().unwrap_or_else(|p| p.into_inner());
+        providers.insert(provider.key().to_owned(), provider);
+    }
+
+    /// The provider registered under `key`.
+    pub fn provider(&self, key: &str) -> Option<Arc<dyn SandboxProvider>> {
+        self.providers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Registered provider keys.
+    pub fn provider_keys(&self) -> Vec<String> {
+        self.providers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn missing(key: &str) -> Error {
+        Error::ProviderUnavailable {
+            provider: key.to_owned(),
+            message: format!(
+                "Sandbox provider \"{key}\" is not registered as a built-in provider and no matching plugin is available."
+            ),
+        }
+    }
+
+    /// Resolves a provider for acquire, waiting a bounded time for a worker
+    /// that is starting (spec 00 §5.4.2).
+    async fn provider_for_acquire(
+        &self,
+        key: &str,
+        ctx: &DriverContext,
+    ) -> Result<Arc<dyn SandboxProvider>> {
+        let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
+        let deadline = tokio::time::Instant::now() + ctx.options.provider_ready_timeout;
+        loop {
+            match provider.readiness().await {
+                Readiness::Ready => return Ok(provider),
+                Readiness::NotReady { status } => {
+                    return Err(Error::ProviderUnavailable {
+                        provider: key.to_owned(),
+                        message: format!(
+                            "Sandbox provider \"{key}\" is installed via plugin \"{}\", but that plugin is currently {status}.",
+                            provider.plugin_key()
+                        ),
+                    });
+                }
+                Readiness::WorkerUnavailable if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::ProviderUnavailable {
+                        provider: key.to_owned(),
+                        message: format!(
+                            "Sandbox provider \"{key}\" is installed via plugin \"{}\", but its worker is not running.",
+                            provider.plugin_key()
+                        ),
+                    });
+                }
+                Readiness::WorkerUnavailable => {
+                    tokio::time::sleep(
+                        ctx.options
+                            .provider_ready_poll
+                            .max(Duration::from_millis(1)),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// The provider if registered and ready now (no waiting).
+    async fn provider_ready_now(&self, key: &str) -> Option<Arc<dyn SandboxProvider>> {
+        let provider = self.provider(key)?;
+        (provider.readiness().await == Readiness::Ready).then_some(provider)
+    }
+
+    fn parse_sandbox_config(environment: &Environment) -> Result<SandboxConfig> {
+        if environment.driver != driver_keys::SANDBOX {
+            return Err(Error::Contract(format!(
+                "Expected sandbox environment config for driver \"{}\".",
+                environment.driver
+            )));
+        }
+        SandboxConfig::parse(&environment.config)
+    }
+
+    /// The stored (secret-id) provider config of an existing lease: lease
+    /// metadata minus host keys (spec 00 §5.4.6 with the Decision), else the
+    /// environment's config when it still names the same provider.
+    fn stored_config_for_lease(
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        provider: &str,
+    ) -> JsonObject {
+        if let Some(md) = lease.metadata.as_ref()
+            && md.get("provider").and_then(Value::as_str) == Some(provider)
+        {
+            let mut loose = md.clone();
+            for key in INTERNAL_METADATA_KEYS {
+                loose.remove(key);
+            }
+            loose.insert(
+                "reuseLease".into(),
+                json!(md.get("reuseLease") == Some(&Value::Bool(true))),
+            );
+            if let Ok(SandboxConfig::Provider(envelope)) =
+                SandboxConfig::parse(&Value::Object(loose.clone()))
+            {
+                return envelope.provider_config();
+            }
+            loose.remove("provider");
+            return loose;
+        }
+        if environment.driver == driver_keys::SANDBOX
+            && let Ok(SandboxConfig::Provider(envelope)) = SandboxConfig::parse(&environment.config)
+            && envelope.provider == provider
+        {
+            return envelope.provider_config();
+        }
+        let mut fallback = lease.metadata.clone().unwrap_or_default();
+        for key in INTERNAL_METADATA_KEYS {
+            fallback.remove(key);
+        }
+        fallback.remove("provider");
+        fallback
+    }
+
+    async fn lease_call(
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        provider: &dyn SandboxProvider,
+    ) -> Result<CallContext> {
+        let stored = Self::stored_config_for_lease(environment, lease, provider.key());
+        let paths = collect_secret_ref_paths(&provider.config_schema());
+        let config = resolve_provider_config(&stored, &paths, ctx.secrets.as_ref()).await?;
+        Ok(CallContext {
+            company_id: lease.company_id.clone(),
+            environment_id: lease.environment_id.clone(),
+            issue_id: lease.issue_id.clone(),
+            config,
+        })
+    }
+
+    fn lease_deadline(config: &ProviderConfig, ctx: &DriverContext) -> Duration {
+        lease_operation_deadline(
+            config.get("timeoutMs"),
+            config.get("bridgeRequestTimeoutMs"),
+            &ctx.options,
+        )
+    }
+
+    fn expiry(
+        provider_expiry: Option<time::Timestamp>,
+        ctx: &DriverContext,
+    ) -> Option<time::Timestamp> {
+        provider_expiry.or_else(|| {
+            let max = ctx.options.max_lease_lifetime?;
+            chrono::Duration::from_std(max)
+                .ok()
+                .map(|d| time::now() + d)
+        })
+    }
+
+    async fn acquire_builtin(
+        &self,
+        ctx: &DriverContext,
+        input: AcquireInput<'_>,
+        config: crate::config::FakeSandboxConfig,
+    ) -> Result<EnvironmentLease> {
+        let environment = input.environment;
+        let run_id = input.heartbeat_run_id.clone();
+        let mut reused = None;
+        if config.reuse_lease
+            && let Some(run) = run_id.as_deref()
+        {
+            reused = ctx
+                .store
+                .list_by_environment(&environment.id, None)
+                .await?
+                .into_iter()
+                .find(|l| resumable(l, run) && builtin_fake::matches(l, &config))
+                .and_then(|l| l.provider_lease_id);
+        }
+        let handle = match reused {
+            Some(id) => builtin_fake::resume(&config, &id),
+            None => builtin_fake::acquire(
+                &config,
+                &environment.id,
+                &run_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            ),
+        };
+        let policy = if config.reuse_lease && run_id.is_some() {
+            LeasePolicy::ReuseByEnvironment
+        } else {
+            LeasePolicy::Ephemeral
+        };
+        let mut metadata = base_metadata(environment, &input.lease_context);
+        for (k, v) in handle.metadata.unwrap_or_default() {
+            if !HOST_METADATA_KEYS.contains(&k.as_str()) || k == "provider" {
+                metadata.insert(k, v);
+            }
+        }
+        ctx.store
+            .insert(NewLease {
+                company_id: input.company_id,
+                environment_id: environment.id.clone(),
+                execution_workspace_id: input.lease_context.execution_workspace_id.clone(),
+                issue_id: input.issue_id,
+                heartbeat_run_id: run_id,
+                lease_policy: Some(policy),
+                provider: Some("fake".into()),
+                provider_lease_id: handle.provider_lease_id,
+                expires_at: Self::expiry(None, ctx),
+                metadata: Some(metadata),
+            })
+            .await
+    }
+
+    async fn acquire_provider(
+        &self,
+        ctx: &DriverContext,
+        input: AcquireInput<'_>,
+        envelope: crate::config::ProviderEnvelope,
+    ) -> Result<EnvironmentLease> {
+        let environment = input.environment;
+        let provider = self.provider_for_acquire(&envelope.provider, ctx).await?;
+        let paths = collect_secret_ref_paths(&provider.config_schema());
+        let worker_stored = envelope.provider_config();
+        let config = resolve_provider_config(&worker_stored, &paths, ctx.secrets.as_ref()).await?;
+        let mut stored_for_metadata = JsonObject::new();
+        stored_for_metadata.insert("provider".into(), json!(envelope.provider));
+        stored_for_metadata.extend(stored_config_for_metadata(&worker_stored, &paths));
+        let call = CallContext {
+            company_id: input.company_id.clone(),
+            environment_id: environment.id.clone(),
+            issue_id: input.issue_id.clone(),
+            config,
+        };
+        let deadline = Self::lease_deadline(&call.config, ctx);
+        let run_id = input.heartbeat_run_id.clone();
+        let reusable = envelope.reuse_lease && run_id.is_some();
+
+        let mut handle: Option<ProviderLease> = None;
+        if reusable && provider.capabilities().resume {
+            let run = run_id.as_deref().unwrap_or_default();
+            let candidate = ctx
+                .store
+                .list_by_environment(&environment.id, None)
+                .await?
+                .into_iter()
+                .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata));
+            if let Some(candidate) = candidate {
+                let resumed = with_deadline(
+                    "environmentResumeLease",
+                    deadline,
+                    provider.resume(&call, &lease_handle(&candidate)),
+                )
+                .await;
+                match resumed {
+                    Ok(lease) if lease.id().is_some() => handle = Some(lease),
+                    Ok(_) => debug!(
+                        provider = provider.key(),
+                        "resume returned no lease id; acquiring fresh"
+                    ),
+                    Err(error) => {
+                        warn!(provider = provider.key(), %error, "resume failed; acquiring fresh")
+                    }
+                }
+            }
+        }
+        let handle = match handle {
+            Some(h) => h,
+            None => {
+                let request = AcquireRequest {
+                    run_id: run_id
+                        .clone()
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                    workspace_mode: input.lease_context.execution_workspace_mode.clone(),
+                };
+                with_deadline(
+                    "environmentAcquireLease",
+                    deadline,
+                    provider.acquire(&call, &request),
+                )
+                .await?
+            }
+        };
+
+        let mut provider_metadata = handle.metadata.clone().unwrap_or_default();
+        strip_secret_paths(&mut provider_metadata, &paths);
+        let scrubbed = call.config.scrub_metadata(&mut provider_metadata);
+        if scrubbed > 0 {
+            warn!(
+                provider = provider.key(),
+                scrubbed, "provider metadata echoed a secret; removed"
+            );
+        }
+        let mut metadata = stored_for_metadata;
+        for (k, v) in provider_metadata {
+            if !HOST_METADATA_KEYS.contains(&k.as_str()) {
+                metadata.insert(k, v);
+            }
+        }
+        metadata.extend(base_metadata(environment, &input.lease_context));
+        metadata.insert("pluginKey".into(), json!(provider.plugin_key()));
+        metadata.insert("sandboxProviderPlugin".into(), json!(true));
+
+        let inserted = ctx
+            .store
+            .insert(NewLease {
+                company_id: input.company_id,
+                environment_id: environment.id.clone(),
+                execution_workspace_id: input.lease_context.execution_workspace_id.clone(),
+                issue_id: input.issue_id,
+                heartbeat_run_id: run_id,
+                lease_policy: Some(if reusable {
+                    LeasePolicy::ReuseByEnvironment
+                } else {
+                    LeasePolicy::Ephemeral
+                }),
+                provider: Some(envelope.provider.clone()),
+                provider_lease_id: handle.provider_lease_id.clone(),
+                expires_at: Self::expiry(handle.expires_at, ctx),
+                metadata: Some(metadata),
+            })
+            .await;
+        if let Err(error) = &inserted {
+            // The resource exists but no row records it: tear it down so nothing leaks.
+            warn!(provider = provider.key(), %error, "recording the lease failed; releasing the provider resource");
+            let lease = LeaseHandle {
+                provider_lease_id: handle.provider_lease_id.clone(),
+                metadata: handle.metadata.clone(),
+                expires_at: handle.expires_at,
+            };
+            let cleanup = if provider.capabilities().destroy {
+                with_deadline(
+                    "environmentDestroyLease",
+                    deadline,
+                    provider.destroy(&call, &lease),
+                )
+                .await
+            } else {
+                with_deadline(
+                    "environmentReleaseLease",
+                    deadline,
+                    provider.release(&call, &lease, LeaseStatus::Failed),
+                )
+                .await
+            };
+            if let Err(cleanup_error) = cleanup {
+                warn!(provider = provider.key(), error = %cleanup_error, "cleanup after failed insert failed");
+            }
+        }
+        inserted
+    }
+
+    async fn provider_cleanup(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        provider_key: &str,
+        destroy: bool,
+        status: LeaseStatus,
+    ) -> std::result::Result<(), String> {
+        let Some(provider) = self.provider_ready_now(provider_key).await else {
+            return Err(format!(
+                "Sandbox provider \"{provider_key}\" is not registered or not running; cleanup was not attempted."
+            ));
+        };
+        let call = Self::lease_call(ctx, environment, lease, provider.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline = Self::lease_deadline(&call.config, ctx);
+        let handle = lease_handle(lease);
+        let result = if destroy && provider.capabilities().destroy {
+            with_deadline(
+                "environmentDestroyLease",
+                deadline,
+                provider.destroy(&call, &handle),
+            )
+            .await
+        } else if destroy {
+            let mut values = call.config.values().clone();
+            values.insert("reuseLease".into(), json!(false));
+            let mut forced = ProviderConfig::new(values);
+            for path in call.config.secret_paths() {
+                if let Some(secret) = call.config.secret(path) {
+                    forced = forced.with_secret(path, secret.clone());
+                }
+            }
+            let call = CallContext {
+                config: forced,
+                ..call.clone()
+            };
+            with_deadline(
+                "environmentReleaseLease",
+                deadline,
+                provider.release(&call, &handle, status),
+            )
+            .await
+        } else {
+            with_deadline(
+                "environmentReleaseLease",
+                deadline,
+                provider.release(&call, &handle, status),
+            )
+            .await
+        };
+        result.map_err(|e| call.config.scrub(&e.to_string()))
+    }
+
+    async fn realize_fallback(
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        workspace: &WorkspaceSpec,
+    ) -> RealizeWorkspaceResult {
+        build_realization_record(environment, lease, workspace)
+    }
+}
+
+#[async_trait]
+impl EnvironmentRuntimeDriver for SandboxDriver {
+    fn key(&self) -> &str {
+        driver_keys::SANDBOX
+    }
+
+    async fn acquire_run_lease(
+        &self,
+        ctx: &DriverContext,
+        input: AcquireInput<'_>,
+    ) -> Result<EnvironmentLease> {
+        let config = Self::parse_sandbox_config(input.environment)?;
+        let span = info_span!("sandbox.acquire", provider = config.provider(), environment = %input.environment.id);
+        match config {
+            SandboxConfig::BuiltinFake(fake) => {
+                self.acquire_builtin(ctx, input, fake)
+                    .instrument(span)
+                    .await
+            }
+            SandboxConfig::Provider(envelope) => {
+                self.acquire_provider(ctx, input, envelope)
+                    .instrument(span)
+                    .await
+            }
+        }
+    }
+
+    async fn release_run_lease(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        status: LeaseStatus,
+    ) -> Result<Option<EnvironmentLease>> {
+        let cleanup = match provider_key_of(lease) {
+            Some(key) => {
+                let key = key.to_owned();
+                self.provider_cleanup(ctx, environment, lease, &key, false, status)
+                    .instrument(info_span!("sandbox.release", provider = %key, lease = %lease.id))
+                    .await
+            }
+            None => {
+                if builtin_fake::config_from_metadata(lease.metadata.as_ref()).is_none()
+                    && !matches!(
+                        Self::parse_sandbox_config(environment),
+                        Ok(SandboxConfig::BuiltinFake(_))
+                    )
+                {
+                    return Err(Error::Contract(format!(
+                        "Expected sandbox environment config for lease \"{}\".",
+                        lease.id
+                    )));
+                }
+                Ok(())
+            }
+        };
+        let (stored_status, failure_reason) = release_outcome(status, lease.lease_policy);
+        let update = match cleanup {
+            Ok(()) => ReleaseUpdate {
+                failure_reason,
+                cleanup_status: Some(CleanupStatus::Success),
+                cleanup_error: None,
+            },
+            Err(message) => {
+                warn!(lease = %lease.id, %message, "provider cleanup failed; recorded for retry");
+                ReleaseUpdate {
+                    failure_reason,
+                    cleanup_status: Some(CleanupStatus::Failed),
+                    cleanup_error: Some(message),
+                }
+            }
+        };
+        ctx.store.release(&lease.id, stored_status, update).await
+    }
+
+    async fn resume_run_lease(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+    ) -> Result<ProviderLease> {
+        let Some(key) = provider_key_of(lease) else {
+            let config =
+                builtin_fake::config_from_metadata(lease.metadata.as_ref()).ok_or_else(|| {
+                    Error::Contract(format!(
+                        "Expected sandbox environment config for lease \"{}\".",
+                        lease.id
+                    ))
+                })?;
+            let id = lease
+                .provider_lease_id
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| {
+                    Error::not_found(format!(
+                        "Sandbox lease \"{}\" does not have a provider lease id to resume.",
+                        lease.id
+                    ))
+                })?;
+            return Ok(builtin_fake::resume(&config, id));
+        };
+        let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
+        if !provider.capabilities().resume {
+            return Err(Error::provider_unsupported(key, Operation::Resume));
+        }
+        let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
+        let deadline = Self::lease_deadline(&call.config, ctx);
+        let resumed = with_deadline(
+            "environmentResumeLease",
+            deadline,
+            provider.resume(&call, &lease_handle(lease)),
+        )
+        .await?;
+        if resumed.id().is_none() {
+            return Err(Error::not_found(format!(
+                "Sandbox provider \"{key}\" could not resume lease \"{}\".",
+                lease.id
+            )));
+        }
+        Ok(resumed)
+    }
+
+    async fn destroy_run_lease(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+    ) -> Result<Option<EnvironmentLease>> {
+        let cleanup = match provider_key_of(lease) {
+            Some(key) => {
+                let key = key.to_owned();
+                self.provider_cleanup(ctx, environment, lease, &key, true, LeaseStatus::Expired)
+                    .await
+            }
+            None => Ok(()),
+        };
+        let update = match cleanup {
+            Ok(()) => (
+                LeaseStatus::Expired,
+                ReleaseUpdate {
+                    failure_reason: Some(DESTROYED_REASON.into()),
+                    cleanup_status: Some(CleanupStatus::Success),
+                    cleanup_error: None,
+                },
+            ),
+            Err(message) => (
+                LeaseStatus::PendingCleanup,
+                ReleaseUpdate {
+                    failure_reason: Some(DESTROYED_REASON.into()),
+                    cleanup_status: Some(CleanupStatus::Failed),
+                    cleanup_error: Some(message),
+                },
+            ),
+        };
+        ctx.store.release(&lease.id, update.0, update.1).await
+    }
+
+    async fn realize_workspace(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        workspace: &WorkspaceSpec,
+    ) -> Result<RealizeWorkspaceResult> {
+        let Some(key) = provider_key_of(lease) else {
+            return Ok(Self::realize_fallback(environment, lease, workspace).await);
+        };
+        let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
+        if !provider.capabilities().realize_workspace {
+            return Ok(Self::realize_fallback(environment, lease, workspace).await);
+        }
+        let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
+        let deadline = Self::lease_deadline(&call.config, ctx);
+        with_deadline(
+            "environmentRealizeWorkspace",
+            deadline,
+            provider.realize_workspace(&call, &lease_handle(lease), workspace),
+        )
+        .instrument(info_span!("sandbox.realize", provider = %key, lease = %lease.id))
+        .await
+    }
+
+    async fn execute(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        request: &ExecuteRequest,
+        output: &OutputCollector,
+    ) -> Result<CommandExit> {
+        let Some(key) = provider_key_of(lease) else {
+            return Err(Error::NotSupported {
+                operation: Operation::Execute,
+                by: Unsupported::BuiltinSandboxExecute,
+            });
+        };
+        let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
+        if !provider.capabilities().execute {
+            return Err(Error::provider_unsupported(key, Operation::Execute));
+        }
+        let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
+        let deadline = execute_deadline(
+            request.timeout_ms,
+            call.config.get("timeoutMs"),
+            &ctx.options,
+        );
+        with_deadline("environmentExecute", deadline, provider.execute(&call, &lease_handle(lease), request, output))
+            .instrument(info_span!("sandbox.execute", provider = %key, lease = %lease.id, command = %request.command))
+            .await
+    }
+
+    async fn probe(&self, ctx: &DriverContext, environment: &Environment) -> Result<ProbeResult> {
+        match Self::parse_sandbox_config(environment)? {
+            SandboxConfig::BuiltinFake(c) => Ok(ProbeResult {
+                ok: true,
+                driver: driver_keys::SANDBOX.into(),
+                summary: format!("Fake sandbox provider is ready for image {}.", c.image),
+                details: Some(
+                    json!({"provider": "fake", "image": c.image, "reuseLease": c.reuse_lease}),
+                ),
+            }),
+            SandboxConfig::Provider(envelope) => {
+                let key = envelope.provider.clone();
+                let Some(provider) = self.provider_ready_now(&key).await else {
+                    return Ok(ProbeResult {
+                        ok: false,
+                        driver: driver_keys::SANDBOX.into(),
+                        summary: format!(
+                            "Sandbox provider \"{key}\" is not installed or its plugin worker is not running."
+                        ),
+                        details: Some(json!({"provider": key})),
+                    });
+                };
+                let paths = collect_secret_ref_paths(&provider.config_schema());
+                let config = resolve_provider_config(
+                    &envelope.provider_config(),
+                    &paths,
+                    ctx.secrets.as_ref(),
+                )
+                .await?;
+                let call = CallContext {
+                    company_id: environment.company_id.clone(),
+                    environment_id: environment.id.clone(),
+                    issue_id: None,
+                    config,
+                };
+                let probe = with_deadline(
+                    "environmentProbe",
+                    ctx.options.probe_deadline,
+                    provider.probe(&call),
+                )
+                .await?;
+                let verdict = if probe.ok { "passed" } else { "failed" };
+                let mut metadata = probe.metadata.unwrap_or_default();
+                call.config.scrub_metadata(&mut metadata);
+                Ok(ProbeResult {
+                    ok: probe.ok,
+                    driver: driver_keys::SANDBOX.into(),
+                    summary: probe
+                        .summary
+                        .unwrap_or_else(|| format!("Sandbox provider \"{key}\" probe {verdict}.")),
+                    details: Some(json!({
+                        "provider": key,
+                        "pluginKey": provider.plugin_key(),
+                        "diagnostics": probe.diagnostics,
+                        "metadata": metadata,
+                    })),
+                })
+            }
+        }
+    }
+
+    async fn normalize_config(
+        &self,
+        ctx: &DriverContext,
+        environment_name: &str,
+        config: &Value,
+        purpose: ConfigPurpose,
+    ) -> Result<Value> {
+        match SandboxConfig::parse(config)? {
+            SandboxConfig::BuiltinFake(_) if purpose == ConfigPurpose::Persistence => {
+                Err(Error::invalid_field(
+                    "provider",
+                    "Built-in fake sandbox environments are reserved for internal probes and cannot be saved.",
+                ))
+            }
+            c @ SandboxConfig::BuiltinFake(_) => Ok(c.to_json()),
+            SandboxConfig::Provider(envelope) => {
+                let key = envelope.provider.clone();
+                let provider = self.provider_ready_now(&key).await.ok_or_else(|| Error::ProviderUnavailable {
+                    provider: key.clone(),
+                    message: format!("Sandbox provider \"{key}\" is not installed or its plugin worker is not running."),
+                })?;
+                let validation = provider
+                    .validate_config(&envelope.provider_config())
+                    .await?;
+                if !validation.ok {
+                    let mut issues = validation.errors;
+                    if issues.is_empty() {
+                        issues.push(crate::config::ConfigIssue::new(
+                            "",
+                            format!("Sandbox provider \"{key}\" rejected its config."),
+                        ));
+                    }
+                    return Err(Error::invalid_config(issues));
+                }
+                let mut normalized = validation
+                    .normalized_config
+                    .unwrap_or_else(|| envelope.provider_config());
+                if purpose == ConfigPurpose::Persistence {
+                    let paths = collect_secret_ref_paths(&provider.config_schema());
+                    persist_secret_refs(
+                        &mut normalized,
+                        &paths,
+                        ctx.secrets.as_ref(),
+                        environment_name,
+                        driver_keys::SANDBOX,
+                    )
+                    .await?;
+                }
+                let mut out = JsonObject::new();
+                out.insert("provider".into(), json!(key));
+                out.extend(normalized);
+                if let Some(t) = out.get("timeoutMs").and_then(Value::as_i64)
+                    && !(1..=TIMEOUT_MS_MAX).contains(&t)
+                {
+                    return Err(Error::invalid_field(
+                        "timeoutMs",
+                        format!("timeoutMs must be between 1 and {TIMEOUT_MS_MAX}."),
+                    ));
+                }
+                Ok(Value::Object(out))
+            }
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The sandbox provider contract (spec 00 §10): what a provider such as E2B,
+//! Daytona or the testkit fake implements. The `sandbox` driver routes to
+//! providers by `config.provider`, strips the envelope, resolves secrets,
+//! composes lease metadata and applies per-call deadlines; a provider only
+//! talks to its service.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::config::ConfigIssue;
+use crate::execute::{CommandExit, ExecuteRequest, OutputCollector};
+use crate::lease::{JsonObject, LeaseStatus};
+use crate::realize::{RealizeWorkspaceResult, WorkspaceSpec};
+use crate::secret::ProviderConfig;
+use crate::time::{self, Timestamp};
+use crate::{Error, Operation, Result};
+
+/// What a provider can do. The runtime refuses undeclared operations with a
+/// typed "not supported" error, and the conformance suite runs only the
+/// checks a provider declares.
+///
+/// ```
+/// use paperclip_env_core::Capabilities;
+/// let caps = Capabilities { execute: true, streaming: true, ..Capabilities::default() };
+/// assert!(caps.execute && !caps.resume);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    /// Runs commands (`execute`).
+    pub execute: bool,
+    /// Prepares a working directory (`realize_workspace`).
+    pub realize_workspace: bool,
+    /// Re-attaches to a kept resource (`resume`).
+    pub resume: bool,
+    /// Tears a resource down regardless of reuse (`destroy`).
+    pub destroy: bool,
+    /// Answers probes.
+    pub probe: bool,
+    /// Keeps resources across runs when `reuseLease` is set.
+    pub reusable_leases: bool,
+    /// Reports a lease lifetime (`expires_at`).
+    pub expires_at: bool,
+    /// Extends the lifetime before long commands.
+    pub lifetime_refresh: bool,
+    /// Delivers output while the command runs (otherwise one chunk at exit).
+    pub streaming: bool,
+    /// Delivers `stdin`.
+    pub stdin: bool,
+    /// Runs more than one command per lease.
+    pub multi_command_exec: bool,
+    /// Moves workspace archives without going through `execute`.
+    pub native_sync: bool,
+    /// Reports the terminating signal of killed commands.
+    pub signals: bool,
+}
+
+impl Capabilities {
+    /// Whether the capability gating `operation` is declared. Validation,
+    /// acquire and release are always supported.
+    pub fn supports(&self, operation: Operation) -> bool {
+        match operation {
+            Operation::Execute => self.execute,
+            Operation::RealizeWorkspace => self.realize_workspace,
+            Operation::Resume => self.resume,
+            Operation::Destroy => self.destroy,
+            Operation::Probe => self.probe,
+            Operation::WorkspaceSync => self.native_sync,
+            Operation::ValidateConfig | Operation::Acquire | Operation::Release => true,
+        }
+    }
+}
+
+/// Whether a provider can take calls now (spec 00 §5.4.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Ready.
+    Ready,
+    /// Installed but not usable; `status` says why (e.g. `"disabled"`, `"errored"`).
+    NotReady {
+        /// The provider's status.
+        status: String,
+    },
+    /// Installed and ready but its worker is not running (yet); acquire waits.
+    WorkerUnavailable,
+}
+
+/// Result of `validate_config` (`{ok, errors, warnings, normalizedConfig}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigValidation {
+    /// Whether the config is usable.
+    pub ok: bool,
+    /// Problems, each naming its field.
+    #[serde(default)]
+    pub errors: Vec<ConfigIssue>,
+    /// Non-fatal remarks.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// The config with defaults filled in; the host stores exactly this.
+    #[serde(default)]
+    pub normalized_config: Option<JsonObject>,
+}
+
+impl ConfigValidation {
+    /// A passing validation with a normalized config.
+    pub fn valid(normalized: JsonObject) -> Self {
+        ConfigValidation {
+            ok: true,
+            normalized_config: Some(normalized),
+            ..Default::default()
+        }
+    }
+
+    /// A failing validation.
+    pub fn invalid(errors: Vec<ConfigIssue>) -> Self {
+        ConfigValidation {
+            ok: false,
+            errors,
+            ..Default::default()
+        }
+    }
+
+    /// Turns an [`Error::InvalidConfig`] into a failing validation; other errors pass through.
+    pub fn from_result(result: Result<JsonObject>) -> Result<Self> {
+        match result {
+            Ok(normalized) => Ok(Self::valid(normalized)),
+            Err(Error::InvalidConfig { issues, .. }) => Ok(Self::invalid(issues)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Severity of a probe diagnostic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Informational.
+    Info,
+    /// Worth a look.
+    Warning,
+    /// Blocks use.
+    Error,
+}
+
+/// One probe finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Diagnostic {
+    /// Severity.
+    pub severity: Severity,
+    /// Message.
+    pub message: String,
+    /// Machine-readable code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Extra details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<Value>,
+}
+
+/// A provider's probe answer. Expected failures (unreachable, bad credentials)
+/// are `ok: false`, not errors.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderProbe {
+    /// Whether the provider is usable with this config.
+    pub ok: bool,
+    /// One-line summary.
+    #[serde(default)]
+    pub summary: Option<String>,
+    /// Findings.
+    #[serde(default)]
+    pub diagnostics: Vec<Diagnostic>,
+    /// Provider-defined metadata.
+    #[serde(default)]
+    pub metadata: Option<JsonObject>,
+}
+
+/// A provider's handle for a resource, as acquire and resume return it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderLease {
+    /// The resource's id; must be non-empty for every later call.
+    pub provider_lease_id: Option<String>,
+    /// Provider metadata (should include `remoteCwd`).
+    #[serde(default)]
+    pub metadata: Option<JsonObject>,
+    /// Lifetime end, when the provider has one.
+    #[serde(with = "time::iso_opt", default)]
+    pub expires_at: Option<Timestamp>,
+}
+
+impl ProviderLease {
+    /// A lease with an id and metadata.
+    pub fn new(provider_lease_id: impl Into<String>, metadata: JsonObject) -> Self {
+        ProviderLease {
+            provider_lease_id: Some(provider_lease_id.into()),
+            metadata: Some(metadata),
+            expires_at: None,
+        }
+    }
+
+    /// The id when it is a non-empty string.
+    pub fn id(&self) -> Option<&str> {
+        self.provider_lease_id
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+    }
+}
+
+/// What every provider call carries (plugin protocol base params).
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// Owning company.
+    pub company_id: Option<String>,
+    /// The environment.
+    pub environment_id: String,
+    /// The issue, if any.
+    pub issue_id: Option<String>,
+    /// Provider config: envelope stripped, secrets resolved.
+    pub config: ProviderConfig,
+}
+
+/// The lease a call is about.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseHandle {
+    /// The provider's id (null for leases whose acquire returned none).
+    pub provider_lease_id: Option<String>,
+    /// The lease's metadata.
+    #[serde(default)]
+    pub metadata: Option<JsonObject>,
+    /// Lifetime end.
+    #[serde(with = "time::iso_opt", default)]
+    pub expires_at: Option<Timestamp>,
+}
+
+impl LeaseHandle {
+    /// The id when it is a non-empty string.
+    pub fn id(&self) -> Option<&str> {
+        self.provider_lease_id
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+    }
+
+    /// A string metadata value.
+    pub fn metadata_str(&self, key: &str) -> Option<&str> {
+        self.metadata.as_ref()?.get(key)?.as_str()
+    }
+}
+
+/// Acquire parameters beyond the context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcquireRequest {
+    /// The run id (a random UUID for ad-hoc acquisitions); label resources with it.
+    pub run_id: String,
+    /// The run's execution workspace mode.
+    pub workspace_mode: Option<String>,
+}
+
+/// A sandbox provider. Object safe; used as `Arc<dyn SandboxProvider>`.
+///
+/// Only `key`, `capabilities`, `acquire` and `release` are required; every
+/// other operation answers "not supported" until the provider implements it
+/// and declares it in [`Capabilities`].
+#[async_trait]
+pub trait SandboxProvider: Send + Sync + 'static {
+    /// The provider key matched against `config.provider` (e.g. `"e2b"`).
+    fn key(&self) -> &str;
+
+    /// What the provider can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// JSON Schema of the provider config; secret fields carry
+    /// `"format": "secret-ref"`.
+    fn config_schema(&self) -> Value {
+        json!({"type": "object"})
+    }
+
+    /// The plugin key reported in messages and metadata.
+    fn plugin_key(&self) -> String {
+        format!("paperclip-env.{}", self.key())
+    }
+
+    /// Whether the provider can take calls now.
+    async fn readiness(&self) -> Readiness {
+        Readiness::Ready
+    }
+
+    /// Validates a config (envelope stripped, secrets as given by the user).
+    /// Invalid input is `ok: false`, never an error.
+    async fn validate_config(&self, config: &JsonObject) -> Result<ConfigValidation> {
+        Ok(ConfigValidation::valid(config.clone()))
+    }
+
+    /// Checks reachability and credentials without leaving anything behind.
+    async fn probe(&self, _ctx: &CallContext) -> Result<ProviderProbe> {
+        Err(Error::provider_unsupported(self.key(), Operation::Probe))
+    }
+
+    /// Creates (or, with reuse, finds) a resource. Must clean up partial
+    /// creation before returning an error.
+    async fn acquire(&self, ctx: &CallContext, request: &AcquireRequest) -> Result<ProviderLease>;
+
+    /// Re-attaches to a kept resource; an error or an empty id means "gone".
+    async fn resume(&self, _ctx: &CallContext, _lease: &LeaseHandle) -> Result<ProviderLease> {
+        Err(Error::provider_unsupported(self.key(), Operation::Resume))
+    }
+
+    /// Releases a resource: destroys it, or keeps it resumable when the config
+    /// says `reuseLease: true`. Idempotent; a null id is a no-op.
+    async fn release(
+        &self,
+        ctx: &CallContext,
+        lease: &LeaseHandle,
+        status: LeaseStatus,
+    ) -> Result<()>;
+
+    /// Destroys a resource regardless of reuse. Idempotent.
+    async fn destroy(&self, _ctx: &CallContext, _lease: &LeaseHandle) -> Result<()> {
+        Err(Error::provider_unsupported(self.key(), Operation::Destroy))
+    }
+
+    /// Prepares the working directory and returns it.
+    async fn realize_workspace(
+        &self,
+        _ctx: &CallContext,
+        _lease: &LeaseHandle,
+        _workspace: &WorkspaceSpec,
+    ) -> Result<RealizeWorkspaceResult> {
+        Err(Error::provider_unsupported(
+            self.key(),
+            Operation::RealizeWorkspace,
+        ))
+    }
+
+    /// Runs a command, pushing output into `output` as it arrives.
+    async fn execute(
+        &self,
+        _ctx: &CallContext,
+        _lease: &LeaseHandle,
+        _request: &ExecuteRequest,
+        _output: &OutputCollector,
+    ) -> Result<CommandExit> {
+        Err(Error::provider_unsupported(self.key(), Operation::Execute))
+    }
+}

@@ -1,0 +1,218 @@
+//! Workspace realization: request and result types and the
+//! `WorkspaceRealizationRecord` (spec 00 §11.2).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::lease::{Environment, EnvironmentLease, JsonObject, driver_keys};
+
+/// The workspace to realize in a lease.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceSpec {
+    /// The workspace on this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_path: Option<String>,
+    /// The requested directory in the lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_path: Option<String>,
+    /// Execution workspace mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Extra data; `workspaceRealizationRequest` is read from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<JsonObject>,
+}
+
+/// `{cwd, metadata?}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RealizeWorkspaceResult {
+    /// Absolute working directory in the lease.
+    pub cwd: String,
+    /// Driver or provider metadata (`workspaceRealization` for host-built records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<JsonObject>,
+}
+
+fn str_of<'a>(map: Option<&'a JsonObject>, key: &str) -> Option<&'a str> {
+    map?.get(key)?
+        .as_str()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// Builds the version-1 realization record for a local, SSH or built-in
+/// sandbox lease, and the `cwd` the driver returns.
+pub fn build_realization_record(
+    environment: &Environment,
+    lease: &EnvironmentLease,
+    workspace: &WorkspaceSpec,
+) -> RealizeWorkspaceResult {
+    let transport = match environment.driver.as_str() {
+        d @ (driver_keys::SSH | driver_keys::SANDBOX | driver_keys::PLUGIN) => d,
+        _ => driver_keys::LOCAL,
+    };
+    let transport = match lease.metadata_str("driver") {
+        Some(
+            d
+            @ (driver_keys::SSH | driver_keys::SANDBOX | driver_keys::PLUGIN | driver_keys::LOCAL),
+        ) => d,
+        _ => transport,
+    };
+    let md = lease.metadata.as_ref();
+    let request = workspace
+        .metadata
+        .as_ref()
+        .and_then(|m| {
+            m.get("workspaceRealizationRequest")
+                .or_else(|| m.get("request"))
+        })
+        .and_then(Value::as_object);
+    let lease_remote = lease.remote_cwd();
+    let remote_path: Option<String> = lease_remote
+        .or_else(|| str_of(md, "remotePath"))
+        .map(str::to_owned)
+        .or_else(|| {
+            if transport == driver_keys::LOCAL {
+                None
+            } else {
+                workspace.remote_path.clone()
+            }
+        });
+    let local_path = str_of(request, "localPath")
+        .map(str::to_owned)
+        .or_else(|| workspace.local_path.clone())
+        .or_else(|| {
+            if transport == driver_keys::LOCAL {
+                workspace.remote_path.clone()
+            } else {
+                None
+            }
+        })
+        .unwrap_or_else(|| "/".to_owned());
+    let provider = lease.provider.clone().or_else(|| match transport {
+        driver_keys::SSH => Some("ssh".into()),
+        driver_keys::LOCAL => Some("local".into()),
+        _ => None,
+    });
+    let host = str_of(md, "host");
+    let port = md.and_then(|m| m.get("port")).and_then(Value::as_u64);
+    let username = str_of(md, "username");
+    let sandbox_id = str_of(md, "sandboxId");
+    let (strategy, prepare, sync_back) = match transport {
+        driver_keys::SSH => (
+            "ssh_git_import_export",
+            "Import the local workspace into the remote workspace over SSH before adapter execution.",
+            Some("Export remote workspace changes back over SSH after adapter execution."),
+        ),
+        driver_keys::SANDBOX => (
+            "sandbox_archive_upload_download",
+            "Upload a workspace archive into the sandbox filesystem before adapter execution.",
+            Some(
+                "Download a workspace archive from the sandbox and mirror it back locally after adapter execution.",
+            ),
+        ),
+        driver_keys::PLUGIN => (
+            "provider_defined",
+            "The plugin environment driver prepares the workspace.",
+            None,
+        ),
+        _ => (
+            "none",
+            "Use the realized local execution workspace directly.",
+            None,
+        ),
+    };
+    let remote_display = remote_path.clone();
+    let summary = match transport {
+        driver_keys::SSH => format!(
+            "SSH workspace realized at {}@{}:{}:{}.",
+            username.unwrap_or("user"),
+            host.unwrap_or("host"),
+            port.unwrap_or(22),
+            remote_display.as_deref().unwrap_or(&local_path)
+        ),
+        driver_keys::SANDBOX => format!(
+            "Sandbox workspace realized at {}{}.",
+            remote_display.as_deref().unwrap_or("/"),
+            sandbox_id.map(|s| format!(" in {s}")).unwrap_or_default()
+        ),
+        driver_keys::PLUGIN => {
+            format!(
+                "Plugin workspace realized at {}.",
+                remote_display.as_deref().unwrap_or(&local_path)
+            )
+        }
+        _ => format!("Local workspace realized at {local_path}."),
+    };
+    let mut remote = JsonObject::new();
+    remote.insert("path".into(), json!(remote_path));
+    if let Some(h) = host {
+        remote.insert("host".into(), json!(h));
+    }
+    if let Some(p) = port {
+        remote.insert("port".into(), json!(p));
+    }
+    if let Some(u) = username {
+        remote.insert("username".into(), json!(u));
+    }
+    if let Some(s) = sandbox_id {
+        remote.insert("sandboxId".into(), json!(s));
+    }
+    let req = |key: &str| str_of(request, key).map(str::to_owned);
+    let record = json!({
+        "version": 1,
+        "transport": transport,
+        "provider": provider,
+        "environmentId": environment.id,
+        "leaseId": lease.id,
+        "providerLeaseId": lease.provider_lease_id,
+        "local": {
+            "path": local_path,
+            "source": req("source").unwrap_or_else(|| "task_session".into()),
+            "strategy": req("strategy").unwrap_or_else(|| "project_primary".into()),
+            "projectId": req("projectId"),
+            "projectWorkspaceId": req("projectWorkspaceId"),
+            "repoUrl": req("repoUrl"),
+            "repoRef": req("repoRef"),
+            "branchName": req("branchName"),
+            "worktreePath": req("worktreePath"),
+        },
+        "remote": remote,
+        "sync": {"strategy": strategy, "prepare": prepare, "syncBack": sync_back},
+        "bootstrap": {"command": req("provisionCommand")},
+        "rebuild": {
+            "executionWorkspaceId": lease.execution_workspace_id,
+            "mode": workspace.mode,
+            "repoUrl": req("repoUrl"),
+            "repoRef": req("repoRef"),
+            "localPath": local_path,
+            "remotePath": remote_path,
+            "providerLeaseId": lease.provider_lease_id,
+            "metadata": {
+                "source": req("source").unwrap_or_else(|| "task_session".into()),
+                "runtimeOverlay": request.and_then(|r| r.get("runtimeOverlay")).cloned(),
+                "environmentDriver": environment.driver,
+                "provider": provider,
+                "providerMetadata": md.cloned(),
+            }
+        },
+        "summary": summary,
+    });
+    let cwd = if transport == driver_keys::LOCAL {
+        workspace
+            .local_path
+            .clone()
+            .or_else(|| workspace.remote_path.clone())
+            .unwrap_or_else(|| "/".into())
+    } else {
+        remote_path.unwrap_or(local_path)
+    };
+    let mut metadata = JsonObject::new();
+    metadata.insert("workspaceRealization".into(), record);
+    RealizeWorkspaceResult {
+        cwd,
+        metadata: Some(metadata),
+    }
+}

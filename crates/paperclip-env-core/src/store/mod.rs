@@ -1,0 +1,110 @@
+//! Lease persistence (spec 00 §2.4). Every state change of a lease goes
+//! through a [`LeaseStore`]; [`EnvironmentStore`] is where the runtime looks
+//! environments up when it releases a run's leases.
+
+mod memory;
+
+use async_trait::async_trait;
+
+pub use memory::{InMemoryEnvironmentStore, InMemoryLeaseStore};
+
+use crate::Result;
+use crate::lease::{
+    CleanupStatus, Environment, EnvironmentLease, JsonObject, LeasePolicy, LeaseStatus,
+};
+use crate::time::Timestamp;
+
+/// A lease row to insert (always `active`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewLease {
+    /// Owning company.
+    pub company_id: Option<String>,
+    /// The environment.
+    pub environment_id: String,
+    /// The run's execution workspace.
+    pub execution_workspace_id: Option<String>,
+    /// The issue.
+    pub issue_id: Option<String>,
+    /// Owning run.
+    pub heartbeat_run_id: Option<String>,
+    /// Policy (default `ephemeral`).
+    pub lease_policy: Option<LeasePolicy>,
+    /// Provider label.
+    pub provider: Option<String>,
+    /// Provider handle.
+    pub provider_lease_id: Option<String>,
+    /// Lifetime end.
+    pub expires_at: Option<Timestamp>,
+    /// Metadata.
+    pub metadata: Option<JsonObject>,
+}
+
+/// Optional fields written by a release; `None` keeps the previous value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReleaseUpdate {
+    /// Why the lease failed.
+    pub failure_reason: Option<String>,
+    /// Outcome of provider cleanup; when set, the attempt is counted and
+    /// `cleanup_error` is recorded (cleared on success).
+    pub cleanup_status: Option<CleanupStatus>,
+    /// The cleanup error message, recorded with a `cleanup_status`.
+    pub cleanup_error: Option<String>,
+}
+
+/// Where leases live.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + 'static {
+    /// Inserts a new `active` lease (`acquiredAt = lastUsedAt = now`).
+    async fn insert(&self, lease: NewLease) -> Result<EnvironmentLease>;
+
+    /// Sets `status` (any but `active`), `releasedAt` (null for `retained`),
+    /// touches `lastUsedAt`, and writes the update's fields when given.
+    /// Unknown id → `None`. No precondition on the current status.
+    async fn release(
+        &self,
+        id: &str,
+        status: LeaseStatus,
+        update: ReleaseUpdate,
+    ) -> Result<Option<EnvironmentLease>>;
+
+    /// Replaces metadata and touches `lastUsedAt`; unknown id → `None`.
+    async fn update_metadata(
+        &self,
+        id: &str,
+        metadata: JsonObject,
+    ) -> Result<Option<EnvironmentLease>>;
+
+    /// Touches `lastUsedAt`; unknown id → `None`.
+    async fn touch(&self, id: &str) -> Result<Option<EnvironmentLease>>;
+
+    /// One lease.
+    async fn get(&self, id: &str) -> Result<Option<EnvironmentLease>>;
+
+    /// An environment's leases, most recently used first (then newest first).
+    async fn list_by_environment(
+        &self,
+        environment_id: &str,
+        status: Option<LeaseStatus>,
+    ) -> Result<Vec<EnvironmentLease>>;
+
+    /// A run's leases, oldest first.
+    async fn list_by_run(
+        &self,
+        run_id: &str,
+        status: Option<LeaseStatus>,
+    ) -> Result<Vec<EnvironmentLease>>;
+
+    /// Leases whose provider cleanup failed and needs a retry.
+    async fn list_failed_cleanups(&self) -> Result<Vec<EnvironmentLease>>;
+}
+
+/// Where environments live.
+#[async_trait]
+pub trait EnvironmentStore: Send + Sync + 'static {
+    /// One environment.
+    async fn get(&self, id: &str) -> Result<Option<Environment>>;
+    /// Inserts or replaces an environment.
+    async fn put(&self, environment: Environment) -> Result<()>;
+    /// Removes an environment; `false` if it was not there.
+    async fn remove(&self, id: &str) -> Result<bool>;
+}
