@@ -1,1 +1,71 @@
-fn main() {}
+//! Lifecycle overhead: acquire → execute `true` → release through the runtime
+//! and the fake provider, next to spawning `true` directly with
+//! `tokio::process` (the baseline). Criterion prints both; their ratio is the
+//! SDK's overhead.
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use paperclip_env::core::{
+    AcquireRunLease, Environment, EnvironmentRuntime, ExecuteRequest, LeaseStatus,
+};
+use paperclip_env_testkit::fake::FakeProvider;
+use serde_json::json;
+
+fn lifecycle(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let root = tempfile::tempdir().expect("temp dir");
+    let fake = FakeProvider::builder().temp_root(root.path()).build();
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(fake))
+        .build();
+    let env = Environment::new(
+        "bench-env",
+        "Bench",
+        "sandbox",
+        json!({"provider": "fake-plugin"}),
+    );
+    let mut group = c.benchmark_group("lifecycle");
+    group.bench_function("baseline: tokio::process spawn `true`", |b| {
+        b.to_async(&rt).iter(|| async {
+            let status = tokio::process::Command::new("true")
+                .status()
+                .await
+                .expect("spawn");
+            assert!(status.success());
+        })
+    });
+    let mut n = 0u64;
+    group.bench_function("runtime: acquire → execute `true` → release", |b| {
+        b.to_async(&rt).iter(|| {
+            n += 1;
+            let run = format!("run-{n}");
+            let (runtime, env) = (runtime.clone(), env.clone());
+            async move {
+                let lease = runtime
+                    .acquire_run_lease(AcquireRunLease::for_run(env.clone(), run.clone()))
+                    .await
+                    .expect("acquire")
+                    .lease;
+                let result = runtime
+                    .execute(&env, &lease, &ExecuteRequest::new("true"))
+                    .await
+                    .expect("execute");
+                assert!(result.success());
+                runtime
+                    .release_run_leases(&run, LeaseStatus::Released)
+                    .await
+                    .into_result()
+                    .expect("release");
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lifecycle);
+criterion_main!(benches);

@@ -524,6 +524,22 @@ impl ProviderConfig {
         out
     }
 
+    /// An error whose message contains a resolved secret becomes a
+    /// [`Error::Provider`] with the secret redacted; other errors pass through.
+    pub fn scrub_error(&self, provider: &str, error: Error) -> Error {
+        let text = error.to_string();
+        let scrubbed = self.scrub(&text);
+        if scrubbed == text {
+            return error;
+        }
+        Error::Provider {
+            provider: provider.to_owned(),
+            message: scrubbed,
+            retryable: error.is_retryable(),
+            source: None,
+        }
+    }
+
     /// Removes from `metadata` every string value that contains a resolved
     /// secret, at any depth (spec 00 §4.4 Decision). Returns how many were removed.
     pub fn scrub_metadata(&self, metadata: &mut JsonObject) -> usize {

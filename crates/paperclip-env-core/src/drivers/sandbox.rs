@@ -448,7 +448,8 @@ impl SandboxDriver {
                     deadline,
                     provider.acquire(&call, &request),
                 )
-                .await?
+                .await
+                .map_err(|e| call.config.scrub_error(provider.key(), e))?
             }
         };
 
@@ -697,7 +698,8 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             deadline,
             provider.resume(&call, &lease_handle(lease)),
         )
-        .await?;
+        .await
+        .map_err(|e| call.config.scrub_error(key, e))?;
         if resumed.id().is_none() {
             return Err(Error::not_found(format!(
                 "Sandbox provider \"{key}\" could not resume lease \"{}\".",
@@ -765,6 +767,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         )
         .instrument(info_span!("sandbox.realize", provider = %key, lease = %lease.id))
         .await
+        .map_err(|e| call.config.scrub_error(key, e))
     }
 
     async fn execute(
@@ -794,6 +797,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         with_deadline("environmentExecute", deadline, provider.execute(&call, &lease_handle(lease), request, output))
             .instrument(info_span!("sandbox.execute", provider = %key, lease = %lease.id, command = %request.command))
             .await
+            .map_err(|e| call.config.scrub_error(key, e))
     }
 
     async fn probe(&self, ctx: &DriverContext, environment: &Environment) -> Result<ProbeResult> {
@@ -836,7 +840,8 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                     ctx.options.probe_deadline,
                     provider.probe(&call),
                 )
-                .await?;
+                .await
+                .map_err(|e| call.config.scrub_error(&key, e))?;
                 let verdict = if probe.ok { "passed" } else { "failed" };
                 let mut metadata = probe.metadata.unwrap_or_default();
                 call.config.scrub_metadata(&mut metadata);

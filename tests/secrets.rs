@@ -1,0 +1,263 @@
+//! Secrets (spec 11 Part D): never in metadata, Debug, Display, errors or logs.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use paperclip_env::core::config::{ConfigShape, SshConfig};
+use paperclip_env::core::secrecy::ExposeSecret;
+use paperclip_env::core::secret::{
+    InMemorySecretResolver, SecretRef, SecretResolver, is_secret_id,
+};
+use paperclip_env::core::{
+    AcquireRunLease, ConfigPurpose, Environment, EnvironmentRuntime, Error, ExecuteRequest,
+    LeaseStatus, Operation,
+};
+use paperclip_env_testkit::fake::FakeProvider;
+use serde_json::json;
+
+const SECRET: &str = "sk-live-4f1d9c2be7a0";
+
+struct Setup {
+    runtime: EnvironmentRuntime,
+    fake: FakeProvider,
+    secrets: Arc<InMemorySecretResolver>,
+    _root: tempfile::TempDir,
+}
+
+fn setup(echo: bool) -> Setup {
+    let root = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::builder()
+        .temp_root(root.path())
+        .key("fake-secret")
+        .secret_field("apiKey")
+        .echo_secrets_in_metadata(echo)
+        .build();
+    let secrets = Arc::new(InMemorySecretResolver::new());
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(fake.clone()))
+        .secrets(secrets.clone())
+        .build();
+    Setup {
+        runtime,
+        fake,
+        secrets,
+        _root: root,
+    }
+}
+
+#[tokio::test]
+async fn d1_persistence_stores_ids_keeps_uuids_and_drops_blanks() {
+    let s = setup(false);
+    let saved = s
+        .runtime
+        .normalize_config(
+            "sandbox",
+            "Prod E2B",
+            &json!({"provider": "fake-secret", "apiKey": SECRET}),
+            ConfigPurpose::Persistence,
+        )
+        .await
+        .unwrap();
+    let id = saved["apiKey"].as_str().unwrap();
+    assert!(is_secret_id(id));
+    assert!(!saved.to_string().contains(SECRET));
+    assert_eq!(
+        s.secrets
+            .resolve(&SecretRef::latest(id))
+            .await
+            .unwrap()
+            .expose_secret(),
+        SECRET
+    );
+
+    let kept = s
+        .runtime
+        .normalize_config(
+            "sandbox",
+            "Prod",
+            &json!({"provider": "fake-secret", "apiKey": format!(" {id} ")}),
+            ConfigPurpose::Persistence,
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept["apiKey"], json!(id));
+    let blank = s
+        .runtime
+        .normalize_config(
+            "sandbox",
+            "Prod",
+            &json!({"provider": "fake-secret", "apiKey": "  "}),
+            ConfigPurpose::Persistence,
+        )
+        .await
+        .unwrap();
+    assert!(blank.get("apiKey").is_none());
+}
+
+#[tokio::test]
+async fn d2_d3_d5_provider_gets_plaintext_metadata_keeps_the_id_rotation_is_seen() {
+    let s = setup(false);
+    let id = s.secrets.insert(SECRET);
+    let env = Environment::new(
+        "env-1",
+        "E",
+        "sandbox",
+        json!({"provider": "fake-secret", "apiKey": id}),
+    );
+    let lease = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-1"))
+        .await
+        .unwrap()
+        .lease;
+    assert_eq!(
+        s.fake
+            .last_config()
+            .unwrap()
+            .secret("apiKey")
+            .unwrap()
+            .expose_secret(),
+        SECRET
+    );
+    let md = lease.metadata.clone().unwrap();
+    assert_eq!(md["apiKey"], json!(id), "metadata holds the secret id");
+    assert!(!serde_json::to_string(&lease).unwrap().contains(SECRET));
+
+    s.secrets.set(&id, "sk-rotated-value");
+    s.runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.fake
+            .last_config()
+            .unwrap()
+            .secret("apiKey")
+            .unwrap()
+            .expose_secret(),
+        "sk-rotated-value"
+    );
+}
+
+#[tokio::test]
+async fn d3_echoed_secrets_and_inline_plaintext_never_reach_metadata() {
+    let s = setup(true);
+    // Plaintext given inline (not as a reference) is used for the call but not stored.
+    let env = Environment::new(
+        "env-1",
+        "E",
+        "sandbox",
+        json!({"provider": "fake-secret", "apiKey": SECRET}),
+    );
+    let lease = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env, "run-1"))
+        .await
+        .unwrap()
+        .lease;
+    let stored = serde_json::to_string(&lease).unwrap();
+    assert!(
+        !stored.contains(SECRET),
+        "lease leaked the secret: {stored}"
+    );
+    assert!(
+        lease.metadata.unwrap().get("apiKeyEcho").is_none(),
+        "an echo under an undeclared key is scrubbed"
+    );
+}
+
+/// A writer that appends everything to a shared buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn d4_no_secret_in_logs_errors_or_debug_across_a_faulty_lifecycle() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let s = setup(true);
+    let id = s.secrets.insert(SECRET);
+    let env = Environment::new(
+        "env-1",
+        "E",
+        "sandbox",
+        json!({"provider": "fake-secret", "apiKey": id}),
+    );
+    let lease = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-1"))
+        .await
+        .unwrap()
+        .lease;
+
+    // A provider error that quotes the key is redacted before it reaches the caller.
+    s.fake.faults().fail_next(Operation::Execute, || {
+        Error::provider("fake-secret", format!("401 for key {SECRET}"))
+    });
+    let err = s
+        .runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(
+        !err.to_string().contains(SECRET) && !format!("{err:?}").contains(SECRET),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("[REDACTED]"));
+
+    // A failed cleanup records the (redacted) error.
+    s.fake.faults().fail_next(Operation::Release, || {
+        Error::provider("fake-secret", format!("bad key {SECRET}"))
+    });
+    let released = s
+        .runtime
+        .release_run_leases("run-1", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    let cleanup_error = released[0].lease.cleanup_error.clone().unwrap();
+    assert!(!cleanup_error.contains(SECRET), "{cleanup_error}");
+
+    assert!(!format!("{:?}", s.fake.last_config().unwrap()).contains(SECRET));
+    assert!(!format!("{:?}", s.runtime).contains(SECRET));
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        !logs.is_empty(),
+        "the lifecycle logged nothing; the capture is broken"
+    );
+    assert!(
+        !logs.contains(SECRET),
+        "a log line carries the secret:\n{logs}"
+    );
+}
+
+#[test]
+fn d4_config_types_redact_in_debug() {
+    let ssh = SshConfig::parse(
+        &json!({"host": "h", "username": "u", "remoteWorkspacePath": "/w", "privateKey": SECRET}),
+        ConfigShape::Input,
+    )
+    .unwrap();
+    assert!(!format!("{ssh:?}").contains(SECRET));
+    assert!(!ssh.to_json().to_string().contains(SECRET));
+    let request = ExecuteRequest::new("agent")
+        .env("ANTHROPIC_API_KEY", SECRET)
+        .stdin(SECRET);
+    assert!(!format!("{request:?}").contains(SECRET));
+}
