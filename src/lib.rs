@@ -29,3 +29,8 @@ pub use paperclip_env_core::{
     AcquireRunLease, Environment, EnvironmentLease, EnvironmentRuntime, Error, ExecuteRequest,
     ExecuteResult, LeaseStatus, Result, SandboxProvider,
 };
+
+/// The README's examples, compiled as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
