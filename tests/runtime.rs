@@ -1367,3 +1367,24 @@ fn sandbox_driver_is_usable_on_its_own() {
     let driver = SandboxDriver::new().with_provider(Arc::new(FakeProvider::new()));
     assert_eq!(driver.provider_keys(), vec!["fake-plugin".to_owned()]);
 }
+
+#[tokio::test]
+async fn leases_get_an_expiry_from_the_configured_maximum_when_the_provider_has_none() {
+    let s = setup_with(RuntimeOptions {
+        max_lease_lifetime: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    });
+    let before = paperclip_env::core::time::now();
+    let lease = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(fake_env(json!({})), "run-1"))
+        .await
+        .unwrap()
+        .lease;
+    let expires = lease.expires_at.expect("an expiry");
+    let lifetime = expires - before;
+    assert!(
+        lifetime >= chrono::Duration::seconds(3599) && lifetime <= chrono::Duration::seconds(3601),
+        "{lifetime}"
+    );
+}

@@ -312,6 +312,41 @@ impl SecretResolver for EnvSecretResolver {
     }
 }
 
+/// Schema stand-in for secret config fields in `schemars`-derived provider
+/// configs: `#[schemars(with = "SecretRefField")]` on a `SecretString` field
+/// emits `{"type": "string", "format": "secret-ref"}`.
+///
+/// ```
+/// use paperclip_env_core::secret::{SecretRefField, collect_secret_ref_paths};
+/// use secrecy::SecretString;
+/// #[derive(schemars::JsonSchema)]
+/// #[serde(rename_all = "camelCase")]
+/// #[allow(dead_code)]
+/// struct MyConfig {
+///     #[schemars(with = "Option<SecretRefField>")]
+///     api_key: Option<SecretString>,
+///     template: Option<String>,
+/// }
+/// let schema = serde_json::to_value(schemars::schema_for!(MyConfig)).unwrap();
+/// assert_eq!(collect_secret_ref_paths(&schema), vec!["apiKey"]);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct SecretRefField;
+
+impl schemars::JsonSchema for SecretRefField {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SecretRef".into()
+    }
+
+    fn json_schema(_generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": SECRET_REF_FORMAT})
+    }
+}
+
 /// Dot paths of every property marked `format: "secret-ref"` in a JSON Schema,
 /// descending into nested `properties` and into `allOf`/`anyOf`/`oneOf`
 /// branches at the same prefix (spec 00 §4.1).
@@ -748,6 +783,30 @@ mod tests {
         let mut m = obj(json!({"auth": {"inner": {"token": "x"}, "other": 2}}));
         remove_path(&mut m, "auth.inner.token");
         assert_eq!(Value::Object(m), json!({"auth": {"other": 2}}));
+    }
+
+    #[tokio::test]
+    async fn env_resolver_reads_mapped_and_default_variables_at_call_time() {
+        let resolver = EnvSecretResolver::new().with_var("abc", "PATH");
+        assert!(
+            !resolver
+                .resolve(&SecretRef::latest("abc"))
+                .await
+                .unwrap()
+                .expose_secret()
+                .is_empty()
+        );
+        assert_eq!(resolver.var_for("7a1c-x"), "PAPERCLIP_SECRET_7A1C_X");
+        let missing = resolver
+            .resolve(&SecretRef::latest("7a1c-x"))
+            .await
+            .unwrap_err();
+        assert!(missing.to_string().contains("PAPERCLIP_SECRET_7A1C_X"));
+        let pinned = SecretRef {
+            secret_id: "abc".into(),
+            version: SecretVersion::Pinned(2),
+        };
+        assert!(resolver.resolve(&pinned).await.is_err());
     }
 
     #[tokio::test]
