@@ -41,6 +41,7 @@ pub mod secret;
 pub mod store;
 pub mod time;
 
+pub use config::ConfigIssue;
 pub use driver::{
     AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver, RuntimeOptions,
 };

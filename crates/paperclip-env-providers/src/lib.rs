@@ -5,7 +5,10 @@
 //! | feature | what it adds |
 //! | --- | --- |
 //! | `fake` | the deterministic local fake provider (`fake-plugin`) from the testkit |
-//! | `e2b`, `novita`, `daytona`, `cloudflare`, `exe-dev`, `modal`, `kubernetes`, `ssh` | reserved for their providers |
+//! | `e2b` | E2B sandboxes: control-plane REST plus the in-sandbox envd Connect-RPC API |
+//! | `novita` | Novita Agent Sandbox: the E2B protocol with Novita's profile |
+//! | `http` | the shared HTTP machinery (enabled by every HTTP provider) |
+//! | `daytona`, `cloudflare`, `exe-dev`, `modal`, `kubernetes`, `ssh` | reserved for their providers |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -16,3 +19,9 @@
 pub mod fake {
     pub use paperclip_env_testkit::fake::*;
 }
+
+#[cfg(feature = "http")]
+pub mod http;
+
+#[cfg(feature = "e2b")]
+pub mod e2b;

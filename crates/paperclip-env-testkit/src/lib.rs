@@ -10,5 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod conformance;
+#[cfg(feature = "emulators")]
+pub mod emulators;
 pub mod fake;
 pub mod recording;

@@ -5,7 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use paperclip_env_core::secret::{collect_secret_ref_paths, strip_secret_paths};
+use paperclip_env_core::secret::{
+    InMemorySecretResolver, collect_secret_ref_paths, persist_secret_refs, strip_secret_paths,
+};
 use paperclip_env_core::{
     AcquireRequest, AcquireRunLease, CallContext, CleanupStatus, Environment, EnvironmentRuntime,
     Error, ExecuteRequest, ExecuteResult, LeaseHandle, LeaseStatus, Operation, OutputCollector,
@@ -242,24 +244,43 @@ pub async fn a1_5_unknown_keys_ignored(f: &Fixture) -> CheckResult {
     Ok(())
 }
 
-fn environment_for(f: &Fixture, provider_key: &str) -> Environment {
+/// A saved environment for the fixture's provider, and a runtime around it.
+/// Plaintext secret fields are persisted as secret references first, as a
+/// host saving the environment would.
+async fn runtime_for(
+    f: &Fixture,
+    provider: Arc<dyn SandboxProvider>,
+) -> Result<(EnvironmentRuntime, Environment), Fail> {
+    let secrets = Arc::new(InMemorySecretResolver::new());
     let mut config = f.config.clone();
-    config.insert("provider".into(), json!(provider_key));
-    Environment::new(
+    let paths = collect_secret_ref_paths(&f.provider.config_schema());
+    persist_secret_refs(
+        &mut config,
+        &paths,
+        secrets.as_ref(),
+        "Conformance",
+        "sandbox",
+    )
+    .await
+    .map_err(failed("persisting secret fields"))?;
+    config.insert("provider".into(), json!(f.provider.key()));
+    let env = Environment::new(
         f.environment_id.clone(),
         "Conformance",
         "sandbox",
         Value::Object(config),
-    )
+    );
+    let runtime = EnvironmentRuntime::builder()
+        .provider(provider)
+        .secrets(secrets)
+        .build();
+    Ok((runtime, env))
 }
 
 /// A1.6
 pub async fn a1_6_provider_key_stripped(f: &Fixture) -> CheckResult {
     let recording = RecordingProvider::new(f.provider.clone());
-    let runtime = EnvironmentRuntime::builder()
-        .provider(Arc::new(recording.clone()))
-        .build();
-    let env = environment_for(f, f.provider.key());
+    let (runtime, env) = runtime_for(f, Arc::new(recording.clone())).await?;
     let run = format!("{}-a16", f.run_id);
     runtime
         .acquire_run_lease(AcquireRunLease::for_run(env, run.clone()))
@@ -723,10 +744,7 @@ pub async fn a4_4_destroy_regardless_of_reuse(f: &Fixture) -> CheckResult {
 /// A4.5
 pub async fn a4_5_release_from_metadata_config(f: &Fixture) -> CheckResult {
     let before = f.live();
-    let runtime = EnvironmentRuntime::builder()
-        .provider(f.provider.clone())
-        .build();
-    let env = environment_for(f, f.provider.key());
+    let (runtime, env) = runtime_for(f, f.provider.clone()).await?;
     let run = format!("{}-a45", f.run_id);
     let record = runtime
         .acquire_run_lease(AcquireRunLease::for_run(env.clone(), run.clone()))
