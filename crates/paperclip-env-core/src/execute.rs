@@ -258,6 +258,31 @@ impl OutputCollector {
         self.push(OutputStream::Stderr, data)
     }
 
+    /// Makes `authoritative` the stream's content, for providers whose final
+    /// result is authoritative over streamed chunks: when what was streamed
+    /// is a prefix, the missing tail is delivered as one more chunk (so the
+    /// sink sees it too); otherwise the buffer is replaced.
+    pub fn reconcile(&self, stream: OutputStream, authoritative: &[u8]) {
+        let tail = {
+            let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+            let buf = match stream {
+                OutputStream::Stdout => &mut buffers.stdout,
+                OutputStream::Stderr => &mut buffers.stderr,
+            };
+            if authoritative.starts_with(buf) {
+                Some(authoritative[buf.len()..].to_vec())
+            } else {
+                if !matches!(self.capture, OutputCapture::Discard) {
+                    *buf = authoritative.to_vec();
+                }
+                None
+            }
+        };
+        if let Some(tail) = tail {
+            self.push(stream, &tail);
+        }
+    }
+
     /// Chunks delivered so far.
     pub fn chunk_count(&self) -> u64 {
         self.buffers
@@ -365,6 +390,26 @@ mod tests {
         assert_eq!(r.stdout, "ab");
         assert_eq!(r.stderr, "e");
         assert_eq!(seen.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn reconcile_delivers_a_dropped_tail_or_replaces() {
+        let seen = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let seen2 = seen.clone();
+        let sink: Arc<dyn OutputSink> =
+            Arc::new(move |_: OutputStream, d: &[u8]| seen2.lock().unwrap().extend_from_slice(d));
+        let c = OutputCollector::new(OutputCapture::Full, Some(sink));
+        c.stdout(b"ready");
+        c.reconcile(OutputStream::Stdout, b"ready.json\n");
+        assert_eq!(seen.lock().unwrap().as_slice(), b"ready.json\n");
+        c.reconcile(OutputStream::Stderr, b"");
+        c.stderr(b"garbled");
+        c.reconcile(OutputStream::Stderr, b"clean");
+        let r = c.finish(CommandExit::code(0));
+        assert_eq!(
+            (r.stdout.as_str(), r.stderr.as_str()),
+            ("ready.json\n", "clean")
+        );
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! | `fake` | the deterministic local fake provider (`fake-plugin`) from the testkit |
 //! | `e2b` | E2B sandboxes: control-plane REST plus the in-sandbox envd Connect-RPC API |
 //! | `novita` | Novita Agent Sandbox: the E2B protocol with Novita's profile |
+//! | `cloudflare` | Cloudflare Sandbox through the Paperclip bridge Worker (JSON + SSE) |
 //! | `http` | the shared HTTP machinery (enabled by every HTTP provider) |
-//! | `daytona`, `cloudflare`, `exe-dev`, `modal`, `kubernetes`, `ssh` | reserved for their providers |
+//! | `daytona`, `exe-dev`, `modal`, `kubernetes`, `ssh` | reserved for their providers |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -25,3 +26,6 @@ pub mod http;
 
 #[cfg(feature = "e2b")]
 pub mod e2b;
+
+#[cfg(feature = "cloudflare")]
+pub mod cloudflare;

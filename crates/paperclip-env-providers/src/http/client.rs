@@ -57,6 +57,8 @@ pub struct RequestSpec {
     pub idempotency: Idempotency,
     /// Statuses returned to the caller instead of mapped to an error (e.g. 404 on kill).
     pub accept: &'static [u16],
+    /// Return every status but 429 to the caller (providers with their own error bodies).
+    pub accept_all: bool,
     /// Statuses known to mean "not delivered", retried even when not idempotent.
     pub retry_statuses: &'static [u16],
     /// The response is a stream: the request timeout bounds only the wait for headers.
@@ -74,6 +76,7 @@ impl RequestSpec {
             operation,
             idempotency: Idempotency::Idempotent,
             accept: &[],
+            accept_all: false,
             retry_statuses: &[],
             stream: false,
             timeout: None,
@@ -92,6 +95,12 @@ impl RequestSpec {
     /// Returns these statuses to the caller.
     pub fn accept(mut self, statuses: &'static [u16]) -> Self {
         self.accept = statuses;
+        self
+    }
+
+    /// Returns every status but 429 to the caller.
+    pub fn accept_all(mut self) -> Self {
+        self.accept_all = true;
         self
     }
 
@@ -212,7 +221,7 @@ impl HttpClient {
                         let status = response.status().as_u16();
                         tracing::Span::current().record("status", status);
                         debug!(elapsed_ms = started.elapsed().as_millis() as u64, "response");
-                        if response.status().is_success() || spec.accept.contains(&status) {
+                        if response.status().is_success() || spec.accept.contains(&status) || (spec.accept_all && status != 429) {
                             return Ok(response);
                         }
                         let retry_after = response
