@@ -382,6 +382,23 @@ impl EnvironmentRuntime {
         Ok(released.map(|l| Self::record(environment.clone(), l)))
     }
 
+    /// Runs provider cleanup again for a released lease whose cleanup failed
+    /// (`cleanupStatus = failed`), through the lease's driver, and lets the
+    /// store record the new outcome (the attempt is counted). The lease keeps
+    /// its stored status, except `pending_cleanup` (and a stray `active`),
+    /// which become `expired` once cleanup is attempted again.
+    pub async fn retry_cleanup(
+        &self,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+    ) -> Result<Option<LeaseRecord>> {
+        let status = match lease.status {
+            LeaseStatus::Active | LeaseStatus::PendingCleanup => LeaseStatus::Expired,
+            other => other,
+        };
+        self.release_lease(environment, lease, status).await
+    }
+
     /// Re-attaches to the lease's resource (no store write).
     pub async fn resume_run_lease(
         &self,

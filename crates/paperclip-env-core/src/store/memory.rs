@@ -245,6 +245,18 @@ impl LeaseStore for InMemoryLeaseStore {
         out.sort_by_key(|l| l.updated_at);
         Ok(out)
     }
+
+    async fn list_active(&self) -> Result<Vec<EnvironmentLease>> {
+        let tables = self.read()?;
+        let mut out: Vec<_> = tables
+            .leases
+            .values()
+            .filter(|l| l.status == LeaseStatus::Active)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
 }
 
 /// Environments in memory.
