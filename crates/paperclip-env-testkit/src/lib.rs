@@ -9,9 +9,11 @@
 //!   lifecycle assertions.
 //! - [`store_conformance`]: the lease store conformance suite (spec 00
 //!   §2.4), run by every `LeaseStore` implementation's tests.
+//! - [`postgres`]: a throwaway PostgreSQL server on loopback for store tests.
 #![deny(missing_docs)]
 
 pub mod conformance;
 pub mod fake;
+pub mod postgres;
 pub mod recording;
 pub mod store_conformance;
