@@ -31,7 +31,7 @@ use paperclip_env_core::store::{EnvironmentStore, LeaseStore};
 use paperclip_env_core::time::{self, Timestamp};
 use paperclip_env_core::{
     AcquireRunLease, Environment, EnvironmentLease, EnvironmentRuntime, Error, ExecuteRequest,
-    LeaseStatus, ReapReport, Reaper, ReaperOptions, RuntimeOptions,
+    LeaseStatus, OutputCapture, OutputStream, ReapReport, Reaper, ReaperOptions, RuntimeOptions,
 };
 use paperclip_env_providers::fake::FakeProvider;
 use paperclip_env_store_sqlite::SqliteStore;
@@ -376,7 +376,28 @@ impl App {
                 if let Some(ms) = timeout_ms {
                     request = request.timeout_ms(ms);
                 }
-                let result = self.runtime.execute(&env, &lease, &request).await?;
+                let result = if self.json {
+                    self.runtime.execute(&env, &lease, &request).await?
+                } else {
+                    // Output reaches the terminal as it is produced.
+                    let sink = |stream: OutputStream, data: &[u8]| {
+                        use std::io::Write;
+                        let _ = match stream {
+                            OutputStream::Stdout => {
+                                let mut out = std::io::stdout().lock();
+                                out.write_all(data).and_then(|()| out.flush())
+                            }
+                            _ => {
+                                let mut err = std::io::stderr().lock();
+                                err.write_all(data).and_then(|()| err.flush())
+                            }
+                        };
+                    };
+                    let request = request.capture(OutputCapture::Discard);
+                    self.runtime
+                        .execute_streaming(&env, &lease, &request, Arc::new(sink))
+                        .await?
+                };
                 self.store.touch(&lease.id).await?;
                 if self.json {
                     print_json(&json!({
@@ -386,9 +407,8 @@ impl App {
                         "stdout": result.stdout,
                         "stderr": result.stderr,
                     }));
-                } else {
-                    print!("{}", result.stdout);
-                    eprint!("{}", result.stderr);
+                } else if result.timed_out {
+                    eprintln!("error: the command timed out");
                 }
                 let code = match result.exit_code {
                     Some(0) => ExitCode::SUCCESS,

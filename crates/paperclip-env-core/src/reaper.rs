@@ -7,7 +7,8 @@
 //! 1. releases **expired** active leases (`expiresAt` passed) and **stranded**
 //!    ones (their run is finished according to the host, or they are older
 //!    than [`ReaperOptions::max_active_age`]) through their driver with status
-//!    `expired`;
+//!    `expired` (reusable leases are destroyed, since a plain release would
+//!    keep their resource for the next run);
 //! 2. retries **failed cleanups** ([`LeaseStore::list_failed_cleanups`]) with
 //!    exponential backoff on `cleanupAttempts`, counted from `updatedAt`.
 //!
@@ -27,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::lease::{CleanupStatus, EnvironmentLease, LeaseStatus};
+use crate::lease::{CleanupStatus, EnvironmentLease, LeasePolicy, LeaseStatus};
 use crate::runtime::EnvironmentRuntime;
 use crate::time::{self, Timestamp};
 
@@ -288,11 +289,16 @@ impl Reaper {
                     let Some(env) = self.environment_of(&current, &mut report).await else {
                         continue;
                     };
-                    match self
-                        .runtime
-                        .release_lease(&env, &current, LeaseStatus::Expired)
-                        .await
-                    {
+                    // A reusable lease is kept alive by a plain release (it
+                    // waits for the next run); past its end it must go.
+                    let outcome = if current.lease_policy == LeasePolicy::ReuseByEnvironment {
+                        self.runtime.destroy_run_lease(&env, &current).await
+                    } else {
+                        self.runtime
+                            .release_lease(&env, &current, LeaseStatus::Expired)
+                            .await
+                    };
+                    match outcome {
                         Ok(released) => {
                             info!(lease = %current.id, expired, "reaper released lease");
                             if expired {
