@@ -34,6 +34,7 @@ use paperclip_env_core::{
     LeaseStatus, OutputCapture, OutputStream, ReapReport, Reaper, ReaperOptions, RuntimeOptions,
 };
 use paperclip_env_providers::fake::FakeProvider;
+use paperclip_env_store_postgres::PostgresStore;
 use paperclip_env_store_sqlite::SqliteStore;
 use serde_json::{Value, json};
 
@@ -47,6 +48,17 @@ struct Cli {
     /// else ~/.local/share/paperclip-env/state.db].
     #[arg(long, global = true, env = "PAPERCLIP_ENV_STATE", value_name = "PATH")]
     state: Option<PathBuf>,
+
+    /// A PostgreSQL connection string (libpq style); when given, lease state
+    /// lives there (shared by several hosts) instead of the SQLite file.
+    #[arg(
+        long,
+        global = true,
+        env = "PAPERCLIP_ENV_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
 
     /// Print machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
@@ -216,9 +228,24 @@ async fn slow<T>(message: &str, work: impl std::future::Future<Output = T>) -> T
     out
 }
 
+/// Where the CLI keeps lease and environment state.
+enum State {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PostgresStore>),
+}
+
+impl State {
+    async fn list_all(&self) -> Result<Vec<EnvironmentLease>, Error> {
+        match self {
+            State::Sqlite(store) => store.list_all().await,
+            State::Postgres(store) => store.list_all().await,
+        }
+    }
+}
+
 struct App {
     runtime: EnvironmentRuntime,
-    store: Arc<SqliteStore>,
+    state: State,
     json: bool,
 }
 
@@ -262,8 +289,20 @@ fn print_json(value: &Value) {
 
 impl App {
     async fn open(cli: &Cli) -> Result<Self, Error> {
-        let path = cli.state.clone().unwrap_or_else(default_state_path);
-        let store = Arc::new(SqliteStore::open(&path).await?);
+        let state = match &cli.database_url {
+            Some(url) => State::Postgres(Arc::new(
+                slow("connecting to PostgreSQL", PostgresStore::connect(url)).await?,
+            )),
+            None => {
+                let path = cli.state.clone().unwrap_or_else(default_state_path);
+                State::Sqlite(Arc::new(SqliteStore::open(&path).await?))
+            }
+        };
+        let (leases, environments): (Arc<dyn LeaseStore>, Arc<dyn EnvironmentStore>) = match &state
+        {
+            State::Sqlite(store) => (store.clone(), store.clone()),
+            State::Postgres(store) => (store.clone(), store.clone()),
+        };
         let mut fake = FakeProvider::builder().secret_field("apiKey");
         if let Some(root) = &cli.fake_root {
             fake = fake.temp_root(root);
@@ -275,15 +314,15 @@ impl App {
             ..Default::default()
         };
         let runtime = EnvironmentRuntime::builder()
-            .lease_store(store.clone())
-            .environment_store(store.clone())
+            .lease_store(leases)
+            .environment_store(environments)
             .secrets(Arc::new(EnvSecretResolver::new()))
             .provider(Arc::new(fake.build()))
             .options(options)
             .build();
         Ok(App {
             runtime,
-            store,
+            state,
             json: cli.json,
         })
     }
@@ -292,10 +331,16 @@ impl App {
         &self,
         id: &str,
     ) -> Result<(EnvironmentLease, Environment), Error> {
-        let lease = LeaseStore::get(self.store.as_ref(), id)
+        let lease = self
+            .runtime
+            .lease_store()
+            .get(id)
             .await?
             .ok_or_else(|| Error::not_found(format!("No lease {id} in the state file.")))?;
-        let environment = EnvironmentStore::get(self.store.as_ref(), &lease.environment_id)
+        let environment = self
+            .runtime
+            .environment_store()
+            .get(&lease.environment_id)
             .await?
             .ok_or_else(|| {
                 Error::not_found(format!(
@@ -398,7 +443,7 @@ impl App {
                         .execute_streaming(&env, &lease, &request, Arc::new(sink))
                         .await?
                 };
-                self.store.touch(&lease.id).await?;
+                self.runtime.lease_store().touch(&lease.id).await?;
                 if self.json {
                     print_json(&json!({
                         "exitCode": result.exit_code,
@@ -443,7 +488,7 @@ impl App {
             } => {
                 let status: Option<LeaseStatus> = status.map(|s| s.parse()).transpose()?;
                 let leases: Vec<EnvironmentLease> = self
-                    .store
+                    .state
                     .list_all()
                     .await?
                     .into_iter()

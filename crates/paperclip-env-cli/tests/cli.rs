@@ -283,4 +283,52 @@ fn bad_input_is_a_clean_error() {
     assert!(!out.status.success());
     let out = sb.run(&["--max-lease-lifetime", "soon", "leases"]);
     assert!(!out.status.success());
+    // A database password never reaches the output, even when connecting fails.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url =
+        format!("host=127.0.0.1 port={port} user=u password=hunter2-db-secret connect_timeout=2");
+    let out = sb
+        .command()
+        .env("PAPERCLIP_ENV_DATABASE_URL", &url)
+        .arg("leases")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("postgres: connect"), "{}", text(&out));
+    assert!(!text(&out).contains("hunter2"), "{}", text(&out));
+}
+
+#[test]
+fn postgres_state_is_shared_between_invocations() {
+    let pg = paperclip_env_testkit::postgres::PgFixture::start()
+        .expect("a throwaway PostgreSQL (run scripts/setup.sh to install it)");
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let env = env.to_str().unwrap();
+    let url = pg.connection_string();
+    let pg_json = |args: &[&str]| -> Value {
+        let out = sb
+            .command()
+            .env("PAPERCLIP_ENV_DATABASE_URL", &url)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let lease = pg_json(&["acquire", "--env", env, "--run", "run-pg"]);
+    let id = lease["id"].as_str().unwrap();
+    assert_eq!(pg_json(&["leases", "--status", "active"])[0]["id"], id);
+    // The SQLite state file knows nothing about it.
+    assert_eq!(sb.ok_json(&["leases"]), json!([]));
+    let report = pg_json(&["reap", "--finished-run", "run-pg"]);
+    assert_eq!(report["stranded"], json!([id]));
+    assert_eq!(sb.sandboxes(), 0);
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--database-url"));
 }
