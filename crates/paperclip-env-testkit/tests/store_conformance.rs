@@ -6,7 +6,7 @@ use paperclip_env_testkit::store_conformance::{StoreFixture, run};
 #[tokio::test]
 async fn in_memory_store_conforms() {
     let store = InMemoryLeaseStore::new();
-    let report = run(&StoreFixture::new(&store)).await;
+    let report = run(&StoreFixture::new(&store).exclusive_claims(true)).await;
     report.assert_passed();
     assert_eq!(report.passed.len(), 11);
 }
