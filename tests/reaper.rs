@@ -227,3 +227,26 @@ async fn background_reaper_runs_until_shutdown() {
     assert!(passes >= 2);
     handle.shutdown().await;
 }
+
+#[tokio::test]
+async fn leases_of_a_deleted_environment_are_still_reaped() {
+    let (runtime, fake, _dir) = setup(Duration::from_millis(20));
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env(false), "run-1"))
+        .await
+        .unwrap()
+        .lease;
+    assert!(
+        runtime
+            .environment_store()
+            .remove("env-fake")
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let report = runtime.reap().await;
+    assert_eq!(report.expired, vec![lease.id.clone()], "{report:?}");
+    assert_eq!(fake.live_leases(), 0);
+    let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
+    assert_eq!(row.cleanup_status, Some(CleanupStatus::Success));
+}

@@ -252,13 +252,27 @@ impl Reaper {
             .await
         {
             Ok(Some(env)) => Some(env),
-            Ok(None) => {
-                report.fail(
-                    &lease.id,
-                    format!("environment {} is not in the store", lease.environment_id),
-                );
-                None
-            }
+            // The environment was deleted: the lease's metadata records its
+            // driver and provider config (spec 00 §2.9), which is all a
+            // release needs, so a stand-in environment routes it.
+            Ok(None) => match lease.metadata_str("driver") {
+                Some(driver) => Some(crate::Environment::new(
+                    lease.environment_id.clone(),
+                    format!("deleted environment {}", lease.environment_id),
+                    driver,
+                    serde_json::Value::Object(Default::default()),
+                )),
+                None => {
+                    report.fail(
+                        &lease.id,
+                        format!(
+                            "environment {} is not in the store and the lease records no driver",
+                            lease.environment_id
+                        ),
+                    );
+                    None
+                }
+            },
             Err(e) => {
                 report.fail(&lease.id, e.to_string());
                 None
