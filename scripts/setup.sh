@@ -7,6 +7,8 @@ need_apt=()
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v tar >/dev/null 2>&1 || need_apt+=(tar)
+# The PostgreSQL lease store tests start a throwaway server (initdb/pg_ctl).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
     SUDO=""

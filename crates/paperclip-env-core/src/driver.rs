@@ -29,9 +29,16 @@ pub struct RuntimeOptions {
     pub provider_ready_timeout: Duration,
     /// Poll interval of that wait (100 ms).
     pub provider_ready_poll: Duration,
-    /// Expiry given to leases whose provider reports none (`None`: no expiry).
+    /// Expiry given to sandbox leases whose provider reports none (default
+    /// [`DEFAULT_MAX_LEASE_LIFETIME`], 24 h; `None`: no expiry). The reaper
+    /// releases leases past their expiry, so no sandbox bills forever.
     pub max_lease_lifetime: Option<Duration>,
 }
+
+/// Default lifetime of a lease whose provider reports no expiry: 24 hours,
+/// longer than any agent run we know of, short enough that a leaked sandbox
+/// costs one day at most once a reaper runs.
+pub const DEFAULT_MAX_LEASE_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
@@ -41,7 +48,7 @@ impl Default for RuntimeOptions {
             probe_deadline: Duration::from_secs(120),
             provider_ready_timeout: Duration::from_secs(5),
             provider_ready_poll: Duration::from_millis(100),
-            max_lease_lifetime: None,
+            max_lease_lifetime: Some(DEFAULT_MAX_LEASE_LIFETIME),
         }
     }
 }

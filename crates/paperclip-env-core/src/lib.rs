@@ -36,6 +36,7 @@ pub mod lease;
 pub mod probe;
 pub mod provider;
 pub mod realize;
+pub mod reaper;
 pub mod runtime;
 pub mod secret;
 pub mod store;
@@ -60,6 +61,7 @@ pub use provider::{
     ProviderLease, ProviderProbe, Readiness, SandboxProvider, Severity,
 };
 pub use realize::{RealizeWorkspaceResult, WorkspaceSpec};
+pub use reaper::{ReapReport, Reaper, ReaperHandle, ReaperOptions};
 pub use runtime::{AcquireRunLease, EnvironmentRuntime, ReleaseReport, RuntimeBuilder};
 pub use secret::{ProviderConfig, SecretResolver};
 pub use store::{EnvironmentStore, LeaseStore};

@@ -382,6 +382,27 @@ impl EnvironmentRuntime {
         Ok(released.map(|l| Self::record(environment.clone(), l)))
     }
 
+    /// Runs provider cleanup again for a released lease whose cleanup failed
+    /// (`cleanupStatus = failed`), through the lease's driver, and lets the
+    /// store record the new outcome (the attempt is counted). A
+    /// `pending_cleanup` lease (a failed destroy) is destroyed again and
+    /// becomes `expired` on success; any other lease is released again with
+    /// its stored status (a stray `active` one as `expired`).
+    pub async fn retry_cleanup(
+        &self,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+    ) -> Result<Option<LeaseRecord>> {
+        match lease.status {
+            LeaseStatus::PendingCleanup => self.destroy_run_lease(environment, lease).await,
+            LeaseStatus::Active => {
+                self.release_lease(environment, lease, LeaseStatus::Expired)
+                    .await
+            }
+            other => self.release_lease(environment, lease, other).await,
+        }
+    }
+
     /// Re-attaches to the lease's resource (no store write).
     pub async fn resume_run_lease(
         &self,

@@ -7,10 +7,15 @@
 //!   public check per line, run by every provider's own test file.
 //! - [`recording`]: a provider wrapper that records every call, with
 //!   lifecycle assertions.
+//! - [`store_conformance`]: the lease store conformance suite (spec 00
+//!   §2.4), run by every `LeaseStore` implementation's tests.
+//! - [`postgres`]: a throwaway PostgreSQL server on loopback for store tests.
 #![deny(missing_docs)]
 
 pub mod conformance;
 #[cfg(feature = "emulators")]
 pub mod emulators;
 pub mod fake;
+pub mod postgres;
 pub mod recording;
+pub mod store_conformance;

@@ -16,6 +16,8 @@ struct Tables {
     leases: HashMap<String, EnvironmentLease>,
     by_environment: HashMap<String, Vec<String>>,
     by_run: HashMap<String, Vec<String>>,
+    /// Reaper claims: lease id → (claimant, claimed until).
+    claims: HashMap<String, (String, time::Timestamp)>,
 }
 
 /// Leases in memory, indexed by environment and run.
@@ -244,6 +246,40 @@ impl LeaseStore for InMemoryLeaseStore {
             .collect();
         out.sort_by_key(|l| l.updated_at);
         Ok(out)
+    }
+
+    async fn list_active(&self) -> Result<Vec<EnvironmentLease>> {
+        let tables = self.read()?;
+        let mut out: Vec<_> = tables
+            .leases
+            .values()
+            .filter(|l| l.status == LeaseStatus::Active)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn try_claim(&self, id: &str, claimant: &str, ttl: std::time::Duration) -> Result<bool> {
+        let now = time::now();
+        let until = chrono::Duration::from_std(ttl)
+            .ok()
+            .and_then(|ttl| now.checked_add_signed(ttl))
+            .unwrap_or(now);
+        let mut tables = self.write()?;
+        if !tables.leases.contains_key(id) {
+            return Ok(false);
+        }
+        let free = tables
+            .claims
+            .get(id)
+            .is_none_or(|(holder, held_until)| holder == claimant || *held_until <= now);
+        if free {
+            tables
+                .claims
+                .insert(id.to_owned(), (claimant.to_owned(), until));
+        }
+        Ok(free)
     }
 }
 

@@ -96,6 +96,25 @@ pub trait LeaseStore: Send + Sync + 'static {
 
     /// Leases whose provider cleanup failed and needs a retry.
     async fn list_failed_cleanups(&self) -> Result<Vec<EnvironmentLease>>;
+
+    /// Every `active` lease, oldest first: what the reaper inspects for
+    /// expired and stranded leases. Stores that cannot enumerate return an
+    /// error, and the reaper reports it instead of guessing.
+    async fn list_active(&self) -> Result<Vec<EnvironmentLease>> {
+        Err(crate::Error::store(
+            "this lease store cannot list active leases for the reaper",
+        ))
+    }
+
+    /// Claims a lease for one reaper pass of `claimant` for `ttl`, so several
+    /// hosts sharing the store never act on the same lease at once. `true`
+    /// when the claim is held (fresh, or already ours), `false` when another
+    /// claimant holds an unexpired claim or the lease is unknown. The default
+    /// suits single-process stores: every claim succeeds.
+    async fn try_claim(&self, id: &str, claimant: &str, ttl: std::time::Duration) -> Result<bool> {
+        let _ = (id, claimant, ttl);
+        Ok(true)
+    }
 }
 
 /// Where environments live.

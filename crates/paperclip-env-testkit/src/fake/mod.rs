@@ -342,6 +342,30 @@ impl FakeProvider {
         }
     }
 
+    /// Removes the sandbox of a lease another fake instance created (e.g. in
+    /// a process that died), found through its `fakeRootDir` metadata. Only a
+    /// sandbox directory directly under this fake's `temp_root` is touched.
+    fn remove_orphan(&self, lease: &LeaseHandle) -> bool {
+        let Some(dir) = lease.metadata_str("fakeRootDir").map(PathBuf::from) else {
+            return false;
+        };
+        let ours = dir.parent() == Some(self.inner.temp_root.as_path())
+            && dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(DIR_PREFIX));
+        if !ours || !dir.is_dir() {
+            return false;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                self.inner.stats.removed.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     fn metadata(
         &self,
         id: &str,
@@ -515,8 +539,9 @@ impl SandboxProvider for FakeProvider {
         self.remember(ctx);
         if let Some(id) = lease.id()
             && !FakeConfig::from_values(ctx.config.values()).reuse_lease
+            && !self.remove(id)
         {
-            self.remove(id);
+            self.remove_orphan(lease);
         }
         Ok(())
     }
@@ -524,8 +549,10 @@ impl SandboxProvider for FakeProvider {
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
         self.inner.faults.inject(Operation::Destroy).await?;
         self.remember(ctx);
-        if let Some(id) = lease.id() {
-            self.remove(id);
+        if let Some(id) = lease.id()
+            && !self.remove(id)
+        {
+            self.remove_orphan(lease);
         }
         Ok(())
     }

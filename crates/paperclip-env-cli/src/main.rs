@@ -1,0 +1,621 @@
+//! `paperclip-env`: the operator CLI of paperclip-env.
+//!
+//! Probes environments, acquires, uses and releases leases, lists them, and
+//! runs the reaper, with a SQLite file as its state, so a lease acquired by
+//! one invocation can be used, released or reaped by a later one, even after
+//! a crash. Environments are Paperclip's camelCase `Environment` JSON files;
+//! secret references in their configs are read from environment variables
+//! (`PAPERCLIP_SECRET_<ID>`) and never printed. The fake provider
+//! (`fake-plugin`) is always registered, so everything works with no account:
+//!
+//! ```text
+//! echo '{"id":"env-1","name":"Fake","driver":"sandbox","config":{"provider":"fake-plugin"}}' > env.json
+//! paperclip-env acquire --env env.json --run run-1
+//! paperclip-env exec <LEASE_ID> -- echo hello
+//! paperclip-env release <LEASE_ID>
+//! paperclip-env leases
+//! paperclip-env reap
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use paperclip_env_core::secret::EnvSecretResolver;
+use paperclip_env_core::store::{EnvironmentStore, LeaseStore};
+use paperclip_env_core::time::{self, Timestamp};
+use paperclip_env_core::{
+    AcquireRunLease, Environment, EnvironmentLease, EnvironmentRuntime, Error, ExecuteRequest,
+    LeaseStatus, OutputCapture, OutputStream, ReapReport, Reaper, ReaperOptions, RuntimeOptions,
+};
+use paperclip_env_providers::fake::FakeProvider;
+use paperclip_env_store_postgres::PostgresStore;
+use paperclip_env_store_sqlite::SqliteStore;
+use serde_json::{Value, json};
+
+/// Operate paperclip-env leases: probe environments, acquire, exec, release,
+/// list and reap leases. State lives in a SQLite file, so leases survive
+/// restarts and crashes.
+#[derive(Debug, Parser)]
+#[command(name = "paperclip-env", version, about, long_about = None)]
+struct Cli {
+    /// The SQLite state file [default: $XDG_DATA_HOME/paperclip-env/state.db,
+    /// else ~/.local/share/paperclip-env/state.db].
+    #[arg(long, global = true, env = "PAPERCLIP_ENV_STATE", value_name = "PATH")]
+    state: Option<PathBuf>,
+
+    /// A PostgreSQL connection string (libpq style); when given, lease state
+    /// lives there (shared by several hosts) instead of the SQLite file.
+    #[arg(
+        long,
+        global = true,
+        env = "PAPERCLIP_ENV_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+
+    /// Print machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Where the fake provider (`fake-plugin`) creates sandbox directories
+    /// [default: the OS temp dir].
+    #[arg(
+        long,
+        global = true,
+        env = "PAPERCLIP_ENV_FAKE_ROOT",
+        value_name = "DIR"
+    )]
+    fake_root: Option<PathBuf>,
+
+    /// Expiry given to leases whose provider reports none, e.g. `90s`, `30m`,
+    /// `24h`, `2d` [default: 24h].
+    #[arg(long, global = true, env = "PAPERCLIP_ENV_MAX_LEASE_LIFETIME", value_name = "DURATION", value_parser = parse_duration)]
+    max_lease_lifetime: Option<Duration>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Test an environment without leasing it (reachability, credentials).
+    Probe {
+        /// The environment JSON file.
+        #[arg(long = "env", value_name = "FILE")]
+        environment: PathBuf,
+    },
+    /// Acquire a lease on an environment and record it in the state file.
+    Acquire {
+        /// The environment JSON file.
+        #[arg(long = "env", value_name = "FILE")]
+        environment: PathBuf,
+        /// The run owning the lease (omit for an ad-hoc lease).
+        #[arg(long, value_name = "RUN_ID")]
+        run: Option<String>,
+        /// The issue being worked on.
+        #[arg(long, value_name = "ISSUE_ID")]
+        issue: Option<String>,
+        /// Keep the process alive after acquiring, until it is killed (crash
+        /// drills: the lease stays active for the reaper to find).
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Run a command in a leased environment; exits with the command's code.
+    Exec {
+        /// The lease id.
+        lease: String,
+        /// Working directory (default: the lease's).
+        #[arg(long, value_name = "DIR")]
+        cwd: Option<String>,
+        /// Command timeout in milliseconds.
+        #[arg(long, value_name = "MS")]
+        timeout_ms: Option<u64>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Release a lease through its driver (provider cleanup included).
+    Release {
+        /// The lease id.
+        lease: String,
+        /// The status to record.
+        #[arg(long, value_enum, default_value_t = ReleaseAs::Released)]
+        status: ReleaseAs,
+    },
+    /// List leases with status, age and expiry (newest first).
+    Leases {
+        /// Only leases of this environment id.
+        #[arg(long = "environment", value_name = "ID")]
+        environment: Option<String>,
+        /// Only leases with this status (active, released, expired, failed,
+        /// retained, pending_cleanup).
+        #[arg(long, value_name = "STATUS")]
+        status: Option<String>,
+    },
+    /// Release expired and stranded leases and retry failed cleanups.
+    Reap {
+        /// Active leases older than this are stranded, e.g. `6h`.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        max_age: Option<Duration>,
+        /// A run known to be finished: its active leases are stranded (repeatable).
+        #[arg(long = "finished-run", value_name = "RUN_ID")]
+        finished_runs: Vec<String>,
+        /// Wait before the first cleanup retry; doubles per attempt.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+        initial_backoff: Duration,
+    },
+}
+
+/// Statuses an operator may release a lease with.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ReleaseAs {
+    /// Released normally.
+    Released,
+    /// Released because it expired.
+    Expired,
+    /// Released after a failure.
+    Failed,
+}
+
+impl From<ReleaseAs> for LeaseStatus {
+    fn from(value: ReleaseAs) -> Self {
+        match value {
+            ReleaseAs::Released => LeaseStatus::Released,
+            ReleaseAs::Expired => LeaseStatus::Expired,
+            ReleaseAs::Failed => LeaseStatus::Failed,
+        }
+    }
+}
+
+/// Parses `500ms`, `90s`, `30m`, `24h`, `2d`, or bare seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like 90s, 30m, 24h; got {text:?}"))?;
+    let secs = |k: u64| Duration::from_secs(n.saturating_mul(k));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(secs(1)),
+        "m" => Ok(secs(60)),
+        "h" => Ok(secs(3600)),
+        "d" => Ok(secs(86_400)),
+        other => Err(format!(
+            "unknown duration unit {other:?} (use ms, s, m, h, d)"
+        )),
+    }
+}
+
+fn default_state_path() -> PathBuf {
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("paperclip-env").join("state.db")
+}
+
+/// A spinner on stderr while a slow step runs (hidden when stderr is not a terminal).
+fn spinner(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+        bar.set_style(style);
+    }
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+async fn slow<T>(message: &str, work: impl std::future::Future<Output = T>) -> T {
+    let bar = spinner(message);
+    let out = work.await;
+    bar.finish_and_clear();
+    out
+}
+
+/// Where the CLI keeps lease and environment state.
+enum State {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PostgresStore>),
+}
+
+impl State {
+    async fn list_all(&self) -> Result<Vec<EnvironmentLease>, Error> {
+        match self {
+            State::Sqlite(store) => store.list_all().await,
+            State::Postgres(store) => store.list_all().await,
+        }
+    }
+}
+
+struct App {
+    runtime: EnvironmentRuntime,
+    state: State,
+    json: bool,
+}
+
+fn read_environment(path: &Path) -> Result<Environment, Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::invalid_field("env", format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| {
+        Error::invalid_field(
+            "env",
+            format!("{} is not an Environment JSON: {e}", path.display()),
+        )
+    })
+}
+
+fn human_age(from: Timestamp, to: Timestamp) -> String {
+    let secs = (to - from).num_seconds();
+    let (abs, suffix) = if secs < 0 {
+        (-secs, "from now")
+    } else {
+        (secs, "ago")
+    };
+    let text = match abs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    };
+    format!("{text} {suffix}")
+}
+
+fn lease_json(lease: &EnvironmentLease) -> Value {
+    serde_json::to_value(lease).unwrap_or(Value::Null)
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}
+
+impl App {
+    async fn open(cli: &Cli) -> Result<Self, Error> {
+        let state = match &cli.database_url {
+            Some(url) => State::Postgres(Arc::new(
+                slow("connecting to PostgreSQL", PostgresStore::connect(url)).await?,
+            )),
+            None => {
+                let path = cli.state.clone().unwrap_or_else(default_state_path);
+                State::Sqlite(Arc::new(SqliteStore::open(&path).await?))
+            }
+        };
+        let (leases, environments): (Arc<dyn LeaseStore>, Arc<dyn EnvironmentStore>) = match &state
+        {
+            State::Sqlite(store) => (store.clone(), store.clone()),
+            State::Postgres(store) => (store.clone(), store.clone()),
+        };
+        let mut fake = FakeProvider::builder().secret_field("apiKey");
+        if let Some(root) = &cli.fake_root {
+            fake = fake.temp_root(root);
+        }
+        let options = RuntimeOptions {
+            max_lease_lifetime: cli
+                .max_lease_lifetime
+                .or(RuntimeOptions::default().max_lease_lifetime),
+            ..Default::default()
+        };
+        let runtime = EnvironmentRuntime::builder()
+            .lease_store(leases)
+            .environment_store(environments)
+            .secrets(Arc::new(EnvSecretResolver::new()))
+            .provider(Arc::new(fake.build()))
+            .options(options)
+            .build();
+        Ok(App {
+            runtime,
+            state,
+            json: cli.json,
+        })
+    }
+
+    async fn lease_and_environment(
+        &self,
+        id: &str,
+    ) -> Result<(EnvironmentLease, Environment), Error> {
+        let lease = self
+            .runtime
+            .lease_store()
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("No lease {id} in the state file.")))?;
+        let environment = self
+            .runtime
+            .environment_store()
+            .get(&lease.environment_id)
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "Environment {} of lease {id} is not in the state file.",
+                    lease.environment_id
+                ))
+            })?;
+        Ok((lease, environment))
+    }
+
+    async fn run(&self, command: Command) -> Result<ExitCode, Error> {
+        match command {
+            Command::Probe { environment } => {
+                let env = read_environment(&environment)?;
+                let result = slow("probing", self.runtime.probe(&env)).await?;
+                if self.json {
+                    print_json(&serde_json::to_value(&result).unwrap_or(Value::Null));
+                } else {
+                    let verdict = if result.ok { "ok" } else { "FAILED" };
+                    println!("{verdict}: {} ({})", result.summary, result.driver);
+                }
+                Ok(if result.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Command::Acquire {
+                environment,
+                run,
+                issue,
+                hold,
+            } => {
+                let env = read_environment(&environment)?;
+                let mut input = match run {
+                    Some(run) => AcquireRunLease::for_run(env, run),
+                    None => AcquireRunLease::ad_hoc(env),
+                };
+                if let Some(issue) = issue {
+                    input = input.issue(issue);
+                }
+                let record = slow("acquiring lease", self.runtime.acquire_run_lease(input)).await?;
+                if self.json {
+                    print_json(&lease_json(&record.lease));
+                } else {
+                    let expiry = record
+                        .lease
+                        .expires_at
+                        .map(|at| format!("expires {}", time::to_iso(&at)))
+                        .unwrap_or_else(|| "no expiry".into());
+                    println!("{} ({expiry})", record.lease.id);
+                }
+                if hold {
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    std::future::pending::<()>().await;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Exec {
+                lease,
+                cwd,
+                timeout_ms,
+                command,
+            } => {
+                let (lease, env) = self.lease_and_environment(&lease).await?;
+                if lease.status != LeaseStatus::Active {
+                    return Err(Error::Conflict {
+                        message: format!("Lease {} is {}, not active.", lease.id, lease.status),
+                    });
+                }
+                let mut parts = command.into_iter();
+                let program = parts.next().unwrap_or_default();
+                let mut request = ExecuteRequest::new(program).args(parts);
+                if let Some(cwd) = cwd {
+                    request = request.cwd(cwd);
+                }
+                if let Some(ms) = timeout_ms {
+                    request = request.timeout_ms(ms);
+                }
+                let result = if self.json {
+                    self.runtime.execute(&env, &lease, &request).await?
+                } else {
+                    // Output reaches the terminal as it is produced.
+                    let sink = |stream: OutputStream, data: &[u8]| {
+                        use std::io::Write;
+                        let _ = match stream {
+                            OutputStream::Stdout => {
+                                let mut out = std::io::stdout().lock();
+                                out.write_all(data).and_then(|()| out.flush())
+                            }
+                            _ => {
+                                let mut err = std::io::stderr().lock();
+                                err.write_all(data).and_then(|()| err.flush())
+                            }
+                        };
+                    };
+                    let request = request.capture(OutputCapture::Discard);
+                    self.runtime
+                        .execute_streaming(&env, &lease, &request, Arc::new(sink))
+                        .await?
+                };
+                self.runtime.lease_store().touch(&lease.id).await?;
+                if self.json {
+                    print_json(&json!({
+                        "exitCode": result.exit_code,
+                        "signal": result.signal,
+                        "timedOut": result.timed_out,
+                        "stdout": result.stdout,
+                        "stderr": result.stderr,
+                    }));
+                } else if result.timed_out {
+                    eprintln!("error: the command timed out");
+                }
+                let code = match result.exit_code {
+                    Some(0) => ExitCode::SUCCESS,
+                    Some(code) => ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)),
+                    None => ExitCode::FAILURE,
+                };
+                Ok(code)
+            }
+            Command::Release { lease, status } => {
+                let (lease, env) = self.lease_and_environment(&lease).await?;
+                let released = slow(
+                    "releasing lease",
+                    self.runtime.release_lease(&env, &lease, status.into()),
+                )
+                .await?
+                .ok_or_else(|| Error::not_found(format!("Lease {} vanished.", lease.id)))?;
+                if self.json {
+                    print_json(&lease_json(&released.lease));
+                } else {
+                    let cleanup = released
+                        .lease
+                        .cleanup_status
+                        .map(|c| format!(", cleanup {c}"))
+                        .unwrap_or_default();
+                    println!("{} {}{cleanup}", released.lease.id, released.lease.status);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Leases {
+                environment,
+                status,
+            } => {
+                let status: Option<LeaseStatus> = status.map(|s| s.parse()).transpose()?;
+                let leases: Vec<EnvironmentLease> = self
+                    .state
+                    .list_all()
+                    .await?
+                    .into_iter()
+                    .filter(|l| environment.as_ref().is_none_or(|e| &l.environment_id == e))
+                    .filter(|l| status.is_none_or(|s| l.status == s))
+                    .collect();
+                if self.json {
+                    print_json(&Value::Array(leases.iter().map(lease_json).collect()));
+                } else {
+                    self.print_table(&leases);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Reap {
+                max_age,
+                finished_runs,
+                initial_backoff,
+            } => {
+                let options = ReaperOptions {
+                    max_active_age: max_age,
+                    initial_backoff,
+                    ..Default::default()
+                };
+                let reaper = Reaper::new(self.runtime.clone())
+                    .options(options)
+                    .finished_runs(move |run| finished_runs.iter().any(|r| r == run));
+                let report = slow("reaping leases", reaper.run_once()).await;
+                self.print_reap(&report);
+                Ok(if report.failures.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+        }
+    }
+
+    fn print_table(&self, leases: &[EnvironmentLease]) {
+        let now = time::now();
+        println!(
+            "{:<36}  {:<16}  {:<15}  {:<8}  {:<14}  {:<16}  RUN",
+            "ID", "ENVIRONMENT", "STATUS", "CLEANUP", "AGE", "EXPIRES"
+        );
+        for lease in leases {
+            let expires = lease
+                .expires_at
+                .map(|at| {
+                    if at <= now {
+                        format!("expired {}", human_age(at, now))
+                    } else {
+                        human_age(at, now)
+                    }
+                })
+                .unwrap_or_else(|| "never".into());
+            println!(
+                "{:<36}  {:<16}  {:<15}  {:<8}  {:<14}  {:<16}  {}",
+                lease.id,
+                lease.environment_id,
+                lease.status.as_str(),
+                lease.cleanup_status.map(|c| c.as_str()).unwrap_or("-"),
+                human_age(lease.acquired_at, now),
+                expires,
+                lease.heartbeat_run_id.as_deref().unwrap_or("-"),
+            );
+        }
+    }
+
+    fn print_reap(&self, report: &ReapReport) {
+        if self.json {
+            print_json(&serde_json::to_value(report).unwrap_or(Value::Null));
+            return;
+        }
+        let line = |label: &str, ids: &[String]| {
+            if !ids.is_empty() {
+                println!("{label}: {}", ids.join(", "));
+            }
+        };
+        line("expired", &report.expired);
+        line("stranded", &report.stranded);
+        line("cleaned up", &report.cleaned_up);
+        line("cleanup failed (will retry)", &report.cleanup_failed);
+        line("deferred (backoff)", &report.deferred);
+        line("abandoned", &report.abandoned);
+        line("skipped (claimed elsewhere)", &report.skipped);
+        for failure in &report.failures {
+            println!("failed {}: {}", failure.lease_id, failure.message);
+        }
+        if !report.acted() && report.failures.is_empty() {
+            println!("nothing to reap");
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match App::open(&cli).await {
+        Ok(app) => app.run(cli.command).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3h"), Ok(Duration::from_secs(10_800)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,334 @@
+//! End-to-end tests of the built `paperclip-env` binary on the fake provider.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_paperclip-env");
+
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        Sandbox {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn fake_root(&self) -> PathBuf {
+        self.dir.path().join("sandboxes")
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--state")
+            .arg(self.dir.path().join("state/state.db"))
+            .env("PAPERCLIP_ENV_FAKE_ROOT", self.fake_root())
+            .env_remove("PAPERCLIP_ENV_STATE")
+            .env_remove("PAPERCLIP_ENV_MAX_LEASE_LIFETIME")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().unwrap()
+    }
+
+    fn ok_json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.run(&full);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn env_file(&self, config: Value) -> PathBuf {
+        let path = self.dir.path().join("env.json");
+        let env = json!({"id": "env-fake", "name": "Fake sandbox", "driver": "sandbox", "config": config});
+        std::fs::write(&path, env.to_string()).unwrap();
+        path
+    }
+
+    fn sandboxes(&self) -> usize {
+        std::fs::read_dir(self.fake_root())
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn help_documents_every_command() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (command, words) in [
+        ("probe", "Test an environment"),
+        ("acquire", "Acquire a lease"),
+        ("exec", "Run a command"),
+        ("release", "Release a lease"),
+        ("leases", "List leases"),
+        ("reap", "expired and stranded"),
+    ] {
+        assert!(help.contains(command), "--help lacks {command}:\n{help}");
+        assert!(help.contains(words), "--help lacks {words:?}:\n{help}");
+        let sub = Command::new(BIN)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(sub.status.success(), "{command} --help failed");
+        let sub_help = String::from_utf8_lossy(&sub.stdout);
+        assert!(sub_help.contains("Usage: paperclip-env"), "{sub_help}");
+    }
+    for flag in ["--state", "--json", "--fake-root", "--max-lease-lifetime"] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn full_lifecycle_on_the_fake_provider() {
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let env = env.to_str().unwrap();
+
+    let probe = sb.ok_json(&["probe", "--env", env]);
+    assert_eq!(probe["ok"], json!(true), "{probe}");
+
+    let lease = sb.ok_json(&["acquire", "--env", env, "--run", "run-1"]);
+    let id = lease["id"].as_str().unwrap().to_owned();
+    assert_eq!(lease["status"], "active");
+    assert!(lease["expiresAt"].is_string(), "every lease gets an expiry");
+    let root = PathBuf::from(lease["metadata"]["fakeRootDir"].as_str().unwrap());
+    assert!(root.is_dir() && root.starts_with(sb.fake_root()));
+
+    let out = sb.run(&["exec", &id, "--", "sh", "-c", "echo hello; echo oops >&2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+
+    let out = sb.run(&["exec", &id, "--", "sh", "-c", "exit 3"]);
+    assert_eq!(out.status.code(), Some(3));
+    let result = {
+        let out = sb.run(&["--json", "exec", &id, "--", "echo", "json"]);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    assert_eq!(result["exitCode"], 0);
+    assert_eq!(result["stdout"], "json\n");
+
+    let listed = sb.ok_json(&["leases"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["id"], id.as_str());
+    let table = sb.run(&["leases", "--status", "active"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&id) && table.contains("active") && table.contains("EXPIRES"),
+        "{table}"
+    );
+
+    let released = sb.ok_json(&["release", &id]);
+    assert_eq!(released["status"], "released");
+    assert_eq!(released["cleanupStatus"], "success");
+    assert!(!root.exists(), "sandbox not cleaned up");
+    assert_eq!(sb.sandboxes(), 0);
+
+    let active = sb.ok_json(&["leases", "--status", "active"]);
+    assert_eq!(active, json!([]));
+    let out = sb.run(&["exec", &id, "--", "true"]);
+    assert!(!out.status.success(), "exec on a released lease must fail");
+    let reap = sb.ok_json(&["reap"]);
+    assert_eq!(reap["expired"], json!([]));
+}
+
+#[test]
+fn a_killed_acquire_is_reaped_after_restart() {
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let mut child = sb
+        .command()
+        .args(["--json", "--max-lease-lifetime", "1s", "acquire", "--hold"])
+        .args(["--env", env.to_str().unwrap(), "--run", "doomed-run"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    let lease: Value = loop {
+        let line = lines.next().expect("acquire printed its lease").unwrap();
+        printed.push_str(&line);
+        if line == "}" {
+            break serde_json::from_str(&printed).unwrap();
+        }
+    };
+    // The process dies between acquire and release.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let id = lease["id"].as_str().unwrap();
+    let root = PathBuf::from(lease["metadata"]["fakeRootDir"].as_str().unwrap());
+    assert!(root.is_dir(), "sandbox should still exist after the crash");
+    let listed = sb.ok_json(&["leases", "--status", "active"]);
+    assert_eq!(listed[0]["id"], id);
+
+    std::thread::sleep(Duration::from_millis(1200));
+    let report = sb.ok_json(&["reap"]);
+    assert_eq!(report["expired"], json!([id]), "{report}");
+    assert_eq!(report["failures"], json!([]));
+    assert!(!root.exists(), "the crashed process's sandbox leaked");
+    assert_eq!(sb.sandboxes(), 0);
+    let row = &sb.ok_json(&["leases"])[0];
+    assert_eq!(row["status"], "expired");
+    assert_eq!(row["cleanupStatus"], "success");
+    assert!(row["releasedAt"].is_string());
+
+    let again = sb.ok_json(&["reap"]);
+    assert_eq!(again["expired"], json!([]), "reaping twice released again");
+}
+
+#[test]
+fn stranded_leases_of_finished_runs_are_reaped() {
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let env = env.to_str().unwrap();
+    let a = sb.ok_json(&["acquire", "--env", env, "--run", "finished"]);
+    let b = sb.ok_json(&["acquire", "--env", env, "--run", "still-going"]);
+    let report = sb.ok_json(&["reap", "--finished-run", "finished"]);
+    assert_eq!(report["stranded"], json!([a["id"]]), "{report}");
+    let active = sb.ok_json(&["leases", "--status", "active"]);
+    assert_eq!(active[0]["id"], b["id"]);
+    let report = sb.ok_json(&["reap", "--max-age", "0s"]);
+    assert_eq!(report["stranded"], json!([b["id"]]), "{report}");
+    assert_eq!(sb.sandboxes(), 0);
+}
+
+#[test]
+fn secrets_are_never_printed() {
+    let sb = Sandbox::new();
+    let secret_id = "5f0c7a8e-3d1b-4c2a-9e6f-0a1b2c3d4e5f";
+    let secret = "sk-live-do-not-print-4242";
+    let var = format!(
+        "PAPERCLIP_SECRET_{}",
+        secret_id.to_uppercase().replace('-', "_")
+    );
+    let env = sb.env_file(json!({"provider": "fake-plugin",
+        "apiKey": {"type": "secret_ref", "secretId": secret_id, "version": "latest"}}));
+    let env = env.to_str().unwrap();
+    let with_secret = |args: &[&str]| sb.command().env(&var, secret).args(args).output().unwrap();
+    let mut seen = String::new();
+    let out = with_secret(&["--json", "acquire", "--env", env, "--run", "r"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lease: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = lease["id"].as_str().unwrap().to_owned();
+    seen.push_str(&text(&out));
+    for args in [
+        vec!["probe", "--env", env],
+        vec!["--json", "probe", "--env", env],
+        vec!["leases"],
+        vec!["--json", "leases"],
+        vec!["exec", &id, "--", "echo", "hi"],
+        vec!["--json", "release", &id],
+        vec!["--json", "reap"],
+    ] {
+        let out = with_secret(&args);
+        seen.push_str(&text(&out));
+    }
+    assert!(!seen.contains(secret), "a secret was printed:\n{seen}");
+    // Without the variable the acquire fails, naming the reference, not a value.
+    let out = sb.run(&["acquire", "--env", env]);
+    assert!(!out.status.success());
+    assert!(!text(&out).contains(secret));
+    assert_no_secret_in_state(&sb.dir.path().join("state/state.db"), secret);
+}
+
+fn assert_no_secret_in_state(path: &Path, secret: &str) {
+    let bytes = std::fs::read(path).unwrap();
+    let wal = std::fs::read(path.with_extension("db-wal")).unwrap_or_default();
+    for data in [bytes, wal] {
+        assert!(
+            !data.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "secret stored in the state file"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_a_clean_error() {
+    let sb = Sandbox::new();
+    let out = sb.run(&["acquire", "--env", "/nonexistent/env.json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("cannot read"), "{}", text(&out));
+    let out = sb.run(&["release", "no-such-lease"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("No lease no-such-lease"),
+        "{}",
+        text(&out)
+    );
+    let out = sb.run(&["leases", "--status", "zombie"]);
+    assert!(!out.status.success());
+    let out = sb.run(&["--max-lease-lifetime", "soon", "leases"]);
+    assert!(!out.status.success());
+    // A database password never reaches the output, even when connecting fails.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url =
+        format!("host=127.0.0.1 port={port} user=u password=hunter2-db-secret connect_timeout=2");
+    let out = sb
+        .command()
+        .env("PAPERCLIP_ENV_DATABASE_URL", &url)
+        .arg("leases")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("postgres: connect"), "{}", text(&out));
+    assert!(!text(&out).contains("hunter2"), "{}", text(&out));
+}
+
+#[test]
+fn postgres_state_is_shared_between_invocations() {
+    let pg = paperclip_env_testkit::postgres::PgFixture::start()
+        .expect("a throwaway PostgreSQL (run scripts/setup.sh to install it)");
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let env = env.to_str().unwrap();
+    let url = pg.connection_string();
+    let pg_json = |args: &[&str]| -> Value {
+        let out = sb
+            .command()
+            .env("PAPERCLIP_ENV_DATABASE_URL", &url)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let lease = pg_json(&["acquire", "--env", env, "--run", "run-pg"]);
+    let id = lease["id"].as_str().unwrap();
+    assert_eq!(pg_json(&["leases", "--status", "active"])[0]["id"], id);
+    // The SQLite state file knows nothing about it.
+    assert_eq!(sb.ok_json(&["leases"]), json!([]));
+    let report = pg_json(&["reap", "--finished-run", "run-pg"]);
+    assert_eq!(report["stranded"], json!([id]));
+    assert_eq!(sb.sandboxes(), 0);
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--database-url"));
+}
