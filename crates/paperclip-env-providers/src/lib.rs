@@ -5,7 +5,8 @@
 //! | feature | what it adds |
 //! | --- | --- |
 //! | `fake` | the deterministic local fake provider (`fake-plugin`) from the testkit |
-//! | `e2b`, `novita`, `daytona`, `cloudflare`, `exe-dev`, `modal`, `kubernetes`, `ssh` | reserved for their providers |
+//! | `ssh` | the `ssh` runtime driver and reusable SSH transport ([`ssh`]) |
+//! | `e2b`, `novita`, `daytona`, `cloudflare`, `exe-dev`, `modal`, `kubernetes` | reserved for their providers |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -16,3 +17,7 @@
 pub mod fake {
     pub use paperclip_env_testkit::fake::*;
 }
+
+/// The `ssh` runtime driver and the reusable SSH transport (spec 27).
+#[cfg(feature = "ssh")]
+pub mod ssh;

@@ -7,8 +7,11 @@
 //!   public check per line, run by every provider's own test file.
 //! - [`recording`]: a provider wrapper that records every call, with
 //!   lifecycle assertions.
+//! - [`fixtures`]: real servers for integration tests (`sshd` feature: a
+//!   throwaway OpenSSH server).
 #![deny(missing_docs)]
 
 pub mod conformance;
 pub mod fake;
+pub mod fixtures;
 pub mod recording;

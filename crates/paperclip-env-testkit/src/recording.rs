@@ -256,7 +256,7 @@ fn position(
         e.environment_id == environment_id && ops.contains(&e.operation) && e.error.is_none()
     });
     if last {
-        matching.last().map(|(i, _)| i)
+        matching.next_back().map(|(i, _)| i)
     } else {
         matching.next().map(|(i, _)| i)
     }

@@ -242,7 +242,7 @@ impl LeaseStore for InMemoryLeaseStore {
             .filter(|l| l.cleanup_status == Some(CleanupStatus::Failed))
             .cloned()
             .collect();
-        out.sort_by(|a, b| a.updated_at.cmp(&b.updated_at));
+        out.sort_by_key(|l| l.updated_at);
         Ok(out)
     }
 }

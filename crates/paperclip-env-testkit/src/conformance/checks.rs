@@ -130,7 +130,6 @@ fn pick_host_var() -> Option<String> {
         "_", "OLDPWD",
     ];
     std::env::vars()
-        .map(|(k, v)| (k, v))
         .filter(|(k, v)| {
             !v.is_empty()
                 && !COMMON.contains(&k.as_str())
