@@ -782,3 +782,72 @@ async fn private_key_never_leaks_and_secret_ref_resolves() {
         "{shown}"
     );
 }
+
+// --- native workspace transfer ----------------------------------------------
+
+#[tokio::test]
+async fn native_tar_transfer_round_trips_a_tree() {
+    let Some(srv) = server() else { return };
+    let t = transport(
+        &srv,
+        HostKeyPolicy::Strict(KnownHosts::parse(&srv.known_hosts())),
+    );
+    let src = srv.dir().join("src tree");
+    std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
+    std::fs::write(src.join("with space.txt"), "hello").unwrap();
+    std::fs::write(src.join("it's \"quoted\""), "q").unwrap();
+    std::fs::write(src.join(".dotfile"), "dot").unwrap();
+    std::fs::write(
+        src.join("nested/deeper/bin"),
+        (0u8..=255).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("nested/deeper/bin", src.join("link")).unwrap();
+    let remote = srv.dir().join("remote ws/inner").display().to_string();
+    t.upload_dir(&src, &remote, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let back = srv.dir().join("back");
+    t.download_dir(&remote, &back, Duration::from_secs(30))
+        .await
+        .unwrap();
+    for tree in [std::path::PathBuf::from(&remote), back.clone()] {
+        let status = std::process::Command::new("diff")
+            .arg("-r")
+            .arg("--no-dereference")
+            .arg(&src)
+            .arg(&tree)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{} differs", tree.display());
+    }
+    assert!(
+        std::fs::symlink_metadata(back.join("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+
+    // Single files, binary-safe, both ways.
+    let remote_file = format!("{remote}/copied.bin");
+    t.put_file(
+        &src.join("nested/deeper/bin"),
+        &remote_file,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let local_copy = srv.dir().join("got.bin");
+    t.get_file(&remote_file, &local_copy, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&local_copy).unwrap(),
+        (0u8..=255).collect::<Vec<_>>()
+    );
+    let missing = t
+        .get_file("/definitely/not/here", &local_copy, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(missing.to_string().contains("get_file failed"), "{missing}");
+}

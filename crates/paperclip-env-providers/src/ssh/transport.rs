@@ -231,6 +231,41 @@ impl std::fmt::Debug for RemoteCommand {
     }
 }
 
+/// What is written to a command's stdin before EOF.
+enum StdinSource {
+    None,
+    Bytes(Vec<u8>),
+    Reader(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+}
+
+/// An output sink that appends stdout to a file (binary-safe) and keeps stderr.
+struct FileSink {
+    file: Mutex<std::fs::File>,
+    stderr: Mutex<Vec<u8>>,
+    failed: Mutex<Option<std::io::Error>>,
+}
+
+impl paperclip_env_core::execute::OutputSink for FileSink {
+    fn on_output(&self, stream: paperclip_env_core::execute::OutputStream, data: &[u8]) {
+        use std::io::Write;
+        match stream {
+            paperclip_env_core::execute::OutputStream::Stdout => {
+                if let Ok(mut f) = self.file.lock()
+                    && let Err(e) = f.write_all(data)
+                    && let Ok(mut slot) = self.failed.lock()
+                {
+                    *slot = Some(e);
+                }
+            }
+            paperclip_env_core::execute::OutputStream::Stderr => {
+                if let Ok(mut buf) = self.stderr.lock() {
+                    buf.extend_from_slice(data);
+                }
+            }
+        }
+    }
+}
+
 /// POSIX single-quoting: `'` becomes `'\''` (spec 27 §4.1).
 pub fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
@@ -654,6 +689,20 @@ impl SshTransport {
         timeout: Option<Duration>,
         output: &OutputCollector,
     ) -> Result<CommandExit, SshError> {
+        let stdin = match stdin {
+            Some(bytes) => StdinSource::Bytes(bytes),
+            None => StdinSource::None,
+        };
+        self.exec_with(command, stdin, timeout, output).await
+    }
+
+    async fn exec_with(
+        &self,
+        command: &str,
+        stdin: StdinSource,
+        timeout: Option<Duration>,
+        output: &OutputCollector,
+    ) -> Result<CommandExit, SshError> {
         let channel = self.open_channel().await?;
         let tracked = format!("printf '{PGID_MARKER}%s\\n' \"$$\" >&2; {command}");
         channel
@@ -664,10 +713,14 @@ impl SshTransport {
         let writer = Arc::new(writer);
         let stdin_writer = writer.clone();
         let stdin_task = tokio::spawn(async move {
-            if let Some(bytes) = stdin
-                && !bytes.is_empty()
-            {
-                let _ = stdin_writer.data(&bytes[..]).await;
+            match stdin {
+                StdinSource::Bytes(bytes) if !bytes.is_empty() => {
+                    let _ = stdin_writer.data(&bytes[..]).await;
+                }
+                StdinSource::Reader(reader) => {
+                    let _ = stdin_writer.data(reader).await;
+                }
+                _ => {}
             }
             let _ = stdin_writer.eof().await;
         });
@@ -836,6 +889,201 @@ impl SshTransport {
         }
         result
     }
+
+    fn check_transfer(&self, what: &str, exit: &CommandExit, stderr: &str) -> Result<(), SshError> {
+        if exit.exit_code == Some(0) {
+            return Ok(());
+        }
+        let reason = if exit.timed_out {
+            "timed out".to_owned()
+        } else {
+            Some(stderr.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| format!("exit {:?}, signal {:?}", exit.exit_code, exit.signal))
+        };
+        Err(self.transport_err(format!("{what} failed: {reason}"), false))
+    }
+
+    /// Copies the local file `local` to the absolute remote path `remote`
+    /// (its directory must exist), streaming it over the channel.
+    pub async fn put_file(
+        &self,
+        local: &std::path::Path,
+        remote: &str,
+        timeout: Duration,
+    ) -> Result<(), SshError> {
+        let file = tokio::fs::File::open(local).await.map_err(|e| {
+            self.transport_err(format!("cannot read {}: {e}", local.display()), false)
+        })?;
+        let output = OutputCollector::buffered();
+        let exit = self
+            .exec_with(
+                &format!("cat > {}", shell_quote(remote)),
+                StdinSource::Reader(Box::new(file)),
+                Some(timeout),
+                &output,
+            )
+            .await?;
+        let r = output.finish(exit.clone());
+        self.check_transfer("put_file", &exit, &r.stderr)
+    }
+
+    async fn download_to(
+        &self,
+        command: &str,
+        local: &std::path::Path,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(), SshError> {
+        let file = std::fs::File::create(local).map_err(|e| {
+            self.transport_err(format!("cannot write {}: {e}", local.display()), false)
+        })?;
+        let sink = Arc::new(FileSink {
+            file: Mutex::new(file),
+            stderr: Mutex::new(Vec::new()),
+            failed: Mutex::new(None),
+        });
+        let output = OutputCollector::new(
+            paperclip_env_core::execute::OutputCapture::Discard,
+            Some(sink.clone()),
+        );
+        let exit = self
+            .exec_with(command, StdinSource::None, Some(timeout), &output)
+            .await?;
+        if let Some(e) = sink.failed.lock().ok().and_then(|mut f| f.take()) {
+            return Err(self.transport_err(format!("cannot write {}: {e}", local.display()), false));
+        }
+        let stderr = sink
+            .stderr
+            .lock()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.check_transfer(what, &exit, &stderr)
+    }
+
+    /// Copies the absolute remote path `remote` into the local file `local` (binary-safe).
+    pub async fn get_file(
+        &self,
+        remote: &str,
+        local: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<(), SshError> {
+        self.download_to(
+            &format!("cat -- {}", shell_quote(remote)),
+            local,
+            timeout,
+            "get_file",
+        )
+        .await
+    }
+
+    /// Native workspace upload: the local directory is streamed as a tar
+    /// archive (local `tar -c`) into `tar -x` in `remote_dir` (created if
+    /// missing). Symlinks are preserved; existing remote files are overwritten
+    /// but not deleted.
+    pub async fn upload_dir(
+        &self,
+        local_dir: &std::path::Path,
+        remote_dir: &str,
+        timeout: Duration,
+    ) -> Result<(), SshError> {
+        let mut child = tokio::process::Command::new("tar")
+            .arg("-c")
+            .arg("-C")
+            .arg(local_dir)
+            .arg(".")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| self.transport_err(format!("cannot run local tar: {e}"), false))?;
+        let Some(stdout) = child.stdout.take() else {
+            return Err(self.transport_err("local tar has no stdout", false));
+        };
+        let q = shell_quote(remote_dir);
+        let output = OutputCollector::buffered();
+        let exit = self
+            .exec_with(
+                &format!("mkdir -p {q} && tar -x -f - -C {q}"),
+                StdinSource::Reader(Box::new(stdout)),
+                Some(timeout),
+                &output,
+            )
+            .await;
+        let local = child.wait_with_output().await;
+        let exit = exit?;
+        let r = output.finish(exit.clone());
+        self.check_transfer("upload_dir (remote tar -x)", &exit, &r.stderr)?;
+        match local {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(self.transport_err(
+                format!(
+                    "upload_dir (local tar -c) failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                false,
+            )),
+            Err(e) => Err(self.transport_err(format!("local tar failed: {e}"), false)),
+        }
+    }
+
+    /// Native workspace download: `tar -c` of `remote_dir` streamed back and
+    /// extracted into `local_dir` (created if missing).
+    pub async fn download_dir(
+        &self,
+        remote_dir: &str,
+        local_dir: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<(), SshError> {
+        std::fs::create_dir_all(local_dir).map_err(|e| {
+            self.transport_err(format!("cannot create {}: {e}", local_dir.display()), false)
+        })?;
+        let archive = tempfile_path(local_dir);
+        let result = self
+            .download_to(
+                &format!("tar -c -f - -C {} .", shell_quote(remote_dir)),
+                &archive,
+                timeout,
+                "download_dir (remote tar -c)",
+            )
+            .await;
+        let extracted = match result {
+            Ok(()) => tokio::process::Command::new("tar")
+                .arg("-x")
+                .arg("-f")
+                .arg(&archive)
+                .arg("-C")
+                .arg(local_dir)
+                .output()
+                .await
+                .map_err(|e| self.transport_err(format!("cannot run local tar: {e}"), false))
+                .and_then(|out| {
+                    if out.status.success() {
+                        Ok(())
+                    } else {
+                        Err(self.transport_err(
+                            format!(
+                                "download_dir (local tar -x) failed: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            ),
+                            false,
+                        ))
+                    }
+                }),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&archive);
+        extracted
+    }
+}
+
+/// A fresh archive path in the system temp dir (never inside the target).
+fn tempfile_path(_dir: &std::path::Path) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "paperclip-ssh-download-{}.tar",
+        uuid::Uuid::new_v4()
+    ))
 }
 
 #[cfg(test)]
