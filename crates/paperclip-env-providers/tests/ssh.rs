@@ -851,3 +851,79 @@ async fn native_tar_transfer_round_trips_a_tree() {
         .unwrap_err();
     assert!(missing.to_string().contains("get_file failed"), "{missing}");
 }
+
+#[tokio::test]
+async fn output_cap_kills_the_command_with_a_distinct_error() {
+    let Some(srv) = server() else { return };
+    let t = transport(
+        &srv,
+        HostKeyPolicy::Strict(KnownHosts::parse(&srv.known_hosts())),
+    );
+    let marker = format!("4000.{}", std::process::id());
+    let out = paperclip_env_core::execute::OutputCollector::buffered();
+    let err = t
+        .run(
+            &RemoteCommand {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("head -c 2000000 /dev/zero; sleep {marker}"),
+                ],
+                timeout: Some(Duration::from_secs(20)),
+                max_output_bytes: Some(1 << 20),
+                ..Default::default()
+            },
+            &out,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SshError::OutputLimit { limit } if limit == 1 << 20));
+    assert_eq!(
+        err.to_string(),
+        "Process output exceeded maxBuffer of 1048576 bytes."
+    );
+    let kept = out.finish(Default::default());
+    assert_eq!(kept.stdout.len(), 1 << 20);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !pgrep(&format!("sleep {marker}")).is_empty() {
+        assert!(Instant::now() < deadline, "command survived the output cap");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn stalled_server_times_out_after_the_default_ten_seconds() {
+    if !sshd::available() {
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let key = sshd::generate_key(dir.path(), "k").unwrap();
+    let cfg = json!({"host": "127.0.0.1", "port": port, "username": "u",
+        "remoteWorkspacePath": "/w", "privateKey": key.private_key, "strictHostKeyChecking": false});
+    let start = Instant::now();
+    let probe = runtime().probe(&env_of(cfg)).await.unwrap();
+    let took = start.elapsed();
+    hold.abort();
+    assert!(!probe.ok);
+    assert!(
+        took >= Duration::from_secs(10) && took < Duration::from_secs(12),
+        "{took:?}"
+    );
+    let d = probe.details.unwrap();
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap()
+            .contains("Connection timed out"),
+        "{d}"
+    );
+    assert_eq!(d["code"], json!(255));
+}

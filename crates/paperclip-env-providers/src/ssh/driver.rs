@@ -306,6 +306,9 @@ impl EnvironmentRuntimeDriver for SshDriver {
                     .map(Duration::from_millis)
                     .unwrap_or(DEFAULT_COMMAND_TIMEOUT),
             ),
+            // The SDK caps what is kept with `request.capture` (truncation,
+            // `outputTruncated`), never by killing the command.
+            max_output_bytes: None,
         };
         transport
             .run(&command, output)

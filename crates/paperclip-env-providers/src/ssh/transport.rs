@@ -72,6 +72,12 @@ pub enum SshError {
         /// Host.
         host: String,
     },
+    /// A stream exceeded the command's output cap; the command was killed.
+    #[error("Process output exceeded maxBuffer of {limit} bytes.")]
+    OutputLimit {
+        /// The per-stream cap.
+        limit: usize,
+    },
     /// Any other transport failure.
     #[error("ssh {host}:{port}: {message}")]
     Transport {
@@ -122,6 +128,7 @@ impl From<SshError> for paperclip_env_core::Error {
             SshError::ConnectionRefused { .. } => {
                 Error::provider_with_source("ssh", message, true, e)
             }
+            SshError::OutputLimit { .. } => Error::provider_with_source("ssh", message, false, e),
             SshError::Transport { retryable, .. } => {
                 Error::provider_with_source("ssh", message, retryable, e)
             }
@@ -217,6 +224,9 @@ pub struct RemoteCommand {
     pub stdin: Option<Vec<u8>>,
     /// Timeout; on expiry the remote process group is killed.
     pub timeout: Option<Duration>,
+    /// Per-stream output cap; exceeding it kills the remote process group
+    /// and fails with [`SshError::OutputLimit`] (`None`: unlimited).
+    pub max_output_bytes: Option<usize>,
 }
 
 impl std::fmt::Debug for RemoteCommand {
@@ -227,6 +237,7 @@ impl std::fmt::Debug for RemoteCommand {
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("stdin", &self.stdin.as_ref().map(Vec::len))
             .field("timeout", &self.timeout)
+            .field("max_output_bytes", &self.max_output_bytes)
             .finish()
     }
 }
@@ -236,6 +247,13 @@ enum StdinSource {
     None,
     Bytes(Vec<u8>),
     Reader(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+}
+
+fn stdin_of(cmd: &RemoteCommand) -> StdinSource {
+    match &cmd.stdin {
+        Some(bytes) => StdinSource::Bytes(bytes.clone()),
+        None => StdinSource::None,
+    }
 }
 
 /// An output sink that appends stdout to a file (binary-safe) and keeps stderr.
@@ -417,6 +435,12 @@ pub struct ScriptOutput {
     pub stdout: String,
     /// Captured stderr (lossy UTF-8).
     pub stderr: String,
+}
+
+enum ReadEnd {
+    Exited,
+    Dropped,
+    OverLimit,
 }
 
 #[derive(Default)]
@@ -693,7 +717,7 @@ impl SshTransport {
             Some(bytes) => StdinSource::Bytes(bytes),
             None => StdinSource::None,
         };
-        self.exec_with(command, stdin, timeout, output).await
+        self.exec_with(command, stdin, timeout, None, output).await
     }
 
     async fn exec_with(
@@ -701,6 +725,7 @@ impl SshTransport {
         command: &str,
         stdin: StdinSource,
         timeout: Option<Duration>,
+        max_output: Option<usize>,
         output: &OutputCollector,
     ) -> Result<CommandExit, SshError> {
         let channel = self.open_channel().await?;
@@ -725,28 +750,42 @@ impl SshTransport {
             let _ = stdin_writer.eof().await;
         });
         let mut state = ReadState::default();
+        let limit = max_output.unwrap_or(usize::MAX);
+        let (mut out_bytes, mut err_bytes) = (0usize, 0usize);
         let read = async {
-            let mut closed_cleanly = false;
+            let mut end = ReadEnd::Dropped;
             while let Some(msg) = reader.wait().await {
                 match msg {
-                    ChannelMsg::Data { data } => output.stdout(&data),
+                    ChannelMsg::Data { data } => {
+                        let room = limit - out_bytes;
+                        output.stdout(&data[..room.min(data.len())]);
+                        out_bytes += room.min(data.len());
+                        if data.len() > room {
+                            return ReadEnd::OverLimit;
+                        }
+                    }
                     ChannelMsg::ExtendedData { data, ext: 1 } => {
                         let rest = state.filter_stderr(&data);
-                        output.stderr(&rest);
+                        let room = limit - err_bytes;
+                        output.stderr(&rest[..room.min(rest.len())]);
+                        err_bytes += room.min(rest.len());
+                        if rest.len() > room {
+                            return ReadEnd::OverLimit;
+                        }
                     }
                     ChannelMsg::ExitStatus { exit_status } => {
                         state.exit_code = Some(exit_status as i32);
-                        closed_cleanly = true;
+                        end = ReadEnd::Exited;
                     }
                     ChannelMsg::ExitSignal { signal_name: s, .. } => {
                         state.signal = Some(signal_name(&s));
-                        closed_cleanly = true;
+                        end = ReadEnd::Exited;
                     }
                     ChannelMsg::Close => break,
                     _ => {}
                 }
             }
-            closed_cleanly
+            end
         };
         let outcome = match timeout {
             Some(t) => tokio::time::timeout(t, read).await.ok(),
@@ -754,7 +793,7 @@ impl SshTransport {
         };
         stdin_task.abort();
         match outcome {
-            Some(true) => {
+            Some(ReadEnd::Exited) => {
                 if !state.marker_done && !state.marker_buf.is_empty() {
                     output.stderr(&std::mem::take(&mut state.marker_buf));
                 }
@@ -769,7 +808,15 @@ impl SshTransport {
                     metadata: None,
                 })
             }
-            Some(false) => Err(self.transport_err(
+            Some(ReadEnd::OverLimit) => {
+                let _ = writer.signal(russh::Sig::TERM).await;
+                if let Some(pgid) = state.pgid {
+                    self.kill_group(pgid).await;
+                }
+                let _ = writer.close().await;
+                Err(SshError::OutputLimit { limit })
+            }
+            Some(ReadEnd::Dropped) => Err(self.transport_err(
                 "the connection closed before the command reported an exit status",
                 false,
             )),
@@ -852,7 +899,13 @@ impl SshTransport {
                 shell_quote(&remote_script(&line, &cmd.env, false))
             );
             return self
-                .exec(&exec, cmd.stdin.clone(), cmd.timeout, output)
+                .exec_with(
+                    &exec,
+                    stdin_of(cmd),
+                    cmd.timeout,
+                    cmd.max_output_bytes,
+                    output,
+                )
                 .await;
         }
         let launcher = format!("/tmp/paperclip-ssh-command-{}", uuid::Uuid::new_v4());
@@ -879,7 +932,13 @@ impl SshTransport {
             ));
         }
         let result = self
-            .exec(&format!("exec {q}"), cmd.stdin.clone(), cmd.timeout, output)
+            .exec_with(
+                &format!("exec {q}"),
+                stdin_of(cmd),
+                cmd.timeout,
+                cmd.max_output_bytes,
+                output,
+            )
             .await;
         if !matches!(&result, Ok(e) if !e.timed_out) {
             // Normally the launcher removed itself; make sure (best effort).
@@ -921,6 +980,7 @@ impl SshTransport {
                 &format!("cat > {}", shell_quote(remote)),
                 StdinSource::Reader(Box::new(file)),
                 Some(timeout),
+                None,
                 &output,
             )
             .await?;
@@ -948,7 +1008,7 @@ impl SshTransport {
             Some(sink.clone()),
         );
         let exit = self
-            .exec_with(command, StdinSource::None, Some(timeout), &output)
+            .exec_with(command, StdinSource::None, Some(timeout), None, &output)
             .await?;
         if let Some(e) = sink.failed.lock().ok().and_then(|mut f| f.take()) {
             return Err(self.transport_err(format!("cannot write {}: {e}", local.display()), false));
@@ -1008,6 +1068,7 @@ impl SshTransport {
                 &format!("mkdir -p {q} && tar -x -f - -C {q}"),
                 StdinSource::Reader(Box::new(stdout)),
                 Some(timeout),
+                None,
                 &output,
             )
             .await;
