@@ -927,3 +927,44 @@ async fn stalled_server_times_out_after_the_default_ten_seconds() {
     );
     assert_eq!(d["code"], json!(255));
 }
+
+#[tokio::test]
+async fn persistence_moves_a_pasted_key_into_a_secret_and_runtime_resolves_it() {
+    use paperclip_env_core::driver::ConfigPurpose;
+    let Some(srv) = server() else { return };
+    let secrets = Arc::new(InMemorySecretResolver::new());
+    let rt = EnvironmentRuntime::builder()
+        .driver(Arc::new(SshDriver::new()))
+        .secrets(secrets)
+        .build();
+    let input = config(&srv, &workspace(&srv));
+    // Stored shape refuses a plaintext key.
+    let err = rt
+        .acquire_run_lease(AcquireRunLease::ad_hoc(env_of(json!({
+            "host": "h", "username": "u", "remoteWorkspacePath": "/w", "privateKey": 5
+        }))))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { ref field, .. } if field == "privateKey"));
+
+    let probe_cfg = rt
+        .normalize_config("ssh", "My Box", &input, ConfigPurpose::Probe)
+        .await
+        .unwrap();
+    assert_eq!(
+        probe_cfg["privateKey"].as_str(),
+        input["privateKey"].as_str().map(str::trim)
+    );
+
+    let stored = rt
+        .normalize_config("ssh", "My Box", &input, ConfigPurpose::Persistence)
+        .await
+        .unwrap();
+    assert_eq!(stored["privateKey"], Value::Null);
+    assert_eq!(stored["privateKeySecretRef"]["type"], json!("secret_ref"));
+    assert_eq!(stored["privateKeySecretRef"]["version"], json!("latest"));
+    assert!(!stored.to_string().contains("PRIVATE KEY"));
+    // The stored config works at run time (secret resolved back into the key).
+    let lease = acquire(&rt, &env_of(stored)).await;
+    assert!(lease.provider_lease_id.unwrap().starts_with("ssh://"));
+}

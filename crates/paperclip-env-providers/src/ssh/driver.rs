@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use paperclip_env_core::config::{ConfigShape, SshConfig};
-use paperclip_env_core::driver::{AcquireInput, DriverContext, EnvironmentRuntimeDriver};
+use paperclip_env_core::driver::{
+    AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver,
+};
 use paperclip_env_core::execute::{CommandExit, ExecuteRequest, OutputCollector};
 use paperclip_env_core::lease::{
     Environment, EnvironmentLease, JsonObject, LeasePolicy, LeaseStatus, driver_keys,
@@ -16,9 +18,11 @@ use paperclip_env_core::probe::ProbeResult;
 use paperclip_env_core::realize::{
     RealizeWorkspaceResult, WorkspaceSpec, build_realization_record,
 };
+use paperclip_env_core::secret::{NewSecret, SecretRef};
 use paperclip_env_core::store::{NewLease, ReleaseUpdate};
 use paperclip_env_core::{Error, Result};
-use serde_json::json;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
 
 use super::host_keys::HostKeyPolicy;
 use super::transport::{
@@ -69,6 +73,25 @@ impl std::fmt::Debug for SshDriver {
 impl Default for SshDriver {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Lower-case alphanumerics with single dashes, at most 48 chars.
+fn slug(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.to_lowercase().chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let cut: String = out.trim_matches('-').chars().take(48).collect();
+    let cut = cut.trim_end_matches('-');
+    if cut.is_empty() {
+        "environment".into()
+    } else {
+        cut.into()
     }
 }
 
@@ -314,6 +337,45 @@ impl EnvironmentRuntimeDriver for SshDriver {
             .run(&command, output)
             .await
             .map_err(|e: SshError| e.into())
+    }
+
+    /// Probe: a pasted `privateKey` is kept. Persistence: it becomes a secret
+    /// (`environment-ssh-<slug>-private-key-<8 hex>`) referenced by
+    /// `privateKeySecretRef`, and `privateKey` is stored as null.
+    async fn normalize_config(
+        &self,
+        ctx: &DriverContext,
+        environment_name: &str,
+        config: &Value,
+        purpose: ConfigPurpose,
+    ) -> Result<Value> {
+        let mut parsed = SshConfig::parse(config, ConfigShape::Input)?;
+        let Some(key) = parsed.private_key.take() else {
+            return Ok(parsed.to_json());
+        };
+        match purpose {
+            ConfigPurpose::Probe => {
+                let mut v = parsed.to_json();
+                v["privateKey"] = json!(key.expose_secret());
+                Ok(v)
+            }
+            ConfigPurpose::Persistence => {
+                let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+                let id = ctx
+                    .secrets
+                    .create(NewSecret {
+                        name: format!(
+                            "environment-ssh-{}-private-key-{suffix}",
+                            slug(environment_name)
+                        ),
+                        description: format!("Secret for {environment_name} private-key."),
+                        value: key,
+                    })
+                    .await?;
+                parsed.private_key_secret_ref = Some(SecretRef::latest(id));
+                Ok(parsed.to_json())
+            }
+        }
     }
 
     async fn probe(&self, ctx: &DriverContext, environment: &Environment) -> Result<ProbeResult> {
