@@ -1045,3 +1045,32 @@ async fn bench_vs_openssh() {
         "per command: driver (cached connection) {ours:?}, russh fresh connection {fresh:?}, OpenSSH ssh CLI {cli:?}"
     );
 }
+
+#[tokio::test]
+async fn profiles_are_sourced_silently_and_env_wins() {
+    let Some(r) = ready().await else { return };
+    let home = r.srv.home();
+    let out = r.exec(ExecuteRequest::shell("printf %s \"$HOME\"")).await;
+    assert_eq!(
+        out.stdout,
+        home.display().to_string(),
+        "fixture HOME applies"
+    );
+    std::fs::write(
+        home.join(".profile"),
+        "echo PROFILE-NOISE\necho PROFILE-ERR >&2\nexport FROM_PROFILE=yes\nexport OVERRIDE=from-profile\n",
+    )
+    .unwrap();
+    let out = r
+        .exec(
+            ExecuteRequest::shell("printf '%s|%s' \"$FROM_PROFILE\" \"$OVERRIDE\"")
+                .env("OVERRIDE", "from-env"),
+        )
+        .await;
+    assert_eq!(out.stdout, "yes|from-env");
+    assert_eq!(out.stderr, "");
+    let plain = r
+        .exec(ExecuteRequest::shell("printf %s \"$OVERRIDE\""))
+        .await;
+    assert_eq!(plain.stdout, "from-profile");
+}
