@@ -1074,3 +1074,104 @@ async fn profiles_are_sourced_silently_and_env_wins() {
         .await;
     assert_eq!(plain.stdout, "from-profile");
 }
+
+/// Runs `sleep` remotely, freezes (SIGSTOP) the server's session process
+/// once it started, and returns what `run` reported and how long it took.
+async fn run_against_frozen_server(
+    keepalive: Option<Duration>,
+    timeout: Duration,
+) -> Option<(
+    Result<paperclip_env_core::execute::CommandExit, SshError>,
+    Duration,
+)> {
+    let srv = server()?;
+    let t = SshTransport::builder(srv.host(), srv.user())
+        .port(srv.port())
+        .auth(SshAuth::PrivateKey(
+            srv.client_key().private_key.clone().into(),
+        ))
+        .host_key_policy(HostKeyPolicy::Strict(KnownHosts::parse(&srv.known_hosts())))
+        .keepalive_interval(keepalive)
+        .build();
+    let marker = format!("5000.{}", std::process::id());
+    let ppid_file = srv.dir().join("session.ppid");
+    let script = format!("echo $PPID > '{}'; sleep {marker}", ppid_file.display());
+    let run = async {
+        let out = paperclip_env_core::execute::OutputCollector::buffered();
+        t.run(
+            &RemoteCommand {
+                argv: vec!["sh".into(), "-c".into(), script],
+                timeout: Some(timeout),
+                ..Default::default()
+            },
+            &out,
+        )
+        .await
+    };
+    let freeze = async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let ppid = loop {
+            if let Some(p) = std::fs::read_to_string(&ppid_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                break p;
+            }
+            assert!(Instant::now() < deadline, "command did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        std::process::Command::new("kill")
+            .args(["-STOP", &ppid.to_string()])
+            .status()
+            .unwrap();
+        ppid
+    };
+    let start = Instant::now();
+    let (result, ppid) = tokio::join!(run, freeze);
+    let took = start.elapsed();
+    // Clean up: thaw and end the session and the sleep.
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &ppid.to_string()])
+        .status();
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &ppid.to_string()])
+        .status();
+    for line in pgrep(&format!("sleep {marker}")).lines() {
+        if let Some(pid) = line.split_whitespace().next() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", pid])
+                .status();
+        }
+    }
+    Some((result, took))
+}
+
+#[tokio::test]
+async fn keepalives_detect_a_frozen_server_during_a_command() {
+    let Some((result, took)) =
+        run_against_frozen_server(Some(Duration::from_millis(300)), Duration::from_secs(30)).await
+    else {
+        return;
+    };
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SshError::Transport {
+                retryable: false,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[tokio::test]
+async fn timeout_is_bounded_even_when_the_server_hangs() {
+    let Some((result, took)) = run_against_frozen_server(None, Duration::from_secs(2)).await else {
+        return;
+    };
+    assert!(result.unwrap().timed_out);
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

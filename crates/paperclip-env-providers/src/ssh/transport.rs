@@ -437,6 +437,25 @@ pub struct ScriptOutput {
     pub stderr: String,
 }
 
+/// stdout and stderr are separate pipes, so the pgid line may still be in
+/// flight when we decide to kill: wait for it briefly (other output dropped).
+async fn await_pgid(reader: &mut russh::ChannelReadHalf, state: &mut ReadState) {
+    if state.pgid.is_some() || state.marker_done {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(msg) = reader.wait().await {
+            if let ChannelMsg::ExtendedData { data, ext: 1 } = msg {
+                let _ = state.filter_stderr(&data);
+                if state.marker_done {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+}
+
 enum ReadEnd {
     Exited,
     Dropped,
@@ -728,12 +747,31 @@ impl SshTransport {
         max_output: Option<usize>,
         output: &OutputCollector,
     ) -> Result<CommandExit, SshError> {
-        let channel = self.open_channel().await?;
-        let tracked = format!("printf '{PGID_MARKER}%s\\n' \"$$\" >&2; {command}");
-        channel
-            .exec(true, tracked)
-            .await
-            .map_err(|e| self.transport_err(format!("exec request failed: {e}"), true))?;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let start = async {
+            let channel = self.open_channel().await?;
+            let tracked = format!("printf '{PGID_MARKER}%s\\n' \"$$\" >&2; {command}");
+            channel
+                .exec(true, tracked)
+                .await
+                .map_err(|e| self.transport_err(format!("exec request failed: {e}"), true))?;
+            Ok::<_, SshError>(channel)
+        };
+        let channel = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, start).await {
+                Ok(r) => r?,
+                // The server never answered the channel or exec request.
+                Err(_) => {
+                    return Ok(CommandExit {
+                        exit_code: None,
+                        signal: None,
+                        timed_out: true,
+                        metadata: None,
+                    });
+                }
+            },
+            None => start.await?,
+        };
         let (mut reader, writer) = channel.split();
         let writer = Arc::new(writer);
         let stdin_writer = writer.clone();
@@ -787,8 +825,8 @@ impl SshTransport {
             }
             end
         };
-        let outcome = match timeout {
-            Some(t) => tokio::time::timeout(t, read).await.ok(),
+        let outcome = match deadline {
+            Some(d) => tokio::time::timeout_at(d, read).await.ok(),
             None => Some(read.await),
         };
         stdin_task.abort();
@@ -809,6 +847,7 @@ impl SshTransport {
                 })
             }
             Some(ReadEnd::OverLimit) => {
+                await_pgid(&mut reader, &mut state).await;
                 let _ = writer.signal(russh::Sig::TERM).await;
                 if let Some(pgid) = state.pgid {
                     self.kill_group(pgid).await;
@@ -821,6 +860,7 @@ impl SshTransport {
                 false,
             )),
             None => {
+                await_pgid(&mut reader, &mut state).await;
                 let _ = writer.signal(russh::Sig::TERM).await;
                 if let Some(pgid) = state.pgid {
                     self.kill_group(pgid).await;
@@ -836,7 +876,12 @@ impl SshTransport {
         }
     }
 
+    /// Kills the remote process group; bounded (5 s) even if the server hangs.
     async fn kill_group(&self, pgid: u32) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.kill_group_inner(pgid)).await;
+    }
+
+    async fn kill_group_inner(&self, pgid: u32) {
         let script = format!(
             "kill -TERM -- -{pgid} 2>/dev/null; i=0; while kill -0 -- -{pgid} 2>/dev/null && [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; kill -KILL -- -{pgid} 2>/dev/null; true"
         );
