@@ -19,8 +19,17 @@
 //!   leave the group (`setsid`) are not tracked.
 //! - `sh -c`/`bash -c` argv is never unwrapped: argv is always quoted and
 //!   `exec`ed as given (fixes G4).
-//! - Output caps are the caller's `OutputCapture`; no separate max-buffer error.
-//! - Workspace transfer over the channel is not implemented here.
+//! - Output: the driver keeps what `ExecuteRequest::capture` asks for
+//!   (truncation, never a kill); the transport also offers a per-stream
+//!   cap that kills the command ([`RemoteCommand::max_output_bytes`],
+//!   [`SshError::OutputLimit`]).
+//! - Native workspace transfer: [`SshTransport::upload_dir`] /
+//!   [`SshTransport::download_dir`] stream a tar archive through the channel
+//!   into remote `tar -x` (and back); [`SshTransport::put_file`] /
+//!   [`SshTransport::get_file`] move single files. The driver trait has no
+//!   capability flags, so this is offered on the transport; an adapter to the
+//!   workspace-sync module's transport hook is a few lines once it lands.
+//! - The login shell must be POSIX-like (sh, bash, dash, zsh), as upstream.
 
 mod driver;
 pub mod host_keys;
