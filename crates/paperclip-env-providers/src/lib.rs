@@ -18,6 +18,5 @@ pub mod fake {
     pub use paperclip_env_testkit::fake::*;
 }
 
-/// The `ssh` runtime driver and the reusable SSH transport (spec 27).
 #[cfg(feature = "ssh")]
 pub mod ssh;
