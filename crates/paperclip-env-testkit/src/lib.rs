@@ -10,12 +10,15 @@
 //! - [`store_conformance`]: the lease store conformance suite (spec 00
 //!   §2.4), run by every `LeaseStore` implementation's tests.
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback for store tests.
+//! - [`fixtures`]: real servers for integration tests (`sshd` feature: a
+//!   throwaway OpenSSH server).
 #![deny(missing_docs)]
 
 pub mod conformance;
 #[cfg(feature = "emulators")]
 pub mod emulators;
 pub mod fake;
+pub mod fixtures;
 pub mod postgres;
 pub mod recording;
 pub mod store_conformance;
