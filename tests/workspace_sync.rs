@@ -32,6 +32,8 @@ struct Spy {
     inner: FakeProvider,
     stdin: bool,
     calls: Arc<Mutex<Vec<Call>>>,
+    /// Replace every stdin chunk by zeros of the same length (still valid base64).
+    corrupt_stdin: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -72,6 +74,13 @@ impl SandboxProvider for Spy {
             timeout_ms: request.timeout_ms,
             stdin: request.stdin.is_some(),
         });
+        if self.corrupt_stdin.load(std::sync::atomic::Ordering::SeqCst)
+            && let Some(stdin) = &request.stdin
+        {
+            let mut garbled = request.clone();
+            garbled.stdin = Some("A".repeat(stdin.len()));
+            return self.inner.execute(ctx, lease, &garbled, output).await;
+        }
         self.inner.execute(ctx, lease, request, output).await
     }
 }
@@ -92,6 +101,7 @@ impl Harness {
             inner: FakeProvider::builder().temp_root(root.path()).build(),
             stdin,
             calls: Arc::default(),
+            corrupt_stdin: Arc::default(),
         };
         let runtime = EnvironmentRuntime::builder()
             .provider(Arc::new(spy.clone()))
@@ -603,13 +613,45 @@ async fn a_failed_transfer_leaves_the_remote_workspace_unchanged() {
     let h = Harness::new(true).await;
     let local = tempfile::tempdir().unwrap();
     write(local.path(), "a.txt", "first");
+    write(local.path(), "dir/b.txt", "first");
     h.sync()
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap();
     let before = Snapshot::of_dir(Path::new(&h.remote)).unwrap();
-    // Make the remote tar fail mid-way: a chunk of garbage in the archive.
+
+    // The archive arrives garbled: the remote tar refuses it in staging and
+    // the workspace is not touched.
     write(local.path(), "a.txt", "second");
+    std::fs::remove_dir_all(local.path().join("dir")).unwrap();
+    h.spy
+        .corrupt_stdin
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = h
+        .sync()
+        .upload(local.path(), &h.remote, &SyncOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WorkspaceSync {
+                kind: SyncErrorKind::RemoteCommand,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upload extract"), "{err}");
+    assert_eq!(Snapshot::of_dir(Path::new(&h.remote)).unwrap(), before);
+    let sync_dir = Path::new(&h.remote).join(".paperclip-runtime/sync");
+    let leftovers: Vec<_> = std::fs::read_dir(&sync_dir).unwrap().collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // A provider error mid-transfer is reported as such, remote unchanged.
+    h.spy
+        .corrupt_stdin
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     h.spy.inner.faults().fail_next(Operation::Execute, || {
         Error::provider("fake-plugin", "injected")
     });
@@ -951,4 +993,55 @@ fn modes_survive_pack_and_unpack() {
         panic!()
     };
     assert_eq!(*mode, 0o755);
+}
+
+#[tokio::test]
+async fn download_never_writes_through_a_local_symlink_and_marks_a_partial_merge() {
+    let h = Harness::new(true).await;
+    let local = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    write(local.path(), "a/f.txt", "base");
+    write(local.path(), "b.txt", "base");
+    let up = h
+        .sync()
+        .upload(local.path(), &h.remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    h.sh("printf remote > a/f.txt && printf remote > b.txt")
+        .await;
+    // Locally, `a` became a symlink to a directory outside the workspace.
+    std::fs::remove_dir_all(local.path().join("a")).unwrap();
+    symlink(local.path(), "a", outside.path().to_str().unwrap());
+    let err = h
+        .sync()
+        .download(
+            &h.remote,
+            local.path(),
+            Some(&up.baseline),
+            &SyncOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WorkspaceSync {
+                kind: SyncErrorKind::SymlinkEscape,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("partially updated"), "{err}");
+    assert!(
+        !outside.path().join("f.txt").exists(),
+        "wrote through the symlink"
+    );
+    assert!(
+        local
+            .path()
+            .join(".paperclip-runtime/sync-incomplete")
+            .exists()
+    );
+    h.release().await;
 }
