@@ -1045,3 +1045,37 @@ async fn download_never_writes_through_a_local_symlink_and_marks_a_partial_merge
     );
     h.release().await;
 }
+
+#[tokio::test]
+async fn a_held_merge_lock_refuses_a_second_download() {
+    let h = Harness::new(true).await;
+    let local = tempfile::tempdir().unwrap();
+    write(local.path(), "a.txt", "a");
+    h.sync()
+        .upload(local.path(), &h.remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    write(local.path(), ".paperclip-runtime/sync.lock", "pid 1");
+    let err = h
+        .sync()
+        .download(&h.remote, local.path(), None, &SyncOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WorkspaceSync {
+                kind: SyncErrorKind::Conflict,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    std::fs::remove_file(local.path().join(".paperclip-runtime/sync.lock")).unwrap();
+    h.sync()
+        .download(&h.remote, local.path(), None, &SyncOptions::default())
+        .await
+        .unwrap();
+    assert!(!local.path().join(".paperclip-runtime/sync.lock").exists());
+    h.release().await;
+}

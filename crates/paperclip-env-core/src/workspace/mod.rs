@@ -930,6 +930,7 @@ fn apply_download(
             remote.entries.insert(entry.rel, kind.clone());
         }
     }
+    let _lock = MergeLock::acquire(&runtime_dir)?;
     let marker = runtime_dir.join("sync-incomplete");
     std::fs::write(&marker, b"a workspace download was being merged here\n")
         .map_err(|e| io_error(format!("writing {}", marker.display()), e))?;
@@ -963,6 +964,63 @@ fn apply_download(
     })?;
     let _ = std::fs::remove_file(&marker);
     Ok((changes, remote))
+}
+
+/// How old a merge lock must be before another download may take it over.
+pub const MERGE_LOCK_STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// A per-workspace merge lock (`.paperclip-runtime/sync.lock`), so two
+/// downloads never merge into the same directory at once. A lock older than
+/// [`MERGE_LOCK_STALE_AFTER`] is taken over; it is removed on drop.
+struct MergeLock {
+    path: std::path::PathBuf,
+}
+
+impl MergeLock {
+    fn acquire(runtime_dir: &Path) -> Result<MergeLock> {
+        let path = runtime_dir.join("sync.lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut file) => {
+                    let _ = writeln!(file, "pid {}", std::process::id());
+                    return Ok(MergeLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let age = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .unwrap_or_default();
+                    if age < MERGE_LOCK_STALE_AFTER {
+                        return Err(sync_error(
+                            SyncErrorKind::Conflict,
+                            format!(
+                                "another download is merging into this workspace ({} is {}s old)",
+                                path.display(),
+                                age.as_secs()
+                            ),
+                        ));
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => return Err(io_error(format!("creating {}", path.display()), e)),
+            }
+        }
+        Err(sync_error(
+            SyncErrorKind::Conflict,
+            format!("could not take the merge lock {}", path.display()),
+        ))
+    }
+}
+
+impl Drop for MergeLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> Result<usize> {
