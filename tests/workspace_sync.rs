@@ -34,6 +34,8 @@ struct Spy {
     calls: Arc<Mutex<Vec<Call>>>,
     /// Replace every stdin chunk by zeros of the same length (still valid base64).
     corrupt_stdin: Arc<std::sync::atomic::AtomicBool>,
+    /// Offered as the provider's native transport (and `native_sync` declared).
+    transport: Option<Arc<dyn WorkspaceTransport>>,
 }
 
 #[async_trait]
@@ -44,8 +46,12 @@ impl SandboxProvider for Spy {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             stdin: self.stdin,
+            native_sync: self.transport.is_some(),
             ..self.inner.capabilities()
         }
+    }
+    fn workspace_transport(&self, _lease: &LeaseHandle) -> Option<Arc<dyn WorkspaceTransport>> {
+        self.transport.clone()
     }
     async fn acquire(&self, ctx: &CallContext, request: &AcquireRequest) -> Result<ProviderLease> {
         self.inner.acquire(ctx, request).await
@@ -102,6 +108,7 @@ impl Harness {
             stdin,
             calls: Arc::default(),
             corrupt_stdin: Arc::default(),
+            transport: None,
         };
         let runtime = EnvironmentRuntime::builder()
             .provider(Arc::new(spy.clone()))
@@ -129,8 +136,7 @@ impl Harness {
     }
 
     fn sync(&self) -> WorkspaceSync<'_> {
-        let caps = self.spy.capabilities();
-        WorkspaceSync::new(&self.runtime, &self.env, &self.lease).capabilities(caps)
+        WorkspaceSync::for_lease(&self.runtime, &self.env, &self.lease).unwrap()
     }
 
     async fn sh(&self, script: &str) {
@@ -1078,4 +1084,66 @@ async fn a_held_merge_lock_refuses_a_second_download() {
         .unwrap();
     assert!(!local.path().join(".paperclip-runtime/sync.lock").exists());
     h.release().await;
+}
+
+#[tokio::test]
+async fn the_provider_chooses_the_transfer_path() {
+    let h = Harness::new(true).await;
+    assert_eq!(h.sync().method(), TransferMethod::ExecStdin);
+    let h = Harness::new(false).await;
+    assert_eq!(h.sync().method(), TransferMethod::ExecArgs);
+
+    // A provider offering a transport (and declaring native_sync) gets it.
+    let root = tempfile::tempdir().unwrap();
+    let uses = Arc::new(Mutex::new(0));
+    let spy = Spy {
+        inner: FakeProvider::builder().temp_root(root.path()).build(),
+        stdin: true,
+        calls: Arc::default(),
+        corrupt_stdin: Arc::default(),
+        transport: Some(Arc::new(CopyTransport(uses.clone()))),
+    };
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(spy))
+        .build();
+    let env = Environment::new(
+        "env-2",
+        "Native",
+        "sandbox",
+        json!({"provider": "fake-plugin"}),
+    );
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-2"))
+        .await
+        .unwrap()
+        .lease;
+    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease).unwrap();
+    assert_eq!(sync.method(), TransferMethod::Native("copy".into()));
+    let local = tempfile::tempdir().unwrap();
+    write(local.path(), "a.txt", "a");
+    let remote = lease.remote_cwd().unwrap().to_owned();
+    sync.upload(local.path(), &remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(*uses.lock().unwrap(), 1);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&remote).join("a.txt")).unwrap(),
+        "a"
+    );
+    runtime
+        .release_run_leases("run-2", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+
+    // Drivers that say nothing (local) leave the default.
+    let runtime = EnvironmentRuntime::builder().build();
+    let env = Environment::new("env-3", "Local", "local", json!({}));
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-3"))
+        .await
+        .unwrap()
+        .lease;
+    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease).unwrap();
+    assert_eq!(sync.method(), TransferMethod::ExecStdin);
 }

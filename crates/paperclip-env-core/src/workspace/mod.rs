@@ -41,7 +41,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 pub use error::SyncErrorKind;
 pub use merge::SyncChanges;
 pub use snapshot::{EntryKind, RUNTIME_DIR, Snapshot};
-pub use transport::WorkspaceTransport;
+pub use transport::{WorkspaceAccess, WorkspaceTransport};
 
 use archive::{ExtractPolicy, extract_archive, write_archive};
 use error::{io_error, sync_error};
@@ -346,6 +346,30 @@ impl<'a> WorkspaceSync<'a> {
             capabilities: None,
             transport: None,
         }
+    }
+
+    /// Sync for `lease`, configured by the lease's driver: the sandbox driver
+    /// reports its provider's capabilities (stdin, `native_sync`) and
+    /// transport, so the transfer path is chosen for the caller.
+    pub fn for_lease(
+        runtime: &'a EnvironmentRuntime,
+        environment: &'a Environment,
+        lease: &'a EnvironmentLease,
+    ) -> Result<Self> {
+        let key = lease.driver_key(environment);
+        let driver = runtime
+            .driver(key)
+            .ok_or_else(|| Error::DriverNotRegistered {
+                driver: key.to_owned(),
+            })?;
+        let access = driver.workspace_access(environment, lease);
+        Ok(WorkspaceSync {
+            runtime,
+            environment,
+            lease,
+            capabilities: access.capabilities,
+            transport: access.transport,
+        })
     }
 
     /// Declares what the lease's provider can do: `stdin` picks base64 over
