@@ -1147,3 +1147,51 @@ async fn the_provider_chooses_the_transfer_path() {
     let sync = WorkspaceSync::for_lease(&runtime, &env, &lease).unwrap();
     assert_eq!(sync.method(), TransferMethod::ExecStdin);
 }
+
+#[tokio::test]
+async fn preserved_names_stay_remote_only() {
+    let h = Harness::new(true).await;
+    let local = tempfile::tempdir().unwrap();
+    write(local.path(), "src/a.txt", "a");
+    write(local.path(), "node_modules/local-copy.js", "local");
+    h.sh("mkdir -p node_modules && echo remote > node_modules/installed.js && echo stale > stale.txt")
+        .await;
+    let options = SyncOptions::default().preserve("node_modules");
+    let up = h
+        .sync()
+        .upload(local.path(), &h.remote, &options)
+        .await
+        .unwrap();
+    assert_eq!(up.paths, ["src", "src/a.txt"]);
+    let remote = Path::new(&h.remote);
+    assert!(
+        remote.join("node_modules/installed.js").exists(),
+        "preserved"
+    );
+    assert!(
+        !remote.join("node_modules/local-copy.js").exists(),
+        "not sent"
+    );
+    assert!(
+        !remote.join("stale.txt").exists(),
+        "everything else mirrors the upload"
+    );
+    let down = h
+        .sync()
+        .download(&h.remote, local.path(), Some(&up.baseline), &options)
+        .await
+        .unwrap();
+    assert!(down.changes.is_empty(), "{:?}", down.changes);
+    assert!(!local.path().join("node_modules/installed.js").exists());
+    let err = h
+        .sync()
+        .upload(
+            local.path(),
+            &h.remote,
+            &SyncOptions::default().preserve("a/b"),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    h.release().await;
+}

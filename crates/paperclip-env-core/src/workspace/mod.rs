@@ -134,6 +134,10 @@ pub struct SyncOptions {
     pub chunk_bytes: usize,
     /// Allow symlinks whose target leaves the workspace (default: refused).
     pub allow_escaping_symlinks: bool,
+    /// Top-level names that live only remotely (e.g. a dependency cache):
+    /// an upload neither sends, deletes nor overwrites them, and a download
+    /// does not bring them back (spec 00 §13.4 "preserved names").
+    pub preserve: Vec<String>,
     /// Progress callback.
     pub progress: Option<ProgressCallback>,
 }
@@ -149,6 +153,7 @@ impl Default for SyncOptions {
             timeout_ms: DEFAULT_TIMEOUT_MS,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             allow_escaping_symlinks: false,
+            preserve: Vec::new(),
             progress: None,
         }
     }
@@ -165,6 +170,7 @@ impl std::fmt::Debug for SyncOptions {
             .field("timeout_ms", &self.timeout_ms)
             .field("chunk_bytes", &self.chunk_bytes)
             .field("allow_escaping_symlinks", &self.allow_escaping_symlinks)
+            .field("preserve", &self.preserve)
             .field("progress", &self.progress.is_some())
             .finish()
     }
@@ -174,6 +180,12 @@ impl SyncOptions {
     /// Adds a gitignore-style exclude pattern.
     pub fn exclude(mut self, pattern: impl Into<String>) -> Self {
         self.exclude.push(pattern.into());
+        self
+    }
+
+    /// Adds a top-level name that is left alone remotely.
+    pub fn preserve(mut self, name: impl Into<String>) -> Self {
+        self.preserve.push(name.into());
         self
     }
 
@@ -404,7 +416,15 @@ impl<'a> WorkspaceSync<'a> {
         capture: OutputCapture,
         options: &SyncOptions,
     ) -> Result<ExecuteResult> {
-        let mut request = ExecuteRequest::shell(script)
+        // Spec 00 §13.3/§13.5: bash only when the lease declares it.
+        let shell = if self.lease.metadata_str("shellCommand") == Some("bash") {
+            "bash"
+        } else {
+            "sh"
+        };
+        let mut request = ExecuteRequest::new(shell)
+            .arg("-c")
+            .arg(script)
             .timeout_ms(options.timeout_ms)
             .capture(capture);
         request.stdin = stdin;
@@ -658,7 +678,7 @@ mkdir -p "$ST"
 tar -xpf "$TAR" -C "$ST"
 rm -f "$TAR"
 : > "$RT/INCOMPLETE"
-find "$R" -mindepth 1 -maxdepth 1 ! -name {runtime} -exec rm -rf -- {{}} +
+find "$R" -mindepth 1 -maxdepth 1 ! -name {runtime}{preserved} -exec rm -rf -- {{}} +
 for f in "$ST"/* "$ST"/.[!.]* "$ST"/..?*; do
   if [ -e "$f" ] || [ -L "$f" ]; then mv -- "$f" "$R"/; fi
 done
@@ -666,6 +686,11 @@ rm -f "$RT/INCOMPLETE"
 "#,
             v = vars.script,
             runtime = RUNTIME_DIR,
+            preserved = options
+                .preserve
+                .iter()
+                .map(|name| format!(" ! -name {}", shell_quote(name)))
+                .collect::<String>(),
         );
         options.report(SyncProgress {
             direction: SyncDirection::Upload,
@@ -711,6 +736,10 @@ rm -f "$RT/INCOMPLETE"
         let id = uuid::Uuid::new_v4().simple().to_string();
         let vars = remote_vars(remote_dir, &id);
         let mut excludes = format!("--exclude={} --exclude='._*'", shell_quote(RUNTIME_DIR));
+        for name in &options.preserve {
+            excludes.push_str(" --exclude=");
+            excludes.push_str(&shell_quote(&format!("./{name}")));
+        }
         for pattern in &options.exclude {
             // Plain names mean the same to tar and gitignore; the rest is
             // filtered locally after the transfer.

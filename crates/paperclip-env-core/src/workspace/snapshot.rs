@@ -109,6 +109,7 @@ impl Snapshot {
 #[derive(Clone)]
 pub(crate) struct Filter {
     patterns: Arc<Gitignore>,
+    preserve: Arc<Vec<String>>,
 }
 
 impl Filter {
@@ -126,8 +127,17 @@ impl Filter {
             what: "exclude pattern",
             message: e.to_string(),
         })?;
+        for name in &options.preserve {
+            if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                return Err(Error::InvalidInput {
+                    what: "preserved name",
+                    message: format!("{name:?} must be a single top-level name"),
+                });
+            }
+        }
         Ok(Filter {
             patterns: Arc::new(patterns),
+            preserve: Arc::new(options.preserve.clone()),
         })
     }
 
@@ -140,7 +150,9 @@ impl Filter {
         if name == RUNTIME_DIR || name.starts_with("._") {
             return true;
         }
-        if rel.iter().next().and_then(|c| c.to_str()) == Some(RUNTIME_DIR) {
+        if let Some(top) = rel.iter().next().and_then(|c| c.to_str())
+            && (top == RUNTIME_DIR || self.preserve.iter().any(|p| p == top))
+        {
             return true;
         }
         self.patterns
