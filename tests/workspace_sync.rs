@@ -36,6 +36,8 @@ struct Spy {
     corrupt_stdin: Arc<std::sync::atomic::AtomicBool>,
     /// Offered as the provider's native transport (and `native_sync` declared).
     transport: Option<Arc<dyn WorkspaceTransport>>,
+    /// Scripts containing this text report a timeout instead of running.
+    time_out_on: Arc<Mutex<Option<String>>>,
 }
 
 #[async_trait]
@@ -80,6 +82,15 @@ impl SandboxProvider for Spy {
             timeout_ms: request.timeout_ms,
             stdin: request.stdin.is_some(),
         });
+        let script = request.args.last().cloned().unwrap_or_default();
+        if let Some(needle) = self.time_out_on.lock().unwrap().as_deref()
+            && script.contains(needle)
+        {
+            return Ok(CommandExit {
+                timed_out: true,
+                ..CommandExit::default()
+            });
+        }
         if self.corrupt_stdin.load(std::sync::atomic::Ordering::SeqCst)
             && let Some(stdin) = &request.stdin
         {
@@ -109,6 +120,7 @@ impl Harness {
             calls: Arc::default(),
             corrupt_stdin: Arc::default(),
             transport: None,
+            time_out_on: Arc::default(),
         };
         let runtime = EnvironmentRuntime::builder()
             .provider(Arc::new(spy.clone()))
@@ -1102,6 +1114,7 @@ async fn the_provider_chooses_the_transfer_path() {
         calls: Arc::default(),
         corrupt_stdin: Arc::default(),
         transport: Some(Arc::new(CopyTransport(uses.clone()))),
+        time_out_on: Arc::default(),
     };
     let runtime = EnvironmentRuntime::builder()
         .provider(Arc::new(spy))
@@ -1194,4 +1207,39 @@ async fn preserved_names_stay_remote_only() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
     h.release().await;
+}
+
+#[tokio::test]
+async fn a_timed_out_transfer_command_is_a_typed_timeout() {
+    let h = Harness::new(true).await;
+    let local = tempfile::tempdir().unwrap();
+    write(local.path(), "a.txt", "a");
+    *h.spy.time_out_on.lock().unwrap() = Some("cat >>".into());
+    let err = h
+        .sync()
+        .upload(
+            local.path(),
+            &h.remote,
+            &SyncOptions::default().timeout_ms(1_234),
+        )
+        .await
+        .unwrap_err();
+    let Error::Timeout { operation, after } = &err else {
+        panic!("not a timeout: {err}")
+    };
+    assert_eq!(operation, "workspace sync: upload chunk");
+    assert_eq!(after.as_millis(), 1_234);
+    assert!(!Path::new(&h.remote).join("a.txt").exists());
+    h.release().await;
+}
+
+#[test]
+fn snapshots_persist_as_json() {
+    let local = tempfile::tempdir().unwrap();
+    small_tree(local.path());
+    let snapshot = Snapshot::of_dir(local.path()).unwrap();
+    let text = serde_json::to_string(&snapshot).unwrap();
+    assert!(text.contains("\"type\":\"symlink\""), "{text}");
+    let back: Snapshot = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, snapshot);
 }
