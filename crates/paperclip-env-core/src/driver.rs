@@ -173,6 +173,17 @@ pub trait EnvironmentRuntimeDriver: Send + Sync + 'static {
         Err(Error::driver_unsupported(self.key(), Operation::Probe))
     }
 
+    /// What workspace sync may use for this lease (spec 00 §13.4): the
+    /// provider's capabilities and an optional native transport. Default:
+    /// nothing known, so sync goes through `execute` with stdin.
+    fn workspace_access(
+        &self,
+        _environment: &Environment,
+        _lease: &EnvironmentLease,
+    ) -> crate::workspace::WorkspaceAccess {
+        crate::workspace::WorkspaceAccess::default()
+    }
+
     /// Validates and normalizes a config of this driver.
     async fn normalize_config(
         &self,

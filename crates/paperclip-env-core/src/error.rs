@@ -232,6 +232,17 @@ pub enum Error {
     /// A contract rule was broken by a caller (e.g. an illegal status).
     #[error("{0}")]
     Contract(String),
+    /// A workspace upload or download failed or was refused (spec 00 §13.4).
+    #[error("{message}")]
+    WorkspaceSync {
+        /// What went wrong, for matching.
+        kind: crate::workspace::SyncErrorKind,
+        /// Human-readable message naming the path or step involved.
+        message: String,
+        /// Underlying cause.
+        #[source]
+        source: Option<BoxError>,
+    },
 }
 
 fn unsupported_message(by: &Unsupported, op: Operation) -> String {

@@ -41,6 +41,7 @@ pub mod runtime;
 pub mod secret;
 pub mod store;
 pub mod time;
+pub mod workspace;
 
 pub use config::ConfigIssue;
 pub use driver::{

@@ -336,6 +336,15 @@ pub trait SandboxProvider: Send + Sync + 'static {
         ))
     }
 
+    /// A transport that moves workspace archives in and out of `lease`
+    /// without `execute` (declare [`Capabilities::native_sync`] too).
+    fn workspace_transport(
+        &self,
+        _lease: &LeaseHandle,
+    ) -> Option<std::sync::Arc<dyn crate::workspace::WorkspaceTransport>> {
+        None
+    }
+
     /// Runs a command, pushing output into `output` as it arrives.
     async fn execute(
         &self,

@@ -770,6 +770,20 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         .map_err(|e| call.config.scrub_error(key, e))
     }
 
+    fn workspace_access(
+        &self,
+        _environment: &Environment,
+        lease: &EnvironmentLease,
+    ) -> crate::workspace::WorkspaceAccess {
+        let Some(provider) = provider_key_of(lease).and_then(|key| self.provider(key)) else {
+            return crate::workspace::WorkspaceAccess::default();
+        };
+        crate::workspace::WorkspaceAccess {
+            capabilities: Some(provider.capabilities()),
+            transport: provider.workspace_transport(&lease_handle(lease)),
+        }
+    }
+
     async fn execute(
         &self,
         ctx: &DriverContext,
