@@ -52,8 +52,12 @@ impl SandboxProvider for Spy {
             ..self.inner.capabilities()
         }
     }
-    fn workspace_transport(&self, _lease: &LeaseHandle) -> Option<Arc<dyn WorkspaceTransport>> {
-        self.transport.clone()
+    async fn workspace_transport(
+        &self,
+        _ctx: &CallContext,
+        _lease: &LeaseHandle,
+    ) -> Result<Option<Arc<dyn WorkspaceTransport>>> {
+        Ok(self.transport.clone())
     }
     async fn acquire(&self, ctx: &CallContext, request: &AcquireRequest) -> Result<ProviderLease> {
         self.inner.acquire(ctx, request).await
@@ -147,8 +151,10 @@ impl Harness {
         }
     }
 
-    fn sync(&self) -> WorkspaceSync<'_> {
-        WorkspaceSync::for_lease(&self.runtime, &self.env, &self.lease).unwrap()
+    async fn sync(&self) -> WorkspaceSync<'_> {
+        WorkspaceSync::for_lease(&self.runtime, &self.env, &self.lease)
+            .await
+            .unwrap()
     }
 
     async fn sh(&self, script: &str) {
@@ -249,6 +255,7 @@ async fn round_trip_of_a_full_tree_is_identical() {
     let started = Instant::now();
     let up = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &options)
         .await
         .unwrap();
@@ -270,6 +277,7 @@ async fn round_trip_of_a_full_tree_is_identical() {
     let started = Instant::now();
     let down = h
         .sync()
+        .await
         .download(&h.remote, back.path(), None, &options)
         .await
         .unwrap();
@@ -314,6 +322,7 @@ async fn download_merges_three_way_against_the_baseline() {
     let options = SyncOptions::default();
     let up = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &options)
         .await
         .unwrap();
@@ -328,6 +337,7 @@ async fn download_merges_three_way_against_the_baseline() {
 
     let down = h
         .sync()
+        .await
         .download(&h.remote, local.path(), Some(&up.baseline), &options)
         .await
         .unwrap();
@@ -359,6 +369,7 @@ async fn download_merges_three_way_against_the_baseline() {
     // A second download with the new baseline changes nothing.
     let again = h
         .sync()
+        .await
         .download(&h.remote, local.path(), Some(&down.remote), &options)
         .await
         .unwrap();
@@ -385,6 +396,7 @@ async fn excludes_gitignore_and_dry_run() {
         .dry_run(true);
     let plan = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &options)
         .await
         .unwrap();
@@ -398,6 +410,7 @@ async fn excludes_gitignore_and_dry_run() {
 
     let sent = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &options.clone().dry_run(false))
         .await
         .unwrap();
@@ -412,6 +425,7 @@ async fn excludes_gitignore_and_dry_run() {
         .await;
     let down = h
         .sync()
+        .await
         .download(&h.remote, local.path(), Some(&sent.baseline), &options)
         .await
         .unwrap();
@@ -427,6 +441,7 @@ async fn limits_are_checked_before_anything_is_sent() {
     write(local.path(), "big.bin", vec![7u8; 10_000]);
     let err = h
         .sync()
+        .await
         .upload(
             local.path(),
             &h.remote,
@@ -446,6 +461,7 @@ async fn limits_are_checked_before_anything_is_sent() {
     );
     let err = h
         .sync()
+        .await
         .upload(
             local.path(),
             &h.remote,
@@ -470,6 +486,7 @@ async fn limits_are_checked_before_anything_is_sent() {
     h.sh("head -c 200000 /dev/zero > big").await;
     let err = h
         .sync()
+        .await
         .download(
             &h.remote,
             local.path(),
@@ -500,6 +517,7 @@ async fn escaping_symlinks_are_refused_both_ways() {
     symlink(local.path(), "passwd", "/etc/passwd");
     let err = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap_err();
@@ -520,6 +538,7 @@ async fn escaping_symlinks_are_refused_both_ways() {
     // and the local tree is untouched.
     let up = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap();
@@ -528,6 +547,7 @@ async fn escaping_symlinks_are_refused_both_ways() {
     let before = Snapshot::of_dir(local.path()).unwrap();
     let err = h
         .sync()
+        .await
         .download(
             &h.remote,
             local.path(),
@@ -569,6 +589,7 @@ async fn without_stdin_chunks_travel_as_printf_arguments() {
     let options = SyncOptions::default().timeout_ms(42_000);
     let up = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &options)
         .await
         .unwrap();
@@ -603,6 +624,7 @@ async fn progress_reports_bytes_and_files() {
         .progress(move |p| sink.lock().unwrap().push(*p));
     let up = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &options)
         .await
         .unwrap();
@@ -633,6 +655,7 @@ async fn a_failed_transfer_leaves_the_remote_workspace_unchanged() {
     write(local.path(), "a.txt", "first");
     write(local.path(), "dir/b.txt", "first");
     h.sync()
+        .await
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap();
@@ -647,6 +670,7 @@ async fn a_failed_transfer_leaves_the_remote_workspace_unchanged() {
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let err = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap_err();
@@ -675,6 +699,7 @@ async fn a_failed_transfer_leaves_the_remote_workspace_unchanged() {
     });
     let err = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap_err();
@@ -712,7 +737,7 @@ async fn native_transport_is_used_when_declared() {
     small_tree(local.path());
     let uses = Arc::new(Mutex::new(0));
     let transport = Arc::new(CopyTransport(uses.clone()));
-    let undeclared = h.sync().transport(transport.clone());
+    let undeclared = h.sync().await.transport(transport.clone());
     assert_eq!(
         undeclared.method(),
         TransferMethod::ExecStdin,
@@ -1022,6 +1047,7 @@ async fn download_never_writes_through_a_local_symlink_and_marks_a_partial_merge
     write(local.path(), "b.txt", "base");
     let up = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap();
@@ -1032,6 +1058,7 @@ async fn download_never_writes_through_a_local_symlink_and_marks_a_partial_merge
     symlink(local.path(), "a", outside.path().to_str().unwrap());
     let err = h
         .sync()
+        .await
         .download(
             &h.remote,
             local.path(),
@@ -1070,12 +1097,14 @@ async fn a_held_merge_lock_refuses_a_second_download() {
     let local = tempfile::tempdir().unwrap();
     write(local.path(), "a.txt", "a");
     h.sync()
+        .await
         .upload(local.path(), &h.remote, &SyncOptions::default())
         .await
         .unwrap();
     write(local.path(), ".paperclip-runtime/sync.lock", "pid 1");
     let err = h
         .sync()
+        .await
         .download(&h.remote, local.path(), None, &SyncOptions::default())
         .await
         .unwrap_err();
@@ -1091,6 +1120,7 @@ async fn a_held_merge_lock_refuses_a_second_download() {
     );
     std::fs::remove_file(local.path().join(".paperclip-runtime/sync.lock")).unwrap();
     h.sync()
+        .await
         .download(&h.remote, local.path(), None, &SyncOptions::default())
         .await
         .unwrap();
@@ -1101,9 +1131,9 @@ async fn a_held_merge_lock_refuses_a_second_download() {
 #[tokio::test]
 async fn the_provider_chooses_the_transfer_path() {
     let h = Harness::new(true).await;
-    assert_eq!(h.sync().method(), TransferMethod::ExecStdin);
+    assert_eq!(h.sync().await.method(), TransferMethod::ExecStdin);
     let h = Harness::new(false).await;
-    assert_eq!(h.sync().method(), TransferMethod::ExecArgs);
+    assert_eq!(h.sync().await.method(), TransferMethod::ExecArgs);
 
     // A provider offering a transport (and declaring native_sync) gets it.
     let root = tempfile::tempdir().unwrap();
@@ -1130,7 +1160,9 @@ async fn the_provider_chooses_the_transfer_path() {
         .await
         .unwrap()
         .lease;
-    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease).unwrap();
+    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease)
+        .await
+        .unwrap();
     assert_eq!(sync.method(), TransferMethod::Native("copy".into()));
     let local = tempfile::tempdir().unwrap();
     write(local.path(), "a.txt", "a");
@@ -1157,7 +1189,9 @@ async fn the_provider_chooses_the_transfer_path() {
         .await
         .unwrap()
         .lease;
-    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease).unwrap();
+    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease)
+        .await
+        .unwrap();
     assert_eq!(sync.method(), TransferMethod::ExecStdin);
 }
 
@@ -1172,6 +1206,7 @@ async fn preserved_names_stay_remote_only() {
     let options = SyncOptions::default().preserve("node_modules");
     let up = h
         .sync()
+        .await
         .upload(local.path(), &h.remote, &options)
         .await
         .unwrap();
@@ -1191,6 +1226,7 @@ async fn preserved_names_stay_remote_only() {
     );
     let down = h
         .sync()
+        .await
         .download(&h.remote, local.path(), Some(&up.baseline), &options)
         .await
         .unwrap();
@@ -1198,6 +1234,7 @@ async fn preserved_names_stay_remote_only() {
     assert!(!local.path().join("node_modules/installed.js").exists());
     let err = h
         .sync()
+        .await
         .upload(
             local.path(),
             &h.remote,
@@ -1217,6 +1254,7 @@ async fn a_timed_out_transfer_command_is_a_typed_timeout() {
     *h.spy.time_out_on.lock().unwrap() = Some("cat >>".into());
     let err = h
         .sync()
+        .await
         .upload(
             local.path(),
             &h.remote,

@@ -176,12 +176,13 @@ pub trait EnvironmentRuntimeDriver: Send + Sync + 'static {
     /// What workspace sync may use for this lease (spec 00 §13.4): the
     /// provider's capabilities and an optional native transport. Default:
     /// nothing known, so sync goes through `execute` with stdin.
-    fn workspace_access(
+    async fn workspace_access(
         &self,
+        _ctx: &DriverContext,
         _environment: &Environment,
         _lease: &EnvironmentLease,
-    ) -> crate::workspace::WorkspaceAccess {
-        crate::workspace::WorkspaceAccess::default()
+    ) -> Result<crate::workspace::WorkspaceAccess> {
+        Ok(crate::workspace::WorkspaceAccess::default())
     }
 
     /// Validates and normalizes a config of this driver.

@@ -337,12 +337,14 @@ pub trait SandboxProvider: Send + Sync + 'static {
     }
 
     /// A transport that moves workspace archives in and out of `lease`
-    /// without `execute` (declare [`Capabilities::native_sync`] too).
-    fn workspace_transport(
+    /// without `execute` (declare [`Capabilities::native_sync`] too). `ctx`
+    /// carries the resolved config, so the transport can authenticate.
+    async fn workspace_transport(
         &self,
+        _ctx: &CallContext,
         _lease: &LeaseHandle,
-    ) -> Option<std::sync::Arc<dyn crate::workspace::WorkspaceTransport>> {
-        None
+    ) -> Result<Option<std::sync::Arc<dyn crate::workspace::WorkspaceTransport>>> {
+        Ok(None)
     }
 
     /// Runs a command, pushing output into `output` as it arrives.

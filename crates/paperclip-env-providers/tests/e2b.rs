@@ -924,3 +924,95 @@ async fn no_api_key_in_any_log_line() {
     assert!(!format!("{provider:?}").contains(KEY));
     assert!(!serde_json::to_string(&lease).unwrap().contains(KEY));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_round_trip_through_the_envd_file_api() {
+    use paperclip_env_core::workspace::{SyncOptions, TransferMethod, WorkspaceSync};
+    let (emulator, provider) = e2b().await;
+    let secrets = Arc::new(InMemorySecretResolver::new());
+    let key_id = secrets.insert(KEY);
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(provider))
+        .secrets(secrets)
+        .build();
+    let env = Environment::new(
+        "env-w",
+        "E2B",
+        "sandbox",
+        json!({"provider": "e2b", "apiKey": key_id}),
+    );
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-w"))
+        .await
+        .unwrap()
+        .lease;
+    let remote = lease.remote_cwd().unwrap().to_owned();
+
+    let local = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(local.path().join("src/nested")).unwrap();
+    std::fs::write(local.path().join("src/nested/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(local.path().join("README ☃.md"), "hello\n").unwrap();
+    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease)
+        .await
+        .unwrap();
+    let uploaded = sync
+        .upload(local.path(), &remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(uploaded.method, TransferMethod::Native("e2b-files".into()));
+    let read = runtime
+        .execute(
+            &env,
+            &lease,
+            &ExecuteRequest::new("cat")
+                .arg("src/nested/main.rs")
+                .cwd(remote.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.stdout, "fn main() {}\n");
+    assert!(
+        emulator
+            .requests()
+            .iter()
+            .any(|r| r.path == "/files" && r.method == "POST"),
+        "the archive went through POST /files"
+    );
+
+    runtime
+        .execute(
+            &env,
+            &lease,
+            &ExecuteRequest::shell("printf changed > 'README ☃.md' && printf new > added.txt")
+                .cwd(remote.clone()),
+        )
+        .await
+        .unwrap();
+    let downloaded = sync
+        .download(
+            &remote,
+            local.path(),
+            Some(&uploaded.baseline),
+            &SyncOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        downloaded.method,
+        TransferMethod::Native("e2b-files".into())
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("README ☃.md")).unwrap(),
+        "changed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("added.txt")).unwrap(),
+        "new"
+    );
+    runtime
+        .release_run_leases("run-w", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(emulator.live_sandboxes(), 0);
+}

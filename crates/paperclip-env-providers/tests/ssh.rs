@@ -18,7 +18,12 @@ use serde_json::{Value, json};
 
 fn server() -> Option<SshServer> {
     if !sshd::available() {
-        eprintln!("skipping: sshd/ssh-keygen not installed");
+        // scripts/setup.sh installs OpenSSH; in CI a missing sshd is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "sshd/ssh-keygen missing in CI: run scripts/setup.sh"
+        );
+        eprintln!("skipping: sshd/ssh-keygen not installed (run scripts/setup.sh)");
         return None;
     }
     Some(SshServer::start().expect("start sshd fixture"))
@@ -1174,4 +1179,51 @@ async fn timeout_is_bounded_even_when_the_server_hangs() {
     };
     assert!(result.unwrap().timed_out);
     assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_sync_travels_over_the_ssh_channel() {
+    use paperclip_env_core::workspace::{SyncOptions, TransferMethod, WorkspaceSync};
+    let Some(r) = ready().await else { return };
+    let remote = r.lease.remote_cwd().expect("remoteCwd").to_owned();
+    let local = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(local.path().join("a/b")).unwrap();
+    std::fs::write(local.path().join("a/b/file.txt"), "over ssh\n").unwrap();
+    let sync = WorkspaceSync::for_lease(&r.rt, &r.env, &r.lease)
+        .await
+        .unwrap();
+    let up = sync
+        .upload(local.path(), &remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(up.method, TransferMethod::Native("ssh".into()));
+    let cat = r
+        .exec(
+            ExecuteRequest::new("cat")
+                .arg("a/b/file.txt")
+                .cwd(remote.clone()),
+        )
+        .await;
+    assert_eq!(cat.stdout, "over ssh\n");
+    r.exec(
+        ExecuteRequest::new("sh")
+            .arg("-c")
+            .arg("printf back > a/b/file.txt")
+            .cwd(remote.clone()),
+    )
+    .await;
+    let down = sync
+        .download(
+            &remote,
+            local.path(),
+            Some(&up.baseline),
+            &SyncOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(down.method, TransferMethod::Native("ssh".into()));
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("a/b/file.txt")).unwrap(),
+        "back"
+    );
 }

@@ -770,18 +770,29 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         .map_err(|e| call.config.scrub_error(key, e))
     }
 
-    fn workspace_access(
+    async fn workspace_access(
         &self,
-        _environment: &Environment,
+        ctx: &DriverContext,
+        environment: &Environment,
         lease: &EnvironmentLease,
-    ) -> crate::workspace::WorkspaceAccess {
+    ) -> Result<crate::workspace::WorkspaceAccess> {
         let Some(provider) = provider_key_of(lease).and_then(|key| self.provider(key)) else {
-            return crate::workspace::WorkspaceAccess::default();
+            return Ok(crate::workspace::WorkspaceAccess::default());
         };
-        crate::workspace::WorkspaceAccess {
-            capabilities: Some(provider.capabilities()),
-            transport: provider.workspace_transport(&lease_handle(lease)),
-        }
+        let capabilities = provider.capabilities();
+        let transport = if capabilities.native_sync {
+            let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
+            provider
+                .workspace_transport(&call, &lease_handle(lease))
+                .await
+                .map_err(|e| call.config.scrub_error(provider.key(), e))?
+        } else {
+            None
+        };
+        Ok(crate::workspace::WorkspaceAccess {
+            capabilities: Some(capabilities),
+            transport,
+        })
     }
 
     async fn execute(

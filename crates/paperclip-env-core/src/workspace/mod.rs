@@ -363,7 +363,7 @@ impl<'a> WorkspaceSync<'a> {
     /// Sync for `lease`, configured by the lease's driver: the sandbox driver
     /// reports its provider's capabilities (stdin, `native_sync`) and
     /// transport, so the transfer path is chosen for the caller.
-    pub fn for_lease(
+    pub async fn for_lease(
         runtime: &'a EnvironmentRuntime,
         environment: &'a Environment,
         lease: &'a EnvironmentLease,
@@ -374,7 +374,9 @@ impl<'a> WorkspaceSync<'a> {
             .ok_or_else(|| Error::DriverNotRegistered {
                 driver: key.to_owned(),
             })?;
-        let access = driver.workspace_access(environment, lease);
+        let access = driver
+            .workspace_access(runtime.context(), environment, lease)
+            .await?;
         Ok(WorkspaceSync {
             runtime,
             environment,

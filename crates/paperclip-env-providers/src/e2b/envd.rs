@@ -226,6 +226,46 @@ impl<'a> Envd<'a> {
         response.map(|_| ()).map_err(|e| self.edge_gone(e))
     }
 
+    /// Streams a remote file into `local`.
+    pub async fn download_to(&self, path: &str, local: &std::path::Path) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let response = self
+            .http
+            .send(
+                RequestSpec::idempotent("download file")
+                    .stream()
+                    .timeout(self.request_timeout),
+                |c| {
+                    self.request(c, reqwest::Method::GET, "/files")
+                        .query(&[("path", path)])
+                },
+            )
+            .await
+            .map_err(|e| self.edge_gone(e))?;
+        let io = |e: std::io::Error| {
+            Error::provider_with_source(
+                self.http.provider(),
+                format!("writing {} failed", local.display()),
+                false,
+                e,
+            )
+        };
+        let mut file = tokio::fs::File::create(local).await.map_err(io)?;
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                Error::provider_with_source(
+                    self.http.provider(),
+                    "the file download was interrupted",
+                    true,
+                    e,
+                )
+            })?;
+            file.write_all(&chunk).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)
+    }
+
     /// Removes a path; errors are returned for the caller to ignore or not.
     pub async fn remove(&self, path: &str) -> Result<()> {
         let body = json!({"path": path});

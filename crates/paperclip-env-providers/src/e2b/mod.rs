@@ -234,6 +234,7 @@ impl std::fmt::Debug for E2bProvider {
 }
 
 /// Per-call settings resolved from config and builder.
+#[derive(Clone)]
 struct Settings {
     conn: ApiConn,
     timeout_ms: u64,
@@ -241,6 +242,7 @@ struct Settings {
     flavor_config: FlavorConfig,
 }
 
+#[derive(Clone)]
 enum FlavorConfig {
     E2b(E2bConfig),
     Novita(NovitaConfig),
@@ -593,9 +595,24 @@ impl SandboxProvider for E2bProvider {
             streaming: true,
             stdin: true,
             multi_command_exec: true,
-            native_sync: false,
+            native_sync: true,
             signals: true,
         }
+    }
+
+    async fn workspace_transport(
+        &self,
+        ctx: &CallContext,
+        lease: &LeaseHandle,
+    ) -> Result<Option<Arc<dyn paperclip_env_core::workspace::WorkspaceTransport>>> {
+        let Some(id) = lease.id() else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(EnvdFiles {
+            provider: self.clone(),
+            settings: self.settings(ctx)?,
+            id: id.to_owned(),
+        })))
     }
 
     fn config_schema(&self) -> Value {
@@ -941,5 +958,69 @@ impl E2bProvider {
             md.insert("error".into(), json!(ctx.config.scrub(error)));
         }
         md
+    }
+}
+
+/// Workspace archives through envd's file API instead of base64 over exec.
+struct EnvdFiles {
+    provider: E2bProvider,
+    settings: Settings,
+    id: String,
+}
+
+impl EnvdFiles {
+    async fn with_envd<T>(
+        &self,
+        timeout_ms: u64,
+        what: &'static str,
+        f: impl AsyncFnOnce(&Envd<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let work = async {
+            let info = self
+                .provider
+                .connect_or_gone(&self.settings, &self.id)
+                .await?;
+            let envd = self.provider.envd(&self.settings, &self.id, &info, false)?;
+            f(&envd).await
+        };
+        match tokio::time::timeout(Duration::from_millis(timeout_ms.max(1)), work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                operation: format!("{} {what}", self.provider.key()),
+                after: Duration::from_millis(timeout_ms),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl paperclip_env_core::workspace::WorkspaceTransport for EnvdFiles {
+    fn name(&self) -> &str {
+        match self.provider.flavor() {
+            Flavor::E2b => "e2b-files",
+            Flavor::Novita => "novita-files",
+        }
+    }
+
+    async fn put_file(&self, local: &std::path::Path, remote: &str, timeout_ms: u64) -> Result<()> {
+        let data = tokio::fs::read(local).await.map_err(|e| {
+            Error::provider_with_source(
+                self.provider.key(),
+                format!("reading {} failed", local.display()),
+                false,
+                e,
+            )
+        })?;
+        self.with_envd(timeout_ms, "file upload", async |envd| {
+            envd.upload(remote, &data).await
+        })
+        .await
+    }
+
+    async fn get_file(&self, remote: &str, local: &std::path::Path, timeout_ms: u64) -> Result<()> {
+        self.with_envd(timeout_ms, "file download", async |envd| {
+            envd.download_to(remote, local).await
+        })
+        .await
     }
 }

@@ -339,6 +339,30 @@ impl EnvironmentRuntimeDriver for SshDriver {
             .map_err(|e: SshError| e.into())
     }
 
+    /// Workspace archives travel over the SSH channel itself (`cat` in and
+    /// out of the remote file), never as base64 through `execute`.
+    async fn workspace_access(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+    ) -> Result<paperclip_env_core::workspace::WorkspaceAccess> {
+        let transport = self.lease_transport(ctx, environment, lease).await?;
+        Ok(paperclip_env_core::workspace::WorkspaceAccess {
+            capabilities: Some(paperclip_env_core::Capabilities {
+                execute: true,
+                realize_workspace: true,
+                streaming: true,
+                stdin: true,
+                multi_command_exec: true,
+                native_sync: true,
+                signals: true,
+                ..Default::default()
+            }),
+            transport: Some(Arc::new(ChannelTransfer(transport))),
+        })
+    }
+
     /// Probe: a pasted `privateKey` is kept. Persistence: it becomes a secret
     /// (`environment-ssh-<slug>-private-key-<8 hex>`) referenced by
     /// `privateKeySecretRef`, and `privateKey` is stored as null.
@@ -416,5 +440,30 @@ impl EnvironmentRuntimeDriver for SshDriver {
                 }
             }
         })
+    }
+}
+
+/// [`WorkspaceTransport`](paperclip_env_core::workspace::WorkspaceTransport)
+/// over an SSH channel.
+struct ChannelTransfer(Arc<SshTransport>);
+
+#[async_trait]
+impl paperclip_env_core::workspace::WorkspaceTransport for ChannelTransfer {
+    fn name(&self) -> &str {
+        "ssh"
+    }
+
+    async fn put_file(&self, local: &std::path::Path, remote: &str, timeout_ms: u64) -> Result<()> {
+        self.0
+            .put_file(local, remote, Duration::from_millis(timeout_ms))
+            .await
+            .map_err(Into::into)
+    }
+
+    async fn get_file(&self, remote: &str, local: &std::path::Path, timeout_ms: u64) -> Result<()> {
+        self.0
+            .get_file(remote, local, Duration::from_millis(timeout_ms))
+            .await
+            .map_err(Into::into)
     }
 }
