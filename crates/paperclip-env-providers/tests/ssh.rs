@@ -995,62 +995,6 @@ async fn transport_debug_redacts_the_key() {
     );
 }
 
-/// Not a gate: `cargo nextest run -p paperclip-env-providers --features ssh
-/// --run-ignored only bench_vs_openssh --no-capture` prints the numbers.
-#[tokio::test]
-#[ignore]
-async fn bench_vs_openssh() {
-    let Some(r) = ready().await else { return };
-    const N: u32 = 20;
-    let start = Instant::now();
-    for _ in 0..N {
-        let out = r.exec(ExecuteRequest::new("true")).await;
-        assert_eq!(out.exit_code, Some(0));
-    }
-    let ours = start.elapsed() / N;
-    let kh = r.srv.dir().join("bench_known_hosts");
-    std::fs::write(&kh, format!("{}\n", r.srv.known_hosts())).unwrap();
-    let start = Instant::now();
-    for _ in 0..N {
-        let status = std::process::Command::new("ssh")
-            .args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", kh.display()))
-            .arg("-i")
-            .arg(&r.srv.client_key().private_key_path)
-            .arg("-p")
-            .arg(r.srv.port().to_string())
-            .arg(format!("{}@127.0.0.1", r.srv.user()))
-            .arg("true")
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    let cli = start.elapsed() / N;
-    let fresh_start = Instant::now();
-    for _ in 0..N {
-        let t = transport(
-            &r.srv,
-            HostKeyPolicy::Strict(KnownHosts::parse(&r.srv.known_hosts())),
-        );
-        let out = paperclip_env_core::execute::OutputCollector::buffered();
-        t.run(
-            &RemoteCommand {
-                argv: vec!["true".into()],
-                ..Default::default()
-            },
-            &out,
-        )
-        .await
-        .unwrap();
-        t.disconnect().await;
-    }
-    let fresh = fresh_start.elapsed() / N;
-    eprintln!(
-        "per command: driver (cached connection) {ours:?}, russh fresh connection {fresh:?}, OpenSSH ssh CLI {cli:?}"
-    );
-}
-
 #[tokio::test]
 async fn profiles_are_sourced_silently_and_env_wins() {
     let Some(r) = ready().await else { return };
