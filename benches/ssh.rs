@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use paperclip_env::core::{AcquireRunLease, Environment, EnvironmentRuntime, ExecuteRequest, OutputCapture, OutputSink, OutputStream};
+use paperclip_env::core::{
+    AcquireRunLease, Environment, EnvironmentRuntime, ExecuteRequest, OutputCapture, OutputSink,
+    OutputStream,
+};
 use paperclip_env::providers::ssh::SshDriver;
 use paperclip_env_testkit::fixtures::sshd::{self, SshServer};
 use serde_json::json;
@@ -32,45 +35,88 @@ fn ssh(c: &mut Criterion) {
         eprintln!("skipping: sshd not installed (run scripts/setup.sh)");
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let srv = SshServer::start().expect("sshd");
     let known_hosts = srv.dir().join("bench_known_hosts");
     std::fs::write(&known_hosts, format!("{}\n", srv.known_hosts())).expect("known hosts");
-    let runtime = EnvironmentRuntime::builder().driver(Arc::new(SshDriver::new())).build();
-    let env = Environment::new("bench-ssh", "ssh", "ssh", json!({
-        "host": srv.host(), "port": srv.port(), "username": srv.user(),
-        "remoteWorkspacePath": srv.dir().join("ws").display().to_string(),
-        "privateKey": srv.client_key().private_key, "knownHosts": srv.known_hosts(), "strictHostKeyChecking": true,
-    }));
-    let lease = rt.block_on(runtime.acquire_run_lease(AcquireRunLease::for_run(env.clone(), "bench"))).expect("acquire").lease;
+    let runtime = EnvironmentRuntime::builder()
+        .driver(Arc::new(SshDriver::new()))
+        .build();
+    let env = Environment::new(
+        "bench-ssh",
+        "ssh",
+        "ssh",
+        json!({
+            "host": srv.host(), "port": srv.port(), "username": srv.user(),
+            "remoteWorkspacePath": srv.dir().join("ws").display().to_string(),
+            "privateKey": srv.client_key().private_key, "knownHosts": srv.known_hosts(), "strictHostKeyChecking": true,
+        }),
+    );
+    let lease = rt
+        .block_on(runtime.acquire_run_lease(AcquireRunLease::for_run(env.clone(), "bench")))
+        .expect("acquire")
+        .lease;
 
     let mut latency = c.benchmark_group("ssh_exec_true");
-    latency.sample_size(20).measurement_time(Duration::from_secs(10));
-    latency.bench_function("baseline: OpenSSH ssh client (new connection each time)", |b| {
-        b.iter(|| assert!(ssh_cli(&srv, &known_hosts, "true").status().expect("ssh").success()))
-    });
-    latency.bench_function("driver: execute `true` (connection reused by the lease)", |b| {
-        b.to_async(&rt).iter(|| async {
-            let r = runtime.execute(&env, &lease, &ExecuteRequest::new("true")).await.expect("execute");
-            assert_eq!(r.exit_code, Some(0));
-        })
-    });
+    latency
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(10));
+    latency.bench_function(
+        "baseline: OpenSSH ssh client (new connection each time)",
+        |b| {
+            b.iter(|| {
+                assert!(
+                    ssh_cli(&srv, &known_hosts, "true")
+                        .status()
+                        .expect("ssh")
+                        .success()
+                )
+            })
+        },
+    );
+    latency.bench_function(
+        "driver: execute `true` (connection reused by the lease)",
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                let r = runtime
+                    .execute(&env, &lease, &ExecuteRequest::new("true"))
+                    .await
+                    .expect("execute");
+                assert_eq!(r.exit_code, Some(0));
+            })
+        },
+    );
     latency.finish();
 
     let mut throughput = c.benchmark_group("ssh_1GiB_stdout");
-    throughput.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Bytes(BYTES));
+    throughput
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(30))
+        .throughput(Throughput::Bytes(BYTES));
     let produce = format!("head -c {BYTES} /dev/zero");
     throughput.bench_function("baseline: OpenSSH ssh client, stdout to /dev/null", |b| {
         b.iter(|| {
-            let status = ssh_cli(&srv, &known_hosts, &produce).stdout(std::process::Stdio::null()).status().expect("ssh");
+            let status = ssh_cli(&srv, &known_hosts, &produce)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("ssh");
             assert!(status.success());
         })
     });
     throughput.bench_function("driver: execute_streaming, nothing buffered", |b| {
         b.to_async(&rt).iter(|| async {
             let sink: Arc<dyn OutputSink> = Arc::new(|_: OutputStream, _: &[u8]| {});
-            let request = ExecuteRequest::new("head").args(["-c", &BYTES.to_string(), "/dev/zero"]).capture(OutputCapture::Discard);
-            let r = runtime.execute_streaming(&env, &lease, &request, sink).await.expect("execute");
+            let request = ExecuteRequest::new("head")
+                .args(["-c", &BYTES.to_string(), "/dev/zero"])
+                .capture(OutputCapture::Discard);
+            let r = runtime
+                .execute_streaming(&env, &lease, &request, sink)
+                .await
+                .expect("execute");
             assert_eq!(r.exit_code, Some(0));
         })
     });

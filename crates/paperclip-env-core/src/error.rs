@@ -89,6 +89,18 @@ pub enum Unsupported {
     BuiltinSandboxExecute,
 }
 
+/// Why a remote host's key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostKeyProblem {
+    /// No known-hosts entry matches the host (add one, or pin the key).
+    UnknownHost,
+    /// An entry matches the host but not the key it offered (possible attack).
+    Mismatch,
+    /// The offered key is marked `@revoked`.
+    Revoked,
+}
+
 /// Every error the SDK returns.
 ///
 /// Use [`Error::is_retryable`] to decide whether repeating the same call can
@@ -138,6 +150,19 @@ pub enum Error {
     #[error("{message}")]
     PermissionDenied {
         /// Human-readable message.
+        message: String,
+        /// Underlying cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The remote host's key failed verification; nothing was sent to it.
+    #[error("{message}")]
+    HostKeyRejected {
+        /// The known-hosts lookup name (`host` or `[host]:port`).
+        host: String,
+        /// Why.
+        problem: HostKeyProblem,
+        /// Human-readable message (with the offered key's fingerprint).
         message: String,
         /// Underlying cause.
         #[source]

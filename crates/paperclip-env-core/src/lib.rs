@@ -47,7 +47,7 @@ pub use config::ConfigIssue;
 pub use driver::{
     AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver, RuntimeOptions,
 };
-pub use error::{BoxError, Error, Operation, Result, Unsupported};
+pub use error::{BoxError, Error, HostKeyProblem, Operation, Result, Unsupported};
 pub use execute::{
     CommandExit, ExecuteRequest, ExecuteResult, OutputCapture, OutputCollector, OutputSink,
     OutputStream,

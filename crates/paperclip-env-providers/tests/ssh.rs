@@ -237,7 +237,16 @@ async fn wrong_host_key_is_rejected_before_auth() {
         .await
         .unwrap_err();
     assert!(start.elapsed() < Duration::from_secs(10));
-    assert!(matches!(err, Error::PermissionDenied { .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::HostKeyRejected {
+                problem: paperclip_env_core::HostKeyProblem::Mismatch,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("Host key verification failed"));
     assert!(matches!(
         ssh_source(&err),
@@ -262,6 +271,16 @@ async fn unknown_host_is_rejected() {
         .acquire_run_lease(AcquireRunLease::ad_hoc(env_of(cfg)))
         .await
         .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::HostKeyRejected {
+                problem: paperclip_env_core::HostKeyProblem::UnknownHost,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(matches!(
         ssh_source(&err),
         Some(SshError::HostKey {

@@ -113,7 +113,19 @@ impl From<SshError> for paperclip_env_core::Error {
                 message,
                 source: Some(Box::new(e)),
             },
-            SshError::HostKey { .. } => Error::PermissionDenied {
+            SshError::HostKey {
+                ref name,
+                ref reason,
+                ..
+            } => Error::HostKeyRejected {
+                host: name.clone(),
+                problem: match reason {
+                    HostKeyRejection::UnknownHost => {
+                        paperclip_env_core::HostKeyProblem::UnknownHost
+                    }
+                    HostKeyRejection::Mismatch => paperclip_env_core::HostKeyProblem::Mismatch,
+                    HostKeyRejection::Revoked => paperclip_env_core::HostKeyProblem::Revoked,
+                },
                 message,
                 source: Some(Box::new(e)),
             },
