@@ -133,6 +133,27 @@ fn concurrency(c: &mut Criterion) {
             })
         },
     );
+    group.bench_function(
+        "baseline: 1000 × spawn `true` with output captured, concurrently",
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                let tasks = (0..LEASES).map(|_| {
+                    tokio::spawn(async {
+                        tokio::process::Command::new("true")
+                            .env_clear()
+                            .stdin(std::process::Stdio::null())
+                            .process_group(0)
+                            .output()
+                            .await
+                            .expect("spawn")
+                    })
+                });
+                for task in futures::future::join_all(tasks).await {
+                    assert!(task.expect("task").status.success());
+                }
+            })
+        },
+    );
     group.finish();
 }
 

@@ -1,7 +1,8 @@
 //! Lifecycle overhead: acquire → execute `true` → release through the runtime
-//! and the fake provider, next to spawning `true` directly with
-//! `tokio::process` (the baseline). Criterion prints both; their ratio is the
-//! SDK's overhead.
+//! and the fake provider, and execute alone on a held lease, next to spawning
+//! `true` directly with `tokio::process`: with inherited stdio, and with
+//! stdout/stderr captured through pipes as the execute contract requires (the
+//! like-for-like baseline). Ratios are in BENCHMARKS.md.
 
 use std::sync::Arc;
 
@@ -37,6 +38,34 @@ fn lifecycle(c: &mut Criterion) {
                 .await
                 .expect("spawn");
             assert!(status.success());
+        })
+    });
+    group.bench_function(
+        "baseline: tokio::process spawn `true`, output captured",
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                let output = tokio::process::Command::new("true")
+                    .env_clear()
+                    .stdin(std::process::Stdio::null())
+                    .process_group(0)
+                    .output()
+                    .await
+                    .expect("spawn");
+                assert!(output.status.success());
+            })
+        },
+    );
+    let held = rt
+        .block_on(runtime.acquire_run_lease(AcquireRunLease::for_run(env.clone(), "held")))
+        .expect("acquire")
+        .lease;
+    group.bench_function("runtime: execute `true` on a held lease", |b| {
+        b.to_async(&rt).iter(|| async {
+            let result = runtime
+                .execute(&env, &held, &ExecuteRequest::new("true"))
+                .await
+                .expect("execute");
+            assert!(result.success());
         })
     });
     let mut n = 0u64;

@@ -1,6 +1,5 @@
 //! Secrets (spec 11 Part D): never in metadata, Debug, Display, errors or logs.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use paperclip_env::core::config::{ConfigShape, SshConfig};
@@ -166,30 +165,9 @@ async fn d3_echoed_secrets_and_inline_plaintext_never_reach_metadata() {
     );
 }
 
-/// A writer that appends everything to a shared buffer.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn d4_no_secret_in_logs_errors_or_debug_across_a_faulty_lifecycle() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (capture, _guard) = paperclip_env_testkit::logs::LogCapture::start();
 
     let s = setup(true);
     let id = s.secrets.insert(SECRET);
@@ -236,7 +214,7 @@ async fn d4_no_secret_in_logs_errors_or_debug_across_a_faulty_lifecycle() {
 
     assert!(!format!("{:?}", s.fake.last_config().unwrap()).contains(SECRET));
     assert!(!format!("{:?}", s.runtime).contains(SECRET));
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         !logs.is_empty(),
         "the lifecycle logged nothing; the capture is broken"

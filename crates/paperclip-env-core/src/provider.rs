@@ -249,6 +249,25 @@ impl LeaseHandle {
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
         self.metadata.as_ref()?.get(key)?.as_str()
     }
+
+    /// The working directory realize should use (spec 11 A5.2): the lease's
+    /// `remoteCwd`, else the workspace's `remotePath`, else its `localPath`;
+    /// `None` leaves the provider default.
+    ///
+    /// ```
+    /// use paperclip_env_core::{LeaseHandle, WorkspaceSpec};
+    /// let lease = LeaseHandle::default();
+    /// let ws = WorkspaceSpec { remote_path: Some("/srv/ws".into()), ..Default::default() };
+    /// assert_eq!(lease.preferred_cwd(&ws).as_deref(), Some("/srv/ws"));
+    /// ```
+    pub fn preferred_cwd(&self, workspace: &crate::realize::WorkspaceSpec) -> Option<String> {
+        self.metadata_str("remoteCwd")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .or_else(|| workspace.remote_path.clone())
+            .or_else(|| workspace.local_path.clone())
+    }
 }
 
 /// Acquire parameters beyond the context.

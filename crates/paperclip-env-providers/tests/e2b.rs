@@ -852,29 +852,9 @@ async fn novita_profile_wire_differences_and_validation() {
     );
 }
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_api_key_in_any_log_line() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (capture, _guard) = paperclip_env_testkit::logs::LogCapture::start();
     let (emulator, provider) = e2b().await;
     let secrets = Arc::new(InMemorySecretResolver::new());
     let key_id = secrets.insert(KEY);
@@ -914,7 +894,7 @@ async fn no_api_key_in_any_log_line() {
         .await
         .into_result()
         .unwrap();
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(logs.contains("http"), "the capture saw the HTTP spans");
     assert!(!logs.contains(KEY), "a log line carries the API key");
     assert!(

@@ -5,6 +5,7 @@
 //! - [`fake`]: the deterministic fake provider (`fake-plugin`), with fault injection.
 //! - [`conformance`]: the shared conformance suite (spec 11 Part A), one
 //!   public check per line, run by every provider's own test file.
+//! - [`logs`]: captures `tracing` output so tests can prove no secret is logged.
 //! - [`recording`]: a provider wrapper that records every call, with
 //!   lifecycle assertions.
 //! - [`store_conformance`]: the lease store conformance suite (spec 00
@@ -19,6 +20,7 @@ pub mod conformance;
 pub mod emulators;
 pub mod fake;
 pub mod fixtures;
+pub mod logs;
 pub mod postgres;
 pub mod recording;
 pub mod store_conformance;

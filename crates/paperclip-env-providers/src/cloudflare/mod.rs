@@ -888,12 +888,7 @@ impl SandboxProvider for CloudflareProvider {
     ) -> Result<RealizeWorkspaceResult> {
         let config = Self::config(ctx);
         let cwd = lease
-            .metadata_str("remoteCwd")
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .or_else(|| workspace.remote_path.clone())
-            .or_else(|| workspace.local_path.clone())
+            .preferred_cwd(workspace)
             .unwrap_or_else(|| config.requested_cwd.clone());
         if let Some(id) = lease.id() {
             let bridge = self.bridge(&config, ctx, None)?;

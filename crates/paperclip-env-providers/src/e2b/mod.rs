@@ -800,14 +800,7 @@ impl SandboxProvider for E2bProvider {
             FlavorConfig::E2b(_) => "/paperclip-workspace".to_owned(),
             FlavorConfig::Novita(c) => c.requested_cwd.clone(),
         };
-        let cwd = lease
-            .metadata_str("remoteCwd")
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .or_else(|| workspace.remote_path.clone())
-            .or_else(|| workspace.local_path.clone())
-            .unwrap_or(fallback);
+        let cwd = lease.preferred_cwd(workspace).unwrap_or(fallback);
         if let Some(id) = lease.id() {
             let info = self.connect_or_gone(&settings, id).await?;
             let envd = self.envd(&settings, id, &info, false)?;

@@ -577,9 +577,7 @@ impl SandboxProvider for FakeProvider {
         }
         let cwd = known
             .map(|s| s.remote_cwd.display().to_string())
-            .or_else(|| lease.metadata_str("remoteCwd").map(str::to_owned))
-            .or_else(|| workspace.remote_path.clone())
-            .or_else(|| workspace.local_path.clone())
+            .or_else(|| lease.preferred_cwd(workspace))
             .unwrap_or_else(|| {
                 std::env::temp_dir()
                     .join("paperclip-fake-sandbox-workspace")
