@@ -9,7 +9,8 @@
 //! | `novita` | Novita Agent Sandbox: the E2B protocol with Novita's profile |
 //! | `cloudflare` | Cloudflare Sandbox through the Paperclip bridge Worker (JSON + SSE) |
 //! | `http` | the shared HTTP machinery (enabled by every HTTP provider) |
-//! | `daytona`, `exe-dev`, `modal`, `kubernetes`, `ssh` | reserved for their providers |
+//! | `daytona` | Daytona sandboxes: REST API plus the toolbox daemon (sessions, WebSocket logs) |
+//! | `exe-dev`, `modal`, `kubernetes`, `ssh` | reserved for their providers |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -29,3 +30,6 @@ pub mod e2b;
 
 #[cfg(feature = "cloudflare")]
 pub mod cloudflare;
+
+#[cfg(feature = "daytona")]
+pub mod daytona;
