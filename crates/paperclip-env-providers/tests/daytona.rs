@@ -824,3 +824,63 @@ async fn no_api_key_in_any_log_line() {
     );
     assert!(!serde_json::to_string(&lease).unwrap().contains(KEY));
 }
+
+#[tokio::test]
+async fn hanging_state_read_hits_the_liveness_bound() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    s.emu
+        .inject(Route::Get, Fault::Delay(Duration::from_secs(3)), 3);
+    let started = Instant::now();
+    let err = s
+        .provider
+        .execute(
+            &s.ctx(json!({"livenessTimeoutMs": 200})),
+            &lease,
+            &ExecuteRequest::new("true"),
+            &OutputCollector::buffered(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    s.emu.clear_faults();
+    s.release(&lease, json!({})).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
+}
+
+#[tokio::test]
+async fn archive_on_release_archives_instead_of_deleting() {
+    let s = setup().await;
+    let cfg = json!({"archiveOnRelease": true});
+    let lease = s.acquire(cfg.clone()).await;
+    assert_eq!(lease.metadata.as_ref().unwrap()["archiveOnRelease"], true);
+    s.release(&lease, cfg.clone()).await.unwrap();
+    let sandbox = s.emu.sandboxes().pop().unwrap();
+    assert_eq!(sandbox.state, "archived");
+    assert_eq!(sandbox.create_body["autoDeleteInterval"], 60);
+    s.provider.destroy(&s.ctx(cfg), &lease).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
+}
+
+#[tokio::test]
+async fn concurrent_first_commands_share_one_session() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    let (a, b) = tokio::join!(
+        s.run(&lease, ExecuteRequest::new("printf").arg("a")),
+        s.run(&lease, ExecuteRequest::new("printf").arg("b"))
+    );
+    assert_eq!(
+        (a.unwrap().stdout, b.unwrap().stdout),
+        ("a".into(), "b".into())
+    );
+    let sessions = s
+        .emu
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/process/session"))
+        .count();
+    assert_eq!(sessions, 1);
+    s.release(&lease, json!({})).await.unwrap();
+}

@@ -175,6 +175,26 @@ impl Api<'_> {
             .await
     }
 
+    pub async fn archive(&self, id: &str, seconds: u64) -> Result<()> {
+        self.action(
+            id,
+            "archive",
+            "archive",
+            Duration::from_secs(seconds.max(1)),
+        )
+        .await
+    }
+
+    pub async fn set_auto_delete(&self, id: &str, minutes: i64) -> Result<()> {
+        self.action(
+            id,
+            "set auto-delete",
+            &format!("autodelete/{minutes}"),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
     /// `false` when the sandbox was already gone.
     pub async fn delete(&self, id: &str) -> Result<bool> {
         let headers = self.conn.headers()?;

@@ -141,6 +141,7 @@ impl DaytonaProviderBuilder {
                 poll_interval: self.poll_interval.unwrap_or(Duration::from_millis(500)),
                 drain_window: self.drain_window.unwrap_or(Duration::from_millis(1500)),
                 sessions: Mutex::new(HashMap::new()),
+                session_gate: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -156,6 +157,8 @@ struct Inner {
     /// Persistent session id per lease, keyed by account hash + lease id
     /// (never the secret itself).
     sessions: Mutex<HashMap<String, String>>,
+    /// Makes session creation single-flight.
+    session_gate: tokio::sync::Mutex<()>,
 }
 
 /// The Daytona provider. Cheap to clone.
@@ -634,6 +637,7 @@ impl DaytonaProvider {
         let command = format!("( {script} )");
         let mut attempt = 0;
         let (sid, cid) = loop {
+            let gate = self.inner.session_gate.lock().await;
             let existing = self
                 .inner
                 .sessions
@@ -654,6 +658,7 @@ impl DaytonaProvider {
                     sid
                 }
             };
+            drop(gate);
             match tb.exec_async(&sid, &command).await? {
                 Some(cid) => break (sid, cid),
                 None if attempt == 0 => {
@@ -965,6 +970,23 @@ impl SandboxProvider for DaytonaProvider {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     warn!(sandbox = id, %error, "stopping the reusable sandbox failed; deleting it")
+                }
+            }
+        }
+        if settings.config.archive_on_release {
+            let archived = async {
+                if !matches!(sandbox.state(), "stopped" | "archived") {
+                    api.stop(id, seconds).await?;
+                    api.wait_stopped(id, seconds).await?;
+                }
+                api.set_auto_delete(id, 60).await?;
+                api.archive(id, seconds).await
+            }
+            .await;
+            match archived {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    warn!(sandbox = id, %error, "archiving the sandbox failed; deleting it")
                 }
             }
         }
