@@ -267,6 +267,31 @@ fn login_script(
     Ok(fragments.join(" && "))
 }
 
+/// Git network operations get at most two minutes (spec 22 §3.10).
+const GIT_NETWORK_CAP_MS: u64 = 120_000;
+
+fn is_git_network(command: &str, args: &[String]) -> bool {
+    if command.rsplit('/').next() != Some("git") {
+        return false;
+    }
+    let mut words = Vec::new();
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        match arg.as_str() {
+            "-C" | "-c" | "--git-dir" | "--work-tree" => {
+                iter.next();
+            }
+            a if a.starts_with('-') => {}
+            a => words.push(a),
+        }
+    }
+    match words.as_slice() {
+        [first, ..] if matches!(*first, "push" | "fetch" | "pull" | "ls-remote" | "clone") => true,
+        ["remote", "update", ..] | ["submodule", "update", ..] => true,
+        _ => false,
+    }
+}
+
 impl DaytonaProvider {
     /// A builder.
     pub fn builder() -> DaytonaProviderBuilder {
@@ -631,6 +656,7 @@ impl DaytonaProvider {
         key: &str,
         script: &str,
         timeout_ms: u64,
+        timeout_message: &str,
         output: &OutputCollector,
     ) -> Result<CommandExit> {
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
@@ -675,9 +701,7 @@ impl DaytonaProvider {
             Ok(Err(error)) => return Err(error),
             Err(_) => {
                 // Deadline: delete the session (kills the runaway command).
-                output.stderr(
-                    format!("Command timed out after {} s.\n", secs(timeout_ms)).as_bytes(),
-                );
+                output.stderr(format!("{timeout_message}\n").as_bytes());
                 self.forget_session(key);
                 if let Err(error) = tb.delete_session(&sid).await {
                     debug!(%error, "deleting the timed-out session failed");
@@ -1065,6 +1089,20 @@ impl SandboxProvider for DaytonaProvider {
             .timeout_ms
             .filter(|t| *t > 0)
             .unwrap_or_else(|| settings.config.timeout());
+        let git_network = is_git_network(&request.command, &request.args);
+        let timeout_ms = if git_network {
+            timeout_ms.min(GIT_NETWORK_CAP_MS)
+        } else {
+            timeout_ms
+        };
+        let timeout_message = if git_network {
+            format!(
+                "Git network operation timed out after {} s — the remote may be unreachable or noninteractive credentials are not configured.",
+                secs(timeout_ms)
+            )
+        } else {
+            format!("Command timed out after {} s.", secs(timeout_ms))
+        };
         let key = Self::session_key(&settings, ctx, id);
         let sandbox = self.get_or_gone(&settings, id).await?;
         if sandbox.state() != "started" {
@@ -1083,7 +1121,7 @@ impl SandboxProvider for DaytonaProvider {
             return Err(error);
         }
         let result = self
-            .run_in_session(&tb, &key, &script, timeout_ms, output)
+            .run_in_session(&tb, &key, &script, timeout_ms, &timeout_message, output)
             .await;
         if let Some(path) = &stdin_path
             && let Err(error) = tb.delete_file(path).await
@@ -1204,6 +1242,24 @@ impl DaytonaProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn git_network_detection() {
+        let a = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(is_git_network(
+            "git",
+            &a(&["-C", "/repo", "push", "origin"])
+        ));
+        assert!(is_git_network("/usr/bin/git", &a(&["-c", "x=y", "fetch"])));
+        assert!(is_git_network("git", &a(&["remote", "update"])));
+        assert!(is_git_network(
+            "git",
+            &a(&["submodule", "update", "--init"])
+        ));
+        assert!(!is_git_network("git", &a(&["status"])));
+        assert!(!is_git_network("git", &a(&["remote", "-v"])));
+        assert!(!is_git_network("sh", &a(&["-c", "git push"])));
+    }
 
     #[test]
     fn script_shape() {
