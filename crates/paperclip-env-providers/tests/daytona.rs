@@ -884,3 +884,64 @@ async fn concurrent_first_commands_share_one_session() {
     assert_eq!(sessions, 1);
     s.release(&lease, json!({})).await.unwrap();
 }
+
+#[tokio::test]
+async fn emulator_answers_the_auxiliary_api_routes() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    let id = lease.id().unwrap();
+    let client = reqwest::Client::new();
+    let base = s.emu.url();
+    let auth = format!("Bearer {KEY}");
+    let labels: Value = client
+        .put(format!("{base}/sandbox/{id}/labels"))
+        .header("authorization", &auth)
+        .json(&json!({"labels": {"a": "b"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(labels["labels"]["a"], "b");
+    let preview: Value = client
+        .get(format!("{base}/sandbox/{id}/ports/43127/preview-url"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        preview["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://43127-")
+    );
+    let snap = client
+        .post(format!("{base}/sandbox/{id}/snapshot"))
+        .header("authorization", &auth)
+        .json(&json!({"name": "tpl"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(snap.status(), 200);
+    assert_eq!(s.emu.sandboxes()[0].state, "snapshotting");
+    let got = client
+        .get(format!("{base}/snapshots/tpl"))
+        .header("authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let unauthorized = client
+        .get(format!("{base}/sandbox/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.release(&lease, json!({})).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
+}

@@ -218,6 +218,7 @@ struct Shared {
     execs: AtomicUsize,
     next_id: AtomicUsize,
     transition: Mutex<Duration>,
+    snapshots: Mutex<HashMap<String, String>>,
 }
 
 /// The running emulator; stops (and kills every sandbox process) on drop.
@@ -253,6 +254,7 @@ impl DaytonaEmulator {
             execs: AtomicUsize::new(0),
             next_id: AtomicUsize::new(1),
             transition: Mutex::new(Duration::from_millis(30)),
+            snapshots: Mutex::new(HashMap::new()),
         });
         let app = Router::new()
             .route("/sandbox", post(create))
@@ -262,6 +264,14 @@ impl DaytonaEmulator {
             .route("/sandbox/{id}/recover", post(recover))
             .route("/sandbox/{id}/archive", post(archive))
             .route("/sandbox/{id}/autodelete/{m}", post(autodelete))
+            .route("/sandbox/{id}/labels", axum::routing::put(put_labels))
+            .route("/sandbox/{id}/ports/{port}/preview-url", get(preview_url))
+            .route("/sandbox/{id}/ssh-access", post(ssh_access))
+            .route("/sandbox/{id}/snapshot", post(snapshot_sandbox))
+            .route(
+                "/snapshots/{name}",
+                get(get_snapshot).delete(delete_snapshot),
+            )
             .route("/toolbox/{id}/work-dir", get(work_dir))
             .route("/toolbox/{id}/user-home-dir", get(work_dir))
             .route("/toolbox/{id}/files/folder", post(folder))
@@ -749,6 +759,112 @@ async fn autodelete(
     }) {
         Some(()) => StatusCode::OK.into_response(),
         None => not_found(&id),
+    }
+}
+
+async fn put_labels(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let labels = body.get("labels").cloned().unwrap_or(json!({}));
+    match with_sandbox(&shared, &id, |s| {
+        s.labels = labels.clone();
+        s.updated_at = now();
+    }) {
+        Some(()) => Json(json!({"labels": labels})),
+        None => not_found(&id),
+    }
+}
+
+async fn preview_url(
+    State(shared): State<Arc<Shared>>,
+    Path((id, port)): Path<(String, u16)>,
+) -> Response {
+    match with_sandbox(&shared, &id, |_| ()) {
+        Some(()) => Json(
+            json!({"sandboxId": id, "url": format!("https://{port}-{id}.proxy.daytona.invalid"),
+            "token": format!("preview-{}", uuid::Uuid::new_v4().simple())}),
+        ),
+        None => not_found(&id),
+    }
+}
+
+async fn ssh_access(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    match with_sandbox(&shared, &id, |_| ()) {
+        Some(()) => {
+            let token = format!("ssh-{}", uuid::Uuid::new_v4().simple());
+            Json(
+                json!({"id": uuid::Uuid::new_v4().to_string(), "sandboxId": id, "token": token,
+                "sshCommand": format!("ssh {token}@ssh.daytona.invalid"), "expiresAt": now(),
+                "createdAt": now(), "updatedAt": now()}),
+            )
+        }
+        None => not_found(&id),
+    }
+}
+
+async fn snapshot_sandbox(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let Some(name) = body["name"].as_str().map(str::to_owned) else {
+        return api_error(400, "name is required", &format!("/sandbox/{id}/snapshot"));
+    };
+    let delay = shared.transition();
+    let result = with_sandbox(&shared, &id, |s| {
+        if s.state != "started" {
+            return Err(format!(
+                "Sandbox is in state {} and cannot be snapshotted",
+                s.state
+            ));
+        }
+        s.state = "snapshotting".into();
+        s.pending = Some(("started".to_owned(), Instant::now() + delay));
+        Ok(shared.sandbox_json(&id, s))
+    });
+    match result {
+        None => not_found(&id),
+        Some(Err(m)) => api_error(400, &m, &format!("/sandbox/{id}/snapshot")),
+        Some(Ok(v)) => {
+            if let Ok(mut snapshots) = shared.snapshots.lock() {
+                snapshots.insert(name, format!("snap-{}", uuid::Uuid::new_v4().simple()));
+            }
+            Json(v)
+        }
+    }
+}
+
+async fn get_snapshot(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    let snapshots = shared.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+    match snapshots
+        .iter()
+        .find(|(n, sid)| **n == name || **sid == name)
+    {
+        Some((n, sid)) => Json(json!({"id": sid, "name": n, "state": "active"})),
+        None => api_error(
+            404,
+            &format!("Snapshot {name} not found"),
+            &format!("/snapshots/{name}"),
+        ),
+    }
+}
+
+async fn delete_snapshot(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    let mut snapshots = shared.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+    let before = snapshots.len();
+    snapshots.retain(|n, sid| *n != name && *sid != name);
+    if snapshots.len() < before {
+        StatusCode::OK.into_response()
+    } else {
+        api_error(
+            404,
+            &format!("Snapshot {name} not found"),
+            &format!("/snapshots/{name}"),
+        )
     }
 }
 
