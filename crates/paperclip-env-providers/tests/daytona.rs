@@ -391,6 +391,20 @@ async fn reusable_release_stops_and_resume_starts_with_sentinel() {
     s.run(&lease, ExecuteRequest::shell("echo kept > kept.txt"))
         .await
         .unwrap();
+    let sentinel = s
+        .run(
+            &lease,
+            ExecuteRequest::new("cat").arg(".paperclip-runtime/reusable-sandbox-lease.json"),
+        )
+        .await
+        .unwrap();
+    let sentinel: Value = serde_json::from_str(&sentinel.stdout).unwrap();
+    assert_eq!(sentinel["version"], 1);
+    assert_eq!(
+        sentinel["token"],
+        lease.metadata.as_ref().unwrap()["workspaceSentinel"]["token"]
+    );
+    assert!(sentinel["writtenAt"].as_str().unwrap().contains('T'));
     s.release(&lease, reuse.clone()).await.unwrap();
     assert_eq!(s.emu.sandboxes()[0].state, "stopped");
     let resumed = s

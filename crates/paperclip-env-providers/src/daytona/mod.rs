@@ -464,7 +464,7 @@ impl DaytonaProvider {
         let content = serde_json::to_string_pretty(&json!({
             "version": 1, "token": token, "companyId": ctx.company_id,
             "environmentId": ctx.environment_id, "provider": "daytona",
-            "writtenAt": chrono_like_now(),
+            "writtenAt": iso_now(),
         }))
         .unwrap_or_default();
         tb.upload(
@@ -800,8 +800,8 @@ impl DaytonaProvider {
 }
 
 /// Current time as ISO-8601 (UTC, seconds).
-fn chrono_like_now() -> String {
-    paperclip_env_core::time::now().to_string()
+fn iso_now() -> String {
+    paperclip_env_core::time::now().to_rfc3339()
 }
 
 fn expired(extra: Option<(&str, Value)>) -> ProviderLease {
