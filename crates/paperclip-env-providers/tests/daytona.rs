@@ -959,3 +959,35 @@ async fn emulator_answers_the_auxiliary_api_routes() {
     s.release(&lease, json!({})).await.unwrap();
     assert_eq!(s.emu.live_sandboxes(), 0);
 }
+
+#[tokio::test]
+async fn cached_handle_is_reused_and_a_stale_one_is_refreshed() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    let id = lease.id().unwrap().to_owned();
+    let first = s.run(&lease, ExecuteRequest::new("true")).await.unwrap();
+    assert_eq!(first.metadata.unwrap()["cacheHit"], false);
+    let second = s.run(&lease, ExecuteRequest::new("true")).await.unwrap();
+    assert_eq!(second.metadata.unwrap()["cacheHit"], true);
+    // Auto-stopped behind the cached handle: the command never started, so
+    // the sandbox is started again and the command runs exactly once.
+    s.emu.set_state(&id, "stopped", false, None);
+    let execs = s.emu.exec_calls();
+    let r = s
+        .run(
+            &lease,
+            ExecuteRequest::shell("echo ran >> count.txt; cat count.txt"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "ran\n");
+    assert_eq!(s.emu.exec_calls(), execs + 2, "one refused exec, one real");
+    let starts = s
+        .emu
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/start"))
+        .count();
+    assert_eq!(starts, 1);
+    s.release(&lease, json!({})).await.unwrap();
+}

@@ -142,6 +142,7 @@ impl DaytonaProviderBuilder {
                 drain_window: self.drain_window.unwrap_or(Duration::from_millis(1500)),
                 sessions: Mutex::new(HashMap::new()),
                 session_gate: tokio::sync::Mutex::new(()),
+                handles: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -159,6 +160,9 @@ struct Inner {
     sessions: Mutex<HashMap<String, String>>,
     /// Makes session creation single-flight.
     session_gate: tokio::sync::Mutex<()>,
+    /// Sandbox record per lease (same keys), refreshed after half the
+    /// auto-stop interval (spec 22 §3.13).
+    handles: Mutex<HashMap<String, (Sandbox, std::time::Instant)>>,
 }
 
 /// The Daytona provider. Cheap to clone.
@@ -356,6 +360,62 @@ impl DaytonaProvider {
             ctx.company_id.as_deref().unwrap_or(""),
             ctx.environment_id
         )
+    }
+
+    fn evict_handle(&self, key: &str) {
+        self.inner
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    fn remember_handle(&self, key: &str, sandbox: &Sandbox) {
+        self.inner
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_owned(), (sandbox.clone(), std::time::Instant::now()));
+    }
+
+    /// The cached sandbox record, or a fresh `GET`; `(sandbox, cache hit)`.
+    /// A hit must be the lease's sandbox; failed lookups are never cached.
+    async fn handle(&self, settings: &Settings, key: &str, id: &str) -> Result<(Sandbox, bool)> {
+        let cached = self
+            .inner
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        if let Some((sandbox, at)) = cached {
+            if sandbox.id != id {
+                self.evict_handle(key);
+                return Err(Error::provider(
+                    KEY,
+                    format!(
+                        "cached Daytona sandbox {} does not match lease {id}",
+                        sandbox.id
+                    ),
+                ));
+            }
+            let stop_minutes = settings.config.auto_stop_interval;
+            let fresh = stop_minutes <= 0
+                || at.elapsed() < Duration::from_millis(stop_minutes as u64 * 30_000);
+            if fresh {
+                return Ok((sandbox, true));
+            }
+        }
+        match self.get_or_gone(settings, id).await {
+            Ok(sandbox) => {
+                self.remember_handle(key, &sandbox);
+                Ok((sandbox, false))
+            }
+            Err(error) => {
+                self.evict_handle(key);
+                Err(error)
+            }
+        }
     }
 
     fn forget_session(&self, key: &str) -> Option<String> {
@@ -655,9 +715,9 @@ impl DaytonaProvider {
         tb: &Toolbox<'_>,
         key: &str,
         script: &str,
-        timeout_ms: u64,
-        timeout_message: &str,
+        (timeout_ms, timeout_message): (u64, &str),
         output: &OutputCollector,
+        accepted: &mut bool,
     ) -> Result<CommandExit> {
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let command = format!("( {script} )");
@@ -686,7 +746,10 @@ impl DaytonaProvider {
             };
             drop(gate);
             match tb.exec_async(&sid, &command).await? {
-                Some(cid) => break (sid, cid),
+                Some(cid) => {
+                    *accepted = true;
+                    break (sid, cid);
+                }
                 None if attempt == 0 => {
                     debug!("session not found; opening a new one");
                     self.forget_session(key);
@@ -944,6 +1007,7 @@ impl SandboxProvider for DaytonaProvider {
         let Some(id) = lease.id() else {
             return Ok(expired(None));
         };
+        self.evict_handle(&Self::session_key(&settings, ctx, id));
         let Some(sandbox) = self.api(&settings).get(id).await? else {
             return Ok(expired(None));
         };
@@ -974,6 +1038,7 @@ impl SandboxProvider for DaytonaProvider {
     ) -> Result<()> {
         let Some(id) = lease.id() else { return Ok(()) };
         let settings = self.settings(ctx)?;
+        self.evict_handle(&Self::session_key(&settings, ctx, id));
         let api = self.api(&settings);
         let Some(sandbox) = api.get(id).await? else {
             self.forget_session(&Self::session_key(&settings, ctx, id));
@@ -1020,6 +1085,7 @@ impl SandboxProvider for DaytonaProvider {
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
         let Some(id) = lease.id() else { return Ok(()) };
         let settings = self.settings(ctx)?;
+        self.evict_handle(&Self::session_key(&settings, ctx, id));
         let api = self.api(&settings);
         if let Some(sandbox) = api.get(id).await? {
             self.teardown_session(&settings, ctx, &sandbox).await;
@@ -1104,34 +1170,78 @@ impl SandboxProvider for DaytonaProvider {
             format!("Command timed out after {} s.", secs(timeout_ms))
         };
         let key = Self::session_key(&settings, ctx, id);
-        let sandbox = self.get_or_gone(&settings, id).await?;
-        if sandbox.state() != "started" {
-            self.forget_session(&key);
-        }
-        let sandbox = self
-            .ensure_started(&settings, sandbox, secs(timeout_ms))
-            .await?;
-        let tb = self.toolbox(&settings, &sandbox);
-        if let (Some(path), Some(stdin)) = (&stdin_path, &request.stdin)
-            && let Err(error) = tb
-                .upload(path, stdin.as_bytes(), Duration::from_millis(timeout_ms))
+        let started = Instant::now();
+        let mut attempt = 0;
+        let (result, hit) = loop {
+            let (sandbox, hit) = self.handle(&settings, &key, id).await?;
+            if sandbox.state() != "started" {
+                self.forget_session(&key);
+            }
+            let sandbox = match self
+                .ensure_started(&settings, sandbox, secs(timeout_ms))
                 .await
-        {
-            let _ = tb.delete_file(path).await;
-            return Err(error);
-        }
-        let result = self
-            .run_in_session(&tb, &key, &script, timeout_ms, &timeout_message, output)
-            .await;
-        if let Some(path) = &stdin_path
-            && let Err(error) = tb.delete_file(path).await
-        {
-            debug!(%error, "removing the staged stdin file failed");
-        }
+            {
+                Ok(sandbox) => sandbox,
+                Err(error) => {
+                    self.evict_handle(&key);
+                    return Err(error);
+                }
+            };
+            self.remember_handle(&key, &sandbox);
+            let tb = self.toolbox(&settings, &sandbox);
+            let mut accepted = false;
+            let result = match (&stdin_path, &request.stdin) {
+                (Some(path), Some(stdin)) => {
+                    tb.upload(path, stdin.as_bytes(), Duration::from_millis(timeout_ms))
+                        .await
+                }
+                _ => Ok(()),
+            };
+            let result = match result {
+                Ok(()) => {
+                    self.run_in_session(
+                        &tb,
+                        &key,
+                        &script,
+                        (timeout_ms, &timeout_message),
+                        output,
+                        &mut accepted,
+                    )
+                    .await
+                }
+                Err(error) => Err(error),
+            };
+            if let Some(path) = &stdin_path
+                && let Err(error) = tb.delete_file(path).await
+            {
+                debug!(%error, "removing the staged stdin file failed");
+            }
+            match result {
+                // The command never started: if the sandbox stopped behind
+                // our back (auto-stop, stale handle), start it and retry once.
+                Err(error) if !accepted && attempt == 0 => {
+                    self.evict_handle(&key);
+                    match self.api(&settings).get(id).await {
+                        Ok(Some(fresh)) if fresh.state() != "started" => {
+                            debug!(sandbox = id, state = fresh.state(), %error, "sandbox not started; retrying once");
+                            self.forget_session(&key);
+                            attempt += 1;
+                        }
+                        _ => break (Err(error), hit),
+                    }
+                }
+                other => break (other, hit),
+            }
+        };
         let mut exit = result?;
         let mut md = JsonObject::new();
         md.insert("provider".into(), json!(KEY));
         md.insert("sandboxId".into(), json!(id));
+        md.insert("cacheHit".into(), json!(hit));
+        md.insert(
+            "durationMs".into(),
+            json!(started.elapsed().as_millis() as u64),
+        );
         exit.metadata = Some(md);
         Ok(exit)
     }
