@@ -991,3 +991,55 @@ async fn cached_handle_is_reused_and_a_stale_one_is_refreshed() {
     assert_eq!(starts, 1);
     s.release(&lease, json!({})).await.unwrap();
 }
+
+#[tokio::test]
+async fn released_lease_refuses_commands_until_resumed() {
+    let s = setup().await;
+    let reuse = json!({"reuseLease": true});
+    let lease = s.acquire(reuse.clone()).await;
+    // Release waits for the running command instead of cutting it off.
+    let (run, released) = tokio::join!(
+        s.run(&lease, ExecuteRequest::shell("sleep 0.5; printf finished")),
+        async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.release(&lease, reuse.clone()).await
+        }
+    );
+    assert_eq!(run.unwrap().stdout, "finished");
+    released.unwrap();
+    let output = OutputCollector::buffered();
+    let err = s
+        .provider
+        .execute(
+            &s.ctx(reuse.clone()),
+            &lease,
+            &ExecuteRequest::new("true"),
+            &output,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is no longer active"), "{err}");
+    assert_eq!(
+        s.emu.sandboxes()[0].state,
+        "stopped",
+        "the refused command must not start the sandbox"
+    );
+    let resumed = s
+        .provider
+        .resume(&s.ctx(reuse.clone()), &lease)
+        .await
+        .unwrap();
+    assert!(resumed.provider_lease_id.is_some());
+    let output = OutputCollector::buffered();
+    s.provider
+        .execute(
+            &s.ctx(reuse.clone()),
+            &lease,
+            &ExecuteRequest::new("true"),
+            &output,
+        )
+        .await
+        .unwrap();
+    s.provider.destroy(&s.ctx(reuse), &lease).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
+}

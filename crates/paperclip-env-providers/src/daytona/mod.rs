@@ -143,6 +143,7 @@ impl DaytonaProviderBuilder {
                 sessions: Mutex::new(HashMap::new()),
                 session_gate: tokio::sync::Mutex::new(()),
                 handles: Mutex::new(HashMap::new()),
+                gates: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -163,6 +164,9 @@ struct Inner {
     /// Sandbox record per lease (same keys), refreshed after half the
     /// auto-stop interval (spec 22 §3.13).
     handles: Mutex<HashMap<String, (Sandbox, std::time::Instant)>>,
+    /// Admission per lease: executes hold a read guard; teardown takes the
+    /// write guard (waiting for running commands) and closes admission.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::RwLock<bool>>>>,
 }
 
 /// The Daytona provider. Cheap to clone.
@@ -360,6 +364,23 @@ impl DaytonaProvider {
             ctx.company_id.as_deref().unwrap_or(""),
             ctx.environment_id
         )
+    }
+
+    fn gate(&self, key: &str) -> Arc<tokio::sync::RwLock<bool>> {
+        self.inner
+            .gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Waits for running commands on the lease, then sets whether new
+    /// ones are refused.
+    async fn set_closed(&self, key: &str, closed: bool) {
+        let gate = self.gate(key);
+        *gate.write().await = closed;
     }
 
     fn evict_handle(&self, key: &str) {
@@ -1007,7 +1028,8 @@ impl SandboxProvider for DaytonaProvider {
         let Some(id) = lease.id() else {
             return Ok(expired(None));
         };
-        self.evict_handle(&Self::session_key(&settings, ctx, id));
+        let key = Self::session_key(&settings, ctx, id);
+        self.evict_handle(&key);
         let Some(sandbox) = self.api(&settings).get(id).await? else {
             return Ok(expired(None));
         };
@@ -1027,6 +1049,7 @@ impl SandboxProvider for DaytonaProvider {
         }
         let shell = self.detect_shell(&tb, settings.seconds()).await;
         let md = Self::lease_metadata(&settings, &sandbox, &cwd, shell, sentinel, Some(&from));
+        self.set_closed(&key, false).await;
         Ok(ProviderLease::new(id, md))
     }
 
@@ -1038,7 +1061,9 @@ impl SandboxProvider for DaytonaProvider {
     ) -> Result<()> {
         let Some(id) = lease.id() else { return Ok(()) };
         let settings = self.settings(ctx)?;
-        self.evict_handle(&Self::session_key(&settings, ctx, id));
+        let key = Self::session_key(&settings, ctx, id);
+        self.set_closed(&key, true).await;
+        self.evict_handle(&key);
         let api = self.api(&settings);
         let Some(sandbox) = api.get(id).await? else {
             self.forget_session(&Self::session_key(&settings, ctx, id));
@@ -1085,7 +1110,9 @@ impl SandboxProvider for DaytonaProvider {
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
         let Some(id) = lease.id() else { return Ok(()) };
         let settings = self.settings(ctx)?;
-        self.evict_handle(&Self::session_key(&settings, ctx, id));
+        let key = Self::session_key(&settings, ctx, id);
+        self.set_closed(&key, true).await;
+        self.evict_handle(&key);
         let api = self.api(&settings);
         if let Some(sandbox) = api.get(id).await? {
             self.teardown_session(&settings, ctx, &sandbox).await;
@@ -1170,6 +1197,13 @@ impl SandboxProvider for DaytonaProvider {
             format!("Command timed out after {} s.", secs(timeout_ms))
         };
         let key = Self::session_key(&settings, ctx, id);
+        let gate = self.gate(&key);
+        let admitted = gate.read().await;
+        if *admitted {
+            return Err(Error::not_found(format!(
+                "Daytona sandbox lease {id} is no longer active."
+            )));
+        }
         let started = Instant::now();
         let mut attempt = 0;
         let (result, hit) = loop {
