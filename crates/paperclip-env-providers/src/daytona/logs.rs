@@ -180,6 +180,25 @@ mod tests {
         assert_eq!(stderr, b"err");
     }
 
+    #[tokio::test]
+    async fn https_toolboxes_get_tls_websockets() {
+        // A TCP peer that hangs up: the TLS handshake fails, which proves
+        // TLS support is compiled in (`wss://` for https toolbox URLs).
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            if let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let headers = reqwest::header::HeaderMap::new();
+        let err = match connect(&format!("https://127.0.0.1:{port}/logs"), &headers).await {
+            Ok(_) => panic!("connected to a peer that hung up"),
+            Err(e) => e.to_string(),
+        };
+        assert!(!err.contains("TLS support not compiled"), "{err}");
+    }
+
     #[test]
     fn replay_skips_delivered_prefix() {
         let output = OutputCollector::buffered();
