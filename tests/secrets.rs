@@ -1,6 +1,6 @@
 //! Secrets (spec 11 Part D): never in metadata, Debug, Display, errors or logs.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use paperclip_env::core::config::{ConfigShape, SshConfig};
 use paperclip_env::core::secrecy::ExposeSecret;

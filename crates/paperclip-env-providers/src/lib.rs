@@ -10,7 +10,8 @@
 //! | `cloudflare` | Cloudflare Sandbox through the Paperclip bridge Worker (JSON + SSE) |
 //! | `http` | the shared HTTP machinery (enabled by every HTTP provider) |
 //! | `ssh` | the `ssh` runtime driver and reusable SSH transport ([`ssh`]) |
-//! | `daytona`, `exe-dev`, `modal`, `kubernetes` | reserved for their providers |
+//! | `daytona` | Daytona sandboxes: REST API plus the toolbox daemon (sessions, WebSocket logs) |
+//! | `exe-dev`, `modal`, `kubernetes` | reserved for their providers |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -33,3 +34,6 @@ pub mod cloudflare;
 
 #[cfg(feature = "ssh")]
 pub mod ssh;
+
+#[cfg(feature = "daytona")]
+pub mod daytona;

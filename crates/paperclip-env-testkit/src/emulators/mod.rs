@@ -5,4 +5,6 @@
 // Handlers return `Result<Response, Response>`: both arms are HTTP answers.
 #[allow(clippy::result_large_err)]
 pub mod cloudflare_bridge;
+#[allow(clippy::result_large_err)]
+pub mod daytona;
 pub mod e2b;
