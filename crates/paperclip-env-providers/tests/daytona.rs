@@ -772,29 +772,9 @@ async fn file_upload_and_download() {
     );
 }
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn no_api_key_in_any_log_line() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (capture, _guard) = paperclip_env_testkit::logs::LogCapture::start();
     let s = setup().await;
     let secrets = Arc::new(InMemorySecretResolver::new());
     let key_id = secrets.insert(KEY);
@@ -825,7 +805,7 @@ async fn no_api_key_in_any_log_line() {
     let _ = runtime
         .release_run_leases("run-l", LeaseStatus::Released)
         .await;
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(logs.contains("http"), "the capture saw the HTTP spans");
     assert!(!logs.contains(KEY), "a log line carries the API key");
     assert!(!format!("{:?}", s.provider).contains(KEY));
@@ -1042,4 +1022,80 @@ async fn released_lease_refuses_commands_until_resumed() {
         .unwrap();
     s.provider.destroy(&s.ctx(reuse), &lease).await.unwrap();
     assert_eq!(s.emu.live_sandboxes(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_round_trip_through_the_toolbox_file_api() {
+    use paperclip_env_core::workspace::{SyncOptions, TransferMethod, WorkspaceSync};
+    let s = setup().await;
+    let secrets = Arc::new(InMemorySecretResolver::new());
+    let key_id = secrets.insert(KEY);
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(s.provider.clone()))
+        .secrets(secrets)
+        .build();
+    let env = Environment::new(
+        "env-w",
+        "Daytona",
+        "sandbox",
+        json!({"provider": "daytona", "apiKey": key_id, "apiUrl": s.emu.url()}),
+    );
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-w"))
+        .await
+        .unwrap()
+        .lease;
+    let remote = lease.remote_cwd().unwrap().to_owned();
+    let local = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(local.path().join("pkg")).unwrap();
+    std::fs::write(local.path().join("pkg/lib.txt"), "v1\n").unwrap();
+    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease)
+        .await
+        .unwrap();
+    let up = sync
+        .upload(local.path(), &remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(up.method, TransferMethod::Native("daytona-files".into()));
+    let cat = runtime
+        .execute(
+            &env,
+            &lease,
+            &ExecuteRequest::new("cat")
+                .arg("pkg/lib.txt")
+                .cwd(remote.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cat.stdout, "v1\n");
+    runtime
+        .execute(
+            &env,
+            &lease,
+            &ExecuteRequest::new("sh")
+                .arg("-c")
+                .arg("printf v2 > pkg/lib.txt")
+                .cwd(remote.clone()),
+        )
+        .await
+        .unwrap();
+    let down = sync
+        .download(
+            &remote,
+            local.path(),
+            Some(&up.baseline),
+            &SyncOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(down.method, TransferMethod::Native("daytona-files".into()));
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("pkg/lib.txt")).unwrap(),
+        "v2"
+    );
+    runtime
+        .release_run_leases("run-w", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
 }

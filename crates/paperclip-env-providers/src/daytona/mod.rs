@@ -920,9 +920,24 @@ impl SandboxProvider for DaytonaProvider {
             streaming: true,
             stdin: true,
             multi_command_exec: true,
-            native_sync: false,
+            native_sync: true,
             signals: false,
         }
+    }
+
+    async fn workspace_transport(
+        &self,
+        ctx: &CallContext,
+        lease: &LeaseHandle,
+    ) -> Result<Option<std::sync::Arc<dyn paperclip_env_core::workspace::WorkspaceTransport>>> {
+        if lease.id().is_none() {
+            return Ok(None);
+        }
+        Ok(Some(std::sync::Arc::new(ToolboxFiles {
+            provider: self.clone(),
+            ctx: ctx.clone(),
+            lease: lease.clone(),
+        })))
     }
 
     fn config_schema(&self) -> Value {
@@ -1380,6 +1395,64 @@ impl DaytonaProvider {
         self.toolbox(&settings, &sandbox)
             .download(path, Duration::from_secs(settings.seconds()))
             .await
+    }
+}
+
+/// Workspace archives through the toolbox file API instead of base64 over exec.
+struct ToolboxFiles {
+    provider: DaytonaProvider,
+    ctx: CallContext,
+    lease: LeaseHandle,
+}
+
+impl ToolboxFiles {
+    fn timed_out(what: &str, timeout_ms: u64) -> Error {
+        Error::Timeout {
+            operation: format!("daytona {what}"),
+            after: Duration::from_millis(timeout_ms),
+        }
+    }
+}
+
+#[async_trait]
+impl paperclip_env_core::workspace::WorkspaceTransport for ToolboxFiles {
+    fn name(&self) -> &str {
+        "daytona-files"
+    }
+
+    async fn put_file(&self, local: &std::path::Path, remote: &str, timeout_ms: u64) -> Result<()> {
+        let data = tokio::fs::read(local).await.map_err(|e| {
+            Error::provider_with_source(
+                "daytona",
+                format!("reading {} failed", local.display()),
+                false,
+                e,
+            )
+        })?;
+        tokio::time::timeout(
+            Duration::from_millis(timeout_ms.max(1)),
+            self.provider
+                .upload_file(&self.ctx, &self.lease, remote, &data),
+        )
+        .await
+        .map_err(|_| Self::timed_out("file upload", timeout_ms))?
+    }
+
+    async fn get_file(&self, remote: &str, local: &std::path::Path, timeout_ms: u64) -> Result<()> {
+        let data = tokio::time::timeout(
+            Duration::from_millis(timeout_ms.max(1)),
+            self.provider.download_file(&self.ctx, &self.lease, remote),
+        )
+        .await
+        .map_err(|_| Self::timed_out("file download", timeout_ms))??;
+        tokio::fs::write(local, data).await.map_err(|e| {
+            Error::provider_with_source(
+                "daytona",
+                format!("writing {} failed", local.display()),
+                false,
+                e,
+            )
+        })
     }
 }
 
