@@ -10,7 +10,7 @@ use paperclip_env::core::{
     AcquireRequest, CallContext, ExecuteRequest, LeaseHandle, OutputCollector, ProviderConfig,
     SandboxProvider,
 };
-use paperclip_env::providers::e2b::E2bProvider;
+use paperclip_env_providers::e2b::E2bProvider;
 use paperclip_env_testkit::emulators::e2b::{E2bEmulator, Profile};
 use secrecy::SecretString;
 use serde_json::json;

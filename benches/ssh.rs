@@ -10,7 +10,7 @@ use paperclip_env::core::{
     AcquireRunLease, Environment, EnvironmentRuntime, ExecuteRequest, OutputCapture, OutputSink,
     OutputStream,
 };
-use paperclip_env::providers::ssh::SshDriver;
+use paperclip_env_providers::ssh::SshDriver;
 use paperclip_env_testkit::fixtures::sshd::{self, SshServer};
 use serde_json::json;
 
