@@ -373,3 +373,103 @@ async fn ssh_endpoint_override_and_validation() {
     );
     assert_eq!(v.warnings.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_api_times_out() {
+    let Some(e) = env().await else { return };
+    let mut cfg = config(&e);
+    cfg["timeoutMs"] = json!(300);
+    e.api
+        .inject(ExeCommand::New, ExeFault::Delay(Duration::from_secs(2)), 1);
+    let err = e
+        .provider
+        .acquire(&ctx(cfg), &acquire_request("slow"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_realize_and_workspace_transport() {
+    let Some(e) = env().await else { return };
+    let c = ctx(config(&e));
+    let lease = e
+        .provider
+        .acquire(&c, &acquire_request("ws"))
+        .await
+        .unwrap();
+    let h = handle(&lease);
+    let resumed = e.provider.resume(&c, &h).await.unwrap();
+    assert_eq!(resumed.provider_lease_id, lease.provider_lease_id);
+    assert_eq!(resumed.metadata.as_ref().unwrap()["resumedLease"], true);
+    let target = e.srv.dir().join("realized dir").display().to_string();
+    let spec = paperclip_env_core::realize::WorkspaceSpec {
+        remote_path: Some(target.clone()),
+        ..Default::default()
+    };
+    let mut md = h.metadata.clone().unwrap();
+    md.remove("remoteCwd");
+    let no_cwd = LeaseHandle {
+        metadata: Some(md),
+        ..h.clone()
+    };
+    let realized = e
+        .provider
+        .realize_workspace(&c, &no_cwd, &spec)
+        .await
+        .unwrap();
+    assert_eq!(realized.cwd, target);
+    assert!(std::path::Path::new(&target).is_dir());
+    assert!(e.provider.capabilities().native_sync);
+    let transport = e
+        .provider
+        .workspace_transport(&c, &h)
+        .await
+        .unwrap()
+        .unwrap();
+    let local = e.srv.dir().join("local.bin");
+    std::fs::write(&local, b"archive bytes").unwrap();
+    let remote = format!("{target}/copy.bin");
+    transport.put_file(&local, &remote, 10_000).await.unwrap();
+    let back = e.srv.dir().join("back.bin");
+    transport.get_file(&remote, &back, 10_000).await.unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), b"archive bytes");
+    e.provider
+        .release(&c, &h, LeaseStatus::Released)
+        .await
+        .unwrap();
+    assert_eq!(e.api.live_vms(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stay_out_of_logs_metadata_and_debug() {
+    let Some(e) = env().await else { return };
+    let (logs, _guard) = paperclip_env_testkit::logs::LogCapture::start();
+    let c = ctx(config(&e));
+    let key = e.srv.client_key().private_key.clone();
+    let key_body = key.lines().nth(1).unwrap_or_default().to_owned();
+    let lease = e
+        .provider
+        .acquire(&c, &acquire_request("sec"))
+        .await
+        .unwrap();
+    let h = handle(&lease);
+    let out = OutputCollector::buffered();
+    e.provider
+        .execute(&c, &h, &ExecuteRequest::new("true"), &out)
+        .await
+        .unwrap();
+    e.provider
+        .release(&c, &h, LeaseStatus::Released)
+        .await
+        .unwrap();
+    let md = serde_json::to_string(&lease.metadata).unwrap();
+    for secret in [TOKEN, key_body.as_str()] {
+        assert!(!logs.text().contains(secret));
+        assert!(!md.contains(secret));
+        assert!(!format!("{:?}", e.provider).contains(secret));
+    }
+    let parsed = paperclip_env_providers::exe_dev::ExeDevConfig::from_provider_config(&c.config);
+    assert!(!format!("{parsed:?}").contains(TOKEN));
+    assert!(!format!("{parsed:?}").contains(&key_body));
+}
