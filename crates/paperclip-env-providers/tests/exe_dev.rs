@@ -47,6 +47,7 @@ async fn env() -> Option<Env> {
     let provider = ExeDevProvider::builder()
         .known_hosts(srv.known_hosts())
         .connect_timeout(Duration::from_secs(5))
+        .ssh_connect_retries(2, Duration::from_millis(50))
         .build()
         .unwrap();
     Some(Env { srv, api, provider })
@@ -472,4 +473,42 @@ async fn secrets_stay_out_of_logs_metadata_and_debug() {
     let parsed = paperclip_env_providers::exe_dev::ExeDevConfig::from_provider_config(&c.config);
     assert!(!format!("{parsed:?}").contains(TOKEN));
     assert!(!format!("{parsed:?}").contains(&key_body));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_key_problems_remove_the_vm() {
+    let Some(e) = env().await else { return };
+    // Passes the linter, but is not a loadable key.
+    let mut cfg = config(&e);
+    cfg["sshPrivateKey"] =
+        json!("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----");
+    let err = e
+        .provider
+        .acquire(&ctx(cfg), &acquire_request("badkey"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("isn't an OpenSSH-format private key"),
+        "{err}"
+    );
+    assert_eq!(e.api.live_vms(), 0);
+    // A valid key the VM does not accept.
+    let other = sshd::generate_key(e.srv.dir(), "stranger").unwrap();
+    let mut cfg = config(&e);
+    cfg["sshPrivateKey"] = json!(other.private_key);
+    let err = e
+        .provider
+        .acquire(&ctx(cfg), &acquire_request("auth"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("Failed to inspect exe.dev VM"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(&other.private_key));
+    assert_eq!(e.api.live_vms(), 0);
+    assert_eq!(e.api.remove_calls(), 2);
 }

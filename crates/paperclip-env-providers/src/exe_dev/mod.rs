@@ -30,6 +30,9 @@
 //! - Non-zero exits keep the command's own stderr (it is streamed); only
 //!   SSH-level failures are reported as `Failed to … exe.dev VM …` errors.
 //! - With `reuseLease`, acquire adopts an existing VM with the run's name.
+//! - The first SSH connection to a VM is retried with back-off on
+//!   connection-level failures (a fresh VM may still be booting); auth and
+//!   host-key failures are never retried.
 
 mod config;
 
@@ -74,6 +77,8 @@ pub struct ExeDevProviderBuilder {
     ssh_endpoint: Option<(String, u16)>,
     known_hosts: Option<String>,
     connect_timeout: Duration,
+    ssh_connect_retries: u32,
+    ssh_retry_backoff: Duration,
 }
 
 impl std::fmt::Debug for ExeDevProviderBuilder {
@@ -137,6 +142,15 @@ impl ExeDevProviderBuilder {
         self
     }
 
+    /// Retries of the first SSH connection to a VM on connection-level
+    /// failures (refused, reset), with exponential back-off starting at
+    /// `backoff` (default 3 retries from 500 ms; `0` disables).
+    pub fn ssh_connect_retries(mut self, retries: u32, backoff: Duration) -> Self {
+        self.ssh_connect_retries = retries;
+        self.ssh_retry_backoff = backoff;
+        self
+    }
+
     /// Builds the provider.
     pub fn build(self) -> Result<ExeDevProvider> {
         let http = HttpClient::new(KEY, self.http)?;
@@ -148,6 +162,8 @@ impl ExeDevProviderBuilder {
                 ssh_endpoint: self.ssh_endpoint,
                 known_hosts: self.known_hosts,
                 connect_timeout: self.connect_timeout,
+                ssh_connect_retries: self.ssh_connect_retries,
+                ssh_retry_backoff: self.ssh_retry_backoff,
                 transports: Mutex::new(HashMap::new()),
             }),
         })
@@ -161,6 +177,8 @@ struct Inner {
     ssh_endpoint: Option<(String, u16)>,
     known_hosts: Option<String>,
     connect_timeout: Duration,
+    ssh_connect_retries: u32,
+    ssh_retry_backoff: Duration,
     transports: Mutex<HashMap<String, Arc<SshTransport>>>,
 }
 
@@ -384,6 +402,8 @@ impl ExeDevProvider {
             ssh_endpoint: None,
             known_hosts: None,
             connect_timeout: SSH_CONNECT_TIMEOUT,
+            ssh_connect_retries: 3,
+            ssh_retry_backoff: Duration::from_millis(500),
         }
     }
 
@@ -625,10 +645,31 @@ impl ExeDevProvider {
     ) -> Result<ProviderLease> {
         let t = self.transport(s, vm);
         let script = "h=\"$HOME\"; [ -n \"$h\" ] || h=\"$(pwd)\"; printf '%s\\n' \"$h\"; if command -v bash >/dev/null 2>&1; then echo bash; else echo sh; fi";
-        let out = t
-            .run_script(script, Self::command_timeout(s))
-            .await
-            .map_err(|e| ssh_error("inspect", &vm.name, e))?;
+        // A fresh VM may not accept SSH yet: retry connection-level
+        // failures with back-off (never auth or host-key failures).
+        let mut attempt = 0u32;
+        let out = loop {
+            match t.run_script(script, Self::command_timeout(s)).await {
+                Ok(out) => break out,
+                Err(e) => {
+                    let error = ssh_error("inspect", &vm.name, e);
+                    let transient = matches!(
+                        error,
+                        Error::Provider {
+                            retryable: true,
+                            ..
+                        }
+                    );
+                    if !transient || attempt >= self.inner.ssh_connect_retries {
+                        return Err(error);
+                    }
+                    let wait = self.inner.ssh_retry_backoff * 2u32.saturating_pow(attempt);
+                    debug!(vm = %vm.name, %error, wait_ms = wait.as_millis() as u64, "SSH not reachable yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        };
         if out.exit.exit_code != Some(0) {
             return Err(Error::provider(
                 KEY,
