@@ -11,7 +11,8 @@
 //! | `http` | the shared HTTP machinery (enabled by every HTTP provider) |
 //! | `ssh` | the `ssh` runtime driver and reusable SSH transport ([`ssh`]) |
 //! | `daytona` | Daytona sandboxes: REST API plus the toolbox daemon (sessions, WebSocket logs) |
-//! | `exe-dev`, `modal`, `kubernetes` | reserved for their providers |
+//! | `exe-dev` | exe.dev VMs: lifecycle over the HTTPS API, commands over SSH |
+//! | `modal`, `kubernetes` | reserved for their providers |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -37,3 +38,6 @@ pub mod ssh;
 
 #[cfg(feature = "daytona")]
 pub mod daytona;
+
+#[cfg(feature = "exe-dev")]
+pub mod exe_dev;

@@ -8,3 +8,4 @@ pub mod cloudflare_bridge;
 #[allow(clippy::result_large_err)]
 pub mod daytona;
 pub mod e2b;
+pub mod exe_dev;
