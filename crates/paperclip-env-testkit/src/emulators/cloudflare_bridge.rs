@@ -14,7 +14,7 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -129,7 +129,7 @@ impl BridgeRequest {
 struct Shared {
     token: String,
     sandboxes: Mutex<HashMap<String, CfSandbox>>,
-    faults: Mutex<HashMap<BridgeRoute, VecDeque<BridgeFault>>>,
+    faults: super::FaultQueue<BridgeRoute, BridgeFault>,
     requests: Mutex<Vec<BridgeRequest>>,
     scripts: Mutex<Vec<String>>,
     random: AtomicU64,
@@ -159,7 +159,7 @@ impl BridgeEmulator {
         let shared = Arc::new(Shared {
             token: token.to_owned(),
             sandboxes: Mutex::new(HashMap::new()),
-            faults: Mutex::new(HashMap::new()),
+            faults: Default::default(),
             requests: Mutex::new(Vec::new()),
             scripts: Mutex::new(Vec::new()),
             random: AtomicU64::new(0xabcd_0000),
@@ -260,20 +260,12 @@ impl BridgeEmulator {
 
     /// Queues `fault` for the next `times` requests of `route` (`usize::MAX`: sticky).
     pub fn inject(&self, route: BridgeRoute, fault: BridgeFault, times: usize) {
-        let mut faults = self.shared.faults.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = faults.entry(route).or_default();
-        for _ in 0..times.min(10_000) {
-            queue.push_back(fault.clone());
-        }
+        self.shared.faults.push(route, fault, times);
     }
 
     /// Removes every queued fault.
     pub fn clear_faults(&self) {
-        self.shared
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.shared.faults.clear();
     }
 
     /// Interval of `: keepalive` comments on streaming exec (default 15 s).
@@ -376,11 +368,7 @@ async fn auth_record_inject(
     }
     let mut request = Request::from_parts(parts, Body::from(bytes));
     if let Some(route) = route
-        && let Some(fault) = shared
-            .faults
-            .lock()
-            .ok()
-            .and_then(|mut f| f.get_mut(&route).and_then(VecDeque::pop_front))
+        && let Some(fault) = shared.faults.take(&route)
     {
         match fault {
             BridgeFault::Status(status, code) => {

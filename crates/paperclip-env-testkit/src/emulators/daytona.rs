@@ -13,7 +13,7 @@
 //! # }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -212,7 +212,7 @@ struct Shared {
     base: String,
     root: tempfile::TempDir,
     sandboxes: Mutex<HashMap<String, Sbx>>,
-    faults: Mutex<HashMap<Route, VecDeque<Fault>>>,
+    faults: super::FaultQueue<Route, Fault>,
     requests: Mutex<Vec<RecordedRequest>>,
     creates: AtomicUsize,
     execs: AtomicUsize,
@@ -248,7 +248,7 @@ impl DaytonaEmulator {
                 .prefix("paperclip-daytona-emulator-")
                 .tempdir()?,
             sandboxes: Mutex::new(HashMap::new()),
-            faults: Mutex::new(HashMap::new()),
+            faults: Default::default(),
             requests: Mutex::new(Vec::new()),
             creates: AtomicUsize::new(0),
             execs: AtomicUsize::new(0),
@@ -378,20 +378,12 @@ impl DaytonaEmulator {
 
     /// Queues `fault` for the next `times` requests of `route`.
     pub fn inject(&self, route: Route, fault: Fault, times: usize) {
-        let mut faults = self.shared.faults.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = faults.entry(route).or_default();
-        for _ in 0..times.min(10_000) {
-            queue.push_back(fault.clone());
-        }
+        self.shared.faults.push(route, fault, times);
     }
 
     /// Removes every queued fault.
     pub fn clear_faults(&self) {
-        self.shared
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.shared.faults.clear();
     }
 
     /// How long `creating`/`starting`/`stopping` last (default 30 ms).
@@ -442,7 +434,7 @@ impl Drop for DaytonaEmulator {
 
 impl Shared {
     fn take_fault(&self, route: Route) -> Option<Fault> {
-        self.faults.lock().ok()?.get_mut(&route)?.pop_front()
+        self.faults.take(&route)
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {

@@ -9,3 +9,45 @@ pub mod cloudflare_bridge;
 pub mod daytona;
 pub mod e2b;
 pub mod exe_dev;
+
+/// Faults queued per route: each request of a route takes the next one.
+pub(crate) struct FaultQueue<R, F> {
+    queues: std::sync::Mutex<std::collections::HashMap<R, std::collections::VecDeque<F>>>,
+}
+
+impl<R, F> Default for FaultQueue<R, F> {
+    fn default() -> Self {
+        FaultQueue {
+            queues: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl<R: std::hash::Hash + Eq, F: Clone> FaultQueue<R, F> {
+    /// Queues `fault` for the next `times` requests of `route` (capped at
+    /// 10,000; `usize::MAX` reads as "sticky").
+    pub(crate) fn push(&self, route: R, fault: F, times: usize) {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = queues.entry(route).or_default();
+        for _ in 0..times.min(10_000) {
+            queue.push_back(fault.clone());
+        }
+    }
+
+    /// Removes every queued fault.
+    pub(crate) fn clear(&self) {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The next fault queued for `route`.
+    pub(crate) fn take(&self, route: &R) -> Option<F> {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(route)?
+            .pop_front()
+    }
+}

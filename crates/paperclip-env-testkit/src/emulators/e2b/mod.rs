@@ -12,7 +12,7 @@
 
 mod envd;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -179,7 +179,7 @@ pub(crate) struct Shared {
     api_key: String,
     root: tempfile::TempDir,
     sandboxes: Mutex<HashMap<String, Sandbox>>,
-    faults: Mutex<HashMap<Route, VecDeque<Fault>>>,
+    faults: super::FaultQueue<Route, Fault>,
     requests: Mutex<Vec<RecordedRequest>>,
     next_id: AtomicU64,
     creates: AtomicUsize,
@@ -213,7 +213,7 @@ impl E2bEmulator {
                 .prefix("paperclip-e2b-emulator-")
                 .tempdir()?,
             sandboxes: Mutex::new(HashMap::new()),
-            faults: Mutex::new(HashMap::new()),
+            faults: Default::default(),
             requests: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
             creates: AtomicUsize::new(0),
@@ -314,20 +314,12 @@ impl E2bEmulator {
 
     /// Queues `fault` for the next `times` requests of `route` (`usize::MAX`: sticky).
     pub fn inject(&self, route: Route, fault: Fault, times: usize) {
-        let mut faults = self.shared.faults.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = faults.entry(route).or_default();
-        for _ in 0..times.min(10_000) {
-            queue.push_back(fault.clone());
-        }
+        self.shared.faults.push(route, fault, times);
     }
 
     /// Removes every queued fault.
     pub fn clear_faults(&self) {
-        self.shared
-            .faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.shared.faults.clear();
     }
 
     /// Makes a sandbox expire now (it becomes unknown to the API and envd).
@@ -372,7 +364,7 @@ impl Drop for E2bEmulator {
 
 impl Shared {
     fn take_fault(&self, route: Route) -> Option<Fault> {
-        self.faults.lock().ok()?.get_mut(&route)?.pop_front()
+        self.faults.take(&route)
     }
 
     fn reap_expired(&self) {
