@@ -33,6 +33,8 @@ pub mod drivers;
 mod error;
 pub mod execute;
 pub mod lease;
+#[cfg(feature = "plugin")]
+pub mod plugin;
 pub mod probe;
 pub mod provider;
 pub mod realize;

@@ -5,6 +5,8 @@
 //! - [`fake`]: the deterministic fake provider (`fake-plugin`), with fault injection.
 //! - [`conformance`]: the shared conformance suite (spec 11 Part A), one
 //!   public check per line, run by every provider's own test file.
+//! - `plugin_worker` (`plugin` feature): a reference worker of Paperclip's
+//!   plugin protocol serving the fake, and its `paperclip-env-plugin-worker` binary.
 //! - [`logs`]: captures `tracing` output so tests can prove no secret is logged.
 //! - [`recording`]: a provider wrapper that records every call, with
 //!   lifecycle assertions.
@@ -21,6 +23,8 @@ pub mod emulators;
 pub mod fake;
 pub mod fixtures;
 pub mod logs;
+#[cfg(feature = "plugin")]
+pub mod plugin_worker;
 pub mod postgres;
 pub mod recording;
 pub mod store_conformance;

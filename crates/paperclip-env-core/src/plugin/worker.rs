@@ -1,0 +1,1057 @@
+//! One plugin worker process: spawn, newline-delimited JSON-RPC framing,
+//! request ids, the pending-call map, readiness (the `initialize`
+//! handshake under a bounded wait), restart after a crash, and shutdown.
+//!
+//! Behaviour follows upstream `server/src/services/plugin-worker-manager.ts`
+//! (minimal environment, stderr forwarded to the log, pending calls failed
+//! with `WORKER_UNAVAILABLE` when the process exits, `shutdown` then SIGTERM
+//! then SIGKILL), with these differences, all deliberate:
+//! - the worker runs in its own process group, and the whole group is killed
+//!   on drop, on a call deadline and on shutdown, so nothing it started
+//!   outlives it;
+//! - a call whose deadline passes (or whose caller gives up) kills the
+//!   worker: the B protocol has no cancel method, so a worker still busy with
+//!   an abandoned call cannot be told to stop. The next call restarts it;
+//! - a line on stdout that is not JSON-RPC 2.0 fails the pending calls with a
+//!   protocol error and restarts the worker (upstream logs and ignores it,
+//!   leaving callers to wait for their deadline); set
+//!   [`PluginWorkerConfig::tolerate_stdout_noise`] for upstream behaviour;
+//! - everything the worker writes to logs or errors is scrubbed of every
+//!   secret the SDK has handed it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use super::manifest::PluginManifest;
+use super::protocol::{self, Incoming, InitializeResult, InstanceInfo, RpcError, codes, methods};
+use crate::Unsupported;
+use crate::lease::JsonObject;
+use crate::secret::ProviderConfig;
+use crate::{Error, Operation, Result};
+
+/// Host environment variables a worker inherits (upstream's allowlist);
+/// everything else of the host environment is withheld.
+pub const INHERITED_ENV: [&str; 5] = ["HOME", "PATH", "NODE_PATH", "NODE_ENV", "TZ"];
+
+/// How to start and talk to one plugin worker.
+///
+/// ```
+/// use paperclip_env_core::plugin::{PluginManifest, PluginWorkerConfig};
+/// let manifest = PluginManifest::from_json(serde_json::json!({
+///     "id": "acme.sandbox", "capabilities": ["environment.drivers.register"],
+///     "environmentDrivers": [{"driverKey": "acme", "kind": "sandbox_provider"}]
+/// })).unwrap();
+/// let config = PluginWorkerConfig::new("node", manifest).arg("node_modules/@acme/sandbox/dist/worker.js");
+/// assert_eq!(config.args, ["node_modules/@acme/sandbox/dist/worker.js"]);
+/// ```
+#[derive(Clone)]
+pub struct PluginWorkerConfig {
+    /// Program to run (`node` for npm plugins).
+    pub command: String,
+    /// Its arguments (the worker entrypoint for npm plugins).
+    pub args: Vec<String>,
+    /// Working directory; the host's when absent.
+    pub cwd: Option<PathBuf>,
+    /// Extra environment on top of [`INHERITED_ENV`] and `PAPERCLIP_PLUGIN_ID`.
+    pub env: BTreeMap<String, String>,
+    /// Secret environment (API keys the worker needs): never logged, and
+    /// scrubbed from everything the worker writes.
+    pub secret_env: BTreeMap<String, SecretString>,
+    /// The plugin manifest, sent in `initialize`.
+    pub manifest: PluginManifest,
+    /// The plugin's bootstrap config, sent in `initialize` and answered to `config.get`.
+    pub plugin_config: JsonObject,
+    /// Host identity sent in `initialize`.
+    pub instance: InstanceInfo,
+    /// Host API version sent in `initialize` (1).
+    pub api_version: u32,
+    /// Bound on starting the process and completing `initialize` (15 s).
+    pub ready_timeout: Duration,
+    /// Deadline of calls given none (30 s, the worker manager's `rpcTimeoutMs`).
+    pub default_call_deadline: Duration,
+    /// How long `shutdown` waits for a graceful exit before each signal (2 s).
+    pub shutdown_grace: Duration,
+    /// Log and skip stdout lines that are not JSON-RPC instead of failing (false).
+    pub tolerate_stdout_noise: bool,
+    /// Longest accepted stdout line (64 MiB); longer is a protocol error.
+    pub max_line_bytes: usize,
+}
+
+impl std::fmt::Debug for PluginWorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginWorkerConfig")
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("cwd", &self.cwd)
+            .field("env", &self.env)
+            .field("secret_env", &self.secret_env.keys().collect::<Vec<_>>())
+            .field("plugin", &self.manifest.id)
+            .field("ready_timeout", &self.ready_timeout)
+            .field("default_call_deadline", &self.default_call_deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PluginWorkerConfig {
+    /// A config running `command` for `manifest`, with the defaults.
+    pub fn new(command: impl Into<String>, manifest: PluginManifest) -> Self {
+        PluginWorkerConfig {
+            command: command.into(),
+            args: Vec::new(),
+            cwd: None,
+            env: BTreeMap::new(),
+            secret_env: BTreeMap::new(),
+            manifest,
+            plugin_config: JsonObject::new(),
+            instance: InstanceInfo {
+                instance_id: uuid::Uuid::new_v4().to_string(),
+                host_version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+            api_version: 1,
+            ready_timeout: Duration::from_secs(15),
+            default_call_deadline: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(2),
+            tolerate_stdout_noise: false,
+            max_line_bytes: 64 * 1024 * 1024,
+        }
+    }
+
+    /// Adds an argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+
+    /// Adds a secret environment variable.
+    pub fn secret_env(mut self, key: impl Into<String>, value: SecretString) -> Self {
+        self.secret_env.insert(key.into(), value);
+        self
+    }
+
+    /// Sets the bootstrap config.
+    pub fn plugin_config(mut self, config: JsonObject) -> Self {
+        self.plugin_config = config;
+        self
+    }
+
+    /// Sets the readiness bound.
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// Sets the default call deadline.
+    pub fn default_call_deadline(mut self, deadline: Duration) -> Self {
+        self.default_call_deadline = deadline;
+        self
+    }
+}
+
+/// Why a call to the worker failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallError {
+    /// The worker answered with a JSON-RPC error (message scrubbed).
+    Rpc(RpcError),
+    /// No answer before the deadline; the worker was killed.
+    Timeout {
+        /// The method.
+        method: String,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The worker is not running, failed to start, or exited mid-call.
+    Unavailable(String),
+    /// The worker broke the protocol (garbage on stdout, malformed answer).
+    Protocol(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Rpc(e) => write!(f, "{} (code {})", e.message, e.code),
+            CallError::Timeout { method, after } => {
+                write!(
+                    f,
+                    "RPC call \"{method}\" timed out after {}ms",
+                    after.as_millis()
+                )
+            }
+            CallError::Unavailable(m) => f.write_str(m),
+            CallError::Protocol(m) => write!(f, "plugin worker protocol error: {m}"),
+        }
+    }
+}
+
+impl CallError {
+    /// The SDK error for this failure of `operation`; `by` names who refuses
+    /// unimplemented methods and `label` is the provider label in messages.
+    pub fn into_error(self, label: &str, by: Unsupported, operation: Operation) -> Error {
+        match self {
+            CallError::Rpc(e) => rpc_error_to_error(e, label, by, operation),
+            CallError::Timeout { method, after } => Error::Timeout {
+                operation: method,
+                after,
+            },
+            CallError::Unavailable(message) => Error::Provider {
+                provider: label.to_owned(),
+                message,
+                retryable: true,
+                source: None,
+            },
+            CallError::Protocol(message) => Error::Provider {
+                provider: label.to_owned(),
+                message: format!("plugin worker protocol error: {message}"),
+                retryable: true,
+                source: None,
+            },
+        }
+    }
+}
+
+/// Maps a worker's JSON-RPC error onto [`Error`] (spec 00 §10.2 codes).
+/// `data.paperclipEnv.kind` (`not_found`, `invalid_config`, `unauthenticated`,
+/// `rate_limited`) and `data.paperclipEnv.retryable` refine `WORKER_ERROR`
+/// answers when a worker provides them; plain Paperclip workers never do.
+pub fn rpc_error_to_error(
+    e: RpcError,
+    label: &str,
+    by: Unsupported,
+    operation: Operation,
+) -> Error {
+    let hint = e.data.as_ref().and_then(|d| d.get("paperclipEnv"));
+    let kind = hint.and_then(|h| h.get("kind")).and_then(Value::as_str);
+    let retryable = hint
+        .and_then(|h| h.get("retryable"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    match e.code {
+        codes::METHOD_NOT_IMPLEMENTED | codes::METHOD_NOT_FOUND => {
+            Error::NotSupported { operation, by }
+        }
+        codes::TIMEOUT => Error::Timeout {
+            operation: format!("{operation}: {}", e.message),
+            after: Duration::ZERO,
+        },
+        codes::CAPABILITY_DENIED => Error::PermissionDenied {
+            message: e.message,
+            source: None,
+        },
+        codes::WORKER_UNAVAILABLE => Error::Provider {
+            provider: label.to_owned(),
+            message: e.message,
+            retryable: true,
+            source: None,
+        },
+        _ => match kind {
+            Some("not_found") => Error::NotFound {
+                message: e.message,
+                source: None,
+            },
+            Some("invalid_config") => Error::invalid_field("", e.message),
+            Some("unauthenticated") => Error::Unauthenticated {
+                message: e.message,
+                source: None,
+            },
+            Some("rate_limited") => Error::RateLimited {
+                message: e.message,
+                retry_after: None,
+            },
+            _ => Error::Provider {
+                provider: label.to_owned(),
+                message: e.message,
+                retryable,
+                source: None,
+            },
+        },
+    }
+}
+
+/// Secrets handed to the worker; scrubbed from everything it writes.
+#[derive(Default)]
+struct Scrubber {
+    secrets: RwLock<Vec<SecretString>>,
+}
+
+impl Scrubber {
+    fn add(&self, value: &SecretString) {
+        if value.expose_secret().is_empty() {
+            return;
+        }
+        let mut secrets = self.secrets.write().unwrap_or_else(|p| p.into_inner());
+        if !secrets
+            .iter()
+            .any(|s| s.expose_secret() == value.expose_secret())
+        {
+            secrets.push(value.clone());
+        }
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for s in self
+            .secrets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            out = out.replace(s.expose_secret(), "[REDACTED]");
+        }
+        out
+    }
+}
+
+type Pending = HashMap<u64, oneshot::Sender<std::result::Result<Value, CallError>>>;
+
+/// One running (or just exited) worker process.
+struct Process {
+    pid: Option<u32>,
+    stdin: tokio::sync::Mutex<Option<ChildStdin>>,
+    pending: Mutex<Pending>,
+    alive: AtomicBool,
+    exited: watch::Receiver<bool>,
+}
+
+impl Process {
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail_all(&self, error: CallError) {
+        let drained: Vec<_> = self.lock_pending().drain().collect();
+        for (_, tx) in drained {
+            let _ = tx.send(Err(error.clone()));
+        }
+    }
+
+    fn signal_group(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+            // The worker leads its own group; ESRCH means it is gone already.
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+
+    /// Kills the worker and everything in its process group.
+    fn kill(&self, why: &str) {
+        if self.alive.swap(false, Ordering::SeqCst) {
+            debug!(target: "paperclip_env::plugin", pid = ?self.pid, why, "killing plugin worker");
+        }
+        self.signal_group(nix::sys::signal::Signal::SIGKILL);
+    }
+
+    async fn write_line(&self, line: &str) -> std::io::Result<()> {
+        let mut stdin = self.stdin.lock().await;
+        let Some(pipe) = stdin.as_mut() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "worker stdin is closed",
+            ));
+        };
+        pipe.write_all(line.as_bytes()).await?;
+        pipe.flush().await
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.signal_group(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Removes a pending call and kills the worker if the call is abandoned
+/// before its answer arrives (caller gave up, or its deadline passed).
+struct PendingGuard {
+    process: Arc<Process>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if self.armed && self.process.lock_pending().remove(&self.id).is_some() {
+            self.process
+                .kill("a call was abandoned before the worker answered");
+        }
+    }
+}
+
+struct Shared {
+    config: PluginWorkerConfig,
+    current: Mutex<Option<Arc<Process>>>,
+    start_lock: tokio::sync::Mutex<()>,
+    supported: Mutex<Option<Vec<String>>>,
+    starts: AtomicU64,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+    scrubber: Scrubber,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(p) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            p.kill("the worker handle was dropped");
+        }
+    }
+}
+
+/// A plugin worker: a child process speaking the plugin protocol on its
+/// stdio. Cheap to clone; clones share the process. Started lazily by the
+/// first call (or eagerly by [`PluginWorker::start`]); restarted by the next
+/// call after it crashed, hung or broke the protocol. Dropping the last clone
+/// kills the worker's process group.
+///
+/// ```no_run
+/// # async fn demo() -> paperclip_env_core::Result<()> {
+/// use paperclip_env_core::plugin::{PluginManifest, PluginWorker, PluginWorkerConfig};
+/// let manifest = PluginManifest::from_json(serde_json::json!({
+///     "id": "acme.sandbox", "capabilities": ["environment.drivers.register"],
+///     "environmentDrivers": [{"driverKey": "acme", "kind": "sandbox_provider"}]
+/// }))?;
+/// let worker = PluginWorker::new(PluginWorkerConfig::new("node", manifest).arg("dist/worker.js"));
+/// worker.start().await?;
+/// assert!(worker.supported_methods().unwrap_or_default().iter().any(|m| m == "environmentAcquireLease"));
+/// worker.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PluginWorker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PluginWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginWorker")
+            .field("plugin", &self.shared.config.manifest.id)
+            .field("running", &self.is_running())
+            .field("starts", &self.starts())
+            .finish()
+    }
+}
+
+enum LineRead {
+    Eof,
+    Line,
+    TooLong,
+}
+
+async fn read_line_capped<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<LineRead> {
+    buf.clear();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if buf.is_empty() {
+                LineRead::Eof
+            } else {
+                LineRead::Line
+            });
+        }
+        if let Some(pos) = available.iter().position(|b| *b == b'\n') {
+            buf.extend_from_slice(&available[..pos]);
+            reader.consume(pos + 1);
+            return Ok(LineRead::Line);
+        }
+        let n = available.len();
+        buf.extend_from_slice(available);
+        reader.consume(n);
+        if buf.len() > cap {
+            return Ok(LineRead::TooLong);
+        }
+    }
+}
+
+fn describe_exit(status: Option<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .and_then(|s| s.code())
+        .map_or_else(|| "null".to_owned(), |c| c.to_string());
+    let signal = status
+        .and_then(|s| s.signal())
+        .and_then(|s| nix::sys::signal::Signal::try_from(s).ok())
+        .map_or_else(|| "null".to_owned(), |s| s.as_str().to_owned());
+    format!("Worker process exited (code={code}, signal={signal})")
+}
+
+const MAX_STDERR_EXCERPT: usize = 8_000;
+
+impl PluginWorker {
+    /// A worker for `config`; nothing starts until the first call or [`PluginWorker::start`].
+    pub fn new(config: PluginWorkerConfig) -> Self {
+        let scrubber = Scrubber::default();
+        for value in config.secret_env.values() {
+            scrubber.add(value);
+        }
+        PluginWorker {
+            shared: Arc::new(Shared {
+                config,
+                current: Mutex::new(None),
+                start_lock: tokio::sync::Mutex::new(()),
+                supported: Mutex::new(None),
+                starts: AtomicU64::new(0),
+                next_id: AtomicU64::new(1),
+                closed: AtomicBool::new(false),
+                scrubber,
+            }),
+        }
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &PluginManifest {
+        &self.shared.config.manifest
+    }
+
+    /// The plugin key (manifest id).
+    pub fn plugin_key(&self) -> &str {
+        &self.shared.config.manifest.id
+    }
+
+    /// The config.
+    pub fn config(&self) -> &PluginWorkerConfig {
+        &self.shared.config
+    }
+
+    /// Whether a worker process is up and initialized.
+    pub fn is_running(&self) -> bool {
+        self.current().is_some_and(|p| p.alive())
+    }
+
+    /// The worker's process id, when running.
+    pub fn pid(&self) -> Option<u32> {
+        self.current().filter(|p| p.alive()).and_then(|p| p.pid)
+    }
+
+    /// How many times a worker process was started and initialized.
+    pub fn starts(&self) -> u64 {
+        self.shared.starts.load(Ordering::SeqCst)
+    }
+
+    /// Optional methods the worker reported in `initialize`, once it has run.
+    pub fn supported_methods(&self) -> Option<Vec<String>> {
+        self.shared
+            .supported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Registers the secrets of `config` for scrubbing (done by every call
+    /// that hands the worker a provider config).
+    pub fn register_secrets(&self, config: &ProviderConfig) {
+        for path in config.secret_paths() {
+            if let Some(value) = config.secret(path) {
+                self.shared.scrubber.add(value);
+            }
+        }
+    }
+
+    /// `text` with every registered secret replaced by `[REDACTED]`.
+    pub fn scrub(&self, text: &str) -> String {
+        self.shared.scrubber.scrub(text)
+    }
+
+    fn current(&self) -> Option<Arc<Process>> {
+        self.shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn label(&self) -> String {
+        format!("plugin:{}", self.plugin_key())
+    }
+
+    /// Starts the worker (if not running) and waits for `initialize`, bounded
+    /// by [`PluginWorkerConfig::ready_timeout`].
+    pub async fn start(&self) -> Result<()> {
+        self.ensure_running()
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::ProviderUnavailable {
+                provider: self.label(),
+                message: e.to_string(),
+            })
+    }
+
+    async fn ensure_running(&self) -> std::result::Result<Arc<Process>, CallError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(CallError::Unavailable(format!(
+                "The worker of plugin \"{}\" has been shut down.",
+                self.plugin_key()
+            )));
+        }
+        if let Some(p) = self.current().filter(|p| p.alive()) {
+            return Ok(p);
+        }
+        let _starting = self.shared.start_lock.lock().await;
+        if let Some(p) = self.current().filter(|p| p.alive()) {
+            return Ok(p);
+        }
+        if let Some(old) = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            old.kill("restarting");
+            info!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), "restarting plugin worker");
+        }
+        let process = self.spawn()?;
+        let cfg = &self.shared.config;
+        let params = json!({
+            "manifest": cfg.manifest.raw,
+            "config": cfg.plugin_config,
+            "instanceInfo": cfg.instance,
+            "apiVersion": cfg.api_version,
+            "databaseNamespace": null,
+        });
+        let outcome = self
+            .send(
+                &process,
+                methods::INITIALIZE,
+                &params,
+                None,
+                cfg.ready_timeout,
+            )
+            .await
+            .and_then(|v| {
+                serde_json::from_value::<InitializeResult>(v)
+                    .map_err(|e| CallError::Protocol(format!("malformed initialize result: {e}")))
+            });
+        match outcome {
+            Ok(result) if result.ok => {
+                *self
+                    .shared
+                    .supported
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(result.supported_methods);
+                *self
+                    .shared
+                    .current
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(process.clone());
+                self.shared.starts.fetch_add(1, Ordering::SeqCst);
+                info!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), pid = ?process.pid, "plugin worker started and initialized");
+                Ok(process)
+            }
+            other => {
+                process.kill("initialize failed");
+                let why = match other {
+                    Ok(_) => "Worker initialize returned ok=false".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                let message = format!(
+                    "Worker initialize failed for \"{}\": {why}",
+                    self.plugin_key()
+                );
+                error!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), "{message}");
+                Err(CallError::Unavailable(message))
+            }
+        }
+    }
+
+    fn spawn(&self) -> std::result::Result<Arc<Process>, CallError> {
+        let cfg = &self.shared.config;
+        let mut cmd = Command::new(&cfg.command);
+        cmd.args(&cfg.args)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        for key in INHERITED_ENV {
+            if let Ok(value) = std::env::var(key) {
+                cmd.env(key, value);
+            }
+        }
+        if std::env::var_os("NODE_ENV").is_none() {
+            cmd.env("NODE_ENV", "production");
+        }
+        if std::env::var_os("TZ").is_none() {
+            cmd.env("TZ", "UTC");
+        }
+        cmd.env("PAPERCLIP_PLUGIN_ID", &cfg.manifest.id);
+        cmd.envs(&cfg.env);
+        for (key, value) in &cfg.secret_env {
+            cmd.env(key, value.expose_secret());
+        }
+        if let Some(cwd) = &cfg.cwd {
+            cmd.current_dir(cwd);
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            CallError::Unavailable(format!(
+                "Failed to start the worker of plugin \"{}\" ({}): {e}",
+                cfg.manifest.id, cfg.command
+            ))
+        })?;
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (Some(stdin), Some(stdout), Some(stderr)) = (stdin, stdout, stderr) else {
+            return Err(CallError::Unavailable(
+                "worker stdio pipes are missing".into(),
+            ));
+        };
+        let (exit_tx, exit_rx) = watch::channel(false);
+        let process = Arc::new(Process {
+            pid: child.id(),
+            stdin: tokio::sync::Mutex::new(Some(stdin)),
+            pending: Mutex::new(HashMap::new()),
+            alive: AtomicBool::new(true),
+            exited: exit_rx,
+        });
+        let excerpt = Arc::new(Mutex::new(String::new()));
+        let stderr_done = tokio::spawn(self.clone_weak().stderr_task(stderr, excerpt.clone()));
+        tokio::spawn(self.clone_weak().stdout_task(
+            process.clone(),
+            child,
+            stdout,
+            (excerpt, stderr_done),
+            exit_tx,
+        ));
+        Ok(process)
+    }
+
+    fn clone_weak(&self) -> WeakWorker {
+        WeakWorker {
+            shared: Arc::downgrade(&self.shared),
+            plugin: self.plugin_key().to_owned(),
+            tolerate_noise: self.shared.config.tolerate_stdout_noise,
+            max_line: self.shared.config.max_line_bytes,
+        }
+    }
+
+    async fn send(
+        &self,
+        process: &Arc<Process>,
+        method: &str,
+        params: &Value,
+        company_id: Option<&str>,
+        deadline: Duration,
+    ) -> std::result::Result<Value, CallError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        process.lock_pending().insert(id, tx);
+        let mut guard = PendingGuard {
+            process: process.clone(),
+            id,
+            armed: true,
+        };
+        let line = protocol::request_line(id, method, params, company_id);
+        if let Err(e) = process.write_line(&line).await {
+            guard.armed = false;
+            process.lock_pending().remove(&id);
+            process.kill("stdin write failed");
+            return Err(CallError::Unavailable(format!(
+                "Cannot call \"{method}\": the worker of plugin \"{}\" is not running ({e})",
+                self.plugin_key()
+            )));
+        }
+        let answer = tokio::time::timeout(deadline, rx).await;
+        match answer {
+            Ok(Ok(outcome)) => {
+                guard.armed = false;
+                outcome
+            }
+            Ok(Err(_)) => {
+                guard.armed = false;
+                Err(CallError::Unavailable(format!(
+                    "The worker of plugin \"{}\" went away during \"{method}\"",
+                    self.plugin_key()
+                )))
+            }
+            Err(_) => {
+                // The guard drops armed: the pending entry goes and the worker is killed.
+                warn!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), method, after_ms = deadline.as_millis() as u64, "plugin worker call timed out; restarting the worker");
+                drop(guard);
+                Err(CallError::Timeout {
+                    method: method.to_owned(),
+                    after: deadline,
+                })
+            }
+        }
+    }
+
+    /// Calls `method` with `params` under `deadline` (the default deadline
+    /// when `None`), starting or restarting the worker first if needed.
+    pub async fn call(
+        &self,
+        method: &str,
+        params: &Value,
+        company_id: Option<&str>,
+        deadline: Option<Duration>,
+    ) -> std::result::Result<Value, CallError> {
+        let process = self.ensure_running().await?;
+        let deadline = deadline.unwrap_or(self.shared.config.default_call_deadline);
+        self.send(&process, method, params, company_id, deadline)
+            .await
+    }
+
+    /// Stops the worker: `shutdown`, then SIGTERM, then SIGKILL to its
+    /// process group, each after [`PluginWorkerConfig::shutdown_grace`]. No
+    /// restart happens afterwards.
+    pub async fn shutdown(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let _starting = self.shared.start_lock.lock().await;
+        let Some(process) = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let grace = self.shared.config.shutdown_grace;
+        let mut exited = process.exited.clone();
+        if process.alive() {
+            let _ = tokio::time::timeout(
+                grace,
+                self.send_no_kill(&process, methods::SHUTDOWN, &json!({})),
+            )
+            .await;
+            if tokio::time::timeout(grace, exited.wait_for(|e| *e))
+                .await
+                .is_err()
+            {
+                process.signal_group(nix::sys::signal::Signal::SIGTERM);
+                if tokio::time::timeout(grace, exited.wait_for(|e| *e))
+                    .await
+                    .is_err()
+                {
+                    warn!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), "worker ignored shutdown and SIGTERM; sending SIGKILL");
+                }
+            }
+        }
+        process.kill("shutdown");
+        let _ = tokio::time::timeout(grace, exited.wait_for(|e| *e)).await;
+    }
+
+    async fn send_no_kill(&self, process: &Arc<Process>, method: &str, params: &Value) {
+        let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        process.lock_pending().insert(id, tx);
+        if process
+            .write_line(&protocol::request_line(id, method, params, None))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        process.lock_pending().remove(&id);
+    }
+}
+
+/// What the background tasks hold: no strong reference, so dropping the last
+/// [`PluginWorker`] still kills the process.
+struct WeakWorker {
+    shared: std::sync::Weak<Shared>,
+    plugin: String,
+    tolerate_noise: bool,
+    max_line: usize,
+}
+
+impl WeakWorker {
+    fn scrub(&self, text: &str) -> String {
+        match self.shared.upgrade() {
+            Some(s) => s.scrubber.scrub(text),
+            // No handle left: nothing is known to scrub with, so say nothing.
+            None => "[worker output withheld: handle dropped]".to_owned(),
+        }
+    }
+
+    async fn stderr_task(self, stderr: tokio::process::ChildStderr, excerpt: Arc<Mutex<String>>) {
+        let mut reader = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        while let Ok(LineRead::Line | LineRead::TooLong) =
+            read_line_capped(&mut reader, &mut buf, self.max_line).await
+        {
+            let line = self.scrub(&String::from_utf8_lossy(&buf));
+            warn!(target: "paperclip_env::plugin", plugin = %self.plugin, stream = "stderr", "[plugin stderr] {line}");
+            let mut ex = excerpt.lock().unwrap_or_else(|p| p.into_inner());
+            if !ex.is_empty() {
+                ex.push('\n');
+            }
+            ex.push_str(&line);
+            if ex.len() > MAX_STDERR_EXCERPT {
+                let mut cut = ex.len() - MAX_STDERR_EXCERPT;
+                while !ex.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                ex.drain(..cut);
+            }
+        }
+    }
+
+    async fn stdout_task(
+        self,
+        process: Arc<Process>,
+        mut child: Child,
+        stdout: tokio::process::ChildStdout,
+        (excerpt, stderr_done): (Arc<Mutex<String>>, tokio::task::JoinHandle<()>),
+        exit_tx: watch::Sender<bool>,
+    ) {
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        let mut broken: Option<String> = None;
+        loop {
+            match read_line_capped(&mut reader, &mut buf, self.max_line).await {
+                Ok(LineRead::Eof) | Err(_) => break,
+                Ok(LineRead::TooLong) => {
+                    broken = Some(format!(
+                        "the worker wrote a line longer than {} bytes",
+                        self.max_line
+                    ));
+                    break;
+                }
+                Ok(LineRead::Line) => {
+                    let line = String::from_utf8_lossy(&buf).into_owned();
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match protocol::parse_line(&line) {
+                        Ok(message) => self.handle(&process, message).await,
+                        Err(e) if self.tolerate_noise => {
+                            warn!(target: "paperclip_env::plugin", plugin = %self.plugin, "unparseable message from worker: {}", self.scrub(&e.0));
+                        }
+                        Err(e) => {
+                            broken = Some(format!(
+                                "the worker wrote a line that is not JSON-RPC 2.0: {}",
+                                self.scrub(&e.0)
+                            ));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(why) = &broken {
+            error!(target: "paperclip_env::plugin", plugin = %self.plugin, "{why}; killing the worker");
+            process.fail_all(CallError::Protocol(why.clone()));
+            process.kill("protocol error");
+        }
+        process.alive.store(false, Ordering::SeqCst);
+        // Stdout closed: the worker exited or is about to; give it a moment, then kill.
+        let status = match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+            Ok(Ok(s)) => Some(s),
+            _ => {
+                process.signal_group(nix::sys::signal::Signal::SIGKILL);
+                child.wait().await.ok()
+            }
+        };
+        // Reap anything the worker left in its group.
+        process.signal_group(nix::sys::signal::Signal::SIGKILL);
+        *process.stdin.lock().await = None;
+        // The last stderr lines usually say why the worker died.
+        let _ = tokio::time::timeout(Duration::from_millis(500), stderr_done).await;
+        let mut message = describe_exit(status);
+        let ex = excerpt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .trim()
+            .to_owned();
+        if !ex.is_empty() {
+            message = format!("{message}\n\nWorker stderr:\n{ex}");
+        }
+        if broken.is_none() {
+            info!(target: "paperclip_env::plugin", plugin = %self.plugin, "{}", message.lines().next().unwrap_or_default());
+        }
+        process.fail_all(CallError::Unavailable(message));
+        let _ = exit_tx.send(true);
+    }
+
+    async fn handle(&self, process: &Arc<Process>, message: Incoming) {
+        match message {
+            Incoming::Response { id, outcome } => {
+                let Some(id) = id.as_u64() else {
+                    warn!(target: "paperclip_env::plugin", plugin = %self.plugin, "worker response without a usable id: {}", self.scrub(&format!("{outcome:?}")));
+                    return;
+                };
+                let Some(tx) = process.lock_pending().remove(&id) else {
+                    debug!(target: "paperclip_env::plugin", plugin = %self.plugin, id, "response for unknown or abandoned request id");
+                    return;
+                };
+                let outcome = outcome.map_err(|mut e| {
+                    e.message = self.scrub(&e.message);
+                    e.data = e
+                        .data
+                        .and_then(|d| serde_json::from_str(&self.scrub(&d.to_string())).ok());
+                    CallError::Rpc(e)
+                });
+                let _ = tx.send(outcome);
+            }
+            Incoming::Request { id, method, .. } => {
+                let line = if method == methods::CONFIG_GET {
+                    let config = self
+                        .shared
+                        .upgrade()
+                        .map(|s| Value::Object(s.config.plugin_config.clone()))
+                        .unwrap_or(Value::Null);
+                    protocol::result_line(&id, &config)
+                } else {
+                    warn!(target: "paperclip_env::plugin", plugin = %self.plugin, method = %method, "worker called unregistered host method");
+                    protocol::error_line(
+                        &id,
+                        &RpcError::new(
+                            codes::METHOD_NOT_FOUND,
+                            format!("Host does not handle method \"{method}\""),
+                        ),
+                    )
+                };
+                let _ = process.write_line(&line).await;
+            }
+            Incoming::Notification { method, params } if method == methods::LOG => {
+                let level = params
+                    .get("level")
+                    .and_then(Value::as_str)
+                    .unwrap_or("info");
+                let msg = self.scrub(params.get("message").and_then(Value::as_str).unwrap_or(""));
+                let plugin = &self.plugin;
+                match level {
+                    "error" => {
+                        error!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}")
+                    }
+                    "warn" => {
+                        warn!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}")
+                    }
+                    "debug" => {
+                        debug!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}")
+                    }
+                    _ => info!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}"),
+                }
+            }
+            Incoming::Notification { method, .. } => {
+                debug!(target: "paperclip_env::plugin", plugin = %self.plugin, method = %method, "notification from worker");
+            }
+        }
+    }
+}

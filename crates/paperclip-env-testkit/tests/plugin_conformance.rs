@@ -1,0 +1,674 @@
+//! The plugin path: Paperclip's plugin worker protocol against the reference
+//! worker (`paperclip-env-plugin-worker`, the fake behind a real child
+//! process), through both manifest kinds, plus crashing, hanging and
+//! garbage-writing workers.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use paperclip_env_core::plugin::{
+    PluginDriver, PluginManifest, PluginSandboxProvider, PluginWorker, PluginWorkerConfig,
+};
+use paperclip_env_core::secret::InMemorySecretResolver;
+use paperclip_env_core::{
+    AcquireRunLease, Capabilities, CleanupStatus, Environment, EnvironmentRuntime, Error,
+    ExecuteRequest, LeaseStatus, Operation, RuntimeOptions, Unsupported, WorkspaceSpec,
+};
+use paperclip_env_testkit::conformance::{self, Fixture};
+use paperclip_env_testkit::logs::LogCapture;
+use paperclip_env_testkit::plugin_worker::{
+    self, ENV_CONTROL_DIR, ENV_CRASH_ON, ENV_GARBAGE_ON, ENV_HANG_ON, ENV_LEAK_SECRETS,
+    ENV_NOT_IMPLEMENTED, ENV_TEMP_ROOT, ENVIRONMENT_DRIVER_KEY, PLUGIN_KEY, SANDBOX_DRIVER_KEY,
+};
+use serde_json::json;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_paperclip-env-plugin-worker");
+
+/// A temp dir for the fake's sandboxes and the control files, kept alive by the test.
+struct Dirs {
+    root: tempfile::TempDir,
+    control: tempfile::TempDir,
+}
+
+fn dirs() -> Dirs {
+    Dirs {
+        root: tempfile::tempdir().unwrap(),
+        control: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn worker_config(dirs: &Dirs, env: &[(&str, &str)]) -> PluginWorkerConfig {
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    let mut config = PluginWorkerConfig::new(WORKER, manifest)
+        .env(ENV_TEMP_ROOT, dirs.root.path().to_string_lossy())
+        .env(ENV_CONTROL_DIR, dirs.control.path().to_string_lossy())
+        .ready_timeout(Duration::from_secs(20));
+    for (k, v) in env {
+        config = config.env(*k, *v);
+    }
+    config
+}
+
+fn live(control: &Path) -> usize {
+    plugin_worker::read_stats(control).0
+}
+
+/// The fake's capabilities, minus streaming: plugin execute answers at exit.
+fn fake_capabilities() -> Capabilities {
+    Capabilities {
+        execute: true,
+        realize_workspace: true,
+        resume: true,
+        destroy: true,
+        probe: true,
+        reusable_leases: true,
+        stdin: true,
+        multi_command_exec: true,
+        signals: true,
+        ..Capabilities::default()
+    }
+}
+
+fn short_deadlines() -> RuntimeOptions {
+    RuntimeOptions {
+        default_call_deadline: Duration::from_millis(1500),
+        deadline_grace: Duration::from_millis(200),
+        provider_ready_timeout: Duration::from_secs(20),
+        ..RuntimeOptions::default()
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+async fn wait_gone(pid: u32) -> bool {
+    for _ in 0..100 {
+        if !pid_alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+fn sandbox_runtime(worker: &PluginWorker, options: RuntimeOptions) -> EnvironmentRuntime {
+    let provider = PluginSandboxProvider::new(worker.clone(), SANDBOX_DRIVER_KEY)
+        .unwrap()
+        .with_options(options.clone());
+    EnvironmentRuntime::builder()
+        .provider(Arc::new(provider))
+        .options(options)
+        .build()
+}
+
+fn sandbox_env() -> Environment {
+    Environment::new(
+        "env-plugin-sandbox",
+        "Plugin sandbox",
+        "sandbox",
+        json!({"provider": SANDBOX_DRIVER_KEY, "image": "fake:test", "timeoutMs": 60000}),
+    )
+}
+
+fn plugin_runtime(worker: &PluginWorker, options: RuntimeOptions) -> EnvironmentRuntime {
+    EnvironmentRuntime::builder()
+        .driver(Arc::new(PluginDriver::new().with_plugin(worker.clone())))
+        .options(options)
+        .build()
+}
+
+fn plugin_env() -> Environment {
+    Environment::new(
+        "env-plugin-driver",
+        "Plugin driver",
+        "plugin",
+        json!({"pluginKey": PLUGIN_KEY, "driverKey": ENVIRONMENT_DRIVER_KEY, "driverConfig": {"image": "fake:test"}}),
+    )
+    .with_company("company-1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_provider_kind_passes_conformance() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let provider = PluginSandboxProvider::new(worker.clone(), SANDBOX_DRIVER_KEY)
+        .unwrap()
+        .with_capabilities(fake_capabilities());
+    let control = dirs.control.path().to_path_buf();
+    let flag = |method: &'static str| {
+        let control = control.clone();
+        move || {
+            std::fs::write(control.join(format!("fail-next-{method}")), b"").unwrap();
+        }
+    };
+    let (c1, c2, c3) = (control.clone(), control.clone(), control.clone());
+    let fixture = Fixture::new(Arc::new(provider))
+        .config(
+            json!({"image": "fake:test", "timeoutMs": 300000, "apiKey": "sk-plugin-conformance"}),
+        )
+        .secret_value("sk-plugin-conformance")
+        .live_resources(move || live(&c1))
+        .create_calls(move || plugin_worker::read_stats(&c2).1)
+        .execute_calls(move || plugin_worker::read_stats(&c3).2)
+        .fail_next_acquire(flag("environmentAcquireLease"))
+        .fail_next_execute(flag("environmentExecute"))
+        .fail_next_release(flag("environmentReleaseLease"));
+    let report = conformance::run(&fixture).await;
+    println!("{}", report.summary());
+    report.assert_passed();
+    assert!(
+        report.passed().len() >= 30,
+        "too few lines ran: {:?}",
+        report.passed()
+    );
+    assert_eq!(live(&control), 0, "the suite leaked sandboxes");
+    assert_eq!(
+        worker.starts(),
+        1,
+        "the worker restarted during a clean run"
+    );
+    let pid = worker.pid().unwrap();
+    worker.shutdown().await;
+    assert!(wait_gone(pid).await, "worker still running after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_driver_kind_runs_the_whole_lifecycle() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let runtime = plugin_runtime(&worker, RuntimeOptions::default());
+    let env = plugin_env();
+
+    let normalized = runtime
+        .normalize_config(
+            "plugin",
+            "Plugin driver",
+            &env.config,
+            paperclip_env_core::ConfigPurpose::Persistence,
+        )
+        .await
+        .unwrap();
+    assert_eq!(normalized["driverConfig"]["image"], "fake:test");
+    assert_eq!(normalized["driverConfig"]["reuseLease"], false);
+
+    let probe = runtime.probe(&env).await.unwrap();
+    assert!(probe.ok, "{probe:?}");
+    assert_eq!(probe.driver, "plugin");
+    assert_eq!(
+        probe.details.as_ref().unwrap()["driverKey"],
+        ENVIRONMENT_DRIVER_KEY
+    );
+
+    let record = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-1").issue("issue-1"))
+        .await
+        .unwrap();
+    let lease = record.lease;
+    assert_eq!(lease.status, LeaseStatus::Active);
+    assert_eq!(
+        lease.provider.as_deref(),
+        Some(format!("plugin:{PLUGIN_KEY}:{ENVIRONMENT_DRIVER_KEY}").as_str())
+    );
+    let md = lease.metadata.clone().unwrap();
+    assert_eq!(md["driver"], "plugin");
+    assert_eq!(md["pluginKey"], PLUGIN_KEY);
+    assert_eq!(md["driverKey"], ENVIRONMENT_DRIVER_KEY);
+    assert_eq!(md["providerMetadata"]["provider"], "fake-plugin");
+    assert_eq!(live(dirs.control.path()), 1);
+
+    let realized = runtime
+        .realize_workspace(&env, &lease, &WorkspaceSpec::default())
+        .await
+        .unwrap();
+    assert!(
+        realized
+            .cwd
+            .starts_with(&*dirs.root.path().to_string_lossy()),
+        "{}",
+        realized.cwd
+    );
+
+    let result = runtime
+        .execute(
+            &env,
+            &lease,
+            &ExecuteRequest::shell("printf %s \"$GREETING\"; echo oops >&2; exit 3")
+                .env("GREETING", "hi")
+                .stdin("ignored"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            result.exit_code,
+            result.stdout.as_str(),
+            result.stderr.as_str()
+        ),
+        (Some(3), "hi", "oops\n")
+    );
+
+    let resumed = runtime.resume_run_lease(&env, &lease).await.unwrap();
+    assert_eq!(resumed.provider_lease_id, lease.provider_lease_id);
+    // Resume does not write the store.
+    let stored = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, LeaseStatus::Active);
+
+    let destroyed = runtime
+        .destroy_run_lease(&env, &lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(destroyed.lease.status, LeaseStatus::Failed);
+    assert_eq!(
+        destroyed.lease.failure_reason.as_deref(),
+        Some("lease_destroyed")
+    );
+    assert_eq!(live(dirs.control.path()), 0);
+
+    // A second lease released by run; the environment switched to local meanwhile,
+    // so the plugin gets an empty driverConfig (spec 00 §5.5) and still releases.
+    let second = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-2"))
+        .await
+        .unwrap()
+        .lease;
+    assert_eq!(live(dirs.control.path()), 1);
+    let switched = Environment::new(env.id.clone(), "Now local", "local", json!({}));
+    let released = runtime
+        .release_lease(&switched, &second, LeaseStatus::Released)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(released.lease.status, LeaseStatus::Released);
+    assert_eq!(released.lease.cleanup_status, None);
+    assert_eq!(live(dirs.control.path()), 0);
+    assert_eq!(worker.starts(), 1);
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn sandbox_kind_runs_through_the_runtime_with_secrets_kept_out_of_logs_and_errors() {
+    let (logs, _guard) = LogCapture::start();
+    let dirs = dirs();
+    const SECRET: &str = "sk-live-plugin-7f3a9c";
+    let worker = PluginWorker::new(
+        worker_config(&dirs, &[(ENV_LEAK_SECRETS, "1")])
+            .secret_env("WORKER_TOKEN", "tok-env-5d1e".into()),
+    );
+    let secrets = Arc::new(InMemorySecretResolver::new());
+    let key_id = secrets.insert(SECRET);
+    let provider = PluginSandboxProvider::new(worker.clone(), SANDBOX_DRIVER_KEY).unwrap();
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(provider))
+        .secrets(secrets)
+        .build();
+    let env = Environment::new(
+        "env-secret",
+        "Secret",
+        "sandbox",
+        json!({"provider": SANDBOX_DRIVER_KEY, "image": "fake:test", "apiKey": key_id}),
+    );
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-s"))
+        .await
+        .unwrap()
+        .lease;
+    let md = serde_json::to_string(&lease.metadata).unwrap();
+    assert!(!md.contains(SECRET), "secret in lease metadata: {md}");
+    let ok = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("echo").arg("ok"))
+        .await
+        .unwrap();
+    assert_eq!(ok.stdout, "ok\n");
+
+    // The worker fails and echoes the credential into its error, stderr and a log line.
+    std::fs::write(
+        dirs.control.path().join("fail-next-environmentExecute"),
+        b"",
+    )
+    .unwrap();
+    let err = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains(SECRET), "secret in error: {shown}");
+    assert!(
+        shown.contains("[REDACTED]"),
+        "the worker did not try to leak: {shown}"
+    );
+
+    runtime
+        .release_run_leases("run-s", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    worker.shutdown().await;
+    // Let the stderr reader drain.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = logs.text();
+    assert!(
+        text.contains("[plugin stderr]") && text.contains("[REDACTED]"),
+        "expected scrubbed worker output in logs:\n{text}"
+    );
+    assert!(!text.contains(SECRET), "secret in logs:\n{text}");
+    assert!(!text.contains("tok-env-5d1e"), "worker env secret in logs");
+    assert!(!format!("{worker:?} {:?}", worker.config()).contains("tok-env-5d1e"));
+}
+
+#[tokio::test]
+async fn a_worker_that_crashes_mid_call_gives_a_retryable_error_and_is_restarted() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(
+        &dirs,
+        &[(ENV_CRASH_ON, "environmentExecute")],
+    ));
+    let runtime = sandbox_runtime(&worker, RuntimeOptions::default());
+    let env = sandbox_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-c"))
+        .await
+        .unwrap()
+        .lease;
+    let first_pid = worker.pid().unwrap();
+    let err = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("Worker process exited (code=3, signal=null)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("crashing on environmentExecute"),
+        "stderr excerpt missing: {text}"
+    );
+    assert!(wait_gone(first_pid).await);
+
+    // The next call restarts the worker; the lease is released, nothing stuck.
+    let released = runtime
+        .release_run_leases("run-c", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(released[0].lease.status, LeaseStatus::Released);
+    assert_eq!(
+        released[0].lease.cleanup_status,
+        Some(CleanupStatus::Success)
+    );
+    assert_eq!(worker.starts(), 2);
+    assert_ne!(worker.pid(), Some(first_pid));
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hanging_worker_times_out_at_the_call_deadline_and_is_killed() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[(ENV_HANG_ON, "environmentExecute")]));
+    let options = short_deadlines();
+    let runtime = sandbox_runtime(&worker, options);
+    let env = sandbox_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-h"))
+        .await
+        .unwrap()
+        .lease;
+    let hung_pid = worker.pid().unwrap();
+    let err = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true").timeout_ms(100))
+        .await
+        .unwrap_err();
+    // Deadline = command timeout 100 ms + grace 200 ms (spec 00 §9).
+    match &err {
+        Error::Timeout { operation, after } => {
+            assert_eq!(operation, "environmentExecute");
+            assert_eq!(*after, Duration::from_millis(300));
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(err.is_retryable());
+    assert!(wait_gone(hung_pid).await, "the hung worker was not killed");
+
+    let released = runtime
+        .release_run_leases("run-h", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(
+        released[0].lease.cleanup_status,
+        Some(CleanupStatus::Success)
+    );
+    assert_eq!(worker.starts(), 2);
+    assert_eq!(live(dirs.control.path()), 0);
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_garbage_writing_worker_gives_a_protocol_error_and_no_stuck_lease() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(
+        &dirs,
+        &[(ENV_GARBAGE_ON, "environmentExecute")],
+    ));
+    let runtime = sandbox_runtime(&worker, RuntimeOptions::default());
+    let env = sandbox_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-g"))
+        .await
+        .unwrap()
+        .lease;
+    let started = std::time::Instant::now();
+    let err = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the protocol error waited for the deadline"
+    );
+    match &err {
+        Error::Provider {
+            message,
+            retryable: true,
+            ..
+        } => {
+            assert!(message.contains("not JSON-RPC 2.0"), "{message}")
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+    let released = runtime
+        .release_run_leases("run-g", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(released[0].lease.status, LeaseStatus::Released);
+    assert_eq!(worker.starts(), 2);
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_plugin_driver_release_that_hangs_records_failed_cleanup_and_releases_the_row() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(
+        &dirs,
+        &[(ENV_HANG_ON, "environmentReleaseLease")],
+    ));
+    let runtime = plugin_runtime(&worker, short_deadlines());
+    let env = plugin_env();
+    runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-r"))
+        .await
+        .unwrap();
+    let released = runtime
+        .release_run_leases("run-r", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    let lease = &released[0].lease;
+    assert_eq!(lease.status, LeaseStatus::Released);
+    assert_eq!(lease.cleanup_status, Some(CleanupStatus::Failed));
+    assert!(
+        lease
+            .cleanup_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("timed out after 1500ms"),
+        "{lease:?}"
+    );
+    assert_eq!(
+        runtime
+            .lease_store()
+            .list_failed_cleanups()
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn method_not_implemented_maps_to_not_supported() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(
+        &dirs,
+        &[(
+            ENV_NOT_IMPLEMENTED,
+            "environmentExecute,environmentRealizeWorkspace",
+        )],
+    ));
+    let runtime = plugin_runtime(&worker, RuntimeOptions::default());
+    let env = plugin_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-n"))
+        .await
+        .unwrap()
+        .lease;
+    let err = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NotSupported { operation: Operation::Execute, by: Unsupported::Driver(d) } if d == "plugin"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "Environment driver \"plugin\" does not support command execution."
+    );
+
+    // The sandbox-provider adapter derives its capabilities from `supportedMethods`.
+    let provider = PluginSandboxProvider::new(worker.clone(), SANDBOX_DRIVER_KEY).unwrap();
+    let caps = paperclip_env_core::SandboxProvider::capabilities(&provider);
+    assert!(!caps.execute && !caps.realize_workspace && caps.resume && caps.destroy);
+    runtime
+        .release_run_leases("run-n", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn resolution_errors_use_the_contract_messages() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let runtime = plugin_runtime(&worker, RuntimeOptions::default());
+    let missing = Environment::new(
+        "e",
+        "E",
+        "plugin",
+        json!({"pluginKey": "nope", "driverKey": "x"}),
+    );
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(missing, "r"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Plugin environment driver \"nope:x\" is not ready."
+    );
+    let undeclared = Environment::new(
+        "e",
+        "E",
+        "plugin",
+        json!({"pluginKey": PLUGIN_KEY, "driverKey": "other"}),
+    );
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(undeclared, "r"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("Plugin \"{PLUGIN_KEY}\" does not declare environment driver \"other\".")
+    );
+    assert!(matches!(err, Error::InvalidConfig { ref field, .. } if field == "driverKey"));
+    assert_eq!(
+        runtime
+            .lease_store()
+            .list_by_run("r", None)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_worker_that_cannot_start_is_reported_within_the_readiness_bound() {
+    // A tiny shell worker that reads the handshake and never answers.
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    let silent = PluginWorkerConfig::new("sh", manifest.clone())
+        .arg("-c")
+        .arg("read line; exec sleep 60")
+        .ready_timeout(Duration::from_millis(300));
+    let worker = PluginWorker::new(silent);
+    let runtime = sandbox_runtime(
+        &worker,
+        RuntimeOptions {
+            provider_ready_timeout: Duration::from_millis(500),
+            ..RuntimeOptions::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(sandbox_env(), "run-x"))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Sandbox provider \"{SANDBOX_DRIVER_KEY}\" is installed via plugin \"{PLUGIN_KEY}\", but its worker is not running."
+        )
+    );
+    let err = worker.start().await.unwrap_err();
+    assert!(err.to_string().contains("timed out after 300ms"), "{err}");
+    assert!(!worker.is_running());
+
+    // A program that does not exist.
+    let absent = PluginWorker::new(PluginWorkerConfig::new(
+        "/nonexistent/paperclip-worker",
+        manifest,
+    ));
+    let err = absent.start().await.unwrap_err();
+    assert!(
+        err.to_string().contains("Failed to start the worker"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_kills_the_worker_process_group() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    worker.start().await.unwrap();
+    let pid = worker.pid().unwrap();
+    assert!(pid_alive(pid));
+    drop(worker);
+    assert!(wait_gone(pid).await, "worker outlived its handle");
+}
