@@ -672,3 +672,156 @@ async fn dropping_the_last_handle_kills_the_worker_process_group() {
     drop(worker);
     assert!(wait_gone(pid).await, "worker outlived its handle");
 }
+
+/// A tiny shell worker: prints noise before its handshake answer, then per
+/// call sends a `log` notification and two worker→host requests (one the
+/// host serves, one it does not) before answering.
+const SHELL_WORKER: &str = r#"
+id_of() { printf '%s' "$1" | sed -n 's/^{"jsonrpc":"2.0","id":\([0-9]*\),.*/\1/p'; }
+read -r line
+echo "npm notice: this line is not JSON-RPC"
+printf '{"jsonrpc":"2.0","id":%s,"result":{"ok":true,"supportedMethods":["environmentProbe"]}}\n' "$(id_of "$line")"
+while read -r line; do
+  printf '{"jsonrpc":"2.0","method":"log","params":{"level":"warn","message":"probing from the shell worker"}}\n'
+  printf '{"jsonrpc":"2.0","id":"w1","method":"config.get","params":{}}\n'
+  read -r reply; echo "config reply: $reply" >&2
+  printf '{"jsonrpc":"2.0","id":"w2","method":"secrets.resolve","params":{}}\n'
+  read -r reply; echo "unknown reply: $reply" >&2
+  printf '{"jsonrpc":"2.0","id":%s,"result":{"ok":true,"summary":"shell probe"}}\n' "$(id_of "$line")"
+done
+"#;
+
+fn shell_worker(tolerate_noise: bool) -> PluginWorker {
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    let mut config = PluginWorkerConfig::new("sh", manifest)
+        .arg("-c")
+        .arg(SHELL_WORKER)
+        .plugin_config(json!({"region": "eu-1"}).as_object().unwrap().clone())
+        .ready_timeout(Duration::from_secs(5));
+    config.tolerate_stdout_noise = tolerate_noise;
+    config.shutdown_grace = Duration::from_millis(300);
+    PluginWorker::new(config)
+}
+
+#[tokio::test]
+async fn worker_notifications_and_worker_to_host_requests_are_served() {
+    let (logs, _guard) = LogCapture::start();
+    let worker = shell_worker(true);
+    let result = worker
+        .call(
+            "environmentProbe",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY}),
+            Some("co"),
+            Some(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(result, json!({"ok": true, "summary": "shell probe"}));
+    assert_eq!(
+        worker.supported_methods(),
+        Some(vec!["environmentProbe".to_owned()])
+    );
+    worker.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = logs.text();
+    assert!(text.contains("unparseable message from worker"), "{text}");
+    assert!(
+        text.contains("[plugin] probing from the shell worker"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"config reply: {"jsonrpc":"2.0","id":"w1","result":{"region":"eu-1"}}"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("-32601")
+            && text.contains(r#"Host does not handle method \"secrets.resolve\""#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn stdout_noise_is_a_protocol_error_by_default() {
+    let worker = shell_worker(false);
+    let err = worker.start().await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("Worker initialize failed") && text.contains("not JSON-RPC 2.0"),
+        "{text}"
+    );
+    assert!(!worker.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_worker_and_get_their_own_answers() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let runtime = sandbox_runtime(&worker, RuntimeOptions::default());
+    let env = sandbox_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-p"))
+        .await
+        .unwrap()
+        .lease;
+    let calls = (0..8).map(|i| {
+        let (runtime, env, lease) = (runtime.clone(), env.clone(), lease.clone());
+        async move {
+            // Later calls finish first, so answers arrive out of order.
+            let script = format!("sleep 0.{}; echo {i}", 8 - i);
+            runtime
+                .execute(&env, &lease, &ExecuteRequest::shell(script))
+                .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap().stdout, format!("{i}\n"));
+    }
+    assert_eq!(worker.starts(), 1);
+    runtime
+        .release_run_leases("run-p", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(live(dirs.control.path()), 0);
+    worker.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_abandoned_call_kills_the_worker_so_nothing_keeps_running() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[(ENV_HANG_ON, "environmentProbe")]));
+    worker.start().await.unwrap();
+    let pid = worker.pid().unwrap();
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    let call = worker.call("environmentProbe", &params, None, None);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), call)
+            .await
+            .is_err()
+    );
+    assert!(
+        wait_gone(pid).await,
+        "the worker kept running an abandoned call"
+    );
+    assert!(!worker.is_running());
+    // The next call brings up a fresh worker.
+    let probe = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(probe["ok"], true);
+    assert_eq!(worker.starts(), 2);
+    worker.shutdown().await;
+    assert!(worker.is_shut_down());
+    let err = worker
+        .call("environmentValidateConfig", &json!({}), None, None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has been shut down"), "{err}");
+}

@@ -204,6 +204,11 @@ impl SandboxProvider for PluginSandboxProvider {
     }
 
     async fn readiness(&self) -> Readiness {
+        if self.worker.is_shut_down() {
+            return Readiness::NotReady {
+                status: "stopped".to_owned(),
+            };
+        }
         if self.worker.is_running() {
             return Readiness::Ready;
         }

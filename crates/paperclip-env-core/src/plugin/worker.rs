@@ -245,9 +245,11 @@ pub fn rpc_error_to_error(
         codes::METHOD_NOT_IMPLEMENTED | codes::METHOD_NOT_FOUND => {
             Error::NotSupported { operation, by }
         }
+        // The worker (or a host the worker called) gave up: upstream words it
+        // `… timed out after <n>ms`.
         codes::TIMEOUT => Error::Timeout {
-            operation: format!("{operation}: {}", e.message),
-            after: Duration::ZERO,
+            operation: operation.method_name().to_owned(),
+            after: timeout_in_message(&e.message),
         },
         codes::CAPABILITY_DENIED => Error::PermissionDenied {
             message: e.message,
@@ -281,6 +283,14 @@ pub fn rpc_error_to_error(
             },
         },
     }
+}
+
+fn timeout_in_message(message: &str) -> Duration {
+    message
+        .rsplit_once("after ")
+        .and_then(|(_, tail)| tail.trim_end_matches('.').strip_suffix("ms"))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
 }
 
 /// Secrets handed to the worker; scrubbed from everything it writes.
@@ -536,6 +546,11 @@ impl PluginWorker {
     /// The config.
     pub fn config(&self) -> &PluginWorkerConfig {
         &self.shared.config
+    }
+
+    /// Whether [`PluginWorker::shutdown`] was called (no restart follows).
+    pub fn is_shut_down(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
     }
 
     /// Whether a worker process is up and initialized.
@@ -1053,5 +1068,80 @@ impl WeakWorker {
                 debug!(target: "paperclip_env::plugin", plugin = %self.plugin, method = %method, "notification from worker");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_plugin_error_codes() {
+        let by = || Unsupported::Provider("p".into());
+        let e = rpc_error_to_error(
+            RpcError::new(
+                codes::METHOD_NOT_IMPLEMENTED,
+                "environmentExecute is not implemented by this plugin",
+            ),
+            "p",
+            by(),
+            Operation::Execute,
+        );
+        assert!(matches!(
+            e,
+            Error::NotSupported {
+                operation: Operation::Execute,
+                ..
+            }
+        ));
+        let e = rpc_error_to_error(
+            RpcError::new(
+                codes::TIMEOUT,
+                "Worker→host call \"config.get\" timed out after 30000ms",
+            ),
+            "p",
+            by(),
+            Operation::Acquire,
+        );
+        assert!(
+            matches!(e, Error::Timeout { ref operation, after } if operation == "environmentAcquireLease" && after == Duration::from_secs(30))
+        );
+        let e = rpc_error_to_error(
+            RpcError::new(codes::WORKER_UNAVAILABLE, "gone"),
+            "p",
+            by(),
+            Operation::Release,
+        );
+        assert!(e.is_retryable());
+        let e = rpc_error_to_error(
+            RpcError::new(codes::CAPABILITY_DENIED, "no"),
+            "p",
+            by(),
+            Operation::Acquire,
+        );
+        assert!(matches!(e, Error::PermissionDenied { .. }));
+        let e = rpc_error_to_error(
+            RpcError::new(codes::WORKER_ERROR, "boom"),
+            "p",
+            by(),
+            Operation::Acquire,
+        );
+        assert!(
+            matches!(e, Error::Provider { retryable: false, ref message, .. } if message == "boom")
+        );
+        let mut hinted = RpcError::new(codes::WORKER_ERROR, "lease x not found");
+        hinted.data = Some(json!({"paperclipEnv": {"kind": "not_found"}}));
+        assert!(rpc_error_to_error(hinted, "p", by(), Operation::Resume).is_not_found());
+    }
+
+    #[test]
+    fn scrubber_replaces_every_registered_secret() {
+        let s = Scrubber::default();
+        s.add(&SecretString::from("hunter2"));
+        s.add(&SecretString::from(""));
+        assert_eq!(
+            s.scrub("pw=hunter2 again hunter2"),
+            "pw=[REDACTED] again [REDACTED]"
+        );
     }
 }
