@@ -392,6 +392,18 @@ impl<W: AsyncWrite + Unpin + Send> Server<W> {
 
 /// Serves the protocol on `input`/`output` until stdin closes or `shutdown`
 /// is answered. Requests are handled concurrently, as upstream's host does.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// use paperclip_env_testkit::{fake::FakeProvider, plugin_worker::{serve, WorkerFaults}};
+/// let input = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{}}\n".to_vec();
+/// let (mut host, worker_out) = tokio::io::duplex(4096);
+/// serve(FakeProvider::new(), WorkerFaults::default(), &input[..], worker_out).await.unwrap();
+/// let mut answer = String::new();
+/// tokio::io::AsyncReadExt::read_to_string(&mut host, &mut answer).await.unwrap();
+/// assert!(answer.contains(r#""supportedMethods":["environmentValidateConfig""#));
+/// # });
+/// ```
 pub async fn serve<R, W>(
     fake: FakeProvider,
     faults: WorkerFaults,
@@ -445,6 +457,9 @@ where
         }
         tasks.spawn(task);
     }
+    // Stdin closed: let calls in flight answer briefly, then stop.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
     tasks.abort_all();
     Ok(())
 }

@@ -190,7 +190,14 @@ pub fn parse_line(line: &str) -> Result<Incoming, ParseError> {
     }
 }
 
-/// A request line (`createRequest` + `serializeMessage`), newline included.
+/// A request line (`createRequest` + `serializeMessage`), newline included,
+/// with the host-issued `paperclipInvocation` scope upstream attaches.
+///
+/// ```
+/// use paperclip_env_core::plugin::protocol::request_line;
+/// let line = request_line(1, "environmentProbe", &serde_json::json!({}), Some("company-1"));
+/// assert!(line.starts_with(r#"{"jsonrpc":"2.0","id":1,"method":"environmentProbe""#) && line.ends_with('\n'));
+/// ```
 pub fn request_line(id: u64, method: &str, params: &Value, company_id: Option<&str>) -> String {
     let mut msg = json!({"jsonrpc": JSONRPC_VERSION, "id": id, "method": method, "params": params});
     // Host-issued invocation scope, as upstream attaches to every call.
@@ -359,6 +366,12 @@ pub fn add_execute_fields(params: &mut JsonObject, request: &ExecuteRequest) {
 }
 
 /// Parses an `environmentExecute` result (§11.1).
+///
+/// ```
+/// use paperclip_env_core::plugin::protocol::parse_execute_result;
+/// let r = parse_execute_result(serde_json::json!({"exitCode": 0, "timedOut": false, "stdout": "hi\n", "stderr": ""})).unwrap();
+/// assert!(r.success() && r.stdout == "hi\n");
+/// ```
 pub fn parse_execute_result(value: Value) -> Result<ExecuteResult, String> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]

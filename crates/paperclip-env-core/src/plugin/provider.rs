@@ -26,6 +26,12 @@ use crate::{Error, Operation, Result};
 /// Capabilities implied by the optional methods a worker reported in
 /// `initialize` (`None`: not started yet, every environment method assumed).
 /// Plugin execute answers once, at exit, so `streaming` is never implied.
+///
+/// ```
+/// use paperclip_env_core::plugin::capabilities_from_methods;
+/// let caps = capabilities_from_methods(Some(&["environmentAcquireLease".to_owned(), "environmentExecute".to_owned()]), true);
+/// assert!(caps.execute && caps.stdin && !caps.resume && !caps.streaming);
+/// ```
 pub fn capabilities_from_methods(methods: Option<&[String]>, reusable: bool) -> Capabilities {
     let has = |m: &str| methods.is_none_or(|ms| ms.iter().any(|x| x == m));
     let execute = has(methods::EXECUTE);

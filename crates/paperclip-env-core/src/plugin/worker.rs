@@ -165,6 +165,15 @@ impl PluginWorkerConfig {
 }
 
 /// Why a call to the worker failed.
+///
+/// ```
+/// use std::time::Duration;
+/// use paperclip_env_core::plugin::CallError;
+/// use paperclip_env_core::{Error, Operation, Unsupported};
+/// let e = CallError::Timeout { method: "environmentExecute".into(), after: Duration::from_secs(31) }
+///     .into_error("acme", Unsupported::Provider("acme".into()), Operation::Execute);
+/// assert!(matches!(e, Error::Timeout { .. }) && e.is_retryable());
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallError {
     /// The worker answered with a JSON-RPC error (message scrubbed).
@@ -229,6 +238,16 @@ impl CallError {
 /// `data.paperclipEnv.kind` (`not_found`, `invalid_config`, `unauthenticated`,
 /// `rate_limited`) and `data.paperclipEnv.retryable` refine `WORKER_ERROR`
 /// answers when a worker provides them; plain Paperclip workers never do.
+///
+/// ```
+/// use paperclip_env_core::plugin::protocol::{RpcError, codes};
+/// use paperclip_env_core::plugin::rpc_error_to_error;
+/// use paperclip_env_core::{Error, Operation, Unsupported};
+/// let e = rpc_error_to_error(
+///     RpcError::new(codes::METHOD_NOT_IMPLEMENTED, "environmentExecute is not implemented by this plugin"),
+///     "acme", Unsupported::Provider("acme".into()), Operation::Execute);
+/// assert_eq!(e.to_string(), "Sandbox provider \"acme\" does not support command execution.");
+/// ```
 pub fn rpc_error_to_error(
     e: RpcError,
     label: &str,

@@ -1,12 +1,17 @@
 //! The reference plugin worker: Paperclip's plugin worker protocol on stdio,
 //! serving the fake provider. Fault modes come from the environment (see
 //! `paperclip_env_testkit::plugin_worker`). Stdout carries only protocol
-//! messages.
+//! messages; `--manifest` prints the worker's manifest instead.
 
 use paperclip_env_testkit::fake::FakeProvider;
 use paperclip_env_testkit::plugin_worker::{self, ENV_TEMP_ROOT, SECRET_FIELD, WorkerFaults};
 
 fn main() -> std::process::ExitCode {
+    // `--manifest` prints the manifest a host needs to run this worker.
+    if std::env::args().nth(1).as_deref() == Some("--manifest") {
+        println!("{}", plugin_worker::reference_manifest());
+        return std::process::ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
