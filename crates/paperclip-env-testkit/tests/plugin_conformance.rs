@@ -825,3 +825,56 @@ async fn an_abandoned_call_kills_the_worker_so_nothing_keeps_running() {
         .unwrap_err();
     assert!(err.to_string().contains("has been shut down"), "{err}");
 }
+
+#[tokio::test]
+async fn plugin_driver_resolves_secret_refs_and_keeps_them_out_of_errors_logs_and_metadata() {
+    let (logs, _guard) = LogCapture::start();
+    let dirs = dirs();
+    const SECRET: &str = "sk-driver-secret-91b2";
+    let worker = PluginWorker::new(worker_config(&dirs, &[(ENV_LEAK_SECRETS, "1")]));
+    let secrets = Arc::new(InMemorySecretResolver::new());
+    let key_id = secrets.insert(SECRET);
+    let runtime = EnvironmentRuntime::builder()
+        .driver(Arc::new(PluginDriver::new().with_plugin(worker.clone())))
+        .secrets(secrets)
+        .build();
+    let env = Environment::new(
+        "env-driver-secret",
+        "Driver secret",
+        "plugin",
+        json!({"pluginKey": PLUGIN_KEY, "driverKey": ENVIRONMENT_DRIVER_KEY, "driverConfig": {"image": "fake:test", "apiKey": key_id}}),
+    );
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-ds"))
+        .await
+        .unwrap()
+        .lease;
+    let shown = format!("{lease:?}");
+    assert!(!shown.contains(SECRET), "secret in the lease: {shown}");
+    std::fs::write(
+        dirs.control.path().join("fail-next-environmentExecute"),
+        b"",
+    )
+    .unwrap();
+    let err = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    let shown = format!("{err} {err:?}");
+    // The worker echoed the credential it received: resolved, then scrubbed.
+    assert!(shown.contains("with credential [REDACTED]"), "{shown}");
+    assert!(
+        !shown.contains(SECRET) && !shown.contains(&key_id),
+        "{shown}"
+    );
+    runtime
+        .release_run_leases("run-ds", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    worker.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = logs.text();
+    assert!(text.contains("[REDACTED]"), "{text}");
+    assert!(!text.contains(SECRET), "secret in logs:\n{text}");
+}

@@ -23,6 +23,9 @@ use crate::lease::{
 use crate::probe::ProbeResult;
 use crate::provider::{LeaseHandle, ProviderLease};
 use crate::realize::{RealizeWorkspaceResult, WorkspaceSpec};
+use crate::secret::{
+    ProviderConfig, collect_secret_ref_paths, resolve_provider_config, strip_secret_paths,
+};
 use crate::store::{NewLease, ReleaseUpdate};
 use crate::{Error, Operation, Result, time};
 
@@ -59,10 +62,37 @@ struct Resolved {
     worker: PluginWorker,
     plugin_key: String,
     driver_key: String,
-    driver_config: JsonObject,
+    /// `driverConfig`, with the fields the driver's schema marks
+    /// `format: "secret-ref"` resolved (secret ids) or kept as inline secrets.
+    config: ProviderConfig,
+    /// Those fields' paths.
+    secret_paths: Vec<String>,
 }
 
 impl Resolved {
+    async fn build(
+        ctx: &DriverContext,
+        worker: PluginWorker,
+        plugin_key: String,
+        driver_key: String,
+        driver_config: JsonObject,
+    ) -> Result<Self> {
+        let secret_paths = worker
+            .manifest()
+            .driver(&driver_key)
+            .map(|d| collect_secret_ref_paths(&d.config_schema))
+            .unwrap_or_default();
+        let config =
+            resolve_provider_config(&driver_config, &secret_paths, ctx.secrets.as_ref()).await?;
+        Ok(Resolved {
+            worker,
+            plugin_key,
+            driver_key,
+            config,
+            secret_paths,
+        })
+    }
+
     fn label(&self) -> String {
         format!("plugin:{}:{}", self.plugin_key, self.driver_key)
     }
@@ -78,7 +108,7 @@ impl Resolved {
             company_id: company_id.cloned(),
             environment_id: environment_id.to_owned(),
             issue_id: issue_id.cloned(),
-            config: self.driver_config.clone(),
+            config: self.config.expose_to_json(),
         }
         .to_object()
     }
@@ -91,6 +121,7 @@ impl Resolved {
         deadline: std::time::Duration,
     ) -> Result<Value> {
         let label = self.label();
+        self.worker.register_secrets(&self.config);
         self.worker
             .call(
                 operation.method_name(),
@@ -100,11 +131,12 @@ impl Resolved {
             )
             .await
             .map_err(|e| {
-                e.into_error(
+                let e = e.into_error(
                     &label,
                     Unsupported::Driver(driver_keys::PLUGIN.to_owned()),
                     operation,
-                )
+                );
+                self.config.scrub_error(&label, e)
             })
     }
 
@@ -225,20 +257,27 @@ impl PluginDriver {
         Ok(worker)
     }
 
-    async fn resolve_for_acquire(&self, environment: &Environment) -> Result<Resolved> {
+    async fn resolve_for_acquire(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+    ) -> Result<Resolved> {
         let config = Self::parse_config(environment)?;
         let worker = self.resolve(&config.plugin_key, &config.driver_key).await?;
-        Ok(Resolved {
+        Resolved::build(
+            ctx,
             worker,
-            plugin_key: config.plugin_key,
-            driver_key: config.driver_key,
-            driver_config: config.driver_config,
-        })
+            config.plugin_key,
+            config.driver_key,
+            config.driver_config,
+        )
+        .await
     }
 
     /// `resolvePluginDriverForRelease`: metadata first, then the current config.
     async fn resolve_for_lease(
         &self,
+        ctx: &DriverContext,
         environment: &Environment,
         lease: &EnvironmentLease,
     ) -> Result<Resolved> {
@@ -259,12 +298,14 @@ impl PluginDriver {
             let worker = self
                 .resolve(&current.plugin_key, &current.driver_key)
                 .await?;
-            return Ok(Resolved {
+            return Resolved::build(
+                ctx,
                 worker,
-                plugin_key: current.plugin_key,
-                driver_key: current.driver_key,
-                driver_config: current.driver_config,
-            });
+                current.plugin_key,
+                current.driver_key,
+                current.driver_config,
+            )
+            .await;
         }
         let plugin_key = md_plugin_id
             .or(md_plugin_key)
@@ -284,12 +325,7 @@ impl PluginDriver {
             Some(c) if c.plugin_key == plugin_key && c.driver_key == driver_key => c.driver_config,
             _ => JsonObject::new(),
         };
-        Ok(Resolved {
-            worker,
-            plugin_key,
-            driver_key,
-            driver_config,
-        })
+        Resolved::build(ctx, worker, plugin_key, driver_key, driver_config).await
     }
 
     async fn release_call(
@@ -298,7 +334,7 @@ impl PluginDriver {
         environment: &Environment,
         lease: &EnvironmentLease,
     ) -> Result<()> {
-        let r = self.resolve_for_lease(environment, lease).await?;
+        let r = self.resolve_for_lease(ctx, environment, lease).await?;
         let params = lease_with_metadata(
             r.base(
                 lease.company_id.as_ref(),
@@ -330,7 +366,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         input: AcquireInput<'_>,
     ) -> Result<EnvironmentLease> {
         let environment = input.environment;
-        let r = self.resolve_for_acquire(environment).await?;
+        let r = self.resolve_for_acquire(ctx, environment).await?;
         let mut params = r.base(
             input.company_id.as_ref(),
             &environment.id,
@@ -354,11 +390,11 @@ impl EnvironmentRuntimeDriver for PluginDriver {
             .await?;
         let provider_lease =
             protocol::parse_lease(value).map_err(|e| r.malformed(Operation::Acquire, e))?;
+        let mut provider_metadata = provider_lease.metadata.clone().unwrap_or_default();
+        strip_secret_paths(&mut provider_metadata, &r.secret_paths);
+        r.config.scrub_metadata(&mut provider_metadata);
         let mut metadata = JsonObject::new();
-        metadata.insert(
-            "providerMetadata".into(),
-            Value::Object(provider_lease.metadata.clone().unwrap_or_default()),
-        );
+        metadata.insert("providerMetadata".into(), Value::Object(provider_metadata));
         metadata.insert("driver".into(), json!(environment.driver));
         metadata.insert(
             "executionWorkspaceMode".into(),
@@ -458,7 +494,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
                 lease.id
             )));
         }
-        let r = self.resolve_for_lease(environment, lease).await?;
+        let r = self.resolve_for_lease(ctx, environment, lease).await?;
         let params = lease_with_metadata(
             r.base(
                 lease.company_id.as_ref(),
@@ -484,7 +520,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         environment: &Environment,
         lease: &EnvironmentLease,
     ) -> Result<Option<EnvironmentLease>> {
-        let r = self.resolve_for_lease(environment, lease).await?;
+        let r = self.resolve_for_lease(ctx, environment, lease).await?;
         let params = lease_with_metadata(
             r.base(
                 lease.company_id.as_ref(),
@@ -519,7 +555,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         lease: &EnvironmentLease,
         workspace: &WorkspaceSpec,
     ) -> Result<RealizeWorkspaceResult> {
-        let r = self.resolve_for_lease(environment, lease).await?;
+        let r = self.resolve_for_lease(ctx, environment, lease).await?;
         let mut params = r.base(
             lease.company_id.as_ref(),
             &environment.id,
@@ -546,7 +582,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         request: &ExecuteRequest,
         output: &OutputCollector,
     ) -> Result<CommandExit> {
-        let r = self.resolve_for_lease(environment, lease).await?;
+        let r = self.resolve_for_lease(ctx, environment, lease).await?;
         let mut params = r.base(
             lease.company_id.as_ref(),
             &environment.id,
@@ -554,11 +590,8 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         );
         params.insert("lease".into(), protocol::lease_json(&lease_handle(lease)));
         protocol::add_execute_fields(&mut params, request);
-        let deadline = execute_deadline(
-            request.timeout_ms,
-            r.driver_config.get("timeoutMs"),
-            &ctx.options,
-        );
+        let deadline =
+            execute_deadline(request.timeout_ms, r.config.get("timeoutMs"), &ctx.options);
         let value = r
             .call(
                 Operation::Execute,
@@ -573,7 +606,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
     }
 
     async fn probe(&self, ctx: &DriverContext, environment: &Environment) -> Result<ProbeResult> {
-        let r = self.resolve_for_acquire(environment).await?;
+        let r = self.resolve_for_acquire(ctx, environment).await?;
         let params = r.base(environment.company_id.as_ref(), &environment.id, None);
         let value = r
             .call(
@@ -614,15 +647,17 @@ impl EnvironmentRuntimeDriver for PluginDriver {
     ) -> Result<Value> {
         let mut parsed = PluginDriverConfig::parse(config)?;
         let worker = self.resolve(&parsed.plugin_key, &parsed.driver_key).await?;
-        let r = Resolved {
+        let r = Resolved::build(
+            ctx,
             worker,
-            plugin_key: parsed.plugin_key.clone(),
-            driver_key: parsed.driver_key.clone(),
-            driver_config: parsed.driver_config.clone(),
-        };
+            parsed.plugin_key.clone(),
+            parsed.driver_key.clone(),
+            parsed.driver_config.clone(),
+        )
+        .await?;
         let mut params = JsonObject::new();
         params.insert("driverKey".into(), json!(r.driver_key));
-        params.insert("config".into(), Value::Object(r.driver_config.clone()));
+        params.insert("config".into(), Value::Object(parsed.driver_config.clone()));
         let value = r
             .call(
                 Operation::ValidateConfig,
