@@ -646,9 +646,30 @@ async fn a_worker_that_cannot_start_is_reported_within_the_readiness_bound() {
             "Sandbox provider \"{SANDBOX_DRIVER_KEY}\" is installed via plugin \"{PLUGIN_KEY}\", but its worker is not running."
         )
     );
+    // Within the back-off a start fails at once, naming the last failure.
+    let started = std::time::Instant::now();
     let err = worker.start().await.unwrap_err();
-    assert!(err.to_string().contains("timed out after 300ms"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("timed out after 300ms") && text.contains("next attempt in"),
+        "{text}"
+    );
     assert!(!worker.is_running());
+    // After the back-off the next start really tries again, and the wait doubles.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let started = std::time::Instant::now();
+    assert!(worker.start().await.is_err());
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let text = worker.start().await.unwrap_err().to_string();
+    assert!(
+        text.contains("failed to start 2 time(s) in a row"),
+        "{text}"
+    );
 
     // A program that does not exist.
     let absent = PluginWorker::new(PluginWorkerConfig::new(

@@ -82,6 +82,11 @@ pub struct PluginWorkerConfig {
     pub default_call_deadline: Duration,
     /// How long `shutdown` waits for a graceful exit before each signal (2 s).
     pub shutdown_grace: Duration,
+    /// Wait before retrying a worker that failed to start (1 s), doubled per
+    /// consecutive failure up to 5 minutes; calls in between fail at once.
+    /// Zero disables the back-off. A crash after a good start is not a
+    /// failed start: the next call restarts at once.
+    pub restart_backoff: Duration,
     /// Log and skip stdout lines that are not JSON-RPC instead of failing (false).
     pub tolerate_stdout_noise: bool,
     /// Longest accepted stdout line (64 MiB); longer is a protocol error.
@@ -122,6 +127,7 @@ impl PluginWorkerConfig {
             ready_timeout: Duration::from_secs(15),
             default_call_deadline: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
+            restart_backoff: Duration::from_secs(1),
             tolerate_stdout_noise: false,
             max_line_bytes: 64 * 1024 * 1024,
         }
@@ -424,12 +430,23 @@ impl Drop for PendingGuard {
     }
 }
 
+/// Consecutive failed starts, for the back-off.
+struct FailedStarts {
+    count: u32,
+    retry_at: tokio::time::Instant,
+    last: String,
+}
+
+/// Longest wait between start attempts.
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+
 struct Shared {
     config: PluginWorkerConfig,
     current: Mutex<Option<Arc<Process>>>,
     start_lock: tokio::sync::Mutex<()>,
     supported: Mutex<Option<Vec<String>>>,
     starts: AtomicU64,
+    failed_starts: Mutex<Option<FailedStarts>>,
     next_id: AtomicU64,
     closed: AtomicBool,
     scrubber: Scrubber,
@@ -545,6 +562,7 @@ impl PluginWorker {
                 start_lock: tokio::sync::Mutex::new(()),
                 supported: Mutex::new(None),
                 starts: AtomicU64::new(0),
+                failed_starts: Mutex::new(None),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 scrubber,
@@ -659,6 +677,49 @@ impl PluginWorker {
             old.kill("restarting");
             info!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), "restarting plugin worker");
         }
+        if let Some(f) = self
+            .shared
+            .failed_starts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let now = tokio::time::Instant::now();
+            if now < f.retry_at {
+                return Err(CallError::Unavailable(format!(
+                    "{} (failed to start {} time(s) in a row; next attempt in {}ms)",
+                    f.last,
+                    f.count,
+                    (f.retry_at - now).as_millis()
+                )));
+            }
+        }
+        let result = self.start_process().await;
+        let mut failed = self
+            .shared
+            .failed_starts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(_) => *failed = None,
+            Err(e) => {
+                let count = failed.as_ref().map_or(1, |f| f.count + 1);
+                let base = self.shared.config.restart_backoff;
+                let wait = base
+                    .saturating_mul(2u32.saturating_pow(count.saturating_sub(1).min(16)))
+                    .min(MAX_RESTART_BACKOFF);
+                *failed = Some(FailedStarts {
+                    count,
+                    retry_at: tokio::time::Instant::now() + wait,
+                    last: e.to_string(),
+                });
+            }
+        }
+        result
+    }
+
+    /// Spawns a process and runs the `initialize` handshake (start lock held).
+    async fn start_process(&self) -> std::result::Result<Arc<Process>, CallError> {
         let process = self.spawn()?;
         let cfg = &self.shared.config;
         let params = json!({
