@@ -18,6 +18,9 @@
 //!   [`PluginWorkerConfig::tolerate_stdout_noise`] for upstream behaviour;
 //! - everything the worker writes to logs or errors is scrubbed of every
 //!   secret the SDK has handed it.
+//! - restart is lazy (the next call) instead of a timer; failed starts back
+//!   off exponentially (`restart_backoff`, doubling to 5 minutes) like
+//!   upstream's crash back-off.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
