@@ -1125,7 +1125,12 @@ impl WeakWorker {
                         ),
                     )
                 };
-                let _ = process.write_line(&line).await;
+                // Written from its own task: the reader must never wait on
+                // stdin, or a worker blocked on a full stdout pipe deadlocks.
+                let process = process.clone();
+                tokio::spawn(async move {
+                    let _ = process.write_line(&line).await;
+                });
             }
             Incoming::Notification { method, params } if method == methods::LOG => {
                 let level = params
