@@ -634,7 +634,14 @@ impl ModalProvider {
         Ok(id)
     }
 
-    fn lease_metadata(&self, s: &Settings, id: &str, remote_cwd: &str, resumed: bool) -> JsonObject {
+    fn lease_metadata(
+        &self,
+        s: &Settings,
+        id: &str,
+        remote_cwd: &str,
+        resumed: bool,
+        run_id: Option<&str>,
+    ) -> JsonObject {
         let c = &s.config;
         let mut md = JsonObject::new();
         md.insert("provider".into(), json!(PROVIDER));
@@ -650,6 +657,9 @@ impl ModalProvider {
         md.insert("reuseLease".into(), json!(c.reuse_lease));
         md.insert("remoteCwd".into(), json!(remote_cwd));
         md.insert("resumedLease".into(), json!(resumed));
+        if let Some(run) = run_id {
+            md.insert("paperclipRunId".into(), json!(run));
+        }
         md
     }
 
@@ -806,7 +816,8 @@ impl SandboxProvider for ModalProvider {
                 });
             }
         };
-        let metadata = self.lease_metadata(&s, &id, &s.config.workdir, false);
+        let metadata =
+            self.lease_metadata(&s, &id, &s.config.workdir, false, Some(&request.run_id));
         Ok(ProviderLease::new(id, metadata))
     }
 
@@ -826,7 +837,13 @@ impl SandboxProvider for ModalProvider {
         }
         Ok(ProviderLease::new(
             id,
-            self.lease_metadata(&s, id, &s.config.workdir, true),
+            self.lease_metadata(
+                &s,
+                id,
+                &s.config.workdir,
+                true,
+                lease.metadata_str("paperclipRunId"),
+            ),
         ))
     }
 
