@@ -56,7 +56,11 @@ impl RetryPolicy {
 pub(crate) fn retryable(code: Code) -> bool {
     matches!(
         code,
-        Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled | Code::Internal | Code::Unknown
+        Code::DeadlineExceeded
+            | Code::Unavailable
+            | Code::Cancelled
+            | Code::Internal
+            | Code::Unknown
     )
 }
 
@@ -102,9 +106,7 @@ pub(crate) fn map_status(rpc: &str, status: &Status, scrub: impl Fn(&str) -> Str
 /// Expiry of a JWT from its unverified payload `exp`; `None` when absent.
 pub(crate) fn jwt_expiry(token: &str) -> Option<SystemTime> {
     let payload = token.split('.').nth(1)?;
-    let bytes = URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let exp = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()?
         .get("exp")?
@@ -115,7 +117,10 @@ pub(crate) fn jwt_expiry(token: &str) -> Option<SystemTime> {
 /// A metadata value holding a secret, marked sensitive so HTTP/2 never indexes or logs it.
 pub(crate) fn secret_value(secret: &SecretString, field: &str) -> Result<AsciiMetadataValue> {
     let mut value = AsciiMetadataValue::try_from(secret.expose_secret()).map_err(|_| {
-        Error::invalid_field(field, format!("{field} contains characters not allowed in a header"))
+        Error::invalid_field(
+            field,
+            format!("{field} contains characters not allowed in a header"),
+        )
     })?;
     value.set_sensitive(true);
     Ok(value)
@@ -183,14 +188,23 @@ impl ControlPlane {
         attempt: u32,
         started: Instant,
     ) -> Result<()> {
-        meta.insert("x-modal-client-type", AsciiMetadataValue::from_static(CLIENT_TYPE));
-        meta.insert("x-modal-client-version", AsciiMetadataValue::from_static(CLIENT_VERSION));
+        meta.insert(
+            "x-modal-client-type",
+            AsciiMetadataValue::from_static(CLIENT_TYPE),
+        );
+        meta.insert(
+            "x-modal-client-version",
+            AsciiMetadataValue::from_static(CLIENT_VERSION),
+        );
         meta.insert(
             "x-modal-libmodal-version",
             ascii(concat!("paperclip-env-rs/", env!("CARGO_PKG_VERSION"))),
         );
         meta.insert("x-modal-token-id", secret_value(&self.token_id, "tokenId")?);
-        meta.insert("x-modal-token-secret", secret_value(&self.token_secret, "tokenSecret")?);
+        meta.insert(
+            "x-modal-token-secret",
+            secret_value(&self.token_secret, "tokenSecret")?,
+        );
         if let Some(token) = auth {
             meta.insert("x-modal-auth-token", secret_value(token, "authToken")?);
         }
@@ -214,9 +228,13 @@ impl ControlPlane {
             return Ok(current.token.clone());
         }
         let response = self
-            .unary("AuthTokenGet", Default::default(), true, None, |mut c, r| async move {
-                c.auth_token_get(r).await
-            })
+            .unary(
+                "AuthTokenGet",
+                Default::default(),
+                true,
+                None,
+                |mut c, r| async move { c.auth_token_get(r).await },
+            )
             .await?;
         if response.token.is_empty() {
             return Err(Error::provider(
@@ -300,7 +318,10 @@ impl ControlPlane {
     }
 
     /// The raw client for streaming calls, with Modal metadata attached.
-    pub(crate) async fn streaming_request<Req>(&self, request: Req) -> Result<(ModalClientClient<Channel>, Request<Req>)> {
+    pub(crate) async fn streaming_request<Req>(
+        &self,
+        request: Req,
+    ) -> Result<(ModalClientClient<Channel>, Request<Req>)> {
         let token = self.auth_token().await?;
         let mut req = Request::new(request);
         let key = uuid::Uuid::new_v4().to_string();

@@ -133,17 +133,30 @@ pub struct ModalConfigSchema {
 
 impl ModalConfig {
     /// Lenient parse (spec 25 §1.1); never fails.
+    ///
+    /// ```
+    /// use paperclip_env_providers::modal::ModalConfig;
+    /// let values = serde_json::json!({"appName": " app ", "image": "node:20", "sandboxTimeoutMs": "1800000"});
+    /// let config = ModalConfig::from_values(values.as_object().unwrap());
+    /// assert_eq!((config.app_name.as_str(), config.sandbox_timeout_ms), ("app", 1_800_000));
+    /// assert!(ModalConfig::validate(values.as_object().unwrap())
+    ///     .iter()
+    ///     .any(|issue| issue.field == "tokenId"));
+    /// ```
     pub fn from_values(values: &JsonObject) -> Self {
-        let cidr_allowlist = values.get("cidrAllowlist").and_then(Value::as_array).and_then(|a| {
-            let cidrs: Vec<String> = a
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
-            (!cidrs.is_empty()).then_some(cidrs)
-        });
+        let cidr_allowlist = values
+            .get("cidrAllowlist")
+            .and_then(Value::as_array)
+            .and_then(|a| {
+                let cidrs: Vec<String> = a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                (!cidrs.is_empty()).then_some(cidrs)
+            });
         let exec_timeout = number(values, "execTimeoutMs");
         ModalConfig {
             app_name: trimmed(values, "appName").unwrap_or_default(),
@@ -168,7 +181,10 @@ impl ModalConfig {
     pub fn from_provider_config(config: &ProviderConfig) -> Self {
         let mut parsed = Self::from_values(config.values());
         parsed.token_id = config.secret("tokenId").cloned().or(parsed.token_id);
-        parsed.token_secret = config.secret("tokenSecret").cloned().or(parsed.token_secret);
+        parsed.token_secret = config
+            .secret("tokenSecret")
+            .cloned()
+            .or(parsed.token_secret);
         parsed
     }
 
@@ -181,7 +197,11 @@ impl ModalConfig {
                 "Modal sandbox environments require tokenId and tokenSecret.",
             )),
             (id, _) => Err(Error::invalid_field(
-                if id.is_none() { "tokenId" } else { "tokenSecret" },
+                if id.is_none() {
+                    "tokenId"
+                } else {
+                    "tokenSecret"
+                },
                 "Modal sandbox environments require both tokenId and tokenSecret to be configured.",
             )),
         }
@@ -350,7 +370,9 @@ mod tests {
         assert!(!c.reuse_lease);
         assert_eq!(c.workdir, MODAL_DEFAULT_WORKDIR);
         assert_eq!(
-            Value::Object(ModalConfig::normalized(&obj(json!({"appName": "a", "image": "i"})))),
+            Value::Object(ModalConfig::normalized(&obj(
+                json!({"appName": "a", "image": "i"})
+            ))),
             json!({"appName": "a", "image": "i", "tokenId": null, "tokenSecret": null, "environment": null,
                    "workdir": "/workspace/paperclip", "sandboxTimeoutMs": 3600000, "idleTimeoutMs": null,
                    "execTimeoutMs": 300000, "blockNetwork": false, "cidrAllowlist": null, "reuseLease": false})
@@ -359,7 +381,9 @@ mod tests {
 
     #[test]
     fn relative_workdir_and_missing_tokens() {
-        let issues = ModalConfig::validate(&obj(json!({"appName": "a", "image": "i", "workdir": "rel"})));
+        let issues = ModalConfig::validate(&obj(
+            json!({"appName": "a", "image": "i", "workdir": "rel"}),
+        ));
         let messages: Vec<_> = issues.iter().map(|i| i.message.as_str()).collect();
         assert_eq!(
             messages,
@@ -377,6 +401,9 @@ mod tests {
         assert_eq!(c.exec_timeout_for(Some(2500)), 2000);
         let c = ModalConfig::from_values(&obj(json!({"timeoutMs": 300, "execTimeoutMs": 7000})));
         assert_eq!(c.exec_timeout_for(None), 7000);
-        assert_eq!(ModalConfig::from_values(&obj(json!({}))).exec_timeout_for(None), 300_000);
+        assert_eq!(
+            ModalConfig::from_values(&obj(json!({}))).exec_timeout_for(None),
+            300_000
+        );
     }
 }

@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::PROVIDER;
 use super::client::{ControlPlane, map_status, retryable, secret_value};
@@ -60,9 +60,12 @@ async fn access(cp: &ControlPlane, task_id: &str) -> Result<(SecretString, Strin
         task_id: task_id.to_owned(),
     };
     let response = cp
-        .call("TaskGetCommandRouterAccess", request, true, |mut c, r| async move {
-            c.task_get_command_router_access(r).await
-        })
+        .call(
+            "TaskGetCommandRouterAccess",
+            request,
+            true,
+            |mut c, r| async move { c.task_get_command_router_access(r).await },
+        )
         .await
         .map_err(|e| match e {
             Error::Provider { message, .. } if message.contains("FailedPrecondition") => {
@@ -123,7 +126,10 @@ impl Router {
     async fn refresh(&self, cp: &ControlPlane) -> Result<()> {
         let (jwt, url) = access(cp, &self.task_id).await?;
         if url != self.url {
-            return Err(Error::provider(PROVIDER, "Task router URL changed during session"));
+            return Err(Error::provider(
+                PROVIDER,
+                "Task router URL changed during session",
+            ));
         }
         *self.jwt.lock().unwrap_or_else(|p| p.into_inner()) = jwt;
         Ok(())
@@ -153,7 +159,12 @@ impl Router {
                 request.set_timeout(d);
             }
             let outcome = match per_call {
-                Some(d) => match tokio::time::timeout(d + Duration::from_secs(1), f(self.client.clone(), request)).await {
+                Some(d) => match tokio::time::timeout(
+                    d + Duration::from_secs(1),
+                    f(self.client.clone(), request),
+                )
+                .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(Status::deadline_exceeded("client deadline elapsed")),
                 },
@@ -266,9 +277,14 @@ impl Router {
         let started = Instant::now();
         let deadline = started + Duration::from_secs(secs);
         // Never repeated on transient errors: the command may have started.
-        self.unary(cp, "TaskExecStart", start, false, Some(cp.call_timeout), |mut c, r| async move {
-            c.task_exec_start(r).await
-        })
+        self.unary(
+            cp,
+            "TaskExecStart",
+            start,
+            false,
+            Some(cp.call_timeout),
+            |mut c, r| async move { c.task_exec_start(r).await },
+        )
         .await
         .map_err(|f| f.into_error(cp))?;
 
@@ -282,7 +298,12 @@ impl Router {
             });
             let wait = self.wait(cp, &exec_id, deadline);
             let (stdin_done, out, err, ended) = tokio::join!(stdin_done, out, err, wait);
-            stdin_done?;
+            // The command has ended here; a refused stdin write (e.g. to a
+            // command that exited before reading) does not change its result.
+            if let Err(failure) = stdin_done {
+                let error = failure.into_error(cp);
+                warn!(provider = PROVIDER, exec_id = %exec_id, %error, "writing stdin failed; the command ended anyway");
+            }
             out?;
             err?;
             ended
@@ -311,17 +332,27 @@ impl Router {
             eof: false,
         };
         if !data.is_empty() {
-            self.unary(cp, "TaskExecStdinWrite", message.clone(), true, Some(cp.call_timeout), |mut c, r| async move {
-                c.task_exec_stdin_write(r).await
-            })
+            self.unary(
+                cp,
+                "TaskExecStdinWrite",
+                message.clone(),
+                true,
+                Some(cp.call_timeout),
+                |mut c, r| async move { c.task_exec_stdin_write(r).await },
+            )
             .await?;
         }
         message.offset = data.len() as u64;
         message.data = Vec::new();
         message.eof = true;
-        self.unary(cp, "TaskExecStdinWrite", message, true, Some(cp.call_timeout), |mut c, r| async move {
-            c.task_exec_stdin_write(r).await
-        })
+        self.unary(
+            cp,
+            "TaskExecStdinWrite",
+            message,
+            true,
+            Some(cp.call_timeout),
+            |mut c, r| async move { c.task_exec_stdin_write(r).await },
+        )
         .await?;
         Ok(())
     }
@@ -343,14 +374,21 @@ impl Router {
             }
             let per_call = left.min(WAIT_CALL);
             match self
-                .unary(cp, "TaskExecWait", message.clone(), false, Some(per_call), |mut c, r| async move {
-                    c.task_exec_wait(r).await
-                })
+                .unary(
+                    cp,
+                    "TaskExecWait",
+                    message.clone(),
+                    false,
+                    Some(per_call),
+                    |mut c, r| async move { c.task_exec_wait(r).await },
+                )
                 .await
             {
                 Ok(response) => {
                     return match response.exit_status {
-                        Some(task_exec_wait_response::ExitStatus::Code(code)) => Ok(Ended::Code(code)),
+                        Some(task_exec_wait_response::ExitStatus::Code(code)) => {
+                            Ok(Ended::Code(code))
+                        }
                         Some(task_exec_wait_response::ExitStatus::Signal(signal)) => {
                             Ok(Ended::Signal(signal))
                         }
@@ -361,7 +399,8 @@ impl Router {
                     };
                 }
                 Err(RouterFailure::Status(_, status)) if retryable(status.code()) => {
-                    let pause = Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()));
+                    let pause = Duration::from_secs(1)
+                        .min(deadline.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                 }
                 Err(other) => return Err(other),

@@ -26,12 +26,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use paperclip_env_core::workspace::shell_quote;
 use paperclip_env_core::{
     AcquireRequest, CallContext, Capabilities, CommandExit, ConfigValidation, Diagnostic, Error,
     ExecuteRequest, JsonObject, LeaseHandle, LeaseStatus, OutputCollector, ProviderLease,
     ProviderProbe, RealizeWorkspaceResult, Result, SandboxProvider, Severity, WorkspaceSpec,
 };
-use paperclip_env_core::workspace::shell_quote;
 use paperclip_env_modal_proto::api::generic_result::GenericStatus;
 use paperclip_env_modal_proto::api::network_access::NetworkAccessType;
 use paperclip_env_modal_proto::api::*;
@@ -90,6 +90,18 @@ pub(crate) fn channel(url: &str, connect_timeout: Duration) -> Result<Channel> {
 }
 
 /// Builds a [`ModalProvider`].
+///
+/// ```
+/// use std::time::Duration;
+/// use paperclip_env_providers::modal::{ModalProvider, RetryPolicy};
+/// let provider = ModalProvider::builder()
+///     .server_url("http://127.0.0.1:50051")
+///     .call_timeout(Duration::from_secs(30))
+///     .retry_policy(RetryPolicy { max_retries: 2, ..RetryPolicy::default() })
+///     .build()?;
+/// assert_eq!(provider.server_url(), "http://127.0.0.1:50051");
+/// # Ok::<(), paperclip_env_core::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct ModalProviderBuilder {
     server_url: Option<String>,
@@ -330,9 +342,8 @@ impl ModalProvider {
             environment_name: s.config.environment.clone().unwrap_or_default(),
             object_creation_type: ObjectCreationType::CreateIfMissing as i32,
         };
-        let response = s
-            .cp
-            .call("AppGetOrCreate", request, true, |mut c, r| async move {
+        let response =
+            s.cp.call("AppGetOrCreate", request, true, |mut c, r| async move {
                 c.app_get_or_create(r).await
             })
             .await?;
@@ -355,9 +366,8 @@ impl ModalProvider {
             builder_version: IMAGE_BUILDER_VERSION.into(),
             ..Default::default()
         };
-        let response = s
-            .cp
-            .call("ImageGetOrCreate", request, true, |mut c, r| async move {
+        let response =
+            s.cp.call("ImageGetOrCreate", request, true, |mut c, r| async move {
                 c.image_get_or_create(r).await
             })
             .await?;
@@ -366,16 +376,17 @@ impl ModalProvider {
         let mut last_entry_id = String::new();
         while result.is_none() {
             info!(provider = PROVIDER, image = %s.config.image, image_id, "waiting for the Modal image build");
-            let (mut client, request) = s
-                .cp
-                .streaming_request(ImageJoinStreamingRequest {
+            let (mut client, request) =
+                s.cp.streaming_request(ImageJoinStreamingRequest {
                     image_id: image_id.clone(),
                     timeout: 55.0,
                     last_entry_id: last_entry_id.clone(),
                     include_logs_for_finished: true,
                 })
                 .await?;
-            let scrub = |st: &tonic::Status| client::map_status("ImageJoinStreaming", st, |m| s.cp.scrub(m));
+            let scrub = |st: &tonic::Status| {
+                client::map_status("ImageJoinStreaming", st, |m| s.cp.scrub(m))
+            };
             let mut stream = client
                 .image_join_streaming(request)
                 .await
@@ -392,7 +403,10 @@ impl ModalProvider {
                 }
             }
         }
-        if let Some(error) = result.as_ref().and_then(|r| image_build_error(&image_id, r)) {
+        if let Some(error) = result
+            .as_ref()
+            .and_then(|r| image_build_error(&image_id, r))
+        {
             return Err(error);
         }
         lock(&self.inner.images).insert(key, image_id.clone());
@@ -404,7 +418,13 @@ impl ModalProvider {
             Some(ms) => Some((ms / 1000).max(1) as u32),
             None if config.reuse_lease => {
                 let cap = (config.sandbox_timeout_ms / 1000).max(1) as u64;
-                Some(self.inner.options.reuse_idle_timeout.as_secs().clamp(1, cap) as u32)
+                Some(
+                    self.inner
+                        .options
+                        .reuse_idle_timeout
+                        .as_secs()
+                        .clamp(1, cap) as u32,
+                )
             }
             None => None,
         }
@@ -442,9 +462,8 @@ impl ModalProvider {
             environment_name: String::new(),
         };
         // Never repeated: a retry could create a second sandbox.
-        let response = s
-            .cp
-            .call("SandboxCreate", request, false, |mut c, r| async move {
+        let response =
+            s.cp.call("SandboxCreate", request, false, |mut c, r| async move {
                 c.sandbox_create(r).await
             })
             .await?;
@@ -474,9 +493,8 @@ impl ModalProvider {
                 })
                 .collect(),
         };
-        if let Err(error) = s
-            .cp
-            .call("SandboxTagsSet", request, true, |mut c, r| async move {
+        if let Err(error) =
+            s.cp.call("SandboxTagsSet", request, true, |mut c, r| async move {
                 c.sandbox_tags_set(r).await
             })
             .await
@@ -494,7 +512,9 @@ impl ModalProvider {
         };
         match s
             .cp
-            .call("SandboxWait", request, true, |mut c, r| async move { c.sandbox_wait(r).await })
+            .call("SandboxWait", request, true, |mut c, r| async move {
+                c.sandbox_wait(r).await
+            })
             .await
         {
             Ok(response) => Ok(response.result.is_none_or(|r| r.status == 0)),
@@ -532,9 +552,8 @@ impl ModalProvider {
                 sandbox_id: id.to_owned(),
                 ..Default::default()
             };
-            let response = s
-                .cp
-                .call("SandboxGetTaskId", request, true, |mut c, r| async move {
+            let response =
+                s.cp.call("SandboxGetTaskId", request, true, |mut c, r| async move {
                     c.sandbox_get_task_id(r).await
                 })
                 .await?;
@@ -594,12 +613,19 @@ impl ModalProvider {
                 PROVIDER,
                 format!(
                     "Failed to create remote workspace directory '{dir}': mkdir exited with code {n}{}",
-                    if stderr.trim().is_empty() { String::new() } else { format!(": {}", stderr.trim()) }
+                    if stderr.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", stderr.trim())
+                    }
                 ),
             )),
             Ended::Signal(n) => Err(Error::provider(
                 PROVIDER,
-                format!("Failed to create remote workspace directory '{dir}': mkdir killed by {}", signal_name(n)),
+                format!(
+                    "Failed to create remote workspace directory '{dir}': mkdir killed by {}",
+                    signal_name(n)
+                ),
             )),
             Ended::TimedOut => Err(Error::Timeout {
                 operation: format!("creating remote workspace directory '{dir}'"),
@@ -922,13 +948,21 @@ impl SandboxProvider for ModalProvider {
         let timeout_ms = s.config.exec_timeout_for(request.timeout_ms);
         if !self.alive(&s, id).await? {
             self.detach(id);
-            return Err(Error::not_found("Modal sandbox lease is no longer available."));
+            return Err(Error::not_found(
+                "Modal sandbox lease is no longer available.",
+            ));
         }
         let router = self.router(&s, id).await?;
         let argv = vec!["sh".to_owned(), "-lc".to_owned(), script];
         let stdin = request.stdin.as_ref().map(|s| s.as_bytes());
         let ended = router
-            .exec(&s.cp, argv, stdin, Duration::from_millis(timeout_ms), output)
+            .exec(
+                &s.cp,
+                argv,
+                stdin,
+                Duration::from_millis(timeout_ms),
+                output,
+            )
             .await?;
         Ok(match ended {
             Ended::Code(code) => CommandExit::code(code),

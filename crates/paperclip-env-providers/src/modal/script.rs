@@ -62,9 +62,17 @@ mod tests {
     fn pinned_exec_line_and_bad_keys() {
         let env = BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]);
         let script = login_script("printf", &["hello".to_owned()], "/w", &env).unwrap_or_default();
-        assert!(script.ends_with("&& cd '/w' && exec env FOO='bar' 'printf' 'hello'"), "{script}");
+        assert!(
+            script.ends_with("&& cd '/w' && exec env FOO='bar' 'printf' 'hello'"),
+            "{script}"
+        );
         let bad = BTreeMap::from([("1BAD".to_owned(), "x".to_owned())]);
-        let err = login_script("true", &[], "/", &bad).map(|_| ()).unwrap_err();
-        assert!(err.to_string().contains("Invalid sandbox environment variable key: 1BAD"));
+        let err = login_script("true", &[], "/", &bad)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Invalid sandbox environment variable key: 1BAD")
+        );
     }
 }

@@ -23,7 +23,12 @@ fn header(meta: &MetadataMap, key: &str) -> Option<String> {
 
 impl Service {
     /// Records the call, checks credentials and applies a queued status fault.
-    fn admit(&self, meta: &MetadataMap, rpc: &'static str, route: Route) -> Result<Option<Fault>, Status> {
+    fn admit(
+        &self,
+        meta: &MetadataMap,
+        rpc: &'static str,
+        route: Route,
+    ) -> Result<Option<Fault>, Status> {
         let shared = &self.shared;
         let id_ok = header(meta, "x-modal-token-id").as_deref() == Some(shared.token_id.as_str());
         let secret_ok =
@@ -95,7 +100,10 @@ impl ModalClient for Service {
             return Ok(Response::new(AppGetOrCreateResponse { app_id: id.clone() }));
         }
         if req.object_creation_type != ObjectCreationType::CreateIfMissing as i32 {
-            return Err(Status::not_found(format!("App '{}' not found", req.app_name)));
+            return Err(Status::not_found(format!(
+                "App '{}' not found",
+                req.app_name
+            )));
         }
         let id = self.shared.next("ap");
         apps.insert(key, id.clone());
@@ -106,7 +114,11 @@ impl ModalClient for Service {
         &self,
         request: Request<ImageGetOrCreateRequest>,
     ) -> Result<Response<ImageGetOrCreateResponse>, Status> {
-        let fault = self.admit(request.metadata(), "ImageGetOrCreate", Route::ImageGetOrCreate)?;
+        let fault = self.admit(
+            request.metadata(),
+            "ImageGetOrCreate",
+            Route::ImageGetOrCreate,
+        )?;
         let req = request.into_inner();
         let commands = req.image.map(|i| i.dockerfile_commands).unwrap_or_default();
         let Some(tag) = commands
@@ -144,7 +156,10 @@ impl ModalClient for Service {
                         },
                     },
                 );
-                return Ok(Response::new(ImageGetOrCreateResponse { image_id: id, result: None }));
+                return Ok(Response::new(ImageGetOrCreateResponse {
+                    image_id: id,
+                    result: None,
+                }));
             }
             _ => (Duration::from_millis(50), GenericStatus::Success as i32),
         };
@@ -161,7 +176,10 @@ impl ModalClient for Service {
             },
         );
         // First build: no result; the client joins the build stream.
-        Ok(Response::new(ImageGetOrCreateResponse { image_id: id, result: None }))
+        Ok(Response::new(ImageGetOrCreateResponse {
+            image_id: id,
+            result: None,
+        }))
     }
 
     type ImageJoinStreamingStream = JoinStream;
@@ -170,7 +188,11 @@ impl ModalClient for Service {
         &self,
         request: Request<ImageJoinStreamingRequest>,
     ) -> Result<Response<JoinStream>, Status> {
-        let fault = self.admit(request.metadata(), "ImageJoinStreaming", Route::ImageJoinStreaming)?;
+        let fault = self.admit(
+            request.metadata(),
+            "ImageJoinStreaming",
+            Route::ImageJoinStreaming,
+        )?;
         let req = request.into_inner();
         lock(&self.shared.join_entry_ids).push(req.last_entry_id.clone());
         let (ready_at, result) = lock(&self.shared.images)
@@ -184,38 +206,39 @@ impl ModalClient for Service {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         let stream_deadline = Instant::now()
-            + Duration::from_secs_f32(if req.timeout > 0.0 { req.timeout.min(300.0) } else { 55.0 });
+            + Duration::from_secs_f32(if req.timeout > 0.0 {
+                req.timeout.min(300.0)
+            } else {
+                55.0
+            });
         let early = matches!(fault, Some(Fault::EndStreamEarly(_)));
-        let stream = futures::stream::unfold(
-            (start_entry, false),
-            move |(entry, done)| {
-                let result = result.clone();
-                async move {
-                    if done {
-                        return None;
-                    }
-                    let now = Instant::now();
-                    if now >= ready_at {
-                        let msg = ImageJoinStreamingResponse {
-                            result: Some(result),
-                            entry_id: format!("entry-{}", entry + 1),
-                            eof: true,
-                        };
-                        return Some((Ok(msg), (entry + 1, true)));
-                    }
-                    if now >= stream_deadline || (early && entry > start_entry) {
-                        return None;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50).min(ready_at - now)).await;
-                    let msg = ImageJoinStreamingResponse {
-                        result: None,
-                        entry_id: format!("entry-{}", entry + 1),
-                        eof: false,
-                    };
-                    Some((Ok(msg), (entry + 1, false)))
+        let stream = futures::stream::unfold((start_entry, false), move |(entry, done)| {
+            let result = result.clone();
+            async move {
+                if done {
+                    return None;
                 }
-            },
-        );
+                let now = Instant::now();
+                if now >= ready_at {
+                    let msg = ImageJoinStreamingResponse {
+                        result: Some(result),
+                        entry_id: format!("entry-{}", entry + 1),
+                        eof: true,
+                    };
+                    return Some((Ok(msg), (entry + 1, true)));
+                }
+                if now >= stream_deadline || (early && entry > start_entry) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(50).min(ready_at - now)).await;
+                let msg = ImageJoinStreamingResponse {
+                    result: None,
+                    entry_id: format!("entry-{}", entry + 1),
+                    eof: false,
+                };
+                Some((Ok(msg), (entry + 1, false)))
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -231,11 +254,19 @@ impl ModalClient for Service {
         if !lock(&self.shared.apps).values().any(|a| *a == req.app_id) {
             return Err(Status::not_found(format!("App {} not found", req.app_id)));
         }
-        if !lock(&self.shared.images).values().any(|i| i.id == definition.image_id) {
-            return Err(Status::not_found(format!("Image {} not found", definition.image_id)));
+        if !lock(&self.shared.images)
+            .values()
+            .any(|i| i.id == definition.image_id)
+        {
+            return Err(Status::not_found(format!(
+                "Image {} not found",
+                definition.image_id
+            )));
         }
         if definition.timeout_secs == 0 || definition.timeout_secs > 86_400 {
-            return Err(Status::invalid_argument("timeout_secs must be between 1 and 86400"));
+            return Err(Status::invalid_argument(
+                "timeout_secs must be between 1 and 86400",
+            ));
         }
         if let Some(workdir) = &definition.workdir
             && !workdir.starts_with('/')
@@ -300,21 +331,31 @@ impl ModalClient for Service {
         &self,
         request: Request<SandboxTerminateRequest>,
     ) -> Result<Response<SandboxTerminateResponse>, Status> {
-        self.admit(request.metadata(), "SandboxTerminate", Route::SandboxTerminate)?;
+        self.admit(
+            request.metadata(),
+            "SandboxTerminate",
+            Route::SandboxTerminate,
+        )?;
         let req = request.into_inner();
         let existing = self.with_sandbox(&req.sandbox_id, |s| {
             let existing = s.result.clone();
             s.finish(GenericStatus::Terminated);
             existing
         })?;
-        Ok(Response::new(SandboxTerminateResponse { existing_result: existing }))
+        Ok(Response::new(SandboxTerminateResponse {
+            existing_result: existing,
+        }))
     }
 
     async fn sandbox_get_task_id(
         &self,
         request: Request<SandboxGetTaskIdRequest>,
     ) -> Result<Response<SandboxGetTaskIdResponse>, Status> {
-        self.admit(request.metadata(), "SandboxGetTaskId", Route::SandboxGetTaskId)?;
+        self.admit(
+            request.metadata(),
+            "SandboxGetTaskId",
+            Route::SandboxGetTaskId,
+        )?;
         let req = request.into_inner();
         let response = self.with_sandbox(&req.sandbox_id, |s| {
             if let Some(result) = &s.result {

@@ -158,7 +158,12 @@ impl TaskCommandRouter for Service {
         request: Request<TaskExecStartRequest>,
     ) -> Result<Response<TaskExecStartResponse>, Status> {
         let task_id = request.get_ref().task_id.clone();
-        self.admit_router(request.metadata(), "TaskExecStart", Route::TaskExecStart, &task_id)?;
+        self.admit_router(
+            request.metadata(),
+            "TaskExecStart",
+            Route::TaskExecStart,
+            &task_id,
+        )?;
         let req = request.into_inner();
         let Some((program, args)) = req.command_args.split_first() else {
             return Err(Status::invalid_argument("command_args must not be empty"));
@@ -192,7 +197,11 @@ impl TaskCommandRouter for Service {
             .env("PATH", DEFAULT_PATH)
             .env("HOME", &sandbox.home)
             .stdin(Stdio::piped())
-            .stdout(if stdout_pipe { Stdio::piped() } else { Stdio::null() })
+            .stdout(if stdout_pipe {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stderr(match stderr_mode {
                 TaskExecStderrConfig::Devnull => Stdio::null(),
                 _ => Stdio::piped(),
@@ -283,8 +292,12 @@ impl TaskCommandRouter for Service {
         request: Request<TaskExecStdioReadRequest>,
     ) -> Result<Response<StdioStream>, Status> {
         let task_id = request.get_ref().task_id.clone();
-        let fault =
-            self.admit_router(request.metadata(), "TaskExecStdioRead", Route::TaskExecStdioRead, &task_id)?;
+        let fault = self.admit_router(
+            request.metadata(),
+            "TaskExecStdioRead",
+            Route::TaskExecStdioRead,
+            &task_id,
+        )?;
         let req = request.into_inner();
         let (stdout, stderr, _, _) = self.exec_parts(&req.task_id, &req.exec_id)?;
         let pipe = if req.file_descriptor == TaskExecStdioFileDescriptor::Stderr as i32 {
@@ -329,7 +342,12 @@ impl TaskCommandRouter for Service {
         request: Request<TaskExecStdinWriteRequest>,
     ) -> Result<Response<TaskExecStdinWriteResponse>, Status> {
         let task_id = request.get_ref().task_id.clone();
-        self.admit_router(request.metadata(), "TaskExecStdinWrite", Route::TaskExecStdinWrite, &task_id)?;
+        self.admit_router(
+            request.metadata(),
+            "TaskExecStdinWrite",
+            Route::TaskExecStdinWrite,
+            &task_id,
+        )?;
         let req = request.into_inner();
         let (_, _, _, stdin) = self.exec_parts(&req.task_id, &req.exec_id)?;
         let written = {
@@ -377,7 +395,12 @@ impl TaskCommandRouter for Service {
         request: Request<TaskExecWaitRequest>,
     ) -> Result<Response<TaskExecWaitResponse>, Status> {
         let task_id = request.get_ref().task_id.clone();
-        self.admit_router(request.metadata(), "TaskExecWait", Route::TaskExecWait, &task_id)?;
+        self.admit_router(
+            request.metadata(),
+            "TaskExecWait",
+            Route::TaskExecWait,
+            &task_id,
+        )?;
         let req = request.into_inner();
         let (_, _, mut exit, _) = self.exec_parts(&req.task_id, &req.exec_id)?;
         let status = exit
@@ -395,7 +418,12 @@ impl TaskCommandRouter for Service {
         request: Request<TaskExecPollRequest>,
     ) -> Result<Response<TaskExecPollResponse>, Status> {
         let task_id = request.get_ref().task_id.clone();
-        self.admit_router(request.metadata(), "TaskExecPoll", Route::TaskExecPoll, &task_id)?;
+        self.admit_router(
+            request.metadata(),
+            "TaskExecPoll",
+            Route::TaskExecPoll,
+            &task_id,
+        )?;
         let req = request.into_inner();
         let (_, _, exit, _) = self.exec_parts(&req.task_id, &req.exec_id)?;
         let status = *exit.borrow();
