@@ -993,3 +993,27 @@ async fn short_lived_auth_tokens_are_refreshed() {
     h.emulator.set_auth_token_ttl(Duration::from_secs(3600));
     h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
 }
+
+#[tokio::test]
+async fn sandbox_lifetime_ends_the_sandbox() {
+    let h = Harness::start().await;
+    let lease = h.acquire(json!({"sandboxTimeoutMs": 2000})).await.unwrap();
+    let id = lease.id().unwrap().to_owned();
+    assert_eq!(h.emulator.sandbox(&id).unwrap().timeout_secs, 2);
+    assert!(
+        eventually(
+            || h.emulator.sandbox(&id).and_then(|s| s.finished) == Some(GenericStatus::Timeout)
+        )
+        .await,
+        "{:?}",
+        h.emulator.sandbox(&id)
+    );
+    let e = error_of(h.run(&lease, ExecuteRequest::new("true")).await);
+    assert!(e.is_not_found(), "{e:?}");
+    // Release of a finished sandbox is a no-op, not an error.
+    h.provider
+        .release(&h.ctx(json!({})), &lease, LeaseStatus::Released)
+        .await
+        .unwrap();
+    assert_eq!(h.emulator.live_sandboxes(), 0);
+}
