@@ -1017,3 +1017,43 @@ async fn sandbox_lifetime_ends_the_sandbox() {
         .unwrap();
     assert_eq!(h.emulator.live_sandboxes(), 0);
 }
+
+#[tokio::test]
+async fn https_to_a_plaintext_server_fails_with_a_typed_error() {
+    let h = Harness::start().await;
+    let tls = ModalProvider::builder()
+        .server_url(h.emulator.url().replace("http://", "https://"))
+        .retry_policy(RetryPolicy {
+            max_retries: 1,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        })
+        .call_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let e = error_of(
+        tls.acquire(
+            &h.ctx(json!({})),
+            &AcquireRequest {
+                run_id: "run-tls".into(),
+                workspace_mode: None,
+            },
+        )
+        .await,
+    );
+    assert!(
+        matches!(e, Error::Provider { .. } | Error::Timeout { .. }),
+        "{e:?}"
+    );
+    assert!(!e.to_string().contains(TOKEN_SECRET));
+    assert!(
+        h.emulator.calls().is_empty(),
+        "no gRPC call got through without TLS"
+    );
+    assert!(
+        ModalProvider::builder()
+            .server_url("ftp://x")
+            .build()
+            .is_err()
+    );
+}

@@ -69,8 +69,9 @@ fn is_local_host(url: &str) -> bool {
     matches!(host, "localhost" | "127.0.0.1" | "::1" | "172.21.0.1")
 }
 
-/// A lazily connecting HTTP/2 channel with libmodal's options; TLS (native
-/// roots, aws-lc-rs) for `https:` URLs, plaintext h2c for `http:`.
+/// A lazily connecting HTTP/2 channel with libmodal's options; TLS (system
+/// roots plus the bundled Mozilla roots, aws-lc-rs) for `https:` URLs,
+/// plaintext h2c for `http:`.
 pub(crate) fn channel(url: &str, connect_timeout: Duration) -> Result<Channel> {
     let invalid = |m: String| Error::invalid_field("serverUrl", m);
     let mut endpoint = Endpoint::from_shared(url.to_owned())
@@ -83,7 +84,7 @@ pub(crate) fn channel(url: &str, connect_timeout: Duration) -> Result<Channel> {
         .initial_connection_window_size(64 * 1024 * 1024);
     if url.starts_with("https://") {
         endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().with_native_roots())
+            .tls_config(ClientTlsConfig::new().with_enabled_roots())
             .map_err(|e| invalid(format!("TLS setup for {url} failed: {e}")))?;
     }
     Ok(endpoint.connect_lazy())

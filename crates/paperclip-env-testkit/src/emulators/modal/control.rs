@@ -66,6 +66,8 @@ impl Service {
         let sandbox = sandboxes
             .get_mut(id)
             .ok_or_else(|| Status::not_found(format!("Sandbox with id: '{id}' not found")))?;
+        // Any call about a sandbox counts as activity for its idle timeout.
+        sandbox.last_activity = Instant::now();
         Ok(f(sandbox))
     }
 }
