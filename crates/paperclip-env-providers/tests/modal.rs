@@ -697,25 +697,86 @@ async fn router_unauthenticated_refreshes_the_jwt_once() {
     h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
 }
 
-#[tokio::test]
-async fn router_not_enabled_is_a_clear_error() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_exec_fallback_passes_conformance() {
     let h = Harness::start().await;
-    h.emulator.inject(
-        Route::TaskGetCommandRouterAccess,
-        Fault::Status(Code::FailedPrecondition),
-        1,
-    );
-    let e = error_of(h.acquire(json!({})).await);
+    h.emulator.set_command_router_enabled(false);
+    let fe = h.emulator.clone();
+    let fixture = fixture(&h).fail_next_execute(move || {
+        fe.inject(Route::ContainerExec, Fault::Status(Code::Unavailable), 1)
+    });
+    let report = conformance::run(&fixture).await;
+    println!("{}", report.summary());
+    report.assert_passed();
+    // Legacy exec reports signals as 128 + n exit codes: the SHOULD line A6.12 only warns.
+    assert!(!report.passed().contains(&"A6.12"));
+    assert_eq!(h.emulator.live_sandboxes(), 0);
+    let calls = h.emulator.calls();
+    assert!(calls.iter().any(|c| c.rpc == "ContainerExec"));
     assert!(
-        e.to_string()
-            .contains("Command router access is not available for this sandbox"),
-        "{e}"
+        !calls.iter().any(|c| c.rpc.starts_with("TaskExec")),
+        "the router was never used"
     );
+}
+
+#[tokio::test]
+async fn legacy_exec_streams_stdin_output_and_timeouts() {
+    let h = Harness::start().await;
+    h.emulator.set_command_router_enabled(false);
+    let lease = h.acquire(json!({})).await.unwrap();
+    let r = h
+        .run(
+            &lease,
+            ExecuteRequest::new("cat")
+                .stdin("legacy ☃\n")
+                .timeout_ms(5000),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (Some(0), "legacy ☃\n"));
+    // An output stream that ends early is reopened from the last batch index.
+    h.emulator
+        .inject(Route::ContainerExecGetOutput, Fault::EndStreamEarly(2), 2);
+    let r = h
+        .run(
+            &lease,
+            ExecuteRequest::shell("printf 'abcdefé'; printf 'xyz' >&2; exit 4"),
+        )
+        .await
+        .unwrap();
     assert_eq!(
-        h.emulator.live_sandboxes(),
-        0,
-        "the half-made sandbox was terminated"
+        (r.exit_code, r.stdout.as_str(), r.stderr.as_str()),
+        (Some(4), "abcdefé", "xyz")
     );
+    let r = h
+        .run(
+            &lease,
+            ExecuteRequest::shell("printf early; sleep 30").timeout_ms(1000),
+        )
+        .await
+        .unwrap();
+    assert!(r.timed_out && r.exit_code.is_none(), "{r:?}");
+    assert_eq!(r.stdout, "early");
+    let id = lease.id().unwrap().to_owned();
+    assert!(
+        eventually(|| h
+            .emulator
+            .sandbox(&id)
+            .is_some_and(|s| s.running_processes == 0))
+        .await
+    );
+    let exec = h
+        .emulator
+        .execs()
+        .into_iter()
+        .find(|e| e.argv[2].contains("sleep 30"))
+        .unwrap();
+    assert_eq!(
+        (exec.stdout_config, exec.stderr_config),
+        (2, 2),
+        "legacy PIPE is 2"
+    );
+    h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
 }
 
 #[tokio::test]

@@ -270,6 +270,25 @@ impl ControlPlane {
         self.unary(rpc, request, idempotent, Some(&token), f).await
     }
 
+    /// Like [`ControlPlane::call`], but a final gRPC status is handed back
+    /// for the caller to interpret (SDK errors still fail).
+    pub(crate) async fn call_status<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        request: Req,
+        idempotent: bool,
+        f: F,
+    ) -> Result<std::result::Result<Resp, Status>>
+    where
+        Req: Clone,
+        F: Fn(ModalClientClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        let token = self.auth_token().await?;
+        self.unary_status(rpc, request, idempotent, Some(&token), f)
+            .await
+    }
+
     async fn unary<Req, Resp, F, Fut>(
         &self,
         rpc: &'static str,
@@ -278,6 +297,29 @@ impl ControlPlane {
         auth: Option<&SecretString>,
         f: F,
     ) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(ModalClientClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
+        match self.unary_status(rpc, request, idempotent, auth, f).await? {
+            Ok(response) => Ok(response),
+            Err(status) if status.code() == Code::DeadlineExceeded => Err(Error::Timeout {
+                operation: format!("Modal {rpc}"),
+                after: self.call_timeout,
+            }),
+            Err(status) => Err(map_status(rpc, &status, |m| self.scrub(m))),
+        }
+    }
+
+    async fn unary_status<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        request: Req,
+        idempotent: bool,
+        auth: Option<&SecretString>,
+        f: F,
+    ) -> Result<std::result::Result<Resp, Status>>
     where
         Req: Clone,
         F: Fn(ModalClientClient<Channel>, Request<Req>) -> Fut,
@@ -296,7 +338,7 @@ impl ControlPlane {
             )
             .await
             {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Ok(response)) => return Ok(Ok(response.into_inner())),
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded("client deadline elapsed"),
             };
@@ -307,13 +349,7 @@ impl ControlPlane {
                 attempt += 1;
                 continue;
             }
-            if status.code() == Code::DeadlineExceeded {
-                return Err(Error::Timeout {
-                    operation: format!("Modal {rpc}"),
-                    after: self.call_timeout,
-                });
-            }
-            return Err(map_status(rpc, &status, |m| self.scrub(m)));
+            return Ok(Err(status));
         }
     }
 

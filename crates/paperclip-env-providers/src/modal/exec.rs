@@ -7,7 +7,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use paperclip_env_core::{Error, OutputCollector, Result};
-use paperclip_env_modal_proto::api::TaskGetCommandRouterAccessRequest;
+use paperclip_env_modal_proto::api::{
+    ContainerExecGetOutputRequest, ContainerExecPutInputRequest, ContainerExecRequest,
+    ContainerExecWaitRequest, ExecOutputOption, FileDescriptor, RuntimeInputMessage,
+    TaskGetCommandRouterAccessRequest,
+};
 use paperclip_env_modal_proto::router::task_command_router_client::TaskCommandRouterClient;
 use paperclip_env_modal_proto::router::*;
 use secrecy::SecretString;
@@ -54,36 +58,97 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// `TaskGetCommandRouterAccess` → `(jwt, url)`.
-async fn access(cp: &ControlPlane, task_id: &str) -> Result<(SecretString, String)> {
+/// `TaskGetCommandRouterAccess` → `(jwt, url)`; `None` when the task has no
+/// command router (`FAILED_PRECONDITION`).
+async fn access(cp: &ControlPlane, task_id: &str) -> Result<Option<(SecretString, String)>> {
     let request = TaskGetCommandRouterAccessRequest {
         task_id: task_id.to_owned(),
     };
-    let response = cp
-        .call(
+    match cp
+        .call_status(
             "TaskGetCommandRouterAccess",
             request,
             true,
             |mut c, r| async move { c.task_get_command_router_access(r).await },
         )
-        .await
-        .map_err(|e| match e {
-            Error::Provider { message, .. } if message.contains("FailedPrecondition") => {
-                Error::provider(
-                    PROVIDER,
-                    format!("Command router access is not available for this sandbox ({message})"),
-                )
+        .await?
+    {
+        Ok(response) => Ok(Some((SecretString::from(response.jwt), response.url))),
+        Err(status) if status.code() == Code::FailedPrecondition => Ok(None),
+        Err(status) => Err(map_status("TaskGetCommandRouterAccess", &status, |m| {
+            cp.scrub(m)
+        })),
+    }
+}
+
+fn check_argv(argv: &[String]) -> Result<()> {
+    let total: usize = argv.iter().map(String::len).sum();
+    if total > MAX_ARGV_BYTES {
+        return Err(Error::InvalidInput {
+            what: "command",
+            message: format!(
+                "Total length of CMD arguments must be less than {MAX_ARGV_BYTES} bytes (ARG_MAX). Got {total} bytes."
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// How commands reach a task: its command router, or the legacy exec calls
+/// when the router is not enabled.
+#[derive(Debug)]
+pub(crate) enum Executor {
+    /// The per-task command router.
+    Router(Box<Router>),
+    /// `ContainerExec` and friends on the control plane.
+    Legacy(Legacy),
+}
+
+impl Executor {
+    /// Connects to the task's router, falling back to legacy exec.
+    pub(crate) async fn open(cp: &ControlPlane, task_id: &str) -> Result<Self> {
+        match access(cp, task_id).await? {
+            Some((jwt, url)) => Router::open(cp, task_id, jwt, url)
+                .await
+                .map(|r| Executor::Router(Box::new(r))),
+            None => {
+                debug!(
+                    provider = PROVIDER,
+                    task_id, "command router not enabled; using legacy exec"
+                );
+                Ok(Executor::Legacy(Legacy {
+                    task_id: task_id.to_owned(),
+                }))
             }
-            other => other,
-        })?;
-    Ok((SecretString::from(response.jwt), response.url))
+        }
+    }
+
+    /// Runs `argv`; see [`Router::exec`].
+    pub(crate) async fn exec(
+        &self,
+        cp: &ControlPlane,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+        output: &OutputCollector,
+    ) -> Result<Ended> {
+        check_argv(&argv)?;
+        match self {
+            Executor::Router(router) => router.exec(cp, argv, stdin, timeout, output).await,
+            Executor::Legacy(legacy) => legacy.exec(cp, argv, stdin, timeout, output).await,
+        }
+    }
 }
 
 impl Router {
     /// Opens the router of `task_id`. The URL must be `https:`; it is dialled
     /// without TLS only when the control plane itself is on loopback (an emulator).
-    pub(crate) async fn open(cp: &ControlPlane, task_id: &str) -> Result<Self> {
-        let (jwt, url) = access(cp, task_id).await?;
+    async fn open(
+        cp: &ControlPlane,
+        task_id: &str,
+        jwt: SecretString,
+        url: String,
+    ) -> Result<Self> {
         let Some(authority) = url.strip_prefix("https://") else {
             return Err(Error::provider(
                 PROVIDER,
@@ -124,7 +189,12 @@ impl Router {
 
     /// Fetches a fresh JWT; the router URL must not change.
     async fn refresh(&self, cp: &ControlPlane) -> Result<()> {
-        let (jwt, url) = access(cp, &self.task_id).await?;
+        let (jwt, url) = access(cp, &self.task_id).await?.ok_or_else(|| {
+            Error::provider(
+                PROVIDER,
+                "Command router access is not available for this sandbox",
+            )
+        })?;
         if url != self.url {
             return Err(Error::provider(
                 PROVIDER,
@@ -246,7 +316,7 @@ impl Router {
     /// Runs `argv` with piped stdio; output goes to `output` as it arrives.
     /// `stdin` (possibly empty) is written and closed; without it stdin is
     /// closed at once. Returns how the command ended.
-    pub(crate) async fn exec(
+    async fn exec(
         &self,
         cp: &ControlPlane,
         argv: Vec<String>,
@@ -254,15 +324,6 @@ impl Router {
         timeout: Duration,
         output: &OutputCollector,
     ) -> Result<Ended> {
-        let total: usize = argv.iter().map(String::len).sum();
-        if total > MAX_ARGV_BYTES {
-            return Err(Error::InvalidInput {
-                what: "command",
-                message: format!(
-                    "Total length of CMD arguments must be less than {MAX_ARGV_BYTES} bytes (ARG_MAX). Got {total} bytes."
-                ),
-            });
-        }
         let secs = timeout.as_secs().max(1);
         let exec_id = uuid::Uuid::new_v4().to_string();
         let start = TaskExecStartRequest {
@@ -420,6 +481,179 @@ impl RouterFailure {
         match self {
             RouterFailure::Status(rpc, status) => map_status(rpc, &status, |m| cp.scrub(m)),
             RouterFailure::Sdk(error) => error,
+        }
+    }
+}
+
+/// Legacy exec (spec 25 §4.10): `ContainerExec`, per-fd
+/// `ContainerExecGetOutput` resumed by batch index, `ContainerExecPutInput`
+/// and `ContainerExecWait`. Signals arrive as `128 + n` exit codes.
+#[derive(Debug)]
+pub(crate) struct Legacy {
+    task_id: String,
+}
+
+impl Legacy {
+    async fn exec(
+        &self,
+        cp: &ControlPlane,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+        output: &OutputCollector,
+    ) -> Result<Ended> {
+        let secs = timeout.as_secs().max(1);
+        let request = ContainerExecRequest {
+            task_id: self.task_id.clone(),
+            command: argv,
+            stdout_output: ExecOutputOption::Pipe as i32,
+            stderr_output: ExecOutputOption::Pipe as i32,
+            timeout_secs: secs.min(u64::from(u32::MAX)) as u32,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(secs);
+        // Never repeated: the command may have started.
+        let exec_id = cp
+            .call("ContainerExec", request, false, |mut c, r| async move {
+                c.container_exec(r).await
+            })
+            .await?
+            .exec_id;
+        let work = async {
+            let input = self.put_input(cp, &exec_id, stdin.unwrap_or_default());
+            let out = self.read_output(cp, &exec_id, FileDescriptor::Stdout, |d| output.stdout(d));
+            let err = self.read_output(cp, &exec_id, FileDescriptor::Stderr, |d| output.stderr(d));
+            let wait = self.wait(cp, &exec_id, deadline);
+            let (input, out, err, code) = tokio::join!(input, out, err, wait);
+            if let Err(error) = input {
+                warn!(provider = PROVIDER, exec_id = %exec_id, %error, "writing stdin failed; the command ended anyway");
+            }
+            out?;
+            err?;
+            code
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(Ok(Some(code))) if code > 128 && started.elapsed() >= Duration::from_secs(secs) => {
+                Ok(Ended::TimedOut)
+            }
+            Ok(Ok(Some(code))) => Ok(Ended::Code(code)),
+            Ok(Ok(None)) | Err(_) => Ok(Ended::TimedOut),
+            Ok(Err(error)) => Err(error),
+        }
+    }
+
+    async fn put_input(&self, cp: &ControlPlane, exec_id: &str, data: &[u8]) -> Result<()> {
+        let mut index = 0u64;
+        let mut send = async |message: Vec<u8>, eof: bool| {
+            index += 1;
+            let request = ContainerExecPutInputRequest {
+                exec_id: exec_id.to_owned(),
+                input: Some(RuntimeInputMessage {
+                    message,
+                    message_index: index,
+                    eof,
+                }),
+            };
+            cp.call(
+                "ContainerExecPutInput",
+                request,
+                true,
+                |mut c, r| async move { c.container_exec_put_input(r).await },
+            )
+            .await
+            .map(|_| ())
+        };
+        if !data.is_empty() {
+            send(data.to_vec(), false).await?;
+        }
+        send(Vec::new(), true).await
+    }
+
+    async fn read_output(
+        &self,
+        cp: &ControlPlane,
+        exec_id: &str,
+        fd: FileDescriptor,
+        sink: impl Fn(&[u8]),
+    ) -> Result<()> {
+        let mut last_batch_index = 0u64;
+        let mut errors = 0u32;
+        loop {
+            let (mut client, request) = cp
+                .streaming_request(ContainerExecGetOutputRequest {
+                    exec_id: exec_id.to_owned(),
+                    timeout: 55.0,
+                    last_batch_index,
+                    file_descriptor: fd as i32,
+                    get_raw_bytes: true,
+                })
+                .await?;
+            let failure = match client.container_exec_get_output(request).await {
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(batch)) => {
+                                for item in &batch.items {
+                                    if item.message_bytes.is_empty() {
+                                        sink(item.message.as_bytes());
+                                    } else {
+                                        sink(&item.message_bytes);
+                                    }
+                                }
+                                last_batch_index = batch.batch_index;
+                                errors = 0;
+                                if batch.exit_code.is_some() {
+                                    return Ok(());
+                                }
+                            }
+                            // The long-poll ended: reopen from the last batch.
+                            Ok(None) => break None,
+                            Err(status) => break Some(status),
+                        }
+                    }
+                }
+                Err(status) => Some(status),
+            };
+            if let Some(status) = failure {
+                if !retryable(status.code()) || errors >= ROUTER_RETRIES {
+                    return Err(map_status("ContainerExecGetOutput", &status, |m| {
+                        cp.scrub(m)
+                    }));
+                }
+                tokio::time::sleep(Duration::from_millis(10 * 2u64.pow(errors))).await;
+                errors += 1;
+            }
+        }
+    }
+
+    /// The exit code, or `None` when the deadline passed first.
+    async fn wait(
+        &self,
+        cp: &ControlPlane,
+        exec_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<i32>> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // The server long-polls for `timeout`; stay inside the call deadline.
+            let poll = left.min(Duration::from_secs(55)).min(cp.call_timeout / 2);
+            let request = ContainerExecWaitRequest {
+                exec_id: exec_id.to_owned(),
+                timeout: poll.as_secs_f32(),
+            };
+            let response = cp
+                .call("ContainerExecWait", request, true, |mut c, r| async move {
+                    c.container_exec_wait(r).await
+                })
+                .await?;
+            if response.completed {
+                return Ok(Some(response.exit_code.unwrap_or(0)));
+            }
         }
     }
 }

@@ -48,7 +48,7 @@ pub use config::{
 };
 
 use client::ControlPlane;
-use exec::{Ended, Router};
+use exec::{Ended, Executor};
 
 /// The provider key.
 pub const PROVIDER: &str = "modal";
@@ -222,7 +222,7 @@ struct Inner {
     channel: OnceLock<Channel>,
     sessions: Mutex<HashMap<[u8; 32], Arc<ControlPlane>>>,
     images: Mutex<HashMap<(String, String), String>>,
-    routers: Mutex<HashMap<String, Arc<Router>>>,
+    routers: Mutex<HashMap<String, Arc<Executor>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -579,12 +579,12 @@ impl ModalProvider {
         })
     }
 
-    async fn router(&self, s: &Settings, id: &str) -> Result<Arc<Router>> {
+    async fn router(&self, s: &Settings, id: &str) -> Result<Arc<Executor>> {
         if let Some(router) = lock(&self.inner.routers).get(id) {
             return Ok(router.clone());
         }
         let task_id = self.task_id(s, id).await?;
-        let router = Arc::new(Router::open(&s.cp, &task_id).await?);
+        let router = Arc::new(Executor::open(&s.cp, &task_id).await?);
         lock(&self.inner.routers).insert(id.to_owned(), router.clone());
         Ok(router)
     }

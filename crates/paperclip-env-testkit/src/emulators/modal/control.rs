@@ -23,7 +23,7 @@ fn header(meta: &MetadataMap, key: &str) -> Option<String> {
 
 impl Service {
     /// Records the call, checks credentials and applies a queued status fault.
-    fn admit(
+    pub(crate) fn admit(
         &self,
         meta: &MetadataMap,
         rpc: &'static str,
@@ -52,6 +52,9 @@ impl Service {
         if route == Route::SandboxCreate {
             shared.creates.fetch_add(1, Ordering::SeqCst);
         }
+        if route == Route::ContainerExec {
+            shared.exec_starts.fetch_add(1, Ordering::SeqCst);
+        }
         if !(id_ok && secret_ok) {
             return Err(Status::unauthenticated("Invalid token id or secret"));
         }
@@ -61,7 +64,11 @@ impl Service {
         shared.status_fault(route)
     }
 
-    fn with_sandbox<T>(&self, id: &str, f: impl FnOnce(&mut Sandbox) -> T) -> Result<T, Status> {
+    pub(crate) fn with_sandbox<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Sandbox) -> T,
+    ) -> Result<T, Status> {
         let mut sandboxes = lock(&self.shared.sandboxes);
         let sandbox = sandboxes
             .get_mut(id)
@@ -388,6 +395,11 @@ impl ModalClient for Service {
             Route::TaskGetCommandRouterAccess,
         )?;
         let req = request.into_inner();
+        if !self.shared.router_enabled.load(Ordering::SeqCst) {
+            return Err(Status::failed_precondition(
+                "command router is not enabled for this task",
+            ));
+        }
         let addr = lock(&self.shared.addr)
             .ok_or_else(|| Status::unavailable("emulator address unknown"))?;
         let jwt = self.shared.jwt(Duration::from_secs(3600), &req.task_id);
@@ -404,5 +416,55 @@ impl ModalClient for Service {
             jwt,
             url: format!("https://{addr}"),
         }))
+    }
+
+    async fn container_exec(
+        &self,
+        request: Request<ContainerExecRequest>,
+    ) -> Result<Response<ContainerExecResponse>, Status> {
+        self.admit(request.metadata(), "ContainerExec", Route::ContainerExec)?;
+        self.legacy_exec(request.into_inner()).map(Response::new)
+    }
+
+    type ContainerExecGetOutputStream = super::legacy::OutputStream;
+
+    async fn container_exec_get_output(
+        &self,
+        request: Request<ContainerExecGetOutputRequest>,
+    ) -> Result<Response<super::legacy::OutputStream>, Status> {
+        let fault = self.admit(
+            request.metadata(),
+            "ContainerExecGetOutput",
+            Route::ContainerExecGetOutput,
+        )?;
+        self.legacy_output(request.into_inner(), fault)
+            .map(Response::new)
+    }
+
+    async fn container_exec_put_input(
+        &self,
+        request: Request<ContainerExecPutInputRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.admit(
+            request.metadata(),
+            "ContainerExecPutInput",
+            Route::ContainerExecPutInput,
+        )?;
+        self.legacy_input(request.into_inner()).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn container_exec_wait(
+        &self,
+        request: Request<ContainerExecWaitRequest>,
+    ) -> Result<Response<ContainerExecWaitResponse>, Status> {
+        self.admit(
+            request.metadata(),
+            "ContainerExecWait",
+            Route::ContainerExecWait,
+        )?;
+        self.legacy_wait(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

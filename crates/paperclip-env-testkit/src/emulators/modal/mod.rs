@@ -14,6 +14,7 @@
 //! ```
 
 mod control;
+mod legacy;
 mod router;
 
 use std::collections::HashMap;
@@ -66,6 +67,14 @@ pub enum Route {
     TaskExecWait,
     /// Router `TaskExecPoll`.
     TaskExecPoll,
+    /// Legacy `ContainerExec`.
+    ContainerExec,
+    /// Legacy `ContainerExecGetOutput`.
+    ContainerExecGetOutput,
+    /// Legacy `ContainerExecPutInput`.
+    ContainerExecPutInput,
+    /// Legacy `ContainerExecWait`.
+    ContainerExecWait,
 }
 
 /// A fault one request of a [`Route`] answers with.
@@ -78,9 +87,10 @@ pub enum Fault {
     SlowImageBuild(Duration),
     /// `ImageGetOrCreate`: the build ends with `FAILURE` and this exception.
     ImageBuildFails(String),
-    /// `ImageJoinStreaming` / `TaskExecStdioRead`: the stream sends at most
-    /// one message (for stdio: at most this many bytes) and then ends early —
-    /// image streams end cleanly without a result, stdio streams with `UNAVAILABLE`.
+    /// `ImageJoinStreaming` / `TaskExecStdioRead` / `ContainerExecGetOutput`:
+    /// the stream sends at most one message (for output: at most this many
+    /// bytes) and then ends early — image and legacy output streams end
+    /// cleanly without a result, router stdio streams with `UNAVAILABLE`.
     EndStreamEarly(usize),
 }
 
@@ -161,6 +171,8 @@ pub(crate) struct Exec {
     pub(crate) exit: tokio::sync::watch::Receiver<Option<Result<i32, i32>>>,
     pub(crate) stdin: Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>,
     pub(crate) pgid: i32,
+    /// Last legacy `RuntimeInputMessage.message_index` applied.
+    pub(crate) input_index: u64,
 }
 
 pub(crate) struct Sandbox {
@@ -225,6 +237,7 @@ pub(crate) struct Shared {
     pub(crate) exec_starts: AtomicUsize,
     pub(crate) task_id_polls: AtomicUsize,
     pub(crate) auth_token_ttl: Mutex<Duration>,
+    pub(crate) router_enabled: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -341,6 +354,7 @@ impl ModalEmulator {
             exec_starts: AtomicUsize::new(0),
             task_id_polls: AtomicUsize::new(1),
             auth_token_ttl: Mutex::new(Duration::from_secs(3600)),
+            router_enabled: std::sync::atomic::AtomicBool::new(true),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -418,7 +432,7 @@ impl ModalEmulator {
         self.shared.creates.load(Ordering::SeqCst)
     }
 
-    /// `TaskExecStart` calls so far (faulted ones included).
+    /// Command starts so far (`TaskExecStart` and legacy `ContainerExec`, faulted ones included).
     pub fn exec_starts(&self) -> usize {
         self.shared.exec_starts.load(Ordering::SeqCst)
     }
@@ -463,6 +477,13 @@ impl ModalEmulator {
     /// How many `SandboxGetTaskId` polls answer "not ready" after create (default 1).
     pub fn set_task_id_polls(&self, polls: usize) {
         self.shared.task_id_polls.store(polls, Ordering::SeqCst);
+    }
+
+    /// Whether tasks have a command router (default yes). Without one,
+    /// `TaskGetCommandRouterAccess` answers `FAILED_PRECONDITION` and clients
+    /// fall back to the legacy `ContainerExec` calls.
+    pub fn set_command_router_enabled(&self, enabled: bool) {
+        self.shared.router_enabled.store(enabled, Ordering::SeqCst);
     }
 
     /// Lifetime of auth tokens issued from now on (default 1 h).

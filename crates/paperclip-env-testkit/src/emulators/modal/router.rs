@@ -33,7 +33,7 @@ pub(crate) struct Pipe {
 }
 
 impl Pipe {
-    fn append(&self, data: &[u8]) {
+    pub(crate) fn append(&self, data: &[u8]) {
         lock(&self.state).0.extend_from_slice(data);
         self.notify.notify_waiters();
     }
@@ -44,7 +44,7 @@ impl Pipe {
     }
 
     /// Bytes from `offset` (at most `max`), waiting for more; `None` at EOF.
-    async fn read_from(&self, offset: usize, max: usize) -> Option<Vec<u8>> {
+    pub(crate) async fn read_from(&self, offset: usize, max: usize) -> Option<Vec<u8>> {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -121,7 +121,7 @@ impl Service {
         self.shared.status_fault(route)
     }
 
-    fn exec_parts(
+    pub(crate) fn exec_parts(
         &self,
         task_id: &str,
         exec_id: &str,
@@ -141,14 +141,147 @@ impl Service {
     }
 }
 
-type ExitRx = tokio::sync::watch::Receiver<Option<Result<i32, i32>>>;
-type StdinSlot = Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>;
+pub(crate) type ExitRx = tokio::sync::watch::Receiver<Option<Result<i32, i32>>>;
+pub(crate) type StdinSlot = Arc<tokio::sync::Mutex<Option<tokio::process::ChildStdin>>>;
 
 fn exit_response(exit: Result<i32, i32>) -> Option<task_exec_wait_response::ExitStatus> {
     Some(match exit {
         Ok(code) => task_exec_wait_response::ExitStatus::Code(code),
         Err(signal) => task_exec_wait_response::ExitStatus::Signal(signal),
     })
+}
+
+/// Where a command's stderr goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StderrMode {
+    Null,
+    Pipe,
+    Stdout,
+}
+
+/// What to start (router and legacy exec share the process machinery).
+pub(crate) struct SpawnSpec {
+    pub(crate) exec_id: String,
+    pub(crate) argv: Vec<String>,
+    pub(crate) workdir: Option<String>,
+    pub(crate) stdout_pipe: bool,
+    pub(crate) stderr: StderrMode,
+    pub(crate) timeout_secs: Option<u32>,
+    pub(crate) stdout_config: i32,
+    pub(crate) stderr_config: i32,
+}
+
+/// Starts a command as a real local process in its own process group; its
+/// output fills the exec's pipes and `timeout_secs` kills the group.
+pub(crate) fn spawn_exec(sandbox: &mut super::Sandbox, spec: SpawnSpec) -> Result<(), Status> {
+    let Some((program, args)) = spec.argv.split_first() else {
+        return Err(Status::invalid_argument("command_args must not be empty"));
+    };
+    if sandbox.result.is_some() {
+        return Err(Status::failed_precondition("the sandbox has finished"));
+    }
+    let cwd = spec
+        .workdir
+        .clone()
+        .or_else(|| sandbox.definition.workdir.clone())
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(|| sandbox.home.clone());
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .current_dir(&cwd)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", &sandbox.home)
+        .stdin(Stdio::piped())
+        .stdout(if spec.stdout_pipe {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(match spec.stderr {
+            StderrMode::Null => Stdio::null(),
+            _ => Stdio::piped(),
+        })
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .map_err(|e| Status::invalid_argument(format!("failed to start {program}: {e}")))?;
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let stdout = Arc::new(Pipe::default());
+    let stderr = Arc::new(Pipe::default());
+    let mut readers = Vec::new();
+    match child.stdout.take() {
+        Some(out) => readers.push(tokio::spawn(pump(out, stdout.clone()))),
+        None => stdout.close(),
+    }
+    let stderr_target = if spec.stderr == StderrMode::Stdout {
+        stdout.clone()
+    } else {
+        stderr.clone()
+    };
+    match child.stderr.take() {
+        Some(err) => readers.push(tokio::spawn(pump(err, stderr_target))),
+        None => stderr.close(),
+    }
+    let stdin: StdinSlot = Arc::new(tokio::sync::Mutex::new(child.stdin.take()));
+    let (exit_tx, exit_rx) = tokio::sync::watch::channel(None);
+    {
+        let (stdout, stderr) = (stdout.clone(), stderr.clone());
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // Drain what the process wrote before it exited, then close.
+            for reader in readers {
+                let _ = reader.await;
+            }
+            stdout.close();
+            stderr.close();
+            let exit = match status {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(code), _) => Ok(code),
+                    (None, Some(signal)) => Err(signal),
+                    (None, None) => Ok(-1),
+                },
+                Err(_) => Ok(-1),
+            };
+            let _ = exit_tx.send(Some(exit));
+        });
+    }
+    if let Some(secs) = spec.timeout_secs.filter(|s| *s > 0) {
+        let exit = exit_rx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(secs))).await;
+            if exit.borrow().is_none() {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+        });
+    }
+    sandbox.last_activity = Instant::now();
+    sandbox.execs.insert(
+        spec.exec_id.clone(),
+        Exec {
+            record: ExecRecord {
+                sandbox_id: sandbox.id.clone(),
+                exec_id: spec.exec_id.clone(),
+                argv: spec.argv.clone(),
+                timeout_secs: spec.timeout_secs,
+                stdout_config: spec.stdout_config,
+                stderr_config: spec.stderr_config,
+                stdin_bytes: 0,
+                stdin_closed: false,
+                exit: None,
+            },
+            stdout,
+            stderr,
+            exit: exit_rx,
+            stdin,
+            pgid,
+            input_index: 0,
+        },
+    );
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -165,123 +298,32 @@ impl TaskCommandRouter for Service {
             &task_id,
         )?;
         let req = request.into_inner();
-        let Some((program, args)) = req.command_args.split_first() else {
-            return Err(Status::invalid_argument("command_args must not be empty"));
-        };
         let mut sandboxes = lock(&self.shared.sandboxes);
         let sandbox = sandboxes
             .values_mut()
             .find(|s| s.task_id == req.task_id)
             .ok_or_else(|| Status::not_found(format!("Task {} not found", req.task_id)))?;
-        if sandbox.result.is_some() {
-            return Err(Status::failed_precondition("the sandbox has finished"));
-        }
         if sandbox.execs.contains_key(&req.exec_id) {
             return Ok(Response::new(TaskExecStartResponse {}));
         }
-        let cwd = req
-            .workdir
-            .clone()
-            .or_else(|| sandbox.definition.workdir.clone())
-            .map(std::path::PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(|| sandbox.home.clone());
-        let stdout_pipe = req.stdout_config == TaskExecStdoutConfig::Pipe as i32;
-        let stderr_mode = TaskExecStderrConfig::try_from(req.stderr_config)
-            .unwrap_or(TaskExecStderrConfig::Devnull);
-        let mut command = tokio::process::Command::new(program);
-        command
-            .args(args)
-            .current_dir(&cwd)
-            .env_clear()
-            .env("PATH", DEFAULT_PATH)
-            .env("HOME", &sandbox.home)
-            .stdin(Stdio::piped())
-            .stdout(if stdout_pipe {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stderr(match stderr_mode {
-                TaskExecStderrConfig::Devnull => Stdio::null(),
-                _ => Stdio::piped(),
-            })
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
-            .map_err(|e| Status::invalid_argument(format!("failed to start {program}: {e}")))?;
-        let pgid = child.id().map(|p| p as i32).unwrap_or(0);
-        let stdout = Arc::new(Pipe::default());
-        let stderr = Arc::new(Pipe::default());
-        let mut readers = Vec::new();
-        match child.stdout.take() {
-            Some(out) => readers.push(tokio::spawn(pump(out, stdout.clone()))),
-            None => stdout.close(),
-        }
-        let stderr_target = if stderr_mode == TaskExecStderrConfig::Stdout {
-            stdout.clone()
-        } else {
-            stderr.clone()
+        let stderr = match TaskExecStderrConfig::try_from(req.stderr_config) {
+            Ok(TaskExecStderrConfig::Pipe) => StderrMode::Pipe,
+            Ok(TaskExecStderrConfig::Stdout) => StderrMode::Stdout,
+            _ => StderrMode::Null,
         };
-        match child.stderr.take() {
-            Some(err) => readers.push(tokio::spawn(pump(err, stderr_target))),
-            None => stderr.close(),
-        }
-        let stdin: StdinSlot = Arc::new(tokio::sync::Mutex::new(child.stdin.take()));
-        let (exit_tx, exit_rx) = tokio::sync::watch::channel(None);
-        {
-            let (stdout, stderr) = (stdout.clone(), stderr.clone());
-            tokio::spawn(async move {
-                let status = child.wait().await;
-                // Drain what the process wrote before it exited, then close.
-                for reader in readers {
-                    let _ = reader.await;
-                }
-                stdout.close();
-                stderr.close();
-                let exit = match status {
-                    Ok(s) => match (s.code(), s.signal()) {
-                        (Some(code), _) => Ok(code),
-                        (None, Some(signal)) => Err(signal),
-                        (None, None) => Ok(-1),
-                    },
-                    Err(_) => Ok(-1),
-                };
-                let _ = exit_tx.send(Some(exit));
-            });
-        }
-        if let Some(secs) = req.timeout_secs.filter(|s| *s > 0) {
-            let exit = exit_rx.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(secs))).await;
-                if exit.borrow().is_none() {
-                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                }
-            });
-        }
-        sandbox.last_activity = Instant::now();
-        sandbox.execs.insert(
-            req.exec_id.clone(),
-            Exec {
-                record: ExecRecord {
-                    sandbox_id: sandbox.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    argv: req.command_args.clone(),
-                    timeout_secs: req.timeout_secs,
-                    stdout_config: req.stdout_config,
-                    stderr_config: req.stderr_config,
-                    stdin_bytes: 0,
-                    stdin_closed: false,
-                    exit: None,
-                },
-                stdout,
+        spawn_exec(
+            sandbox,
+            SpawnSpec {
+                exec_id: req.exec_id.clone(),
+                argv: req.command_args.clone(),
+                workdir: req.workdir.clone(),
+                stdout_pipe: req.stdout_config == TaskExecStdoutConfig::Pipe as i32,
                 stderr,
-                exit: exit_rx,
-                stdin,
-                pgid,
+                timeout_secs: req.timeout_secs,
+                stdout_config: req.stdout_config,
+                stderr_config: req.stderr_config,
             },
-        );
+        )?;
         Ok(Response::new(TaskExecStartResponse {}))
     }
 
