@@ -1118,3 +1118,37 @@ async fn https_to_a_plaintext_server_fails_with_a_typed_error() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_cancelled_acquire_terminates_its_half_made_sandbox() {
+    let h = Harness::start().await;
+    // The sandbox never becomes ready, so acquire runs into its deadline.
+    h.emulator.set_task_id_polls(usize::MAX);
+    let slow = ModalProvider::builder()
+        .server_url(h.emulator.url())
+        .task_id_poll(Duration::from_millis(20))
+        .acquire_timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    let e = error_of(
+        slow.acquire(
+            &h.ctx(json!({})),
+            &AcquireRequest {
+                run_id: "run-cancel".into(),
+                workspace_mode: None,
+            },
+        )
+        .await,
+    );
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert_eq!(h.emulator.create_calls(), 1);
+    assert!(
+        eventually(|| h.emulator.live_sandboxes() == 0).await,
+        "the half-made sandbox was left running: {:?}",
+        h.emulator.sandboxes()
+    );
+    assert_eq!(
+        h.emulator.sandboxes()[0].finished,
+        Some(GenericStatus::Terminated)
+    );
+}

@@ -267,6 +267,56 @@ fn signal_name(signal: i32) -> String {
     name.to_owned()
 }
 
+/// `SandboxTerminate` (idempotent, retried); an unknown sandbox is already gone.
+async fn terminate_sandbox(cp: &ControlPlane, id: &str) -> Result<()> {
+    let request = SandboxTerminateRequest {
+        sandbox_id: id.to_owned(),
+    };
+    match cp
+        .call("SandboxTerminate", request, true, |mut c, r| async move {
+            c.sandbox_terminate(r).await
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_not_found() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Terminates a half-made sandbox if the acquire or probe future is dropped
+/// (a caller deadline, a cancelled run) before it was handed over.
+struct TerminateOnDrop {
+    cp: Arc<ControlPlane>,
+    id: Option<String>,
+}
+
+impl TerminateOnDrop {
+    fn disarm(mut self) -> String {
+        self.id.take().unwrap_or_default()
+    }
+}
+
+impl Drop for TerminateOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let cp = self.cp.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    match terminate_sandbox(&cp, &id).await {
+                        Ok(()) => debug!(provider = PROVIDER, sandbox = %id, "terminated a sandbox whose acquire was cancelled"),
+                        Err(error) => warn!(provider = PROVIDER, sandbox = %id, %error,
+                            "terminating a sandbox whose acquire was cancelled failed; it runs until its timeout"),
+                    }
+                });
+            }
+            Err(_) => warn!(provider = PROVIDER, sandbox = %id,
+                "acquire cancelled outside a runtime; the sandbox runs until its timeout"),
+        }
+    }
+}
+
 /// Error text of a non-successful image build (spec 25 §4.2).
 fn image_build_error(image_id: &str, result: &GenericResult) -> Option<Error> {
     let status = GenericStatus::try_from(result.status).unwrap_or(GenericStatus::Unspecified);
@@ -526,20 +576,7 @@ impl ModalProvider {
 
     async fn terminate(&self, s: &Settings, id: &str) -> Result<()> {
         self.detach(id);
-        let request = SandboxTerminateRequest {
-            sandbox_id: id.to_owned(),
-        };
-        match s
-            .cp
-            .call("SandboxTerminate", request, true, |mut c, r| async move {
-                c.sandbox_terminate(r).await
-            })
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e),
-        }
+        terminate_sandbox(&s.cp, id).await
     }
 
     /// Local only: forgets the router connection (spec 25 §4.11).
@@ -642,12 +679,17 @@ impl ModalProvider {
         s: &Settings,
         ctx: &CallContext,
         run_id: Option<&str>,
-    ) -> Result<String> {
+    ) -> Result<TerminateOnDrop> {
         let app_id = self.app_id(s).await?;
         let image_id = self.image_id(s, &app_id).await?;
         let id = self.create_sandbox(s, &app_id, &image_id).await?;
+        let guard = TerminateOnDrop {
+            cp: s.cp.clone(),
+            id: Some(id.clone()),
+        };
         self.set_tags(s, ctx, &id, run_id).await;
         if let Err(error) = self.mkdir(s, &id, &s.config.workdir).await {
+            guard.disarm();
             if let Err(cleanup) = self.terminate(s, &id).await {
                 warn!(provider = PROVIDER, sandbox = %id, error = %cleanup,
                     "terminating the sandbox after a failed acquire failed; it runs until its timeout");
@@ -658,7 +700,7 @@ impl ModalProvider {
             }
             return Err(error);
         }
-        Ok(id)
+        Ok(guard)
     }
 
     fn lease_metadata(
@@ -702,10 +744,12 @@ impl ModalProvider {
 
     async fn probe_inner(&self, ctx: &CallContext) -> Result<ProviderProbe> {
         let s = self.settings(ctx)?;
-        let id = self.create_prepared(&s, ctx, None).await?;
+        let guard = self.create_prepared(&s, ctx, None).await?;
+        let id = guard.id.clone().unwrap_or_default();
         let outcome = self
             .run_script(&s, &id, "printf paperclip-probe", s.cp.call_timeout)
             .await;
+        guard.disarm();
         if let Err(error) = self.terminate(&s, &id).await {
             warn!(provider = PROVIDER, sandbox = %id, %error, "terminating the probe sandbox failed");
         }
@@ -835,7 +879,7 @@ impl SandboxProvider for ModalProvider {
         )
         .await
         {
-            Ok(result) => result?,
+            Ok(result) => result?.disarm(),
             Err(_) => {
                 return Err(Error::Timeout {
                     operation: "Modal acquire".into(),
