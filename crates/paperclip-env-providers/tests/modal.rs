@@ -1152,3 +1152,24 @@ async fn a_cancelled_acquire_terminates_its_half_made_sandbox() {
         Some(GenericStatus::Terminated)
     );
 }
+
+#[tokio::test]
+async fn an_empty_auth_token_is_a_clear_error() {
+    let h = Harness::start().await;
+    h.emulator
+        .inject(Route::AuthTokenGet, Fault::EmptyAuthToken, 1);
+    let e = error_of(h.acquire(json!({})).await);
+    assert!(
+        e.to_string()
+            .contains("did not receive auth token from server"),
+        "{e}"
+    );
+    assert_eq!(
+        h.emulator.calls().len(),
+        1,
+        "nothing is called without a token"
+    );
+    // The next call fetches a token again and succeeds.
+    let lease = h.acquire(json!({})).await.unwrap();
+    h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
+}

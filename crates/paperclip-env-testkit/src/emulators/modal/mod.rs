@@ -85,6 +85,8 @@ pub enum Fault {
     /// `ImageGetOrCreate`: the image is not cached and its build takes this long
     /// (the answer carries no result, so the client must join the build stream).
     SlowImageBuild(Duration),
+    /// `AuthTokenGet`: answers with an empty token.
+    EmptyAuthToken,
     /// `ImageGetOrCreate`: the build ends with `FAILURE` and this exception.
     ImageBuildFails(String),
     /// `ImageJoinStreaming` / `TaskExecStdioRead` / `ContainerExecGetOutput`:
