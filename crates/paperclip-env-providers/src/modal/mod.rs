@@ -80,6 +80,7 @@ pub(crate) fn channel(url: &str, connect_timeout: Duration) -> Result<Channel> {
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
         .initial_stream_window_size(64 * 1024 * 1024)
         .initial_connection_window_size(64 * 1024 * 1024);
     if url.starts_with("https://") {

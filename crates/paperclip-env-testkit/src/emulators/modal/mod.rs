@@ -365,7 +365,8 @@ impl ModalEmulator {
             shared: shared.clone(),
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(ModalClientServer::new(service.clone()))
