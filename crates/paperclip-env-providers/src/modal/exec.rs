@@ -155,7 +155,7 @@ impl Router {
                 format!("Task router URL must be https, got: {url}"),
             ));
         };
-        let authority = authority.trim_end_matches('/');
+        let authority = authority.split('/').next().unwrap_or(authority);
         let target = if cp.local {
             format!("http://{authority}")
         } else if authority.contains(':') {

@@ -1,8 +1,18 @@
 //! Modal sandboxes (spec 25) over Modal's gRPC API: the control plane
 //! (`modal.client.ModalClient`: apps, registry images, sandboxes) and the
 //! per-task command router (`modal.task_command_router.TaskCommandRouter`:
-//! exec with streamed stdio). Protobuf types come from
+//! exec with streamed stdio, falling back to the legacy `ContainerExec`
+//! calls when a task has no router). Protobuf types come from
 //! `paperclip-env-modal-proto`.
+//!
+//! Deviations from the upstream plugin, all deliberate: stdin is streamed
+//! with `TaskExecStdinWrite` (not staged through a file); a command killed by
+//! a signal reports the signal name (not `128 + n`); a sandbox found but
+//! already finished counts as expired; `reuseLease` sandboxes always get an
+//! idle timeout (the config's, else [`ModalProviderBuilder::reuse_idle_timeout`]);
+//! the effective exec timeout is the request's, else `execTimeoutMs`, else the
+//! host's `timeoutMs`, else 300 s; and a cancelled acquire terminates its
+//! half-made sandbox.
 //!
 //! ```no_run
 //! # async fn demo() -> paperclip_env_core::Result<()> {

@@ -1,8 +1,12 @@
 //! An emulator of Modal's gRPC API (spec 25 §9): the control plane
 //! `modal.client.ModalClient` and the per-task command router
 //! `modal.task_command_router.TaskCommandRouter`, served with tonic over
-//! plaintext HTTP/2 on 127.0.0.1. Sandboxes are temp directories; commands
-//! run as real local processes (one process group each).
+//! plaintext HTTP/2 on 127.0.0.1, plus the legacy `ContainerExec` family
+//! (used when the router is switched off). Token id/secret, auth tokens and
+//! router JWTs are checked on every call. Sandboxes are temp directories;
+//! commands run as real local processes (one process group each), killed at
+//! their `timeout_secs`; sandbox lifetimes and idle timeouts are applied by a
+//! background sweeper.
 //!
 //! ```no_run
 //! # async fn demo() {
