@@ -694,6 +694,23 @@ async fn router_unauthenticated_refreshes_the_jwt_once() {
     );
     let e = error_of(h.run(&lease, ExecuteRequest::new("true")).await);
     assert!(matches!(e, Error::Unauthenticated { .. }), "{e:?}");
+    // A refresh that moves the router is refused.
+    h.emulator.inject(
+        Route::TaskExecStart,
+        Fault::Status(Code::Unauthenticated),
+        1,
+    );
+    h.emulator.inject(
+        Route::TaskGetCommandRouterAccess,
+        Fault::RouterUrlChanged,
+        1,
+    );
+    let e = error_of(h.run(&lease, ExecuteRequest::new("true")).await);
+    assert!(
+        e.to_string()
+            .contains("Task router URL changed during session"),
+        "{e}"
+    );
     h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
 }
 

@@ -395,7 +395,7 @@ impl ModalClient for Service {
         &self,
         request: Request<TaskGetCommandRouterAccessRequest>,
     ) -> Result<Response<TaskGetCommandRouterAccessResponse>, Status> {
-        self.admit(
+        let fault = self.admit(
             request.metadata(),
             "TaskGetCommandRouterAccess",
             Route::TaskGetCommandRouterAccess,
@@ -418,9 +418,14 @@ impl ModalClient for Service {
             return Err(Status::failed_precondition("task has already finished"));
         }
         sandbox.router_jwts.push(jwt.clone());
+        let url = if matches!(fault, Some(Fault::RouterUrlChanged)) {
+            format!("https://localhost:{}", addr.port())
+        } else {
+            format!("https://{addr}")
+        };
         Ok(Response::new(TaskGetCommandRouterAccessResponse {
             jwt,
-            url: format!("https://{addr}"),
+            url,
         }))
     }
 

@@ -91,6 +91,8 @@ pub enum Fault {
     SlowImageBuild(Duration),
     /// `AuthTokenGet`: answers with an empty token.
     EmptyAuthToken,
+    /// `TaskGetCommandRouterAccess`: answers with a different router URL.
+    RouterUrlChanged,
     /// `ImageGetOrCreate`: the build ends with `FAILURE` and this exception.
     ImageBuildFails(String),
     /// `ImageJoinStreaming` / `TaskExecStdioRead` / `ContainerExecGetOutput`:
