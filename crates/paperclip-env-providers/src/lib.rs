@@ -12,7 +12,8 @@
 //! | `ssh` | the `ssh` runtime driver and reusable SSH transport ([`ssh`]) |
 //! | `daytona` | Daytona sandboxes: REST API plus the toolbox daemon (sessions, WebSocket logs) |
 //! | `exe-dev` | exe.dev VMs: lifecycle over the HTTPS API, commands over SSH |
-//! | `modal`, `kubernetes` | reserved for their providers |
+//! | `modal` | Modal sandboxes over Modal's gRPC API (control plane plus the per-task command router) |
+//! | `kubernetes` | reserved for its provider |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -41,3 +42,6 @@ pub mod daytona;
 
 #[cfg(feature = "exe-dev")]
 pub mod exe_dev;
+
+#[cfg(feature = "modal")]
+pub mod modal;

@@ -9,6 +9,8 @@ pub mod cloudflare_bridge;
 pub mod daytona;
 pub mod e2b;
 pub mod exe_dev;
+#[cfg(feature = "emulators-modal")]
+pub mod modal;
 
 /// Faults queued per route: each request of a route takes the next one.
 pub(crate) struct FaultQueue<R, F> {
