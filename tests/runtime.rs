@@ -1043,6 +1043,89 @@ async fn b4_deadlines_follow_request_and_config_budgets() {
     );
 }
 
+/// The fake provider, declaring its own lease-operation deadline the way
+/// cold-starting providers (Modal, Kubernetes) do.
+struct SlowStarter {
+    inner: FakeProvider,
+    own: Duration,
+}
+
+#[async_trait]
+impl SandboxProvider for SlowStarter {
+    fn key(&self) -> &str {
+        self.inner.key()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        Some(self.own)
+    }
+    async fn acquire(
+        &self,
+        ctx: &CallContext,
+        request: &AcquireRequest,
+    ) -> paperclip_env::Result<ProviderLease> {
+        self.inner.acquire(ctx, request).await
+    }
+    async fn release(
+        &self,
+        ctx: &CallContext,
+        lease: &LeaseHandle,
+        status: LeaseStatus,
+    ) -> paperclip_env::Result<()> {
+        self.inner.release(ctx, lease, status).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn b4_provider_declared_lease_deadline_applies_only_without_a_config_budget() {
+    let root = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::builder().temp_root(root.path()).build();
+    let runtime_with = |own| {
+        EnvironmentRuntime::builder()
+            .provider(Arc::new(SlowStarter {
+                inner: fake.clone(),
+                own,
+            }))
+            .build()
+    };
+    fake.faults()
+        .delay(Operation::Acquire, Duration::from_secs(45));
+
+    // A 45 s cold start fits the provider's declared 90 s.
+    let runtime = runtime_with(Duration::from_secs(90));
+    let acquired = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(fake_env(json!({})), "run-1"))
+        .await
+        .expect("the provider's own deadline is used");
+    assert_eq!(acquired.lease.status, LeaseStatus::Active);
+
+    // A config budget always wins over the provider's declaration.
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(
+            fake_env(json!({"timeoutMs": 1234})),
+            "run-2",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { after, .. } if after == Duration::from_millis(31_234)),
+        "{err:?}"
+    );
+
+    // A declaration shorter than the host default never shortens it.
+    let runtime = runtime_with(Duration::from_secs(5));
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(fake_env(json!({})), "run-3"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Timeout { after, .. } if after == Duration::from_secs(30)),
+        "{err:?}"
+    );
+}
+
 // ---- B5 config and probe ----
 
 #[tokio::test]

@@ -292,6 +292,18 @@ pub trait SandboxProvider: Send + Sync + 'static {
     /// What the provider can do.
     fn capabilities(&self) -> Capabilities;
 
+    /// Deadline the host puts on acquire / resume / release / realize when
+    /// the config sets no budget (`timeoutMs`, `bridgeRequestTimeoutMs`).
+    ///
+    /// `None` (the default) keeps the host default (30 s). Providers whose
+    /// lease operations legitimately take longer — image builds, cold starts,
+    /// pod scheduling — declare their own bound here so the host does not cut
+    /// them short; the host uses the larger of the two. A budget set in the
+    /// config always wins.
+    fn default_lease_deadline(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// JSON Schema of the provider config; secret fields carry
     /// `"format": "secret-ref"`.
     fn config_schema(&self) -> Value {

@@ -25,8 +25,8 @@ use crate::provider::{
 };
 use crate::realize::{RealizeWorkspaceResult, WorkspaceSpec, build_realization_record};
 use crate::secret::{
-    ProviderConfig, collect_secret_ref_paths, persist_secret_refs, resolve_provider_config,
-    stored_config_for_metadata, strip_secret_paths,
+    ProviderConfig, collect_secret_ref_paths, persist_secret_refs, positive_ms,
+    resolve_provider_config, stored_config_for_metadata, strip_secret_paths,
 };
 use crate::store::{NewLease, ReleaseUpdate};
 use crate::{Error, Operation, Result, Unsupported, time};
@@ -305,12 +305,21 @@ impl SandboxDriver {
         })
     }
 
-    fn lease_deadline(config: &ProviderConfig, ctx: &DriverContext) -> Duration {
-        lease_operation_deadline(
+    fn lease_deadline(
+        config: &ProviderConfig,
+        ctx: &DriverContext,
+        provider: &dyn SandboxProvider,
+    ) -> Duration {
+        let (timeout, bridge) = (
             config.get("timeoutMs"),
             config.get("bridgeRequestTimeoutMs"),
-            &ctx.options,
-        )
+        );
+        if positive_ms(timeout).is_none() && positive_ms(bridge).is_none() {
+            if let Some(own) = provider.default_lease_deadline() {
+                return own.max(ctx.options.default_call_deadline);
+            }
+        }
+        lease_operation_deadline(timeout, bridge, &ctx.options)
     }
 
     fn expiry(
@@ -402,7 +411,7 @@ impl SandboxDriver {
             issue_id: input.issue_id.clone(),
             config,
         };
-        let deadline = Self::lease_deadline(&call.config, ctx);
+        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
         let run_id = input.heartbeat_run_id.clone();
         let reusable = envelope.reuse_lease && run_id.is_some();
 
@@ -538,7 +547,7 @@ impl SandboxDriver {
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref())
             .await
             .map_err(|e| e.to_string())?;
-        let deadline = Self::lease_deadline(&call.config, ctx);
+        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
         let handle = lease_handle(lease);
         let result = if destroy && provider.capabilities().destroy {
             with_deadline(
@@ -692,7 +701,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             return Err(Error::provider_unsupported(key, Operation::Resume));
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
-        let deadline = Self::lease_deadline(&call.config, ctx);
+        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
         let resumed = with_deadline(
             "environmentResumeLease",
             deadline,
@@ -759,7 +768,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             return Ok(Self::realize_fallback(environment, lease, workspace).await);
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
-        let deadline = Self::lease_deadline(&call.config, ctx);
+        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
         with_deadline(
             "environmentRealizeWorkspace",
             deadline,

@@ -812,6 +812,13 @@ impl SandboxProvider for ModalProvider {
         PROVIDER
     }
 
+    /// Image builds and cold starts outlast the host's 30 s default: the
+    /// host waits for the provider's own acquire bound plus a margin, so the
+    /// provider's deadline fires first and terminates what it created.
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        Some(self.inner.options.acquire_timeout + Duration::from_secs(30))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             execute: true,
