@@ -314,10 +314,11 @@ impl SandboxDriver {
             config.get("timeoutMs"),
             config.get("bridgeRequestTimeoutMs"),
         );
-        if positive_ms(timeout).is_none() && positive_ms(bridge).is_none() {
-            if let Some(own) = provider.default_lease_deadline() {
-                return own.max(ctx.options.default_call_deadline);
-            }
+        if positive_ms(timeout).is_none()
+            && positive_ms(bridge).is_none()
+            && let Some(own) = provider.default_lease_deadline()
+        {
+            return own.max(ctx.options.default_call_deadline);
         }
         lease_operation_deadline(timeout, bridge, &ctx.options)
     }
