@@ -12,7 +12,8 @@
 //! | `ssh` | the `ssh` runtime driver and reusable SSH transport ([`ssh`]) |
 //! | `daytona` | Daytona sandboxes: REST API plus the toolbox daemon (sessions, WebSocket logs) |
 //! | `exe-dev` | exe.dev VMs: lifecycle over the HTTPS API, commands over SSH |
-//! | `modal`, `kubernetes` | reserved for their providers |
+//! | `kubernetes` | Kubernetes: one tenant namespace per company, an agent-sandbox `Sandbox` CR or a `batch/v1` Job per run, exec over the WebSocket exec subresource |
+//! | `modal` | reserved for its provider |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -41,3 +42,6 @@ pub mod daytona;
 
 #[cfg(feature = "exe-dev")]
 pub mod exe_dev;
+
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
