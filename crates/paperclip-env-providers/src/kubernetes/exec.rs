@@ -95,17 +95,30 @@ pub fn build_argv(
     }
 }
 
-/// Prefixes argv so the shell records its pid in `pid_file`, which lets a
-/// timed-out command be killed by a second exec.
+/// Wraps argv so a parent shell records its pid in `pid_file` (removed on
+/// exit), which lets a liveness probe and a kill run as separate execs.
 pub(crate) fn with_pid_file(argv: Vec<String>, pid_file: &str) -> Vec<String> {
-    let quoted: Vec<String> = argv.iter().map(|a| sh_quote(a)).collect();
+    let mut out = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!(
+            "f={}; echo $$ > \"$f\"; \"$@\"; rc=$?; rm -f \"$f\"; exit $rc",
+            sh_quote(pid_file)
+        ),
+        "sh".to_owned(),
+    ];
+    out.extend(argv);
+    out
+}
+
+/// Exit 0: the recorded process is alive; 1: it is gone; 3: not started (no pid yet).
+pub(crate) fn probe_script(pid_file: &str) -> Vec<String> {
     vec![
         "/bin/sh".into(),
         "-c".into(),
         format!(
-            "echo $$ > {}; exec {}",
-            sh_quote(pid_file),
-            quoted.join(" ")
+            "p=$(cat {} 2>/dev/null) || exit 3; [ -n \"$p\" ] || exit 3; kill -0 \"$p\" 2>/dev/null || exit 1; exit 0",
+            sh_quote(pid_file)
         ),
     ]
 }

@@ -83,6 +83,7 @@ pub struct KubernetesProviderBuilder {
     resume_timeout: Duration,
     ready_timeout: Option<Duration>,
     retries: u32,
+    liveness_interval: Duration,
     host_env: Option<BTreeMap<String, SecretString>>,
 }
 
@@ -110,6 +111,7 @@ impl Default for KubernetesProviderBuilder {
             resume_timeout: Duration::from_secs(30),
             ready_timeout: None,
             retries: 3,
+            liveness_interval: Duration::from_secs(30),
             host_env: None,
         }
     }
@@ -147,6 +149,15 @@ impl KubernetesProviderBuilder {
     /// connection errors (default 3). Creates are never retried.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
+        self
+    }
+
+    /// How often a running command is checked from a second exec when its
+    /// exec stream may have died silently (default 30 s). A command whose
+    /// process is gone without a status frame, or that never started, ends
+    /// with a retryable "lost its exec connection" error instead of a hang.
+    pub fn exec_liveness_interval(mut self, interval: Duration) -> Self {
+        self.liveness_interval = interval.max(Duration::from_millis(50));
         self
     }
 
@@ -909,6 +920,7 @@ impl KubernetesProvider {
         pod: Option<&str>,
         phase: &str,
         version: Option<&str>,
+        run_id: Option<&str>,
     ) -> JsonObject {
         let mut md = JsonObject::new();
         md.insert("provider".into(), json!(KEY));
@@ -928,6 +940,9 @@ impl KubernetesProvider {
             json!(backend == Backend::Job),
         );
         md.insert("remoteCwd".into(), json!(DEFAULT_CWD));
+        if let Some(run) = run_id {
+            md.insert("paperclipRunId".into(), json!(run));
+        }
         if let Some(v) = version {
             md.insert("sandboxApiVersion".into(), json!(v));
         }
@@ -993,6 +1008,59 @@ impl KubernetesProvider {
                 ),
             )),
             Ended::TimedOut => Err(exec::timeout_error(pod, &cmd0, budget)),
+        }
+    }
+
+    /// Watches a running command from the side (spec 26 §9.3 liveness): it
+    /// returns only when the exec connection must be considered lost.
+    async fn watch_exec(&self, t: &Target, pod: &str, pid_file: &str, cmd0: &str) -> Error {
+        let interval = self.inner.opts.liveness_interval;
+        let (mut missing, mut failures) = (0, 0);
+        loop {
+            tokio::time::sleep(interval).await;
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let probe = exec::run(
+                &Self::pods(t),
+                pod,
+                exec::probe_script(pid_file),
+                Input::None,
+                Sink::Buffers(&mut out, &mut err),
+                self.inner.opts.request_timeout,
+            )
+            .await;
+            let detail = match probe {
+                Ok(Ended::Exited(0)) => {
+                    (missing, failures) = (0, 0);
+                    continue;
+                }
+                Ok(Ended::Exited(1)) => {
+                    // Give a status frame already in flight one more interval.
+                    tokio::time::sleep(interval).await;
+                    "connection_closed: the command ended but no exit status arrived"
+                }
+                Ok(Ended::Exited(_)) => {
+                    missing += 1;
+                    if missing < 2 {
+                        continue;
+                    }
+                    "keepalive_timeout: the command never started"
+                }
+                Ok(Ended::TimedOut) | Err(_) => {
+                    failures += 1;
+                    if failures < 2 {
+                        continue;
+                    }
+                    "connection_error: the pod stopped answering liveness probes"
+                }
+            };
+            return Error::Provider {
+                provider: KEY.into(),
+                message: format!(
+                    "execInPod lost its exec connection before the command reported an exit status ({detail}; pod={pod}, container={CONTAINER}, cmd0={cmd0}). The command was not re-run and may still be running in the pod."
+                ),
+                retryable: true,
+                source: None,
+            };
         }
     }
 
@@ -1251,6 +1319,7 @@ impl SandboxProvider for KubernetesProvider {
                     pod.as_deref(),
                     phase,
                     version.as_deref(),
+                    Some(&request.run_id),
                 );
                 Ok(ProviderLease::new(name, md))
             }
@@ -1332,7 +1401,15 @@ impl SandboxProvider for KubernetesProvider {
                     return Ok(expired(format!("Pod {pod} is {state}")));
                 }
                 lock(&self.inner.ready).insert(id.to_owned());
-                let mut md = Self::metadata(&t, backend, id, Some(&pod), "Running", Some(&version));
+                let mut md = Self::metadata(
+                    &t,
+                    backend,
+                    id,
+                    Some(&pod),
+                    "Running",
+                    Some(&version),
+                    md_str(lease, "paperclipRunId"),
+                );
                 if let Some(cwd) = md_str(lease, "remoteCwd") {
                     md.insert("remoteCwd".into(), json!(cwd));
                 }
@@ -1353,7 +1430,15 @@ impl SandboxProvider for KubernetesProvider {
                 }
                 let pod = self.job_pod(&t, id).await?;
                 let pod_name = pod.as_ref().and_then(|p| str_at(p, "/metadata/name"));
-                let mut md = Self::metadata(&t, backend, id, pod_name, phase, None);
+                let mut md = Self::metadata(
+                    &t,
+                    backend,
+                    id,
+                    pod_name,
+                    phase,
+                    None,
+                    md_str(lease, "paperclipRunId"),
+                );
                 md.insert("resumedLease".into(), json!(true));
                 Ok(ProviderLease::new(id, md))
             }
@@ -1537,15 +1622,12 @@ impl SandboxProvider for KubernetesProvider {
         let input = stdin
             .map(|s| Input::Bytes(s.as_bytes()))
             .unwrap_or(Input::None);
-        let ended = exec::run(
-            &Self::pods(&t),
-            &pod,
-            argv,
-            input,
-            Sink::Collector(output),
-            remaining,
-        )
-        .await
+        let cmd0 = argv.get(4).cloned().unwrap_or_default();
+        let pods = Self::pods(&t);
+        let ended = tokio::select! {
+            ended = exec::run(&pods, &pod, argv, input, Sink::Collector(output), remaining) => ended,
+            lost = self.watch_exec(&t, &pod, &pid_file, &cmd0) => Err(lost),
+        }
         .map_err(|e| ctx.config.scrub_error(KEY, e))?;
         if matches!(ended, Ended::TimedOut) {
             let kill = exec::kill_script(&pid_file);
