@@ -9,6 +9,9 @@ pub mod cloudflare_bridge;
 pub mod daytona;
 pub mod e2b;
 pub mod exe_dev;
+#[cfg(feature = "emulators-kubernetes")]
+#[allow(clippy::result_large_err)]
+pub mod kubernetes;
 
 /// Faults queued per route: each request of a route takes the next one.
 pub(crate) struct FaultQueue<R, F> {

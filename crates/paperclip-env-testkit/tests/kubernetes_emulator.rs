@@ -1,0 +1,832 @@
+//! The Kubernetes API emulator driven by the standard `kube` client: if
+//! `kube` can use it, the provider's real client code can too.
+#![cfg(feature = "emulators-kubernetes")]
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use kube::api::{
+    Api, ApiResource, AttachParams, DeleteParams, DynamicObject, GroupVersionKind, ListParams,
+    LogParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use paperclip_env_testkit::emulators::kubernetes::{KubeEmulator, KubeEmulatorOptions};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+const NS: &str = "paperclip-acme";
+
+async fn client_with(
+    emulator: &KubeEmulator,
+    token: Option<&str>,
+) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
+    let mut yaml = emulator.kubeconfig_yaml();
+    if let Some(token) = token {
+        yaml = yaml.replace(emulator.token(), token);
+    }
+    let kubeconfig = Kubeconfig::from_yaml(&yaml)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+async fn client(
+    emulator: &KubeEmulator,
+) -> Result<Client, Box<dyn std::error::Error + Send + Sync>> {
+    client_with(emulator, None).await
+}
+
+fn api_error(error: &kube::Error) -> Option<(u16, String)> {
+    match error {
+        kube::Error::Api(status) => Some((status.code, status.reason.clone())),
+        _ => None,
+    }
+}
+
+async fn namespace(client: &Client, name: &str) -> TestResult {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}}))?,
+        )
+        .await?;
+    Ok(())
+}
+
+fn sandbox_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("agents.x-k8s.io", version, "Sandbox"),
+        "sandboxes",
+    )
+}
+
+/// A Sandbox shaped like spec 26 §6.1.
+fn sandbox(name: &str, version: &str) -> Result<DynamicObject, serde_json::Error> {
+    serde_json::from_value(json!({
+        "apiVersion": format!("agents.x-k8s.io/{version}"), "kind": "Sandbox",
+        "metadata": {"name": name, "labels": {"paperclip.io/run-id": "run-1"}},
+        "spec": {"podTemplate": {
+            "metadata": {"labels": {"paperclip.io/run-id": "run-1", "paperclip.io/role": "agent",
+                "agents.x-k8s.io/reserved": "dropped"}},
+            "spec": {
+                "restartPolicy": "Always",
+                "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "agent", "image": "ghcr.io/paperclip/agent:1",
+                    "command": ["/usr/bin/tini", "--", "/bin/sh", "-c", "sleep infinity"],
+                    "env": [{"name": "HOME", "value": "/home/paperclip"}],
+                    "volumeMounts": [
+                        {"name": "workspace", "mountPath": "/workspace"},
+                        {"name": "home", "mountPath": "/home/paperclip"},
+                        {"name": "cache", "mountPath": "/home/paperclip/.cache"},
+                        {"name": "tmp", "mountPath": "/tmp"}]}],
+                "volumes": [
+                    {"name": "workspace", "emptyDir": {"sizeLimit": "8Gi"}},
+                    {"name": "home", "emptyDir": {"sizeLimit": "1Gi"}},
+                    {"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}},
+                    {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}}]}}}
+    }))
+}
+
+/// Polls `check` every 20 ms, for at most 10 s.
+async fn until<F, Fut>(what: &str, mut check: F) -> TestResult
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(format!("gave up waiting for {what}").into())
+}
+
+fn ready(object: &DynamicObject) -> bool {
+    object.data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+async fn ready_sandbox(
+    client: &Client,
+    name: &str,
+    version: &str,
+) -> Result<DynamicObject, Box<dyn std::error::Error + Send + Sync>> {
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource(version));
+    sandboxes
+        .create(&PostParams::default(), &sandbox(name, version)?)
+        .await?;
+    until("the Sandbox to be Ready", || async {
+        sandboxes.get(name).await.is_ok_and(|s| ready(&s))
+    })
+    .await?;
+    Ok(sandboxes.get(name).await?)
+}
+
+struct Output {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Status>,
+}
+
+async fn run(
+    client: &Client,
+    pod: &str,
+    argv: &[&str],
+    stdin: Option<&[u8]>,
+) -> Result<Output, Box<dyn std::error::Error + Send + Sync>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let params = AttachParams::default()
+        .container("agent")
+        .stdin(stdin.is_some())
+        .stderr(true);
+    let mut process = pods.exec(pod, argv.iter().copied(), &params).await?;
+    let writer = match stdin {
+        Some(input) => {
+            let mut writer = process.stdin().ok_or("no stdin")?;
+            let input = input.to_vec();
+            Some(tokio::spawn(async move {
+                writer.write_all(&input).await?;
+                writer.shutdown().await
+            }))
+        }
+        None => None,
+    };
+    let mut stdout_reader = process.stdout().ok_or("no stdout")?;
+    let mut stderr_reader = process.stderr().ok_or("no stderr")?;
+    let status = process.take_status().ok_or("no status")?;
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let (a, b) = tokio::join!(
+        stdout_reader.read_to_end(&mut stdout),
+        stderr_reader.read_to_end(&mut stderr)
+    );
+    a?;
+    b?;
+    if let Some(writer) = writer {
+        writer.await??;
+    }
+    let status = status.await;
+    process.join().await?;
+    Ok(Output {
+        stdout,
+        stderr,
+        status,
+    })
+}
+
+#[tokio::test]
+async fn namespaces_are_created_listed_fetched_and_deleted() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespace(&client, NS).await?;
+    let fetched = namespaces.get(NS).await?;
+    assert_eq!(fetched.metadata.name.as_deref(), Some(NS));
+    assert!(fetched.metadata.uid.is_some());
+    assert!(fetched.metadata.resource_version.is_some());
+    assert!(fetched.metadata.creation_timestamp.is_some());
+    assert_eq!(
+        fetched
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("kubernetes.io/metadata.name")
+            .map(String::as_str),
+        Some(NS)
+    );
+    let names: Vec<String> = namespaces
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    assert_eq!(names, vec!["default", "kube-system", NS]);
+
+    let duplicate = namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}}))?,
+        )
+        .await;
+    let error = duplicate.err().ok_or("duplicate create succeeded")?;
+    assert_eq!(api_error(&error), Some((409, "AlreadyExists".into())));
+    assert!(
+        error
+            .to_string()
+            .contains("namespaces \"paperclip-acme\" already exists"),
+        "{error}"
+    );
+
+    namespaces.delete(NS, &DeleteParams::default()).await?;
+    let missing = namespaces
+        .get(NS)
+        .await
+        .err()
+        .ok_or("deleted namespace still served")?;
+    assert_eq!(api_error(&missing), Some((404, "NotFound".into())));
+    assert!(
+        emulator
+            .objects("v1", "namespaces", None)
+            .iter()
+            .all(|n| n["metadata"]["name"] != NS)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn config_maps_filter_by_label_selector_and_reject_stale_updates() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    for (name, labels) in [
+        ("web", json!({"app": "web", "tier": "front"})),
+        ("api", json!({"app": "api", "tier": "back"})),
+        ("plain", json!({})),
+    ] {
+        let map = json!({"metadata": {"name": name, "labels": labels}, "data": {"k": name}});
+        maps.create(&PostParams::default(), &serde_json::from_value(map)?)
+            .await?;
+    }
+    let names = |list: kube::core::ObjectList<ConfigMap>| -> Vec<String> {
+        list.items
+            .into_iter()
+            .filter_map(|m| m.metadata.name)
+            .collect()
+    };
+    let cases = [
+        ("app=web", vec!["web"]),
+        ("app==api", vec!["api"]),
+        ("app!=web", vec!["api", "plain"]),
+        ("app in (web,api)", vec!["api", "web"]),
+        ("app notin (web)", vec!["api", "plain"]),
+        ("tier", vec!["api", "web"]),
+        ("!tier", vec!["plain"]),
+        ("app=web,tier=back", vec![]),
+    ];
+    for (selector, expected) in cases {
+        let listed = names(maps.list(&ListParams::default().labels(selector)).await?);
+        assert_eq!(listed, expected, "{selector}");
+    }
+    let by_field = names(
+        maps.list(&ListParams::default().fields("metadata.name=plain"))
+            .await?,
+    );
+    assert_eq!(by_field, vec!["plain"]);
+
+    let current = maps.get("web").await?;
+    let mut stale = current.clone();
+    let mut updated = current.clone();
+    updated.data = Some([("k".to_owned(), "v2".to_owned())].into());
+    let replaced = maps
+        .replace("web", &PostParams::default(), &updated)
+        .await?;
+    assert_ne!(
+        replaced.metadata.resource_version,
+        current.metadata.resource_version
+    );
+    assert_eq!(replaced.metadata.uid, current.metadata.uid);
+    stale.data = Some([("k".to_owned(), "lost".to_owned())].into());
+    let conflict = maps
+        .replace("web", &PostParams::default(), &stale)
+        .await
+        .err()
+        .ok_or("stale update accepted")?;
+    assert_eq!(api_error(&conflict), Some((409, "Conflict".into())));
+
+    let merged = maps
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"extra": "1"}})),
+        )
+        .await?;
+    assert_eq!(
+        merged
+            .data
+            .unwrap_or_default()
+            .get("extra")
+            .map(String::as_str),
+        Some("1")
+    );
+    let patched = maps
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"data": {"k": "v3", "extra": null}})),
+        )
+        .await?;
+    let data = patched.data.unwrap_or_default();
+    assert_eq!(data.get("k").map(String::as_str), Some("v3"));
+    assert!(!data.contains_key("extra"));
+
+    let missing = maps.get("nope").await.err().ok_or("missing map served")?;
+    assert_eq!(api_error(&missing), Some((404, "NotFound".into())));
+    assert!(
+        missing
+            .to_string()
+            .contains("configmaps \"nope\" not found"),
+        "{missing}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_wrong_token_gets_401_and_missing_namespaces_404() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let stranger = client_with(&emulator, Some("not-the-token")).await?;
+    let namespaces: Api<Namespace> = Api::all(stranger);
+    let error = namespaces
+        .list(&ListParams::default())
+        .await
+        .err()
+        .ok_or("unauthenticated list served")?;
+    assert_eq!(api_error(&error), Some((401, "Unauthorized".into())));
+
+    let client = client(&emulator).await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client, "nowhere");
+    let error = maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "x"}}))?,
+        )
+        .await
+        .err()
+        .ok_or("create in a missing namespace succeeded")?;
+    assert_eq!(api_error(&error), Some((404, "NotFound".into())));
+    assert!(
+        error
+            .to_string()
+            .contains("namespaces \"nowhere\" not found"),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn discovery_serves_both_sandbox_versions_v1beta1_preferred() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    let discovery = kube::discovery::Discovery::new(client.clone())
+        .run()
+        .await?;
+    let group = discovery
+        .groups()
+        .find(|g| g.name() == "agents.x-k8s.io")
+        .ok_or("agents.x-k8s.io not discovered")?;
+    assert_eq!(
+        group.versions().collect::<Vec<_>>(),
+        vec!["v1beta1", "v1alpha1"]
+    );
+    assert_eq!(group.preferred_version_or_latest(), "v1beta1");
+    let (resource, caps) = group.recommended_kind("Sandbox").ok_or("no Sandbox kind")?;
+    assert_eq!(resource.plural, "sandboxes");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    assert!(discovery.has_group("batch"));
+    assert!(discovery.has_group("networking.k8s.io"));
+    assert!(discovery.has_group("rbac.authorization.k8s.io"));
+
+    let only_alpha = KubeEmulator::start_with(KubeEmulatorOptions {
+        sandbox_versions: vec!["v1alpha1".into()],
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    let discovery = kube::discovery::Discovery::new(crate::client(&only_alpha).await?)
+        .run()
+        .await?;
+    let group = discovery
+        .groups()
+        .find(|g| g.name() == "agents.x-k8s.io")
+        .ok_or("agents.x-k8s.io not discovered")?;
+    assert_eq!(group.versions().collect::<Vec<_>>(), vec!["v1alpha1"]);
+
+    let none = KubeEmulator::start_with(KubeEmulatorOptions {
+        sandbox_versions: Vec::new(),
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    let discovery = kube::discovery::Discovery::new(crate::client(&none).await?)
+        .run()
+        .await?;
+    assert!(!discovery.has_group("agents.x-k8s.io"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sandbox_gets_a_ready_pod_owned_by_it_and_deleting_it_cascades() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let sandbox = ready_sandbox(&client, "pc-01jrun", "v1beta1").await?;
+    let sandbox_uid = sandbox.metadata.uid.clone().ok_or("no uid")?;
+    let condition = sandbox.data["status"]["conditions"][0].clone();
+    assert_eq!(condition["reason"], "DependenciesReady");
+    assert_eq!(
+        sandbox.data["status"]["selector"],
+        "agents.x-k8s.io/sandbox-name-hash=4ce52ac7"
+    );
+    assert!(sandbox.data["status"]["podIPs"][0].is_string());
+    assert!(sandbox.data["status"].get("phase").is_none());
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pod = pods.get("pc-01jrun").await?;
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels.get("paperclip.io/run-id").map(String::as_str),
+        Some("run-1")
+    );
+    assert_eq!(
+        labels.get("paperclip.io/role").map(String::as_str),
+        Some("agent")
+    );
+    assert_eq!(
+        labels
+            .get("agents.x-k8s.io/sandbox-name-hash")
+            .map(String::as_str),
+        Some("4ce52ac7")
+    );
+    assert!(!labels.contains_key("agents.x-k8s.io/reserved"));
+    let owner = pod.metadata.owner_references.clone().unwrap_or_default();
+    assert_eq!(owner.len(), 1);
+    assert_eq!(owner[0].uid, sandbox_uid);
+    assert_eq!(owner[0].kind, "Sandbox");
+    assert_eq!(owner[0].api_version, "agents.x-k8s.io/v1beta1");
+    assert_eq!(owner[0].controller, Some(true));
+    let status = pod.status.ok_or("pod without status")?;
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    let container = status.container_statuses.unwrap_or_default();
+    assert_eq!(container[0].name, "agent");
+    assert!(container[0].ready);
+    assert!(
+        container[0]
+            .state
+            .as_ref()
+            .and_then(|s| s.running.as_ref())
+            .is_some()
+    );
+
+    // The same object is served at v1alpha1.
+    let alpha: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1alpha1"));
+    assert_eq!(
+        alpha.get("pc-01jrun").await?.types.map(|t| t.api_version),
+        Some("agents.x-k8s.io/v1alpha1".into())
+    );
+
+    // An env Secret owned by the Sandbox goes with it.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = json!({"metadata": {"name": "pc-01jrun-env", "ownerReferences": [{
+        "apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox", "name": "pc-01jrun",
+        "uid": sandbox_uid, "controller": true, "blockOwnerDeletion": true}]},
+        "type": "Opaque", "stringData": {"BOOTSTRAP_TOKEN": "abc"}});
+    let created = secrets
+        .create(&PostParams::default(), &serde_json::from_value(secret)?)
+        .await?;
+    assert_eq!(
+        created
+            .data
+            .unwrap_or_default()
+            .get("BOOTSTRAP_TOKEN")
+            .map(|b| b.0.clone()),
+        Some(b"abc".to_vec())
+    );
+
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    sandboxes
+        .delete("pc-01jrun", &DeleteParams::foreground())
+        .await?;
+    assert!(
+        emulator
+            .objects("agents.x-k8s.io/v1beta1", "sandboxes", Some(NS))
+            .is_empty()
+    );
+    assert!(emulator.objects("v1", "pods", Some(NS)).is_empty());
+    assert!(emulator.objects("v1", "secrets", Some(NS)).is_empty());
+    let delete = emulator
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "DELETE")
+        .ok_or("no DELETE recorded")?;
+    assert_eq!(
+        delete.path,
+        format!("/apis/agents.x-k8s.io/v1beta1/namespaces/{NS}/sandboxes/pc-01jrun")
+    );
+    assert_eq!(
+        delete
+            .body
+            .as_ref()
+            .and_then(|b| b.get("propagationPolicy"))
+            .cloned(),
+        Some(json!("Foreground"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn exec_streams_output_and_reports_a_non_zero_exit_code() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-exec", "v1beta1").await?;
+
+    let ok = run(
+        &client,
+        "pc-exec",
+        &["/bin/sh", "-c", "printf out; printf err >&2"],
+        None,
+    )
+    .await?;
+    assert_eq!(ok.stdout, b"out");
+    assert_eq!(ok.stderr, b"err");
+    let status = ok.status.ok_or("no status")?;
+    assert_eq!(status.status.as_deref(), Some("Success"));
+
+    let failed = run(
+        &client,
+        "pc-exec",
+        &["/bin/sh", "-c", "echo partial; exit 3"],
+        None,
+    )
+    .await?;
+    assert_eq!(failed.stdout, b"partial\n");
+    let status = failed.status.ok_or("no status")?;
+    assert_eq!(status.status.as_deref(), Some("Failure"));
+    assert_eq!(status.reason.as_deref(), Some("NonZeroExitCode"));
+    let causes = status.details.and_then(|d| d.causes).unwrap_or_default();
+    assert_eq!(causes[0].reason.as_deref(), Some("ExitCode"));
+    assert_eq!(causes[0].message.as_deref(), Some("3"));
+    assert_eq!(emulator.live_processes(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn exec_stdin_round_trips_and_close_stdin_ends_the_input() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-stdin", "v1beta1").await?;
+    let input: Vec<u8> = (0..=255u8).cycle().take(200_000).collect();
+    let echoed = run(&client, "pc-stdin", &["cat"], Some(&input)).await?;
+    assert_eq!(echoed.stdout.len(), input.len());
+    assert!(echoed.stdout == input, "binary stdin did not round-trip");
+    assert_eq!(echoed.status.and_then(|s| s.status), Some("Success".into()));
+
+    let v5_close = emulator.requests().into_iter().any(|r| {
+        r.path.ends_with("/pods/pc-stdin/exec") && r.query_param("stdin").as_deref() == Some("true")
+    });
+    assert!(v5_close);
+    Ok(())
+}
+
+#[tokio::test]
+async fn tar_through_exec_lands_in_the_pod_root_never_on_the_host() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-tar", "v1beta1").await?;
+    let marker = format!("marker-{}", std::process::id());
+    let mut archive = tar::Builder::new(Vec::new());
+    let content: Vec<u8> = (0..=255u8).collect();
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    archive.append_data(
+        &mut header,
+        format!("{marker}/data.bin"),
+        content.as_slice(),
+    )?;
+    let archive = archive.into_inner()?;
+    let script = format!("head -c {} | tar -x -C '/workspace'", archive.len());
+    let extracted = run(
+        &client,
+        "pc-tar",
+        &["/bin/sh", "-c", &script],
+        Some(&archive),
+    )
+    .await?;
+    assert_eq!(
+        extracted.status.and_then(|s| s.status),
+        Some("Success".into()),
+        "{}",
+        String::from_utf8_lossy(&extracted.stderr)
+    );
+
+    let root = emulator.pod_root(NS, "pc-tar").ok_or("no pod root")?;
+    assert_eq!(
+        std::fs::read(root.join("workspace").join(&marker).join("data.bin"))?,
+        content
+    );
+    assert!(!std::path::Path::new("/workspace").join(&marker).exists());
+
+    let listed = run(
+        &client,
+        "pc-tar",
+        &["tar", "-c", "-C", "/workspace", &marker],
+        None,
+    )
+    .await?;
+    let mut entries = tar::Archive::new(listed.stdout.as_slice());
+    let mut found = Vec::new();
+    for entry in entries.entries()? {
+        let mut entry = entry?;
+        if entry.header().entry_type().is_file() {
+            let mut bytes = Vec::new();
+            entry.read_to_end_sync(&mut bytes)?;
+            found.push((entry.path()?.to_string_lossy().into_owned(), bytes));
+        }
+    }
+    assert_eq!(found, vec![(format!("{marker}/data.bin"), content)]);
+
+    let home = run(
+        &client,
+        "pc-tar",
+        &[
+            "/bin/sh",
+            "-c",
+            "cd /workspace && pwd && echo $HOME && echo $TMPDIR",
+        ],
+        None,
+    )
+    .await?;
+    let text = String::from_utf8(home.stdout)?;
+    let root_text = root.to_string_lossy();
+    assert_eq!(
+        text,
+        format!("{root_text}/workspace\n{root_text}/home/paperclip\n{root_text}/tmp\n")
+    );
+    Ok(())
+}
+
+trait ReadSync {
+    fn read_to_end_sync(&mut self, out: &mut Vec<u8>) -> std::io::Result<usize>;
+}
+
+impl<R: std::io::Read> ReadSync for R {
+    fn read_to_end_sync(&mut self, out: &mut Vec<u8>) -> std::io::Result<usize> {
+        std::io::Read::read_to_end(self, out)
+    }
+}
+
+#[tokio::test]
+async fn a_job_runs_its_command_once_and_serves_the_pod_log() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    for (name, exit) in [("pc-job-ok", "0"), ("pc-job-bad", "4")] {
+        let job = json!({"metadata": {"name": name, "labels": {"paperclip.io/run-id": name}},
+            "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 300, "activeDeadlineSeconds": 600,
+                "template": {"metadata": {"labels": {"paperclip.io/run-id": name}}, "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "agent", "image": "agent:1",
+                        "command": ["/usr/bin/tini", "--", "/usr/local/bin/paperclip-agent-shim"],
+                        "envFrom": [{"secretRef": {"name": format!("{name}-env")}}],
+                        "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}],
+                    "volumes": [{"name": "workspace", "emptyDir": {}}]}}}});
+        jobs.create(&PostParams::default(), &serde_json::from_value(job)?)
+            .await?;
+        // The Secret comes after the workload, as the provider creates it.
+        let secret = json!({"metadata": {"name": format!("{name}-env")},
+            "stringData": {"PAPERCLIP_RUN_ID": name, "PAPERCLIP_SHIM_EXIT": exit}});
+        secrets
+            .create(&PostParams::default(), &serde_json::from_value(secret)?)
+            .await?;
+    }
+    let finished = |job: &Job| {
+        job.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.status == "True" && (c.type_ == "Complete" || c.type_ == "Failed"))
+            })
+            .map(|c| c.type_.clone())
+    };
+    for (name, outcome) in [("pc-job-ok", "Complete"), ("pc-job-bad", "Failed")] {
+        until("the Job to finish", || async {
+            jobs.get_status(name)
+                .await
+                .is_ok_and(|j| finished(&j).is_some())
+        })
+        .await?;
+        let job = jobs.get_status(name).await?;
+        assert_eq!(finished(&job).as_deref(), Some(outcome));
+        let status = job.status.ok_or("no status")?;
+        assert_eq!(status.active, Some(0));
+        if outcome == "Complete" {
+            assert_eq!(status.succeeded, Some(1));
+        } else {
+            assert_eq!(status.failed, Some(1));
+        }
+        let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+        let listed = pods
+            .list(&ListParams::default().labels(&format!("job-name={name}")))
+            .await?;
+        assert_eq!(listed.items.len(), 1);
+        let pod_name = listed.items[0]
+            .metadata
+            .name
+            .clone()
+            .ok_or("pod without name")?;
+        assert!(
+            pod_name.starts_with(&format!("{name}-")) && pod_name.len() == name.len() + 6,
+            "{pod_name}"
+        );
+        let log = pods
+            .logs(
+                &pod_name,
+                &LogParams {
+                    container: Some("agent".into()),
+                    ..LogParams::default()
+                },
+            )
+            .await?;
+        assert_eq!(log, format!("paperclip-agent-shim: run {name}\n"));
+    }
+    // Deleting a Job in the foreground takes its pod along.
+    jobs.delete("pc-job-ok", &DeleteParams::foreground())
+        .await?;
+    let left: Vec<Value> = emulator.objects("v1", "pods", Some(NS));
+    assert_eq!(left.len(), 1);
+    assert!(
+        left[0]["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("pc-job-bad-"))
+    );
+    assert_eq!(emulator.live_processes(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_streams_changes_and_answers_410_for_expired_versions() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let version = maps
+        .list(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .ok_or("no list rv")?;
+    let mut stream = Box::pin(
+        maps.watch(&WatchParams::default().timeout(5), &version)
+            .await?,
+    );
+    maps.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "w"}}))?,
+    )
+    .await?;
+    maps.delete("w", &DeleteParams::default()).await?;
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        match futures::StreamExt::next(&mut stream).await {
+            Some(Ok(WatchEvent::Added(m))) => {
+                kinds.push(format!("added {}", m.metadata.name.unwrap_or_default()))
+            }
+            Some(Ok(WatchEvent::Deleted(m))) => {
+                kinds.push(format!("deleted {}", m.metadata.name.unwrap_or_default()))
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.into()),
+            None => break,
+        }
+    }
+    assert_eq!(kinds, vec!["added w", "deleted w"]);
+
+    emulator.compact();
+    let mut expired = Box::pin(
+        maps.watch(&WatchParams::default().timeout(5), &version)
+            .await?,
+    );
+    match futures::StreamExt::next(&mut expired).await {
+        Some(Ok(WatchEvent::Error(e))) => {
+            assert_eq!(e.code, 410);
+            assert_eq!(e.reason, "Expired");
+        }
+        other => return Err(format!("expected a 410 error event, got {other:?}").into()),
+    }
+
+    emulator.faults().gone_next_watch();
+    let mut gone = Box::pin(maps.watch(&WatchParams::default().timeout(5), "0").await?);
+    match futures::StreamExt::next(&mut gone).await {
+        Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
+        other => return Err(format!("expected a 410 error event, got {other:?}").into()),
+    }
+    Ok(())
+}
