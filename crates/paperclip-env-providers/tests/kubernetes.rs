@@ -624,6 +624,12 @@ async fn exec_that_never_answers_times_out_and_a_timeout_kills_the_command() {
         .await
         .unwrap();
     assert!(exit.timed_out);
+    let killed = emulator
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/exec"))
+        .any(|r| percent_decode(r.query.as_deref().unwrap_or_default()).contains("kill -KILL"));
+    assert!(killed, "a timed-out command is killed by a second exec");
     wait_no_processes(&emulator).await;
     p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
 }
@@ -881,6 +887,68 @@ async fn workspace_archives_travel_through_exec_and_tar() {
         .unwrap();
     assert_eq!(exit.exit_code, Some(0));
     p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_and_resume() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let before = emulator.all_objects().len();
+    let probe = p.probe(&c).await.unwrap();
+    assert!(probe.ok, "{probe:?}");
+    assert_eq!(
+        probe.summary.as_deref(),
+        Some(format!("Kubernetes cluster reachable. Tenant namespace: {NS}.").as_str())
+    );
+    assert_eq!(emulator.all_objects().len(), before, "the probe creates nothing");
+    let bad = CallContext {
+        config: ProviderConfig::new(json!({"egressMode": "x"}).as_object().cloned().unwrap()),
+        ..c.clone()
+    };
+    let probe = p.probe(&bad).await.unwrap();
+    assert!(!probe.ok);
+    assert_eq!(
+        probe.summary.as_deref(),
+        Some("Invalid Kubernetes provider configuration.")
+    );
+    emulator
+        .faults()
+        .server_error("GET", &format!("/api/v1/namespaces/{NS}/pods"), 3);
+    let probe = p.probe(&c).await.unwrap();
+    assert!(!probe.ok);
+    assert_eq!(
+        probe.summary.as_deref(),
+        Some("Kubernetes cluster probe failed.")
+    );
+
+    let lease = acquire(&p, &c, "run-r").await.unwrap();
+    // A fresh provider (another worker) resumes from the lease metadata alone.
+    let other = provider(Backend::SandboxCr);
+    let resumed = other.resume(&c, &lease).await.unwrap();
+    assert_eq!(resumed.id(), lease.id());
+    let md = resumed.metadata.clone().unwrap();
+    assert_eq!(md["resumedLease"], true);
+    assert_eq!(md["phase"], "Running");
+    let out = OutputCollector::buffered();
+    let exit = other
+        .execute(
+            &c,
+            &handle(resumed),
+            &ExecuteRequest::new("echo").arg("back"),
+            &out,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.finish(exit).stdout, "back\n");
+    p.destroy(&c, &lease).await.unwrap();
+    let gone = other.resume(&c, &lease).await.unwrap();
+    assert!(gone.id().is_none());
+    assert_eq!(
+        gone.metadata.unwrap()["reason"],
+        "Sandbox CR no longer exists"
+    );
+    assert_eq!(run_objects(&emulator), Vec::<Value>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

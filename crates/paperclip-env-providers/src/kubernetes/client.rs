@@ -152,9 +152,13 @@ impl Kube {
         }
     }
 
-    /// LIST `collection` with a label selector; the items.
+    /// LIST `collection`, filtered by a label selector unless it is empty; the items.
     pub(crate) async fn list(&self, collection: &str, label_selector: &str) -> Result<Vec<Value>> {
-        let path = format!("{collection}?labelSelector={}", encode(label_selector));
+        let path = if label_selector.is_empty() {
+            collection.to_owned()
+        } else {
+            format!("{collection}?labelSelector={}", encode(label_selector))
+        };
         let list = self
             .idempotent(&format!("LIST {collection}"), http::Method::GET, &path)
             .await?;

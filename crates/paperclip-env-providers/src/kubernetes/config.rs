@@ -177,6 +177,9 @@ pub struct KubernetesConfigSchema {
     /// Inline kubeconfig YAML, stored as a Paperclip secret.
     #[schemars(with = "Option<SecretRefField>")]
     kubeconfig: Option<String>,
+    /// Alias of `kubeconfig` (the name the upstream README uses): a Paperclip secret id.
+    #[schemars(with = "Option<SecretRefField>")]
+    kubeconfig_secret_ref: Option<String>,
     /// Tenant namespace prefix, `^[a-z0-9-]{1,32}$`.
     namespace_prefix: Option<String>,
     /// Company slug, `^[a-z0-9-]{1,32}$`; derived from the company id when absent.
@@ -427,10 +430,23 @@ impl KubernetesConfig {
             in_cluster: p.bool("inCluster").unwrap_or(false),
             ..Default::default()
         };
-        let kubeconfig = p.string("kubeconfig");
-        c.kubeconfig = kubeconfig
-            .filter(|s| !s.trim().is_empty())
-            .map(SecretString::from);
+        let mut kubeconfig_given = false;
+        for key in ["kubeconfig", "kubeconfigSecretRef"] {
+            match p.present(key) {
+                None => {}
+                // A secret binding (`{type: "secret_ref", secretId}`) before resolution.
+                Some(Value::Object(_)) => kubeconfig_given = true,
+                Some(Value::String(text)) => {
+                    if !text.trim().is_empty() {
+                        kubeconfig_given = true;
+                        if c.kubeconfig.is_none() {
+                            c.kubeconfig = Some(SecretString::from(text.clone()));
+                        }
+                    }
+                }
+                Some(_) => p.issue(key, format!("{key} must be a string or a secret reference")),
+            }
+        }
         if let Some(prefix) = p.string("namespacePrefix") {
             if slug_ok(&prefix) {
                 c.namespace_prefix = prefix;
@@ -541,9 +557,6 @@ impl KubernetesConfig {
                 None => p.issue("backend", "backend must be \"sandbox-cr\" or \"job\""),
             }
         }
-        let kubeconfig_given = values
-            .get("kubeconfig")
-            .is_some_and(|v| v.as_str().is_some_and(|s| !s.trim().is_empty()) || v.is_object());
         if !c.in_cluster && !kubeconfig_given {
             p.issue("kubeconfig", AUTH_REQUIRED_MESSAGE);
         }
@@ -558,10 +571,14 @@ impl KubernetesConfig {
     /// resolved secret when the host resolved one.
     pub fn from_provider_config(config: &ProviderConfig) -> Result<Self, Vec<ConfigIssue>> {
         let mut values = config.values().clone();
-        let secret = config.secret("kubeconfig").cloned();
+        let secret = config
+            .secret("kubeconfig")
+            .or_else(|| config.secret("kubeconfigSecretRef"))
+            .cloned();
         if secret.is_some() {
             // A placeholder keeps the auth rule satisfied without copying the secret.
             values.insert("kubeconfig".into(), json!("[resolved secret]"));
+            values.remove("kubeconfigSecretRef");
         }
         let mut parsed = Self::parse(&values)?;
         if secret.is_some() {
@@ -584,8 +601,10 @@ impl KubernetesConfig {
     pub fn normalized(&self, raw: &JsonObject) -> JsonObject {
         let mut out = JsonObject::new();
         out.insert("inCluster".into(), json!(self.in_cluster));
-        if let Some(k) = raw.get("kubeconfig").filter(|v| !v.is_null()) {
-            out.insert("kubeconfig".into(), k.clone());
+        for key in ["kubeconfig", "kubeconfigSecretRef"] {
+            if let Some(k) = raw.get(key).filter(|v| !v.is_null()) {
+                out.insert(key.into(), k.clone());
+            }
         }
         out.insert("namespacePrefix".into(), json!(self.namespace_prefix));
         if let Some(slug) = &self.company_slug {
@@ -692,6 +711,24 @@ mod tests {
         assert!(messages(json!({"inCluster": true})).is_empty());
         assert!(messages(json!({"inCluster": true, "kubeconfig": "apiVersion: v1"})).is_empty());
         assert!(messages(json!({"kubeconfig": "apiVersion: v1"})).is_empty());
+        assert!(
+            messages(json!({"kubeconfigSecretRef": "11111111-2222-3333-4444-555555555555"}))
+                .is_empty()
+        );
+        assert!(
+            messages(json!({"kubeconfig": {"type": "secret_ref", "secretId": "x"}})).is_empty()
+        );
+        assert_eq!(messages(json!({"kubeconfig": 5}))[0].0, "kubeconfig");
+        let via_alias = ProviderConfig::new(JsonObject::new())
+            .with_secret("kubeconfigSecretRef", SecretString::from("apiVersion: v1"));
+        let parsed = KubernetesConfig::from_provider_config(&via_alias).unwrap();
+        assert_eq!(
+            parsed
+                .kubeconfig
+                .map(|k| k.expose_secret().to_owned())
+                .as_deref(),
+            Some("apiVersion: v1")
+        );
     }
 
     #[test]

@@ -739,10 +739,7 @@ impl KubernetesProvider {
             }
             if start.elapsed() >= budget {
                 return Err(Error::Timeout {
-                    operation: format!(
-                        "Sandbox {ns}/{name} did not reach Ready phase within {}ms; waiting",
-                        budget.as_millis()
-                    ),
+                    operation: format!("waiting for Sandbox {ns}/{name} to reach Ready"),
                     after: budget,
                 });
             }
@@ -900,7 +897,26 @@ impl KubernetesProvider {
                 Ok((Some(pod), "Running"))
             }
             Backend::Job => {
-                let pod = self.job_pod(t, name).await?;
+                // Wait for the Job controller's pod so the lease names it and a
+                // quick release never races the pod's creation.
+                let budget = self.ready_budget(&t.config);
+                let start = Instant::now();
+                let pod = loop {
+                    if let Some(pod) = self.job_pod(t, name).await? {
+                        break pod;
+                    }
+                    if start.elapsed() >= budget {
+                        return Err(Error::Timeout {
+                            operation: format!(
+                                "waiting for Job {}/{name} to create its pod",
+                                t.namespace
+                            ),
+                            after: budget,
+                        });
+                    }
+                    tokio::time::sleep(self.inner.opts.poll_interval).await;
+                };
+                let pod = Some(pod);
                 let phase = match pod.as_ref().and_then(|p| str_at(p, "/status/phase")) {
                     Some("Running") => "Running",
                     _ => "Pending",
@@ -1212,10 +1228,7 @@ impl SandboxProvider for KubernetesProvider {
         md.insert("provider".into(), json!(KEY));
         match t
             .kube
-            .list(
-                &core_collection(&t.namespace, "pods"),
-                &format!("paperclip.io/managed-by={MANAGED_BY}"),
-            )
+            .list(&core_collection(&t.namespace, "pods"), "")
             .await
         {
             Ok(_) => Ok(ProviderProbe {
