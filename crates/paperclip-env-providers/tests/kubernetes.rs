@@ -901,7 +901,11 @@ async fn probe_and_resume() {
         probe.summary.as_deref(),
         Some(format!("Kubernetes cluster reachable. Tenant namespace: {NS}.").as_str())
     );
-    assert_eq!(emulator.all_objects().len(), before, "the probe creates nothing");
+    assert_eq!(
+        emulator.all_objects().len(),
+        before,
+        "the probe creates nothing"
+    );
     let bad = CallContext {
         config: ProviderConfig::new(json!({"egressMode": "x"}).as_object().cloned().unwrap()),
         ..c.clone()

@@ -436,12 +436,11 @@ impl KubernetesConfig {
                 None => {}
                 // A secret binding (`{type: "secret_ref", secretId}`) before resolution.
                 Some(Value::Object(_)) => kubeconfig_given = true,
+                Some(Value::String(text)) if text.trim().is_empty() => {}
                 Some(Value::String(text)) => {
-                    if !text.trim().is_empty() {
-                        kubeconfig_given = true;
-                        if c.kubeconfig.is_none() {
-                            c.kubeconfig = Some(SecretString::from(text.clone()));
-                        }
+                    kubeconfig_given = true;
+                    if c.kubeconfig.is_none() {
+                        c.kubeconfig = Some(SecretString::from(text.clone()));
                     }
                 }
                 Some(_) => p.issue(key, format!("{key} must be a string or a secret reference")),
