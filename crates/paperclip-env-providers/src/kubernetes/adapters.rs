@@ -154,6 +154,13 @@ fn string_list(
 
 impl AdapterEntry {
     /// Strict parse: unknown keys are rejected. The error is `(field, message)`.
+    ///
+    /// ```
+    /// use paperclip_env_providers::kubernetes::AdapterEntry;
+    /// let entry = AdapterEntry::parse(&serde_json::json!({"adapterType": "x", "runtimeImage": "img:1"})).unwrap();
+    /// assert!(entry.enabled && entry.env_keys.is_empty());
+    /// assert!(AdapterEntry::parse(&serde_json::json!({"adapterType": "x", "bogus": 1})).is_err());
+    /// ```
     pub fn parse(value: &Value) -> Result<Self, (String, String)> {
         let Value::Object(map) = value else {
             return Err((String::new(), "adapter entries must be objects".into()));
@@ -301,6 +308,16 @@ pub fn image_matches(pattern: &str, image: &str) -> bool {
 
 /// Resolves the image (spec 26 §11.2): an allowed override, else the
 /// registry rewrite of the default, else the default.
+///
+/// ```
+/// use paperclip_env_providers::kubernetes::{KubernetesConfig, resolve_image};
+/// let values = serde_json::json!({"inCluster": true, "imageRegistry": "registry.example.com/paperclip"});
+/// let config = KubernetesConfig::parse(values.as_object().unwrap()).unwrap();
+/// assert_eq!(
+///     resolve_image(&config, "ghcr.io/paperclipai/agent-runtime-claude:v1", None).unwrap(),
+///     "registry.example.com/paperclip/agent-runtime-claude:v1"
+/// );
+/// ```
 pub fn resolve_image(
     config: &KubernetesConfig,
     default_image: &str,
@@ -339,6 +356,12 @@ pub fn resolve_image(
 }
 
 /// Pull policy (spec 26 §11.3): `Always` for floating tags, else `IfNotPresent`.
+///
+/// ```
+/// use paperclip_env_providers::kubernetes::pull_policy;
+/// assert_eq!(pull_policy("ghcr.io/x/y:latest"), "Always");
+/// assert_eq!(pull_policy("ghcr.io/x/y:v1"), "IfNotPresent");
+/// ```
 pub fn pull_policy(image: &str) -> &'static str {
     if image.contains("@sha256:") {
         return "IfNotPresent";

@@ -421,6 +421,13 @@ fn parse_resources(p: &mut Parser<'_>) -> Option<Resources> {
 impl KubernetesConfig {
     /// Parses plain values (secrets as given); every problem is returned, in
     /// schema order, each naming its field. Unknown keys are ignored.
+    ///
+    /// ```
+    /// use paperclip_env_providers::kubernetes::KubernetesConfig;
+    /// let values = serde_json::json!({"inCluster": true, "egressAllowCidrs": ["10.0.0.0/99"]});
+    /// let issues = KubernetesConfig::parse(values.as_object().unwrap()).unwrap_err();
+    /// assert_eq!((issues[0].field.as_str(), issues[0].message.as_str()), ("egressAllowCidrs.0", "Invalid CIDR"));
+    /// ```
     pub fn parse(values: &JsonObject) -> Result<Self, Vec<ConfigIssue>> {
         let mut p = Parser {
             values,

@@ -36,6 +36,16 @@ fn valid_env_key(key: &str) -> bool {
 /// variant): unchanged without usable env or cwd; else
 /// `/bin/sh -c "cd '<cwd>' && export K='v'; exec 'a0' …"`. `PATH` is never
 /// exported and invalid keys are skipped.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use paperclip_env_providers::kubernetes::wrap_with_env;
+/// let env = BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]);
+/// assert_eq!(
+///     wrap_with_env(vec!["node".into(), "run.js".into()], &env, Some("/workspace")),
+///     ["/bin/sh", "-c", "cd '/workspace' && export FOO='bar'; exec 'node' 'run.js'"]
+/// );
+/// ```
 pub fn wrap_with_env(
     argv: Vec<String>,
     env: &BTreeMap<String, String>,
@@ -63,7 +73,18 @@ pub fn wrap_with_env(
     vec!["/bin/sh".into(), "-c".into(), script]
 }
 
-/// The argv of an execute request (spec 26 §9.2 steps 2–5).
+/// The argv of an execute request (spec 26 §9.2 steps 2–5): stdin of `n`
+/// bytes is framed with `head -c n` so no stdin-EOF is needed (gotcha G10).
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use paperclip_env_providers::kubernetes::build_argv;
+/// assert_eq!(build_argv("ls", &[], &BTreeMap::new(), None, None), ["/bin/sh", "-lc", "ls"]);
+/// assert_eq!(
+///     build_argv("cat", &["-".into()], &BTreeMap::new(), None, Some(3)),
+///     ["/bin/sh", "-c", "head -c 3 | 'cat' '-'"]
+/// );
+/// ```
 pub fn build_argv(
     command: &str,
     args: &[String],
@@ -136,6 +157,13 @@ pub(crate) fn kill_script(pid_file: &str) -> Vec<String> {
 }
 
 /// The exit code carried by the channel-3 status (spec 26 §9.1).
+///
+/// ```
+/// use k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
+/// use paperclip_env_providers::kubernetes::exit_code_of;
+/// let ok = Status { status: Some("Success".into()), ..Default::default() };
+/// assert_eq!(exit_code_of(&ok), 0);
+/// ```
 pub fn exit_code_of(status: &Status) -> i32 {
     if status.status.as_deref() == Some("Success") {
         return 0;

@@ -363,6 +363,17 @@ fn expired(reason: impl Into<String>) -> ProviderLease {
 
 impl KubernetesProvider {
     /// A builder with the defaults.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use paperclip_env_core::SandboxProvider;
+    /// use paperclip_env_providers::kubernetes::{Backend, KubernetesProvider};
+    /// let jobs = KubernetesProvider::builder()
+    ///     .backend(Backend::Job)
+    ///     .request_timeout(Duration::from_secs(10))
+    ///     .build();
+    /// assert!(!jobs.capabilities().multi_command_exec);
+    /// ```
     pub fn builder() -> KubernetesProviderBuilder {
         KubernetesProviderBuilder::default()
     }

@@ -51,6 +51,11 @@ pub fn is_rfc1123_label(s: &str) -> bool {
 /// `deriveCompanySlug` (spec 26 §2.1, RECOMMENDED variant): lowercase, runs of
 /// other characters → `-`, trimmed of `-`; longer than `max` → the first
 /// `max - 9` characters, `-`, and 8 hex of sha256(input); empty → `company`.
+///
+/// ```
+/// use paperclip_env_providers::kubernetes::derive_company_slug;
+/// assert_eq!(derive_company_slug("Acme, Inc.", 53), "acme-inc");
+/// ```
 pub fn derive_company_slug(input: &str, max: usize) -> String {
     let lower = input.to_lowercase();
     let mut slug = String::new();
@@ -99,6 +104,12 @@ pub fn tenant_namespace(prefix: &str, slug: Option<&str>, company_id: &str) -> S
 
 /// `<workload><suffix>` capped at 253 characters: an over-long workload part
 /// becomes `head + "-" + last 25` so the total is exactly 253.
+///
+/// ```
+/// use paperclip_env_providers::kubernetes::child_name;
+/// assert_eq!(child_name("pc-abc", "-env"), "pc-abc-env");
+/// assert_eq!(child_name(&"x".repeat(300), "-egress").len(), 253);
+/// ```
 pub fn child_name(workload: &str, suffix: &str) -> String {
     const MAX: usize = 253;
     if workload.len() + suffix.len() <= MAX {
