@@ -956,6 +956,61 @@ async fn probe_and_resume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_timed_out_is_cleaned_up_when_it_lands_late() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = KubernetesProvider::builder()
+        .request_timeout(Duration::from_millis(500))
+        .poll_interval(Duration::from_millis(50))
+        .build();
+    let c = ctx(&emulator, json!({}));
+    // Provision the tenant first so only the workload create is slow.
+    let lease = acquire(&p, &c, "run-0").await.unwrap();
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+    emulator.faults().delay(
+        "POST",
+        "/apis/agents.x-k8s.io",
+        Duration::from_millis(800),
+        1,
+    );
+    let err = acquire(&p, &c, "run-late").await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    let start = Instant::now();
+    while !run_objects(&emulator).is_empty() && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        run_objects(&emulator),
+        Vec::<Value>::new(),
+        "the late Sandbox was left behind"
+    );
+    assert_eq!(
+        requests(&emulator, "POST", "/sandboxes"),
+        2,
+        "the create was not retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_failures_get_the_egress_hint() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-net").await.unwrap();
+    let out = OutputCollector::buffered();
+    let request =
+        ExecuteRequest::shell("echo 'curl: (6) Could not resolve host: example.com' >&2; exit 6");
+    let exit = p.execute(&c, &lease, &request, &out).await.unwrap();
+    let result = out.finish(exit);
+    assert_eq!(result.exit_code, Some(6));
+    assert_eq!(
+        result.stderr,
+        "curl: (6) Could not resolve host: example.com\n\nPaperclip network policy denied or could not route this request. No task-scoped destinations are granted. Request access through executionWorkspaceSettings.networkEgress.\n"
+    );
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cwd_is_honoured_inside_the_pod() {
     let emulator = KubeEmulator::start().await.unwrap();
     let p = provider(Backend::SandboxCr);

@@ -184,12 +184,39 @@ pub fn exit_code_of(status: &Status) -> i32 {
 
 /// Where the output of an exec goes.
 pub(crate) enum Sink<'a> {
-    /// Streamed into the collector.
-    Collector(&'a OutputCollector),
+    /// Streamed into the collector; the last bytes of stderr are kept too
+    /// (for the network-denial hint).
+    Collector(&'a OutputCollector, &'a mut Vec<u8>),
     /// Stdout written to a file, stderr kept.
     File(&'a mut tokio::fs::File, &'a mut Vec<u8>),
     /// Both kept in memory.
     Buffers(&'a mut Vec<u8>, &'a mut Vec<u8>),
+}
+
+/// How much of the end of stderr is kept for the network-denial hint.
+const STDERR_TAIL: usize = 16 * 1024;
+
+/// The network-denial hint (spec 26 §8.3) when stderr looks like a blocked
+/// connection; `None` otherwise.
+///
+/// ```
+/// use paperclip_env_providers::kubernetes::network_denial_hint;
+/// let hint = network_denial_hint(b"curl: (6) Could not resolve host: example.com\n").unwrap();
+/// assert!(hint.contains("Paperclip network policy denied or could not route this request."));
+/// assert!(network_denial_hint(b"file not found").is_none());
+/// ```
+pub fn network_denial_hint(stderr: &[u8]) -> Option<String> {
+    const PATTERNS: [&str; 5] = [
+        "could not resolve host",
+        "network is unreachable",
+        "connection timed out",
+        "failed to connect",
+        "temporary failure in name resolution",
+    ];
+    let text = String::from_utf8_lossy(stderr).to_lowercase();
+    PATTERNS.iter().any(|p| text.contains(p)).then(|| {
+        "\nPaperclip network policy denied or could not route this request. No task-scoped destinations are granted. Request access through executionWorkspaceSettings.networkEgress.\n".to_owned()
+    })
 }
 
 /// Stdin of an exec.
@@ -265,7 +292,7 @@ pub(crate) async fn run(
         };
         let read = async {
             match sink {
-                Sink::Collector(out) => {
+                Sink::Collector(out, tail) => {
                     let a = async {
                         if let Some(r) = stdout {
                             pump(r, |b| out.stdout(b)).await
@@ -273,7 +300,13 @@ pub(crate) async fn run(
                     };
                     let b = async {
                         if let Some(r) = stderr {
-                            pump(r, |b| out.stderr(b)).await
+                            pump(r, |b| {
+                                out.stderr(b);
+                                tail.extend_from_slice(b);
+                                let excess = tail.len().saturating_sub(STDERR_TAIL);
+                                tail.drain(..excess);
+                            })
+                            .await
                         }
                     };
                     tokio::join!(a, b);

@@ -56,7 +56,7 @@ pub use config::{
     DEFAULT_POD_ACTIVITY_DEADLINE_SEC, EgressMode, KubernetesConfig, KubernetesConfigSchema,
     Resources, is_ipv4_cidr,
 };
-pub use exec::{build_argv, exit_code_of, sh_quote, wrap_with_env};
+pub use exec::{build_argv, exit_code_of, network_denial_hint, sh_quote, wrap_with_env};
 pub use manifests::{
     CONTAINER, DENY_ALL, EGRESS_ALLOW, EGRESS_FQDN, EgressSpec, PodInputs, TENANT_LIMITS,
     TENANT_QUOTA, TENANT_ROLE, TENANT_ROLE_BINDING, TENANT_SA,
@@ -820,6 +820,34 @@ impl KubernetesProvider {
         }
     }
 
+    /// After an ambiguous create, deletes the named workload if it shows up
+    /// within one request timeout; a cleanup failure is logged with the name.
+    async fn cleanup_ambiguous_create(
+        &self,
+        t: &Target,
+        backend: Backend,
+        version: Option<&str>,
+        name: &str,
+    ) {
+        let start = Instant::now();
+        loop {
+            match self.delete_workload(t, backend, version, name).await {
+                Ok(true) => {
+                    info!(workload = %name, "deleted the workload of an ambiguous create");
+                    return;
+                }
+                Ok(false) if start.elapsed() < self.inner.opts.request_timeout => {
+                    tokio::time::sleep(self.inner.opts.poll_interval).await;
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    error!(namespace = %t.namespace, workload = %name, error = %e, "cleaning up after an ambiguous create failed; the workload may exist");
+                    return;
+                }
+            }
+        }
+    }
+
     fn lease_backend(&self, t: &Target, lease: &LeaseHandle) -> Backend {
         md_str(lease, "backend")
             .and_then(Backend::parse)
@@ -1318,7 +1346,18 @@ impl SandboxProvider for KubernetesProvider {
                 manifests::job(&name, &t.namespace, &inputs),
             ),
         };
-        let created = t.kube.create(&collection, &manifest).await?;
+        let created = match t.kube.create(&collection, &manifest).await {
+            Ok(created) => created,
+            Err(e) => {
+                // A create that timed out or hit a 5xx may still have happened:
+                // make sure the named workload does not outlive the failure.
+                if e.is_retryable() && !client::is_conflict(&e) {
+                    self.cleanup_ambiguous_create(&t, backend, version.as_deref(), &name)
+                        .await;
+                }
+                return Err(ctx.config.scrub_error(KEY, e));
+            }
+        };
         info!(namespace = %t.namespace, workload = %name, backend = backend.as_str(), "created the run workload");
         match self
             .finish_acquire(
@@ -1648,11 +1687,17 @@ impl SandboxProvider for KubernetesProvider {
             .unwrap_or(Input::None);
         let cmd0 = argv.get(4).cloned().unwrap_or_default();
         let pods = Self::pods(&t);
+        let mut stderr_tail = Vec::new();
         let ended = tokio::select! {
-            ended = exec::run(&pods, &pod, argv, input, Sink::Collector(output), remaining) => ended,
+            ended = exec::run(&pods, &pod, argv, input, Sink::Collector(output, &mut stderr_tail), remaining) => ended,
             lost = self.watch_exec(&t, &pod, &pid_file, &cmd0) => Err(lost),
         }
         .map_err(|e| ctx.config.scrub_error(KEY, e))?;
+        if matches!(ended, Ended::Exited(code) if code != 0)
+            && let Some(hint) = network_denial_hint(&stderr_tail)
+        {
+            output.stderr(hint.as_bytes());
+        }
         if matches!(ended, Ended::TimedOut) {
             let kill = exec::kill_script(&pid_file);
             if let Err(e) = self
