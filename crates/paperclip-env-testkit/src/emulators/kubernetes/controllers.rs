@@ -583,6 +583,7 @@ fn kubelet(shared: &Arc<Shared>) {
                 let Some(runtime) = runtimes.get_mut(&uid) else {
                     continue;
                 };
+                let _ = std::fs::create_dir_all(&runtime.root);
                 for mount in &runtime.mounts {
                     let _ =
                         std::fs::create_dir_all(runtime.root.join(mount.trim_start_matches('/')));
