@@ -1393,3 +1393,257 @@ async fn every_pod_process_dies_with_its_pod_and_with_the_emulator() -> TestResu
     until("the survivor to die", || async { !alive(pid) }).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn sandboxes_expire_at_their_shutdown_time_per_policy() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    let past = "2020-01-01T00:00:00Z";
+    for (name, policy) in [
+        ("pc-expire-delete", "Delete"),
+        ("pc-expire-retain", "Retain"),
+    ] {
+        let mut object = sandbox(name, "v1beta1")?;
+        object.data["spec"]["shutdownTime"] = json!(past);
+        object.data["spec"]["shutdownPolicy"] = json!(policy);
+        sandboxes.create(&PostParams::default(), &object).await?;
+    }
+    until("the Delete-policy Sandbox to go", || async {
+        sandboxes
+            .get_opt("pc-expire-delete")
+            .await
+            .is_ok_and(|s| s.is_none())
+    })
+    .await?;
+    until("the Retain-policy Sandbox to expire", || async {
+        sandboxes.get("pc-expire-retain").await.is_ok_and(|s| {
+            condition(&s, "Ready") == Some(("False".into(), "SandboxExpired".into()))
+        })
+    })
+    .await?;
+    assert!(emulator.objects("v1", "pods", Some(NS)).is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn finished_jobs_are_deleted_after_their_ttl() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let job = json!({"metadata": {"name": "pc-ttl"}, "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 0,
+        "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "agent", "image": "x", "command": ["true"]}]}}}});
+    jobs.create(&PostParams::default(), &serde_json::from_value(job)?)
+        .await?;
+    until("the finished Job to be deleted", || async {
+        jobs.get_opt("pc-ttl").await.is_ok_and(|j| j.is_none())
+    })
+    .await?;
+    until("its pod to be collected", || async {
+        emulator.objects("v1", "pods", Some(NS)).is_empty()
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_failing_on_its_node_fails_its_sandbox() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-node-fail", "v1beta1").await?;
+    emulator.set_pod_phase(NS, "pc-node-fail", "Failed");
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    until("Ready=False PodFailed", || async {
+        sandboxes.get("pc-node-fail").await.is_ok_and(|s| {
+            condition(&s, "Ready") == Some(("False".into(), "PodFailed".into()))
+                && condition(&s, "Finished") == Some(("True".into(), "PodFailed".into()))
+        })
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client, NS);
+    let refused = pods
+        .exec(
+            "pc-node-fail",
+            ["true"],
+            &AttachParams::default().container("agent"),
+        )
+        .await
+        .err()
+        .ok_or("exec into a failed pod succeeded")?;
+    assert!(
+        refused
+            .to_string()
+            .contains("cannot exec into a container in a completed pod"),
+        "{refused}"
+    );
+    Ok(())
+}
+
+/// Raw HTTP, for what the typed client hides: headers, media types, bodies.
+async fn raw(
+    emulator: &KubeEmulator,
+    method: reqwest::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, reqwest::header::HeaderMap, Value), Box<dyn std::error::Error + Send + Sync>> {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", emulator.url()))
+        .bearer_auth(emulator.token());
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await?;
+    Ok((
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+#[tokio::test]
+async fn the_wire_format_follows_api_conventions() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let maps = format!("/api/v1/namespaces/{NS}/configmaps");
+
+    // Status objects carry kind, code, reason and details.
+    let (code, _, body) = raw(
+        &emulator,
+        reqwest::Method::GET,
+        &format!("{maps}/none"),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 404);
+    assert_eq!(
+        body,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "configmaps \"none\" not found", "reason": "NotFound",
+            "details": {"name": "none", "kind": "configmaps"}, "code": 404})
+    );
+
+    // generateName, JSON patch, unknown patch types, a missing name.
+    let (code, _, created) = raw(
+        &emulator,
+        reqwest::Method::POST,
+        &maps,
+        Some("application/json"),
+        Some(json!({"metadata": {"generateName": "gen-"}, "data": {"a": "1"}})),
+    )
+    .await?;
+    assert_eq!(code, 201);
+    let name = created["metadata"]["name"]
+        .as_str()
+        .ok_or("no generated name")?
+        .to_owned();
+    assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+    assert_eq!(created["metadata"]["generation"], 1);
+    let (code, _, patched) = raw(&emulator, reqwest::Method::PATCH, &format!("{maps}/{name}"),
+        Some("application/json-patch+json"),
+        Some(json!([{"op": "add", "path": "/data/b", "value": "2"}, {"op": "remove", "path": "/data/a"}]))).await?;
+    assert_eq!(code, 200);
+    assert_eq!(patched["data"], json!({"b": "2"}));
+    let (code, _, _) = raw(
+        &emulator,
+        reqwest::Method::PATCH,
+        &format!("{maps}/{name}"),
+        Some("text/plain"),
+        Some(json!({})),
+    )
+    .await?;
+    assert_eq!(code, 415);
+    let (code, _, invalid) = raw(
+        &emulator,
+        reqwest::Method::POST,
+        &maps,
+        Some("application/json"),
+        Some(json!({"metadata": {}})),
+    )
+    .await?;
+    assert_eq!((code, invalid["reason"].as_str()), (422, Some("Invalid")));
+
+    // DELETE honours a DeleteOptions body and its preconditions.
+    let (code, _, conflict) = raw(
+        &emulator,
+        reqwest::Method::DELETE,
+        &format!("{maps}/{name}"),
+        Some("application/json"),
+        Some(json!({"preconditions": {"uid": "someone-else"}})),
+    )
+    .await?;
+    assert_eq!((code, conflict["reason"].as_str()), (409, Some("Conflict")));
+    let (code, _, _) = raw(
+        &emulator,
+        reqwest::Method::DELETE,
+        &format!("{maps}/{name}?propagationPolicy=Foreground"),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+
+    // Unknown resources, and the v1alpha1 deprecation warning.
+    let (code, _, _) = raw(
+        &emulator,
+        reqwest::Method::GET,
+        "/apis/example.com/v1/widgets",
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 404);
+    let (code, headers, _) = raw(
+        &emulator,
+        reqwest::Method::GET,
+        &format!("/apis/agents.x-k8s.io/v1alpha1/namespaces/{NS}/sandboxes"),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    let warning = headers
+        .get("warning")
+        .and_then(|w| w.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        warning.contains("agents.x-k8s.io/v1alpha1 Sandbox is deprecated"),
+        "{warning}"
+    );
+
+    // The request log keeps method, path, query and JSON body.
+    let last = emulator
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "DELETE")
+        .ok_or("no DELETE logged")?;
+    assert_eq!(
+        last.query_param("propagationPolicy").as_deref(),
+        Some("Foreground")
+    );
+    let with_body = emulator
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PATCH")
+        .ok_or("no PATCH logged")?;
+    assert_eq!(
+        with_body.content_type.as_deref(),
+        Some("application/json-patch+json")
+    );
+    assert!(with_body.body.is_some());
+    Ok(())
+}
