@@ -477,6 +477,19 @@ async fn a_sandbox_gets_a_ready_pod_owned_by_it_and_deleting_it_cascades() -> Te
             .is_some()
     );
 
+    // A settled Sandbox and pod are not rewritten by the controllers.
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sandboxes.get("pc-01jrun").await?.metadata.resource_version,
+        sandbox.metadata.resource_version
+    );
+    assert_eq!(
+        pods.get("pc-01jrun").await?.metadata.resource_version,
+        pod.metadata.resource_version
+    );
+
     // The same object is served at v1alpha1.
     let alpha: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1alpha1"));
@@ -503,8 +516,6 @@ async fn a_sandbox_gets_a_ready_pod_owned_by_it_and_deleting_it_cascades() -> Te
         Some(b"abc".to_vec())
     );
 
-    let sandboxes: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
     sandboxes
         .delete("pc-01jrun", &DeleteParams::foreground())
         .await?;
@@ -1645,5 +1656,46 @@ async fn the_wire_format_follows_api_conventions() -> TestResult {
         Some("application/json-patch+json")
     );
     assert!(with_body.body.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_keep_exec_processes_a_command_outlives_its_client_until_the_pod_goes() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        keep_exec_processes: true,
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-keep", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut process = pods
+        .exec(
+            "pc-keep",
+            ["/bin/sh", "-c", "echo started; exec sleep 30"],
+            &AttachParams::default().container("agent"),
+        )
+        .await?;
+    let mut stdout = process.stdout().ok_or("no stdout")?;
+    let mut first = [0u8; 8];
+    stdout.read_exact(&mut first).await?;
+    assert_eq!(&first, b"started\n");
+    process.abort();
+    drop(stdout);
+    // Give the server every chance to notice the client is gone.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            emulator.live_processes(),
+            1,
+            "the command died with its client"
+        );
+    }
+    pods.delete("pc-keep", &DeleteParams::default()).await?;
+    until("the kept process to die with its pod", || async {
+        emulator.live_processes() == 0
+    })
+    .await?;
     Ok(())
 }
