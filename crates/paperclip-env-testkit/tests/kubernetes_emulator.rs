@@ -477,6 +477,19 @@ async fn a_sandbox_gets_a_ready_pod_owned_by_it_and_deleting_it_cascades() -> Te
             .is_some()
     );
 
+    // A settled Sandbox and pod are not rewritten by the controllers.
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sandboxes.get("pc-01jrun").await?.metadata.resource_version,
+        sandbox.metadata.resource_version
+    );
+    assert_eq!(
+        pods.get("pc-01jrun").await?.metadata.resource_version,
+        pod.metadata.resource_version
+    );
+
     // The same object is served at v1alpha1.
     let alpha: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1alpha1"));
@@ -503,8 +516,6 @@ async fn a_sandbox_gets_a_ready_pod_owned_by_it_and_deleting_it_cascades() -> Te
         Some(b"abc".to_vec())
     );
 
-    let sandboxes: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
     sandboxes
         .delete("pc-01jrun", &DeleteParams::foreground())
         .await?;
@@ -828,5 +839,863 @@ async fn watch_streams_changes_and_answers_410_for_expired_versions() -> TestRes
         Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
         other => return Err(format!("expected a 410 error event, got {other:?}").into()),
     }
+    Ok(())
+}
+
+fn condition(object: &DynamicObject, kind: &str) -> Option<(String, String)> {
+    object.data["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| {
+            cs.iter().find(|c| c["type"] == kind).map(|c| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_owned(),
+                    c["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        })
+}
+
+#[tokio::test]
+async fn an_unschedulable_pod_keeps_its_sandbox_not_ready() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    emulator.faults().unschedulable_next_pod();
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    sandboxes
+        .create(&PostParams::default(), &sandbox("pc-stuck", "v1beta1")?)
+        .await?;
+    until("PodScheduled=False on the Sandbox", || async {
+        sandboxes.get("pc-stuck").await.is_ok_and(|s| {
+            condition(&s, "PodScheduled") == Some(("False".into(), "Unschedulable".into()))
+        })
+    })
+    .await?;
+    let sandbox = sandboxes.get("pc-stuck").await?;
+    assert_eq!(
+        condition(&sandbox, "Ready"),
+        Some(("False".into(), "DependenciesNotReady".into()))
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let status = pods.get("pc-stuck").await?.status.ok_or("no pod status")?;
+    assert_eq!(status.phase.as_deref(), Some("Pending"));
+    let scheduled = status
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "PodScheduled")
+        .ok_or("no PodScheduled condition")?;
+    assert_eq!(
+        (scheduled.status.as_str(), scheduled.reason.as_deref()),
+        ("False", Some("Unschedulable"))
+    );
+    // Exec into a pod that never started is refused like a real API server does.
+    let refused = pods
+        .exec(
+            "pc-stuck",
+            ["true"],
+            &AttachParams::default().container("agent"),
+        )
+        .await
+        .err()
+        .ok_or("exec into a pending pod succeeded")?;
+    assert!(
+        refused.to_string().contains("container not found"),
+        "{refused}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_pod_marks_its_sandbox_failed_and_finished() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        sandbox_versions: vec!["v1alpha1".into()],
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    emulator.faults().fail_next_pod();
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1alpha1"));
+    sandboxes
+        .create(&PostParams::default(), &sandbox("pc-fail", "v1alpha1")?)
+        .await?;
+    until("Finished=True on the Sandbox", || async {
+        sandboxes
+            .get("pc-fail")
+            .await
+            .is_ok_and(|s| condition(&s, "Finished").is_some())
+    })
+    .await?;
+    let sandbox = sandboxes.get("pc-fail").await?;
+    assert_eq!(
+        condition(&sandbox, "Ready"),
+        Some(("False".into(), "PodFailed".into()))
+    );
+    assert_eq!(
+        condition(&sandbox, "Finished"),
+        Some(("True".into(), "PodFailed".into()))
+    );
+    let pods: Api<Pod> = Api::namespaced(client, NS);
+    let pod = pods.get("pc-fail").await?;
+    assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Failed"));
+    assert_eq!(
+        pod.metadata.owner_references.unwrap_or_default()[0].api_version,
+        "agents.x-k8s.io/v1alpha1"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn injected_409_and_5xx_answer_once_then_the_api_recovers() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    emulator.faults().conflict_on_next_create("sandboxes");
+    let conflict = sandboxes
+        .create(&PostParams::default(), &sandbox("pc-409", "v1beta1")?)
+        .await
+        .err()
+        .ok_or("injected 409 not answered")?;
+    assert_eq!(api_error(&conflict), Some((409, "AlreadyExists".into())));
+    assert!(
+        emulator
+            .objects("agents.x-k8s.io/v1beta1", "sandboxes", Some(NS))
+            .is_empty()
+    );
+    sandboxes
+        .create(&PostParams::default(), &sandbox("pc-409", "v1beta1")?)
+        .await?;
+
+    emulator
+        .faults()
+        .server_error("GET", &format!("/api/v1/namespaces/{NS}/pods"), 2);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    for _ in 0..2 {
+        let error = pods
+            .list(&ListParams::default())
+            .await
+            .err()
+            .ok_or("injected 500 not answered")?;
+        assert_eq!(api_error(&error), Some((500, "InternalError".into())));
+    }
+    pods.list(&ListParams::default()).await?;
+
+    // kube's client retries a 429 after its Retry-After; the log shows both.
+    let before = emulator.requests().len();
+    emulator
+        .faults()
+        .status_error("*", "/api/v1/namespaces", 429, 1);
+    pods.list(&ListParams::default()).await?;
+    let lists = emulator.requests()[before..]
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == format!("/api/v1/namespaces/{NS}/pods"))
+        .count();
+    assert_eq!(lists, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_delayed_route_trips_the_client_read_timeout() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let kubeconfig = Kubeconfig::from_yaml(&emulator.kubeconfig_yaml())?;
+    let mut config =
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    config.read_timeout = Some(Duration::from_millis(200));
+    let client = Client::try_from(config)?;
+    emulator
+        .faults()
+        .delay("GET", "/api/v1/namespaces", Duration::from_secs(5), 1);
+    let namespaces: Api<Namespace> = Api::all(client);
+    let error = namespaces
+        .list(&ListParams::default())
+        .await
+        .err()
+        .ok_or("delayed request answered in time")?;
+    assert!(api_error(&error).is_none(), "{error}");
+    namespaces.list(&ListParams::default()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_exec_stream_dropped_mid_way_brings_no_status_and_leaves_no_process() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-drop", "v1beta1").await?;
+    emulator.faults().drop_exec_after(4);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut process = pods
+        .exec(
+            "pc-drop",
+            ["/bin/sh", "-c", "echo 0123456789; sleep 30"],
+            &AttachParams::default().container("agent"),
+        )
+        .await?;
+    let mut stdout = process.stdout().ok_or("no stdout")?;
+    let status = process.take_status().ok_or("no status")?;
+    // kube reports the vanished connection from `join` (its stdout reader
+    // never sees EOF after a transport error, so callers must watch both).
+    let joined = process.join().await;
+    assert!(joined.is_err(), "a dropped connection joined cleanly");
+    let mut received = [0u8; 4];
+    stdout.read_exact(&mut received).await?;
+    assert_eq!(&received, b"0123");
+    assert!(
+        status.await.is_none(),
+        "a dropped stream delivered a status"
+    );
+    until("the dropped exec's process to die", || async {
+        emulator.live_processes() == 0
+    })
+    .await?;
+
+    emulator.faults().exec_never_answers();
+    let mut silent = pods
+        .exec(
+            "pc-drop",
+            ["echo", "hi"],
+            &AttachParams::default().container("agent"),
+        )
+        .await?;
+    let mut stdout = silent.stdout().ok_or("no stdout")?;
+    let mut buffer = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(300), stdout.read_to_end(&mut buffer)).await;
+    assert!(waited.is_err(), "a silent exec answered");
+    assert!(buffer.is_empty());
+    silent.abort();
+    assert_eq!(emulator.live_processes(), 0);
+
+    // The next exec is served normally.
+    let ok = run(&client, "pc-drop", &["echo", "back"], None).await?;
+    assert_eq!(ok.stdout, b"back\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn v4_only_servers_need_the_head_c_stdin_framing() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        exec_protocols: vec!["v4.channel.k8s.io".into()],
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-v4", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let input = b"hello over v4";
+    let script = format!("head -c {} | tr a-z A-Z", input.len());
+    let mut process = pods
+        .exec(
+            "pc-v4",
+            ["/bin/sh", "-c", script.as_str()],
+            &AttachParams::default().container("agent").stdin(true),
+        )
+        .await?;
+    // Keep stdin open: over v4, dropping it would close the whole socket.
+    let mut writer = process.stdin().ok_or("no stdin")?;
+    writer.write_all(input).await?;
+    let mut stdout = process.stdout().ok_or("no stdout")?;
+    let status = process.take_status().ok_or("no status")?;
+    let mut out = Vec::new();
+    stdout.read_to_end(&mut out).await?;
+    assert_eq!(out, b"HELLO OVER V4");
+    assert_eq!(
+        status.await.and_then(|s| s.status).as_deref(),
+        Some("Success")
+    );
+    drop(writer);
+    process.join().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_collection_follows_owner_references_and_honours_orphan() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let create = |name: &str, owner: Option<(&str, String)>| {
+        let mut object = json!({"metadata": {"name": name}});
+        if let Some((owner_name, uid)) = owner {
+            object["metadata"]["ownerReferences"] =
+                json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": owner_name, "uid": uid}]);
+        }
+        let maps = maps.clone();
+        async move {
+            let map: ConfigMap = serde_json::from_value(object)?;
+            let created = maps.create(&PostParams::default(), &map).await?;
+            created.metadata.uid.ok_or_else(|| "no uid".into())
+        }
+    };
+    let root: Result<String, Box<dyn std::error::Error + Send + Sync>> = create("root", None).await;
+    let root = root?;
+    let child: Result<String, Box<dyn std::error::Error + Send + Sync>> =
+        create("child", Some(("root", root))).await;
+    let child = child?;
+    let grandchild: Result<String, Box<dyn std::error::Error + Send + Sync>> =
+        create("grandchild", Some(("child", child))).await;
+    grandchild?;
+    maps.delete("root", &DeleteParams::background()).await?;
+    assert!(emulator.objects("v1", "configmaps", Some(NS)).is_empty());
+
+    let kept: Result<String, Box<dyn std::error::Error + Send + Sync>> =
+        create("kept-root", None).await;
+    let kept = kept?;
+    let orphan: Result<String, Box<dyn std::error::Error + Send + Sync>> =
+        create("orphan", Some(("kept-root", kept))).await;
+    orphan?;
+    maps.delete("kept-root", &DeleteParams::orphan()).await?;
+    let left = maps.get("orphan").await?;
+    assert!(
+        left.metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+
+    // An object whose owner never existed is collected.
+    let dangling: Result<String, Box<dyn std::error::Error + Send + Sync>> = create(
+        "dangling",
+        Some(("ghost", "00000000-0000-0000-0000-000000000000".into())),
+    )
+    .await;
+    dangling?;
+    until("the dangling object to be collected", || async {
+        maps.get_opt("dangling").await.is_ok_and(|m| m.is_none())
+    })
+    .await?;
+
+    // Jobs orphan their pods unless asked otherwise, as the real API does.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let job = json!({"metadata": {"name": "pc-orphan-job"}, "spec": {"template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "agent", "image": "x", "command": ["true"]}]}}}});
+    jobs.create(&PostParams::default(), &serde_json::from_value(job)?)
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    until("the Job's pod", || async {
+        pods.list(&ListParams::default().labels("job-name=pc-orphan-job"))
+            .await
+            .is_ok_and(|l| l.items.len() == 1)
+    })
+    .await?;
+    jobs.delete("pc-orphan-job", &DeleteParams::default())
+        .await?;
+    assert_eq!(
+        pods.list(&ListParams::default().labels("job-name=pc-orphan-job"))
+            .await?
+            .items
+            .len(),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_job_past_its_active_deadline_fails_and_its_process_dies() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let job = json!({"metadata": {"name": "pc-slow"}, "spec": {"backoffLimit": 0, "activeDeadlineSeconds": 1,
+        "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "agent", "image": "x", "command": ["sleep", "30"]}]}}}});
+    jobs.create(&PostParams::default(), &serde_json::from_value(job)?)
+        .await?;
+    until("the Job to fail", || async {
+        jobs.get_status("pc-slow").await.is_ok_and(|j| {
+            j.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Failed" && c.reason.as_deref() == Some("DeadlineExceeded"))
+            })
+        })
+    })
+    .await?;
+    until("the Job's process to die", || async {
+        emulator.live_processes() == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tenant_objects_of_the_checklist_round_trip() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let kinds = [
+        (
+            "",
+            "v1",
+            "ServiceAccount",
+            "serviceaccounts",
+            "paperclip-tenant-sa",
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "v1",
+            "Role",
+            "roles",
+            "paperclip-tenant-role",
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            "paperclip-tenant-rb",
+        ),
+        (
+            "",
+            "v1",
+            "ResourceQuota",
+            "resourcequotas",
+            "paperclip-quota",
+        ),
+        ("", "v1", "LimitRange", "limitranges", "paperclip-limits"),
+        (
+            "networking.k8s.io",
+            "v1",
+            "NetworkPolicy",
+            "networkpolicies",
+            "paperclip-deny-all",
+        ),
+        (
+            "cilium.io",
+            "v2",
+            "CiliumNetworkPolicy",
+            "ciliumnetworkpolicies",
+            "paperclip-egress-fqdn",
+        ),
+    ];
+    for (group, version, kind, plural, name) in kinds {
+        let resource =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), NS, &resource);
+        let missing = api
+            .get(name)
+            .await
+            .err()
+            .ok_or("object served before creation")?;
+        assert_eq!(
+            api_error(&missing),
+            Some((404, "NotFound".into())),
+            "{kind}"
+        );
+        let object = DynamicObject::new(name, &resource).data(json!({"spec": {"marker": kind}}));
+        api.create(&PostParams::default(), &object).await?;
+        let again = api
+            .create(&PostParams::default(), &object)
+            .await
+            .err()
+            .ok_or("duplicate accepted")?;
+        assert_eq!(
+            api_error(&again),
+            Some((409, "AlreadyExists".into())),
+            "{kind}"
+        );
+        let fetched = api.get(name).await?;
+        assert_eq!(fetched.data["spec"]["marker"], json!(kind));
+        let api_version = if group.is_empty() {
+            version.to_owned()
+        } else {
+            format!("{group}/{version}")
+        };
+        assert_eq!(
+            emulator.objects(&api_version, plural, Some(NS)).len(),
+            1,
+            "{kind}"
+        );
+    }
+    let posts: Vec<String> = emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.path)
+        .collect();
+    assert!(posts.contains(&format!(
+        "/apis/cilium.io/v2/namespaces/{NS}/ciliumnetworkpolicies"
+    )));
+    assert!(posts.contains(&format!(
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles"
+    )));
+
+    // Deleting the namespace takes every object in it along.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces.delete(NS, &DeleteParams::default()).await?;
+    assert!(
+        emulator
+            .all_objects()
+            .iter()
+            .all(|o| o["metadata"]["namespace"] != NS)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_pod_process_dies_with_its_pod_and_with_the_emulator() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-procs", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut pids = Vec::new();
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let mut process = pods
+            .exec(
+                "pc-procs",
+                ["/bin/sh", "-c", "echo $$; exec sleep 30"],
+                &AttachParams::default().container("agent"),
+            )
+            .await?;
+        let mut stdout = process.stdout().ok_or("no stdout")?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while stdout.read(&mut byte).await? == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        pids.push(String::from_utf8(line)?.trim().parse::<i32>()?);
+        sessions.push((process, stdout));
+    }
+    assert_eq!(emulator.live_processes(), 2);
+    let alive = |pid: i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    assert!(pids.iter().all(|p| alive(*p)));
+
+    // Deleting the Sandbox deletes the pod, which kills its processes.
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    sandboxes
+        .delete("pc-procs", &DeleteParams::background())
+        .await?;
+    until("the pod's processes to die", || async {
+        emulator.live_processes() == 0
+    })
+    .await?;
+    until("the pids to be reaped", || async {
+        pids.iter().all(|p| !alive(*p))
+    })
+    .await?;
+    drop(sessions);
+
+    // And the emulator going away takes any survivor along.
+    ready_sandbox(&client, "pc-procs-2", "v1beta1").await?;
+    let mut process = pods
+        .exec(
+            "pc-procs-2",
+            ["/bin/sh", "-c", "echo $$; exec sleep 30"],
+            &AttachParams::default().container("agent"),
+        )
+        .await?;
+    let mut stdout = process.stdout().ok_or("no stdout")?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while stdout.read(&mut byte).await? == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    let pid = String::from_utf8(line)?.trim().parse::<i32>()?;
+    assert!(alive(pid));
+    drop(emulator);
+    until("the survivor to die", || async { !alive(pid) }).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn sandboxes_expire_at_their_shutdown_time_per_policy() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    let past = "2020-01-01T00:00:00Z";
+    for (name, policy) in [
+        ("pc-expire-delete", "Delete"),
+        ("pc-expire-retain", "Retain"),
+    ] {
+        let mut object = sandbox(name, "v1beta1")?;
+        object.data["spec"]["shutdownTime"] = json!(past);
+        object.data["spec"]["shutdownPolicy"] = json!(policy);
+        sandboxes.create(&PostParams::default(), &object).await?;
+    }
+    until("the Delete-policy Sandbox to go", || async {
+        sandboxes
+            .get_opt("pc-expire-delete")
+            .await
+            .is_ok_and(|s| s.is_none())
+    })
+    .await?;
+    until("the Retain-policy Sandbox to expire", || async {
+        sandboxes.get("pc-expire-retain").await.is_ok_and(|s| {
+            condition(&s, "Ready") == Some(("False".into(), "SandboxExpired".into()))
+        })
+    })
+    .await?;
+    assert!(emulator.objects("v1", "pods", Some(NS)).is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn finished_jobs_are_deleted_after_their_ttl() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let job = json!({"metadata": {"name": "pc-ttl"}, "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 0,
+        "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "agent", "image": "x", "command": ["true"]}]}}}});
+    jobs.create(&PostParams::default(), &serde_json::from_value(job)?)
+        .await?;
+    until("the finished Job to be deleted", || async {
+        jobs.get_opt("pc-ttl").await.is_ok_and(|j| j.is_none())
+    })
+    .await?;
+    until("its pod to be collected", || async {
+        emulator.objects("v1", "pods", Some(NS)).is_empty()
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_failing_on_its_node_fails_its_sandbox() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-node-fail", "v1beta1").await?;
+    emulator.set_pod_phase(NS, "pc-node-fail", "Failed");
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    until("Ready=False PodFailed", || async {
+        sandboxes.get("pc-node-fail").await.is_ok_and(|s| {
+            condition(&s, "Ready") == Some(("False".into(), "PodFailed".into()))
+                && condition(&s, "Finished") == Some(("True".into(), "PodFailed".into()))
+        })
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client, NS);
+    let refused = pods
+        .exec(
+            "pc-node-fail",
+            ["true"],
+            &AttachParams::default().container("agent"),
+        )
+        .await
+        .err()
+        .ok_or("exec into a failed pod succeeded")?;
+    assert!(
+        refused
+            .to_string()
+            .contains("cannot exec into a container in a completed pod"),
+        "{refused}"
+    );
+    Ok(())
+}
+
+/// Raw HTTP, for what the typed client hides: headers, media types, bodies.
+async fn raw(
+    emulator: &KubeEmulator,
+    method: reqwest::Method,
+    path: &str,
+    content_type: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, reqwest::header::HeaderMap, Value), Box<dyn std::error::Error + Send + Sync>> {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{}{path}", emulator.url()))
+        .bearer_auth(emulator.token());
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await?;
+    Ok((
+        status,
+        headers,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
+}
+
+#[tokio::test]
+async fn the_wire_format_follows_api_conventions() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let maps = format!("/api/v1/namespaces/{NS}/configmaps");
+
+    // Status objects carry kind, code, reason and details.
+    let (code, _, body) = raw(
+        &emulator,
+        reqwest::Method::GET,
+        &format!("{maps}/none"),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 404);
+    assert_eq!(
+        body,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "configmaps \"none\" not found", "reason": "NotFound",
+            "details": {"name": "none", "kind": "configmaps"}, "code": 404})
+    );
+
+    // generateName, JSON patch, unknown patch types, a missing name.
+    let (code, _, created) = raw(
+        &emulator,
+        reqwest::Method::POST,
+        &maps,
+        Some("application/json"),
+        Some(json!({"metadata": {"generateName": "gen-"}, "data": {"a": "1"}})),
+    )
+    .await?;
+    assert_eq!(code, 201);
+    let name = created["metadata"]["name"]
+        .as_str()
+        .ok_or("no generated name")?
+        .to_owned();
+    assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+    assert_eq!(created["metadata"]["generation"], 1);
+    let (code, _, patched) = raw(&emulator, reqwest::Method::PATCH, &format!("{maps}/{name}"),
+        Some("application/json-patch+json"),
+        Some(json!([{"op": "add", "path": "/data/b", "value": "2"}, {"op": "remove", "path": "/data/a"}]))).await?;
+    assert_eq!(code, 200);
+    assert_eq!(patched["data"], json!({"b": "2"}));
+    let (code, _, _) = raw(
+        &emulator,
+        reqwest::Method::PATCH,
+        &format!("{maps}/{name}"),
+        Some("text/plain"),
+        Some(json!({})),
+    )
+    .await?;
+    assert_eq!(code, 415);
+    let (code, _, invalid) = raw(
+        &emulator,
+        reqwest::Method::POST,
+        &maps,
+        Some("application/json"),
+        Some(json!({"metadata": {}})),
+    )
+    .await?;
+    assert_eq!((code, invalid["reason"].as_str()), (422, Some("Invalid")));
+
+    // DELETE honours a DeleteOptions body and its preconditions.
+    let (code, _, conflict) = raw(
+        &emulator,
+        reqwest::Method::DELETE,
+        &format!("{maps}/{name}"),
+        Some("application/json"),
+        Some(json!({"preconditions": {"uid": "someone-else"}})),
+    )
+    .await?;
+    assert_eq!((code, conflict["reason"].as_str()), (409, Some("Conflict")));
+    let (code, _, _) = raw(
+        &emulator,
+        reqwest::Method::DELETE,
+        &format!("{maps}/{name}?propagationPolicy=Foreground"),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+
+    // Unknown resources, and the v1alpha1 deprecation warning.
+    let (code, _, _) = raw(
+        &emulator,
+        reqwest::Method::GET,
+        "/apis/example.com/v1/widgets",
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 404);
+    let (code, headers, _) = raw(
+        &emulator,
+        reqwest::Method::GET,
+        &format!("/apis/agents.x-k8s.io/v1alpha1/namespaces/{NS}/sandboxes"),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    let warning = headers
+        .get("warning")
+        .and_then(|w| w.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        warning.contains("agents.x-k8s.io/v1alpha1 Sandbox is deprecated"),
+        "{warning}"
+    );
+
+    // The request log keeps method, path, query and JSON body.
+    let last = emulator
+        .requests()
+        .into_iter()
+        .rfind(|r| r.method == "DELETE")
+        .ok_or("no DELETE logged")?;
+    assert_eq!(
+        last.query_param("propagationPolicy").as_deref(),
+        Some("Foreground")
+    );
+    let with_body = emulator
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "PATCH")
+        .ok_or("no PATCH logged")?;
+    assert_eq!(
+        with_body.content_type.as_deref(),
+        Some("application/json-patch+json")
+    );
+    assert!(with_body.body.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_keep_exec_processes_a_command_outlives_its_client_until_the_pod_goes() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        keep_exec_processes: true,
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-keep", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut process = pods
+        .exec(
+            "pc-keep",
+            ["/bin/sh", "-c", "echo started; exec sleep 30"],
+            &AttachParams::default().container("agent"),
+        )
+        .await?;
+    let mut stdout = process.stdout().ok_or("no stdout")?;
+    let mut first = [0u8; 8];
+    stdout.read_exact(&mut first).await?;
+    assert_eq!(&first, b"started\n");
+    process.abort();
+    drop(stdout);
+    // Give the server every chance to notice the client is gone.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            emulator.live_processes(),
+            1,
+            "the command died with its client"
+        );
+    }
+    pods.delete("pc-keep", &DeleteParams::default()).await?;
+    until("the kept process to die with its pod", || async {
+        emulator.live_processes() == 0
+    })
+    .await?;
     Ok(())
 }

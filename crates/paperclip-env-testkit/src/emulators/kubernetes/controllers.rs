@@ -113,6 +113,16 @@ fn sandboxes(shared: &Shared) {
             .to_owned();
         let hash = name_hash(&name);
         let pod_key = key("", "pods", &namespace, &pod_name);
+        let sandbox_key = key(SANDBOX_GROUP, "sandboxes", &namespace, &name);
+        if sandbox
+            .pointer("/spec/shutdownTime")
+            .and_then(Value::as_str)
+            .and_then(parse_time)
+            .is_some_and(|at| chrono::Utc::now() >= at)
+        {
+            expire(shared, &sandbox, &sandbox_key, &pod_key);
+            continue;
+        }
         let mut store = shared.store();
         let pod = match store.get(&pod_key).cloned() {
             Some(pod) => Some(pod),
@@ -245,8 +255,32 @@ fn sandboxes(shared: &Shared) {
         if phase == "Running" {
             status["nodeName"] = json!(NODE);
         }
-        store.set_status(&key(SANDBOX_GROUP, "sandboxes", &namespace, &name), status);
+        store.set_status(&sandbox_key, status);
     }
+}
+
+/// At `shutdownTime` the controller deletes the pod, then deletes the
+/// Sandbox (`shutdownPolicy: Delete`) or keeps it `Ready=False
+/// SandboxExpired` (`Retain`, the default).
+fn expire(shared: &Shared, sandbox: &Value, sandbox_key: &Key, pod_key: &Key) {
+    let delete = sandbox
+        .pointer("/spec/shutdownPolicy")
+        .and_then(Value::as_str)
+        == Some("Delete");
+    let deleted = {
+        let mut store = shared.store();
+        let mut deleted = store.delete_cascade(pod_key, false);
+        if delete {
+            deleted.extend(store.delete_cascade(sandbox_key, false));
+        } else {
+            let previous = sandbox.get("status").cloned().unwrap_or(json!({}));
+            let status = json!({"conditions": [condition(&previous, "Ready", "False", "SandboxExpired",
+                "Sandbox has expired")], "replicas": 0});
+            store.set_status(sandbox_key, status);
+        }
+        deleted
+    };
+    shared.after_delete(&deleted);
 }
 
 fn sorted_keys(map: &serde_json::Map<String, Value>) -> String {
@@ -278,6 +312,27 @@ fn jobs(shared: &Shared) {
                 })
             });
         if finished {
+            let finished_at = previous
+                .get("completionTime")
+                .and_then(Value::as_str)
+                .or_else(|| {
+                    previous
+                        .get("conditions")
+                        .and_then(Value::as_array)
+                        .and_then(|cs| cs.iter().find(|c| c["type"] == "Failed"))
+                        .and_then(|c| c["lastTransitionTime"].as_str())
+                })
+                .and_then(parse_time);
+            let expired = job
+                .pointer("/spec/ttlSecondsAfterFinished")
+                .and_then(Value::as_i64)
+                .zip(finished_at)
+                .is_some_and(|(ttl, at)| chrono::Utc::now() >= at + chrono::Duration::seconds(ttl));
+            if expired {
+                // The TTL-after-finished controller deletes in the background.
+                let deleted = shared.store().delete_cascade(&job_key, false);
+                shared.after_delete(&deleted);
+            }
             continue;
         }
         let mut store = shared.store();
@@ -583,6 +638,7 @@ fn kubelet(shared: &Arc<Shared>) {
                 let Some(runtime) = runtimes.get_mut(&uid) else {
                     continue;
                 };
+                let _ = std::fs::create_dir_all(&runtime.root);
                 for mount in &runtime.mounts {
                     let _ =
                         std::fs::create_dir_all(runtime.root.join(mount.trim_start_matches('/')));

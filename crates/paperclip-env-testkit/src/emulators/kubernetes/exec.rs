@@ -536,7 +536,7 @@ async fn run(
             return;
         }
     };
-    let _guard = ProcessGuard::new(&child, ctx.pgids.clone(), shared.live.clone());
+    let guard = ProcessGuard::new(&child, ctx.pgids.clone(), shared.live.clone());
     let (tx, mut output) = tokio::sync::mpsc::channel::<(u8, Vec<u8>)>(64);
     for (channel, reader) in [
         (
@@ -599,7 +599,12 @@ async fn run(
                     Some(&CLOSE) if v5 && data.get(1) == Some(&STDIN) => stdin_tx = None,
                     Some(&RESIZE) | Some(_) | None => {}
                 },
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    if shared.opts.keep_exec_processes {
+                        detach(child, guard, shared.shutdown.clone());
+                    }
+                    return;
+                }
                 Some(Ok(_)) => {}
             },
             chunk = output.recv(), if streams_open => match chunk {
@@ -632,6 +637,22 @@ async fn run(
             _ = super::stopped(&mut shutdown) => return,
         }
     }
+}
+
+/// Lets an exec'd process outlive its client, as on a real node, until
+/// it exits, its pod is deleted or the emulator stops.
+fn detach(
+    mut child: tokio::process::Child,
+    guard: ProcessGuard,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = child.wait() => {}
+            _ = super::stopped(&mut shutdown) => {}
+        }
+        drop(guard);
+    });
 }
 
 /// Starts a run-to-completion container's command; its combined output is

@@ -10,7 +10,7 @@
 //!   and the agent-sandbox CRD `agents.x-k8s.io` at
 //!   [`KubeEmulatorOptions::sandbox_versions`] (default `v1beta1` then
 //!   `v1alpha1`; empty: the group is not served).
-//! - A generic JSON object store ([`store`](self)): create (with
+//! - A generic JSON object store: create (with
 //!   `generateName`), get, list (label selectors `=`, `==`, `!=`, `in`,
 //!   `notin`, existence, `!key`; field selectors), update (PUT, 409
 //!   `Conflict` on a stale `resourceVersion`), patch (JSON merge patch,
@@ -30,9 +30,13 @@
 //! - Controllers: the Sandbox controller (pod named like the Sandbox, labels
 //!   = podTemplate labels + `agents.x-k8s.io/sandbox-name-hash`, controller
 //!   ownerReference, then `Ready=True reason DependenciesReady`, `podIPs`,
-//!   `selector`), the Job controller (pod `{job}-xxxxx` labelled `job-name`,
-//!   Job `active`/`succeeded`/`failed`, `Complete`/`Failed` conditions,
-//!   `activeDeadlineSeconds`), and a kubelet simulation that turns pods
+//!   `selector`; `shutdownTime` with `shutdownPolicy` `Delete` or `Retain`
+//!   → `Ready=False SandboxExpired`; `v1alpha1` requests carry the CRD's
+//!   deprecation `Warning` header while `v1beta1` is served), the Job
+//!   controller (pod `{job}-xxxxx` labelled `job-name`, Job
+//!   `active`/`succeeded`/`failed`, `Complete`/`Failed` conditions,
+//!   `activeDeadlineSeconds` → `DeadlineExceeded`, `ttlSecondsAfterFinished`
+//!   deletes the finished Job), and a kubelet simulation that turns pods
 //!   `Running` after [`KubeEmulatorOptions::ready_delay`] (waiting with
 //!   `CreateContainerConfigError` while an `envFrom` Secret is missing).
 //! - Pod exec over WebSocket (`v5.channel.k8s.io` preferred,
@@ -69,7 +73,13 @@
 //! combined output is the pod log.
 //!
 //! Every process runs in its own process group and is killed when its
-//! exec socket closes, its pod is deleted, or the emulator is dropped.
+//! exec socket closes (unless [`KubeEmulatorOptions::keep_exec_processes`]),
+//! its pod is deleted, or the emulator is dropped.
+//!
+//! Note for clients: when an exec connection vanishes (see
+//! [`KubeFaults::drop_exec_after`]), `kube`'s `AttachedProcess::join`
+//! returns the error but its stdout reader never reaches EOF, so a caller
+//! must watch `join` (or a deadline), not only the output streams.
 //!
 //! # Contract
 //!
@@ -129,6 +139,10 @@ pub struct KubeEmulatorOptions {
     /// prints `paperclip-agent-shim: run <PAPERCLIP_RUN_ID>` and exits with
     /// `$PAPERCLIP_SHIM_EXIT` (default 0).
     pub programs: Vec<(String, Vec<String>)>,
+    /// Keep an exec'd process running when its client goes away (as a real
+    /// node does; it still dies with its pod or the emulator). Default
+    /// `false`: a closed exec socket kills the process group.
+    pub keep_exec_processes: bool,
 }
 
 impl Default for KubeEmulatorOptions {
@@ -147,6 +161,7 @@ impl Default for KubeEmulatorOptions {
                     "paperclip-agent-shim".into(),
                 ],
             )],
+            keep_exec_processes: false,
         }
     }
 }

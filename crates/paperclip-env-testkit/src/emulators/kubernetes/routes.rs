@@ -63,6 +63,17 @@ pub(crate) fn typed(rt: &ResourceType, version: &str, mut object: Value) -> Valu
         }
         *map = out;
     }
+    // The two Sandbox versions differ in status: v1alpha1 has `replicas`,
+    // v1beta1 `nodeName`.
+    if rt.group == "agents.x-k8s.io"
+        && let Some(status) = object.get_mut("status").and_then(Value::as_object_mut)
+    {
+        status.remove(if version == "v1alpha1" {
+            "nodeName"
+        } else {
+            "replicas"
+        });
+    }
     object
 }
 
@@ -365,10 +376,19 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         &bytes,
     )
     .await;
-    match result {
+    let mut response = match result {
         Ok(response) => response,
         Err(error) => error_response(&error),
+    };
+    if path.starts_with("/apis/agents.x-k8s.io/v1alpha1/")
+        && shared
+            .resource("agents.x-k8s.io", "sandboxes")
+            .is_some_and(|rt| rt.versions.iter().any(|v| v == "v1beta1"))
+        && let Ok(value) = "299 - \"agents.x-k8s.io/v1alpha1 Sandbox is deprecated; use agents.x-k8s.io/v1beta1 Sandbox instead\"".parse()
+    {
+        response.headers_mut().insert("warning", value);
     }
+    response
 }
 
 fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
