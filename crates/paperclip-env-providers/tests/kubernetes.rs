@@ -635,6 +635,32 @@ async fn exec_that_never_answers_times_out_and_a_timeout_kills_the_command() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_command_is_killed_in_the_pod_even_when_exec_outlives_its_client() {
+    // As on a real node, closing the exec socket does not stop the process.
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        keep_exec_processes: true,
+        ..KubeEmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-kill").await.unwrap();
+    let out = OutputCollector::buffered();
+    let request = ExecuteRequest::shell("sleep 30 & sleep 30; wait").timeout_ms(400);
+    let exit = p.execute(&c, &lease, &request, &out).await.unwrap();
+    assert!(exit.timed_out && exit.exit_code.is_none());
+    wait_no_processes(&emulator).await;
+    let out = OutputCollector::buffered();
+    let exit = p
+        .execute(&c, &lease, &ExecuteRequest::new("true"), &out)
+        .await
+        .unwrap();
+    assert_eq!(exit.exit_code, Some(0));
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unschedulable_pod_fails_fast_and_leaves_nothing() {
     let emulator = KubeEmulator::start().await.unwrap();
     let p = provider(Backend::SandboxCr);

@@ -193,6 +193,11 @@ pub(crate) enum Sink<'a> {
     Buffers(&'a mut Vec<u8>, &'a mut Vec<u8>),
 }
 
+/// How long output may keep draining after the status frame arrived.
+const DRAIN_AFTER_STATUS: Duration = Duration::from_secs(10);
+/// How long output may keep draining after the connection was lost.
+const DRAIN_AFTER_LOSS: Duration = Duration::from_millis(500);
+
 /// How much of the end of stderr is kept for the network-denial hint.
 const STDERR_TAIL: usize = 16 * 1024;
 
@@ -356,9 +361,22 @@ pub(crate) async fn run(
                 None => None,
             }
         };
-        let ((), read_result, status) = tokio::join!(feed, read, status_fut);
-        drop(stdin_writer);
-        read_result?;
+        // kube leaves the output readers open when the connection dies (only a
+        // clean end shuts them down), so the status channel decides: once it
+        // resolves, the streams get a bounded moment to drain.
+        let io = async { tokio::join!(feed, read).1 };
+        let mut io = std::pin::pin!(io);
+        let mut status_fut = std::pin::pin!(status_fut);
+        let (read_result, status) = tokio::select! {
+            read_result = &mut io => (Some(read_result), status_fut.await),
+            status = &mut status_fut => {
+                let drain = if status.is_some() { DRAIN_AFTER_STATUS } else { DRAIN_AFTER_LOSS };
+                (tokio::time::timeout(drain, &mut io).await.ok(), status)
+            }
+        };
+        if let Some(result) = read_result {
+            result?;
+        }
         match status {
             Some(status) => Ok(Ended::Exited(exit_code_of(&status))),
             None => Err(Error::Provider {

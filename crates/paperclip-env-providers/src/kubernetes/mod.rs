@@ -820,14 +820,16 @@ impl KubernetesProvider {
         }
     }
 
-    /// After an ambiguous create, deletes the named workload if it shows up
-    /// within one request timeout; a cleanup failure is logged with the name.
+    /// After an ambiguous create, deletes the named workload; when the create
+    /// was never answered, keeps trying for one request timeout in case it
+    /// lands late. A cleanup failure is logged with the name.
     async fn cleanup_ambiguous_create(
         &self,
         t: &Target,
         backend: Backend,
         version: Option<&str>,
         name: &str,
+        unanswered: bool,
     ) {
         let start = Instant::now();
         loop {
@@ -836,7 +838,7 @@ impl KubernetesProvider {
                     info!(workload = %name, "deleted the workload of an ambiguous create");
                     return;
                 }
-                Ok(false) if start.elapsed() < self.inner.opts.request_timeout => {
+                Ok(false) if unanswered && start.elapsed() < self.inner.opts.request_timeout => {
                     tokio::time::sleep(self.inner.opts.poll_interval).await;
                 }
                 Ok(false) => return,
@@ -1352,8 +1354,15 @@ impl SandboxProvider for KubernetesProvider {
                 // A create that timed out or hit a 5xx may still have happened:
                 // make sure the named workload does not outlive the failure.
                 if e.is_retryable() && !client::is_conflict(&e) {
-                    self.cleanup_ambiguous_create(&t, backend, version.as_deref(), &name)
-                        .await;
+                    let unanswered = matches!(e, Error::Timeout { .. });
+                    self.cleanup_ambiguous_create(
+                        &t,
+                        backend,
+                        version.as_deref(),
+                        &name,
+                        unanswered,
+                    )
+                    .await;
                 }
                 return Err(ctx.config.scrub_error(KEY, e));
             }
