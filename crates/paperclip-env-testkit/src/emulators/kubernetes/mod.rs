@@ -100,6 +100,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admission;
 mod controllers;
 mod exec;
 mod faults;
