@@ -1758,3 +1758,39 @@ async fn restricted_namespaces_refuse_pods_that_break_pod_security() -> TestResu
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn exec_honours_the_requested_streams() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-streams", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut process = pods
+        .exec(
+            "pc-streams",
+            ["/bin/sh", "-c", "echo visible; echo hidden >&2"],
+            &AttachParams::default().container("agent").stderr(false),
+        )
+        .await?;
+    assert!(process.stderr().is_none());
+    let mut stdout = process.stdout().ok_or("no stdout")?;
+    let status = process.take_status().ok_or("no status")?;
+    let mut out = Vec::new();
+    stdout.read_to_end(&mut out).await?;
+    assert_eq!(out, b"visible\n");
+    assert_eq!(
+        status.await.and_then(|s| s.status).as_deref(),
+        Some("Success")
+    );
+    process.join().await?;
+    let exec = emulator
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path.ends_with("/pods/pc-streams/exec"))
+        .ok_or("no exec logged")?;
+    // An absent stream parameter means false, as on the API server.
+    assert_ne!(exec.query_param("stderr").as_deref(), Some("true"));
+    assert_eq!(exec.query_param("container").as_deref(), Some("agent"));
+    Ok(())
+}
