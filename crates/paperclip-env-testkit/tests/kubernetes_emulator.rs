@@ -1699,3 +1699,98 @@ async fn with_keep_exec_processes_a_command_outlives_its_client_until_the_pod_go
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn restricted_namespaces_refuse_pods_that_break_pod_security() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let labelled = json!({"metadata": {"name": NS, "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}});
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(labelled)?)
+        .await?;
+
+    // A bare pod is refused with the API server's 403 wording.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let bare = json!({"metadata": {"name": "bare"},
+        "spec": {"containers": [{"name": "agent", "image": "x"}]}});
+    let refused = pods
+        .create(&PostParams::default(), &serde_json::from_value(bare)?)
+        .await
+        .err()
+        .ok_or("an insecure pod was admitted")?;
+    assert_eq!(api_error(&refused), Some((403, "Forbidden".into())));
+    assert!(
+        refused.to_string().contains(
+            "pods \"bare\" is forbidden: violates PodSecurity \"restricted:latest\": allowPrivilegeEscalation != false"
+        ),
+        "{refused}"
+    );
+
+    // A Sandbox whose template breaks it reports the controller's error.
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    sandboxes
+        .create(&PostParams::default(), &sandbox("pc-insecure", "v1beta1")?)
+        .await?;
+    until("Ready=False ReconcilerError", || async {
+        sandboxes.get("pc-insecure").await.is_ok_and(|s| {
+            condition(&s, "Ready") == Some(("False".into(), "ReconcilerError".into()))
+        })
+    })
+    .await?;
+    assert!(emulator.objects("v1", "pods", Some(NS)).is_empty());
+
+    // The spec 26 §6.2 baseline is admitted.
+    let mut hardened = sandbox("pc-hardened", "v1beta1")?;
+    let template = &mut hardened.data["spec"]["podTemplate"]["spec"];
+    template["securityContext"] = json!({"runAsNonRoot": true, "runAsUser": 1000,
+        "runAsGroup": 1000, "fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"}});
+    template["containers"][0]["securityContext"] = json!({"runAsNonRoot": true,
+        "runAsUser": 1000, "runAsGroup": 1000, "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    sandboxes.create(&PostParams::default(), &hardened).await?;
+    until("the hardened Sandbox to be Ready", || async {
+        sandboxes.get("pc-hardened").await.is_ok_and(|s| ready(&s))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn exec_honours_the_requested_streams() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-streams", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut process = pods
+        .exec(
+            "pc-streams",
+            ["/bin/sh", "-c", "echo visible; echo hidden >&2"],
+            &AttachParams::default().container("agent").stderr(false),
+        )
+        .await?;
+    assert!(process.stderr().is_none());
+    let mut stdout = process.stdout().ok_or("no stdout")?;
+    let status = process.take_status().ok_or("no status")?;
+    let mut out = Vec::new();
+    stdout.read_to_end(&mut out).await?;
+    assert_eq!(out, b"visible\n");
+    assert_eq!(
+        status.await.and_then(|s| s.status).as_deref(),
+        Some("Success")
+    );
+    process.join().await?;
+    let exec = emulator
+        .requests()
+        .into_iter()
+        .rfind(|r| r.path.ends_with("/pods/pc-streams/exec"))
+        .ok_or("no exec logged")?;
+    // An absent stream parameter means false, as on the API server.
+    assert_ne!(exec.query_param("stderr").as_deref(), Some("true"));
+    assert_eq!(exec.query_param("container").as_deref(), Some("agent"));
+    Ok(())
+}

@@ -167,9 +167,18 @@ fn sandboxes(shared: &Shared) {
                     "spec": template.get("spec").cloned().unwrap_or(json!({})),
                     "status": {"phase": "Pending", "qosClass": "Burstable"},
                 });
-                shared
-                    .resource("", "pods")
-                    .and_then(|pods_rt| store.create(pods_rt, &namespace, pod).ok())
+                match super::admission::admit_pod(&store, &namespace, &pod) {
+                    Ok(()) => shared
+                        .resource("", "pods")
+                        .and_then(|pods_rt| store.create(pods_rt, &namespace, pod).ok()),
+                    Err(error) => {
+                        let previous = sandbox.get("status").cloned().unwrap_or(json!({}));
+                        let status = json!({"conditions": [condition(&previous, "Ready", "False",
+                            "ReconcilerError", &error.message)]});
+                        store.set_status(&sandbox_key, status);
+                        continue;
+                    }
+                }
             }
         };
         let previous = sandbox.get("status").cloned().unwrap_or(json!({}));
@@ -369,6 +378,12 @@ fn jobs(shared: &Shared) {
                 "spec": template.get("spec").cloned().unwrap_or(json!({})),
                 "status": {"phase": "Pending", "qosClass": "Burstable"},
             });
+            // A refused pod (Pod Security admission) is retried, as the Job
+            // controller does; the Job stays without active pods.
+            if super::admission::admit_pod(&store, &namespace, &pod).is_err() {
+                store.set_status(&job_key, status);
+                continue;
+            }
             if let Some(pods_rt) = shared.resource("", "pods") {
                 let _ = store.create(pods_rt, &namespace, pod);
             }

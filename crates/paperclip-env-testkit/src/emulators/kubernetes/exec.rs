@@ -413,6 +413,14 @@ pub(crate) async fn exec(
     if argv.is_empty() {
         return Err(ApiError::bad_request("you must specify at least 1 command"));
     }
+    if !["stdin", "stdout", "stderr"]
+        .iter()
+        .any(|s| flag(params, s))
+    {
+        return Err(ApiError::bad_request(
+            "you must specify at least one of stdin, stdout, stderr",
+        ));
+    }
     if flag(params, "tty") {
         return Err(ApiError::bad_request(
             "tty exec is not supported by the emulator",
@@ -453,13 +461,26 @@ pub(crate) async fn exec(
         .await
         .map_err(|_| ApiError::bad_request("Upgrade request required"))?;
     let fault = shared.faults.take(&Hook::Exec);
-    let stdin = flag(params, "stdin");
-    let v5 = protocol == "v5.channel.k8s.io";
+    let streams = Streams {
+        stdin: flag(params, "stdin"),
+        stdout: flag(params, "stdout"),
+        stderr: flag(params, "stderr"),
+        v5: protocol == "v5.channel.k8s.io",
+    };
     Ok(upgrade
         .protocols([protocol])
         .on_upgrade(move |socket| async move {
-            run(shared, socket, ctx, argv, stdin, v5, fault).await;
+            run(shared, socket, ctx, argv, streams, fault).await;
         }))
+}
+
+/// The streams an exec asked for, and whether v5 (close-stdin) is spoken.
+#[derive(Debug, Clone, Copy)]
+struct Streams {
+    stdin: bool,
+    stdout: bool,
+    stderr: bool,
+    v5: bool,
 }
 
 fn status_frame(code: i32, argv: &[String]) -> Message {
@@ -495,8 +516,7 @@ async fn run(
     mut socket: WebSocket,
     ctx: PodContext,
     argv: Vec<String>,
-    want_stdin: bool,
-    v5: bool,
+    streams: Streams,
     fault: Option<Fault>,
 ) {
     let mut shutdown = shared.shutdown.clone();
@@ -518,11 +538,17 @@ async fn run(
     let Some(mut command) = command(&shared, &ctx, &argv) else {
         return;
     };
-    command.stdin(if want_stdin {
+    command.stdin(if streams.stdin {
         Stdio::piped()
     } else {
         Stdio::null()
     });
+    if !streams.stdout {
+        command.stdout(Stdio::null());
+    }
+    if !streams.stderr {
+        command.stderr(Stdio::null());
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
@@ -596,7 +622,7 @@ async fn run(
                             let _ = tx.send(data[1..].to_vec());
                         }
                     }
-                    Some(&CLOSE) if v5 && data.get(1) == Some(&STDIN) => stdin_tx = None,
+                    Some(&CLOSE) if streams.v5 && data.get(1) == Some(&STDIN) => stdin_tx = None,
                     Some(&RESIZE) | Some(_) | None => {}
                 },
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {

@@ -39,6 +39,11 @@
 //!   deletes the finished Job), and a kubelet simulation that turns pods
 //!   `Running` after [`KubeEmulatorOptions::ready_delay`] (waiting with
 //!   `CreateContainerConfigError` while an `envFrom` Secret is missing).
+//! - Pod Security admission: in a namespace labelled
+//!   `pod-security.kubernetes.io/enforce: restricted`, a pod breaking the
+//!   `restricted` profile is refused (403, the API server's wording); the
+//!   controllers report such refusals. Quotas, LimitRange defaults and
+//!   network policies are stored, not enforced.
 //! - Pod exec over WebSocket (`v5.channel.k8s.io` preferred,
 //!   `v4.channel.k8s.io`): channel 0 stdin, 1 stdout, 2 stderr, 3 the
 //!   `metav1.Status` (`Success`, or `Failure` reason `NonZeroExitCode` with
@@ -100,6 +105,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admission;
 mod controllers;
 mod exec;
 mod faults;

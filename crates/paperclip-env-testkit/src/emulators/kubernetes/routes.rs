@@ -641,7 +641,11 @@ fn create(
         }
         _ => {}
     }
-    let created = shared.store().create(rt, namespace, object)?;
+    let mut store = shared.store();
+    if rt.group.is_empty() && rt.plural == "pods" {
+        super::admission::admit_pod(&store, namespace, &object)?;
+    }
+    let created = store.create(rt, namespace, object)?;
     Ok(typed(rt, version, created))
 }
 
