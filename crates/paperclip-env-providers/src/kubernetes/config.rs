@@ -122,6 +122,10 @@ pub struct KubernetesConfig {
     pub adapters: Vec<AdapterEntry>,
     /// Workload kind; `None` when the config does not say (the provider's default applies).
     pub backend: Option<Backend>,
+    /// Namespace of the Paperclip server the agents call back (gotcha G9).
+    pub server_namespace: String,
+    /// Labels of the Paperclip server pods (gotcha G9).
+    pub server_pod_selector: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for KubernetesConfig {
@@ -163,6 +167,11 @@ impl Default for KubernetesConfig {
             adapter_type: DEFAULT_ADAPTER_TYPE.into(),
             adapters: Vec::new(),
             backend: None,
+            server_namespace: super::manifests::SERVER_NAMESPACE.into(),
+            server_pod_selector: BTreeMap::from([(
+                super::manifests::SERVER_POD_SELECTOR.0.to_owned(),
+                super::manifests::SERVER_POD_SELECTOR.1.to_owned(),
+            )]),
         }
     }
 }
@@ -212,6 +221,10 @@ pub struct KubernetesConfigSchema {
     adapters: Option<Vec<Value>>,
     /// `sandbox-cr` or `job`.
     backend: Option<String>,
+    /// Namespace of the Paperclip server agents call back (default `paperclip`).
+    paperclip_server_namespace: Option<String>,
+    /// Labels selecting the Paperclip server pods (default `{app: paperclip-server}`).
+    paperclip_server_pod_selector: Option<BTreeMap<String, String>>,
 }
 
 struct Parser<'a> {
@@ -319,6 +332,30 @@ impl Parser<'_> {
                 default
             }
         }
+    }
+}
+
+fn label_name_ok(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+fn label_value_ok(s: &str) -> bool {
+    s.is_empty() || label_name_ok(s)
+}
+
+fn label_key_ok(key: &str) -> bool {
+    match key.rsplit_once('/') {
+        Some((prefix, name)) => {
+            !prefix.is_empty()
+                && prefix.len() <= 253
+                && prefix.split('.').all(super::naming::is_rfc1123_label)
+                && label_name_ok(name)
+        }
+        None => label_name_ok(key),
     }
 }
 
@@ -563,6 +600,31 @@ impl KubernetesConfig {
                 None => p.issue("backend", "backend must be \"sandbox-cr\" or \"job\""),
             }
         }
+        if let Some(ns) = p.string("paperclipServerNamespace") {
+            if super::naming::is_rfc1123_label(&ns) {
+                c.server_namespace = ns;
+            } else {
+                p.issue(
+                    "paperclipServerNamespace",
+                    "paperclipServerNamespace must be a valid namespace name",
+                );
+            }
+        }
+        if p.present("paperclipServerPodSelector").is_some() {
+            let selector = p.string_map("paperclipServerPodSelector");
+            if selector.is_empty()
+                || !selector
+                    .iter()
+                    .all(|(k, v)| label_key_ok(k) && label_value_ok(v))
+            {
+                p.issue(
+                    "paperclipServerPodSelector",
+                    "paperclipServerPodSelector keys and values must be valid label syntax",
+                );
+            } else {
+                c.server_pod_selector = selector;
+            }
+        }
         if !c.in_cluster && !kubeconfig_given {
             p.issue("kubeconfig", AUTH_REQUIRED_MESSAGE);
         }
@@ -659,6 +721,14 @@ impl KubernetesConfig {
         out.insert(
             "backend".into(),
             json!(self.backend.unwrap_or_default().as_str()),
+        );
+        out.insert(
+            "paperclipServerNamespace".into(),
+            json!(self.server_namespace),
+        );
+        out.insert(
+            "paperclipServerPodSelector".into(),
+            json!(self.server_pod_selector),
         );
         out
     }
@@ -799,6 +869,26 @@ mod tests {
     }
 
     #[test]
+    fn callback_target_is_configurable() {
+        let c = KubernetesConfig::parse(&obj(
+            json!({"inCluster": true, "paperclipServerNamespace": "ops",
+            "paperclipServerPodSelector": {"app.kubernetes.io/name": "paperclip"}}),
+        ))
+        .unwrap();
+        assert_eq!(c.server_namespace, "ops");
+        assert_eq!(c.server_pod_selector["app.kubernetes.io/name"], "paperclip");
+        let got = messages(
+            json!({"inCluster": true, "paperclipServerNamespace": "-bad",
+            "paperclipServerPodSelector": {"bad key!": "x"}}),
+        );
+        let fields: Vec<&str> = got.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["paperclipServerNamespace", "paperclipServerPodSelector"]
+        );
+    }
+
+    #[test]
     fn registry_scheme_is_stripped() {
         let c = KubernetesConfig::parse(&obj(json!({"inCluster": true, "imageRegistry": "https://registry.example.com:5000/paperclip/"}))).unwrap();
         assert_eq!(
@@ -827,7 +917,8 @@ mod tests {
                 "egressAllowFqdns": [], "egressAllowCidrs": [], "egressMode": "standard",
                 "defaultResources": {"requests": {"cpu": "1"}},
                 "serviceAccountAnnotations": {"a": "b"}, "jobTtlSecondsAfterFinished": 900,
-                "podActivityDeadlineSec": 3600, "adapterType": "claude_local", "backend": "sandbox-cr"})
+                "podActivityDeadlineSec": 3600, "adapterType": "claude_local", "backend": "sandbox-cr",
+                "paperclipServerNamespace": "paperclip", "paperclipServerPodSelector": {"app": "paperclip-server"}})
         );
         let again = KubernetesConfig::parse(&normalized)
             .unwrap()

@@ -24,8 +24,10 @@ pub const DENY_ALL: &str = "paperclip-deny-all";
 pub const EGRESS_ALLOW: &str = "paperclip-egress-allow";
 /// Cilium-mode egress policy name.
 pub const EGRESS_FQDN: &str = "paperclip-egress-fqdn";
-/// Namespace of the Paperclip server (callback target, gotcha G9).
+/// Default namespace of the Paperclip server (callback target, gotcha G9).
 pub const SERVER_NAMESPACE: &str = "paperclip";
+/// Default label selector of the Paperclip server pods (gotcha G9).
+pub const SERVER_POD_SELECTOR: (&str, &str) = ("app", "paperclip-server");
 /// Callback port of the Paperclip server.
 pub const CALLBACK_PORT: u16 = 3100;
 /// The agent container's name.
@@ -121,6 +123,10 @@ pub struct EgressSpec<'a> {
     pub cidrs: &'a [String],
     /// Owner reference of a scoped policy.
     pub owner: Option<&'a Value>,
+    /// Namespace of the Paperclip server (callback target).
+    pub server_namespace: &'a str,
+    /// Labels selecting the Paperclip server pods.
+    pub server_selector: &'a BTreeMap<String, String>,
 }
 
 fn selector(run_id: Option<&str>) -> Value {
@@ -146,8 +152,8 @@ pub fn egress_network_policy(spec: &EgressSpec<'_>) -> Value {
         egress.push(json!({"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
                 "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}));
-        egress.push(json!({"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": SERVER_NAMESPACE}},
-                "podSelector": {"matchLabels": {"app": "paperclip-server"}}}],
+        egress.push(json!({"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": spec.server_namespace}},
+                "podSelector": {"matchLabels": spec.server_selector}}],
             "ports": [{"protocol": "TCP", "port": CALLBACK_PORT}]}));
     }
     for cidr in spec.cidrs {
@@ -178,7 +184,15 @@ pub fn cilium_network_policy(spec: &EgressSpec<'_>) -> Value {
         );
     }
     if spec.include_base_rules {
-        egress.push(json!({"toEndpoints": [{"matchLabels": {"k8s:io.kubernetes.pod.namespace": SERVER_NAMESPACE, "app": "paperclip-server"}}],
+        let mut server = Map::new();
+        server.insert(
+            "k8s:io.kubernetes.pod.namespace".into(),
+            json!(spec.server_namespace),
+        );
+        for (k, v) in spec.server_selector {
+            server.insert(k.clone(), json!(v));
+        }
+        egress.push(json!({"toEndpoints": [{"matchLabels": server}],
             "toPorts": [{"ports": [{"port": CALLBACK_PORT.to_string(), "protocol": "TCP"}]}]}));
     }
     if !spec.cidrs.is_empty() {
@@ -366,6 +380,7 @@ mod tests {
     fn standard_policy_rules() {
         let fqdns = vec!["api.anthropic.com".to_owned()];
         let cidrs = vec!["203.0.113.0/24".to_owned()];
+        let server = BTreeMap::from([("app".to_owned(), "paperclip-server".to_owned())]);
         let tenant = EgressSpec {
             name: EGRESS_ALLOW,
             namespace: "ns",
@@ -374,6 +389,8 @@ mod tests {
             fqdns: &fqdns,
             cidrs: &[],
             owner: None,
+            server_namespace: SERVER_NAMESPACE,
+            server_selector: &server,
         };
         let p = egress_network_policy(&tenant);
         assert_eq!(
@@ -437,6 +454,8 @@ mod tests {
             fqdns: &fqdns,
             cidrs: &cidrs,
             owner: None,
+            server_namespace: "ops",
+            server_selector: &BTreeMap::from([("role".to_owned(), "api".to_owned())]),
         });
         assert_eq!(p["apiVersion"], "cilium.io/v2");
         let e = &p["spec"]["egress"];
@@ -446,6 +465,10 @@ mod tests {
         );
         assert_eq!(e[1]["toFQDNs"], json!([{"matchName": "api.anthropic.com"}]));
         assert_eq!(e[2]["toPorts"][0]["ports"][0]["port"], "3100");
+        assert_eq!(
+            e[2]["toEndpoints"][0]["matchLabels"],
+            json!({"k8s:io.kubernetes.pod.namespace": "ops", "role": "api"})
+        );
         assert_eq!(e[3], json!({"toCIDRSet": [{"cidr": "10.0.0.0/8"}]}));
     }
 

@@ -615,6 +615,8 @@ impl KubernetesProvider {
                     fqdns,
                     cidrs,
                     owner: None,
+                    server_namespace: &t.config.server_namespace,
+                    server_selector: &t.config.server_pod_selector,
                 };
                 Self::ensure_object(
                     kube,
@@ -634,6 +636,8 @@ impl KubernetesProvider {
                     fqdns,
                     cidrs,
                     owner: None,
+                    server_namespace: &t.config.server_namespace,
+                    server_selector: &t.config.server_pod_selector,
                 };
                 Self::ensure_object(
                     kube,
