@@ -1037,6 +1037,74 @@ async fn network_failures_get_the_egress_hint() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_works_over_v4_without_a_close_frame() {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        exec_protocols: vec!["v4.channel.k8s.io".into()],
+        ..KubeEmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-v4").await.unwrap();
+    let input = "héllo\nwörld\n".repeat(5000);
+    let out = OutputCollector::buffered();
+    let exit = p
+        .execute(
+            &c,
+            &lease,
+            &ExecuteRequest::new("wc").arg("-c").stdin(input.clone()),
+            &out,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.finish(exit).stdout.trim(), input.len().to_string());
+    let out = OutputCollector::buffered();
+    let exit = p
+        .execute(
+            &c,
+            &lease,
+            &ExecuteRequest::new("cat").stdin("").timeout_ms(5000),
+            &out,
+        )
+        .await
+        .unwrap();
+    let result = out.finish(exit);
+    assert!(!result.timed_out && result.stdout.is_empty());
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_kubeconfig_is_a_typed_config_error_that_quotes_nothing() {
+    let c = CallContext {
+        company_id: Some(COMPANY.into()),
+        environment_id: "env-1".into(),
+        issue_id: None,
+        config: ProviderConfig::new(Default::default()).with_secret(
+            "kubeconfig",
+            SecretString::from("token: [not-closed-secret-value"),
+        ),
+    };
+    let p = provider(Backend::SandboxCr);
+    let err = acquire(&p, &c, "run-bad").await.unwrap_err();
+    match &err {
+        Error::InvalidConfig { field, .. } => assert_eq!(field, "kubeconfig"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!format!("{err} {err:?}").contains("not-closed-secret-value"));
+    let none = CallContext {
+        config: ProviderConfig::new(Default::default()),
+        ..c
+    };
+    let err = acquire(&p, &none, "run-none").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("kubernetes provider requires one of `inCluster` or `kubeconfig`"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cwd_is_honoured_inside_the_pod() {
     let emulator = KubeEmulator::start().await.unwrap();
     let p = provider(Backend::SandboxCr);
