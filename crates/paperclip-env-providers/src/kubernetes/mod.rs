@@ -1648,17 +1648,20 @@ impl SandboxProvider for KubernetesProvider {
         request: &ExecuteRequest,
         output: &OutputCollector,
     ) -> Result<CommandExit> {
+        let job_refusal =
+            || Error::provider_unsupported("kubernetes (job backend)", Operation::Execute);
+        // A Job runs its command once; it cannot run commands on demand.
+        if self.inner.opts.backend == Backend::Job {
+            return Err(job_refusal());
+        }
         let Some(id) = lease.id() else {
             output.stderr(b"No provider lease ID available for execution.");
             return Ok(CommandExit::code(1));
         };
         let t = self.target(ctx, Some(lease)).await?;
         let backend = self.lease_backend(&t, lease);
-        if backend == Backend::Job || self.inner.opts.backend == Backend::Job {
-            return Err(Error::provider_unsupported(
-                "kubernetes (job backend)",
-                Operation::Execute,
-            ));
+        if backend == Backend::Job {
+            return Err(job_refusal());
         }
         let budget = Duration::from_millis(
             request
