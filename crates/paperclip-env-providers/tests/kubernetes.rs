@@ -32,7 +32,7 @@ fn provider(backend: Backend) -> KubernetesProvider {
         .poll_interval(Duration::from_millis(50))
         .ready_timeout(Duration::from_secs(20))
         .retries(2)
-        .exec_liveness_interval(Duration::from_millis(700))
+        .exec_liveness_interval(Duration::from_secs(2))
         .host_env(BTreeMap::from([(
             "ANTHROPIC_API_KEY".to_owned(),
             SecretString::from("sk-ant-host-value"),
