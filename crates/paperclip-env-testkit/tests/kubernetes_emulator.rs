@@ -1794,3 +1794,47 @@ async fn exec_honours_the_requested_streams() -> TestResult {
     assert_eq!(exec.query_param("container").as_deref(), Some("agent"));
     Ok(())
 }
+
+#[tokio::test]
+async fn over_https_the_kubeconfig_ca_is_verified_and_exec_still_upgrades() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        tls: true,
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    assert!(emulator.url().starts_with("https://127.0.0.1:"));
+    let pem = emulator.ca_pem().ok_or("no CA")?;
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(
+        emulator
+            .kubeconfig_yaml()
+            .contains("certificate-authority-data: ")
+    );
+
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-tls", "v1beta1").await?;
+    let out = run(&client, "pc-tls", &["echo", "secure"], None).await?;
+    assert_eq!(out.stdout, b"secure\n");
+
+    // Without the CA the server is not trusted.
+    let untrusted: String = emulator
+        .kubeconfig_yaml()
+        .lines()
+        .filter(|l| !l.contains("certificate-authority-data"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = Config::from_custom_kubeconfig(
+        Kubeconfig::from_yaml(&untrusted)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    let stranger: Api<Namespace> = Api::all(Client::try_from(config)?);
+    let refused = stranger
+        .list(&ListParams::default())
+        .await
+        .err()
+        .ok_or("an unknown CA was trusted")?;
+    assert!(api_error(&refused).is_none(), "{refused}");
+    Ok(())
+}
