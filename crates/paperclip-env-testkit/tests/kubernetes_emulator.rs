@@ -1909,3 +1909,26 @@ async fn exec_frames_follow_the_channel_protocol() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn debug_output_never_shows_the_token() -> TestResult {
+    let options = KubeEmulatorOptions {
+        token: "very-secret-token".into(),
+        ..KubeEmulatorOptions::default()
+    };
+    assert!(!format!("{options:?}").contains("very-secret-token"));
+    let emulator = KubeEmulator::start_with(options).await?;
+    assert_eq!(emulator.token(), "very-secret-token");
+    assert!(!format!("{emulator:?}").contains("very-secret-token"));
+    let client = client(&emulator).await?;
+    let namespaces: Api<Namespace> = Api::all(client);
+    namespaces.list(&ListParams::default()).await?;
+    assert!(
+        emulator
+            .requests()
+            .iter()
+            .all(|r| !format!("{r:?}").contains("very-secret-token")),
+        "the request log kept the bearer token"
+    );
+    Ok(())
+}

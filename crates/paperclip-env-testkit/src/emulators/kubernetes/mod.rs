@@ -134,7 +134,7 @@ pub use faults::KubeFaults;
 use store::{Key, ResourceType, Store};
 
 /// Options of [`KubeEmulator::start_with`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KubeEmulatorOptions {
     /// Served versions of the agent-sandbox `Sandbox` CRD, e.g.
     /// `["v1alpha1"]`; empty: `agents.x-k8s.io` is not served at all.
@@ -157,6 +157,20 @@ pub struct KubeEmulatorOptions {
     /// Serve HTTPS with a throwaway CA ([`KubeEmulator::ca_pem`]); the
     /// kubeconfig then carries `certificate-authority-data`.
     pub tls: bool,
+}
+
+impl std::fmt::Debug for KubeEmulatorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never printed.
+        f.debug_struct("KubeEmulatorOptions")
+            .field("sandbox_versions", &self.sandbox_versions)
+            .field("ready_delay", &self.ready_delay)
+            .field("exec_protocols", &self.exec_protocols)
+            .field("programs", &self.programs)
+            .field("keep_exec_processes", &self.keep_exec_processes)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for KubeEmulatorOptions {
