@@ -1794,3 +1794,141 @@ async fn exec_honours_the_requested_streams() -> TestResult {
     assert_eq!(exec.query_param("container").as_deref(), Some("agent"));
     Ok(())
 }
+
+#[tokio::test]
+async fn over_https_the_kubeconfig_ca_is_verified_and_exec_still_upgrades() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        tls: true,
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    assert!(emulator.url().starts_with("https://127.0.0.1:"));
+    let pem = emulator.ca_pem().ok_or("no CA")?;
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(
+        emulator
+            .kubeconfig_yaml()
+            .contains("certificate-authority-data: ")
+    );
+
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-tls", "v1beta1").await?;
+    let out = run(&client, "pc-tls", &["echo", "secure"], None).await?;
+    assert_eq!(out.stdout, b"secure\n");
+
+    // Without the CA the server is not trusted.
+    let untrusted: String = emulator
+        .kubeconfig_yaml()
+        .lines()
+        .filter(|l| !l.contains("certificate-authority-data"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = Config::from_custom_kubeconfig(
+        Kubeconfig::from_yaml(&untrusted)?,
+        &KubeConfigOptions::default(),
+    )
+    .await?;
+    let stranger: Api<Namespace> = Api::all(Client::try_from(config)?);
+    let refused = stranger
+        .list(&ListParams::default())
+        .await
+        .err()
+        .ok_or("an unknown CA was trusted")?;
+    assert!(api_error(&refused).is_none(), "{refused}");
+    Ok(())
+}
+
+/// The exec channel protocol byte by byte, with a plain WebSocket client.
+#[tokio::test]
+async fn exec_frames_follow_the_channel_protocol() -> TestResult {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-raw", "v1beta1").await?;
+    let url = format!(
+        "{}/api/v1/namespaces/{NS}/pods/pc-raw/exec?command=/bin/sh&command=-c&command=cat%3B%20echo%20err%20%3E%262%3B%20exit%205&container=agent&stdin=true&stdout=true&stderr=true&tty=false",
+        emulator.url().replacen("http", "ws", 1)
+    );
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", emulator.token()).parse()?,
+    );
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "v5.channel.k8s.io, v4.channel.k8s.io".parse()?,
+    );
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await?;
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
+        Some("v5.channel.k8s.io")
+    );
+    socket
+        .send(Message::Ping(b"are you there".to_vec().into()))
+        .await?;
+    socket
+        .send(Message::Binary([&[0u8][..], b"in\x00\xff"].concat().into()))
+        .await?;
+    socket.send(Message::Binary(vec![255u8, 0].into())).await?;
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let mut status = None;
+    let mut pong = false;
+    let mut closed = false;
+    while let Some(message) = socket.next().await {
+        match message? {
+            Message::Binary(frame) => match frame.first() {
+                Some(1) => stdout.extend_from_slice(&frame[1..]),
+                Some(2) => stderr.extend_from_slice(&frame[1..]),
+                Some(3) => status = Some(serde_json::from_slice::<Value>(&frame[1..])?),
+                other => return Err(format!("unexpected channel {other:?}").into()),
+            },
+            Message::Pong(payload) => pong = &payload[..] == b"are you there",
+            Message::Close(_) => closed = true,
+            _ => {}
+        }
+    }
+    assert!(pong, "ping not answered");
+    assert!(closed, "no close frame after the status");
+    assert_eq!(stdout, b"in\x00\xff");
+    assert_eq!(stderr, b"err\n");
+    assert_eq!(
+        status,
+        Some(json!({"metadata": {}, "status": "Failure",
+            "message": "command terminated with non-zero exit code: error executing command [/bin/sh -c cat; echo err >&2; exit 5], exit code 5",
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": "5"}]}}))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn debug_output_never_shows_the_token() -> TestResult {
+    let options = KubeEmulatorOptions {
+        token: "very-secret-token".into(),
+        ..KubeEmulatorOptions::default()
+    };
+    assert!(!format!("{options:?}").contains("very-secret-token"));
+    let emulator = KubeEmulator::start_with(options).await?;
+    assert_eq!(emulator.token(), "very-secret-token");
+    assert!(!format!("{emulator:?}").contains("very-secret-token"));
+    let client = client(&emulator).await?;
+    let namespaces: Api<Namespace> = Api::all(client);
+    namespaces.list(&ListParams::default()).await?;
+    assert!(
+        emulator
+            .requests()
+            .iter()
+            .all(|r| !format!("{r:?}").contains("very-secret-token")),
+        "the request log kept the bearer token"
+    );
+    Ok(())
+}

@@ -4,6 +4,10 @@
 //!
 //! # What it serves
 //!
+//! Plain HTTP on `127.0.0.1`, or HTTPS with a throwaway CA
+//! ([`KubeEmulatorOptions::tls`]); bearer-token auth (401 `Status`
+//! otherwise).
+//!
 //! - Discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}`,
 //!   `/apis/{group}/{version}` for the core group, `batch/v1`,
 //!   `rbac.authorization.k8s.io/v1`, `networking.k8s.io/v1`, `cilium.io/v2`
@@ -112,6 +116,7 @@ mod faults;
 mod routes;
 mod selectors;
 mod store;
+mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -129,7 +134,7 @@ pub use faults::KubeFaults;
 use store::{Key, ResourceType, Store};
 
 /// Options of [`KubeEmulator::start_with`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct KubeEmulatorOptions {
     /// Served versions of the agent-sandbox `Sandbox` CRD, e.g.
     /// `["v1alpha1"]`; empty: `agents.x-k8s.io` is not served at all.
@@ -149,6 +154,23 @@ pub struct KubeEmulatorOptions {
     /// node does; it still dies with its pod or the emulator). Default
     /// `false`: a closed exec socket kills the process group.
     pub keep_exec_processes: bool,
+    /// Serve HTTPS with a throwaway CA ([`KubeEmulator::ca_pem`]); the
+    /// kubeconfig then carries `certificate-authority-data`.
+    pub tls: bool,
+}
+
+impl std::fmt::Debug for KubeEmulatorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never printed.
+        f.debug_struct("KubeEmulatorOptions")
+            .field("sandbox_versions", &self.sandbox_versions)
+            .field("ready_delay", &self.ready_delay)
+            .field("exec_protocols", &self.exec_protocols)
+            .field("programs", &self.programs)
+            .field("keep_exec_processes", &self.keep_exec_processes)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for KubeEmulatorOptions {
@@ -168,6 +190,7 @@ impl Default for KubeEmulatorOptions {
                 ],
             )],
             keep_exec_processes: false,
+            tls: false,
         }
     }
 }
@@ -237,6 +260,7 @@ impl PodRuntime {
 
 pub(crate) struct Shared {
     pub token: String,
+    pub ca_pem: Option<String>,
     pub base: String,
     pub opts: KubeEmulatorOptions,
     pub types: Vec<ResourceType>,
@@ -345,9 +369,16 @@ impl KubeEmulator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let tls = if opts.tls {
+            Some(tls::authority()?)
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let shared = Arc::new(Shared {
             token: opts.token.clone(),
-            base: format!("http://{addr}"),
+            ca_pem: tls.as_ref().map(|(pem, _)| pem.clone()),
+            base: format!("{scheme}://{addr}"),
             types: store::registry(&opts.sandbox_versions),
             opts,
             root: tempfile::Builder::new()
@@ -364,13 +395,26 @@ impl KubeEmulator {
         routes::seed(&shared);
         let app = routes::router(shared.clone());
         let mut stop = shutdown_rx.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    stopped(&mut stop).await;
-                })
-                .await;
-        });
+        match tls {
+            Some((_, acceptor)) => {
+                let listener = tls::TlsListener {
+                    tcp: listener,
+                    acceptor,
+                };
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stopped(&mut stop).await })
+                        .await;
+                });
+            }
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stopped(&mut stop).await })
+                        .await;
+                });
+            }
+        }
         controllers::spawn(shared.clone(), shutdown_rx);
         Ok(KubeEmulator {
             addr,
@@ -379,7 +423,7 @@ impl KubeEmulator {
         })
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with [`KubeEmulatorOptions::tls`]).
     pub fn url(&self) -> String {
         self.shared.base.clone()
     }
@@ -389,15 +433,33 @@ impl KubeEmulator {
         &self.shared.token
     }
 
-    /// A kubeconfig whose cluster server is [`Self::url`] and whose user
-    /// authenticates with [`Self::token`]; context `emulator`, namespace
-    /// `default`.
+    /// A kubeconfig whose cluster server is [`Self::url`] (trusting
+    /// [`Self::ca_pem`] over HTTPS) and whose user authenticates with
+    /// [`Self::token`]; context `emulator`, namespace `default`.
     pub fn kubeconfig_yaml(&self) -> String {
+        use base64::Engine as _;
+        let authority = self
+            .shared
+            .ca_pem
+            .as_ref()
+            .map(|pem| {
+                format!(
+                    "    certificate-authority-data: {}\n",
+                    base64::engine::general_purpose::STANDARD.encode(pem)
+                )
+            })
+            .unwrap_or_default();
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {url}\ncontexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n    namespace: default\ncurrent-context: emulator\nusers:\n- name: emulator\n  user:\n    token: {token}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {url}\n{authority}contexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n    namespace: default\ncurrent-context: emulator\nusers:\n- name: emulator\n  user:\n    token: {token}\n",
             url = self.url(),
             token = self.shared.token
         )
+    }
+
+    /// The PEM of the CA that signed the server certificate (with
+    /// [`KubeEmulatorOptions::tls`]).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.shared.ca_pem.as_deref()
     }
 
     /// Stored objects of one type, e.g. `("v1", "pods", Some(ns))`,

@@ -214,7 +214,7 @@ fn resolve(shared: &Shared, path: &str) -> Result<Target, ApiError> {
         ["api"] => {
             return Ok(Target::Discovery(
                 json!({"kind": "APIVersions", "versions": ["v1"],
-                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": shared.base.trim_start_matches("http://")}]}),
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": shared.base.split("://").nth(1).unwrap_or_default()}]}),
             ));
         }
         ["apis"] => {
