@@ -1105,6 +1105,33 @@ async fn bad_kubeconfig_is_a_typed_config_error_that_quotes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn works_over_https_with_the_kubeconfig_ca() {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        tls: true,
+        ..KubeEmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    assert!(emulator.url().starts_with("https://"));
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-tls").await.unwrap();
+    let out = OutputCollector::buffered();
+    let exit = p
+        .execute(
+            &c,
+            &lease,
+            &ExecuteRequest::new("echo").arg("over tls"),
+            &out,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.finish(exit).stdout, "over tls\n");
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+    assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cwd_is_honoured_inside_the_pod() {
     let emulator = KubeEmulator::start().await.unwrap();
     let p = provider(Backend::SandboxCr);
