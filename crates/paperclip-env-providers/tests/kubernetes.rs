@@ -1132,6 +1132,93 @@ async fn works_over_https_with_the_kubeconfig_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_sync_round_trip_through_the_runtime() {
+    use paperclip_env_core::workspace::{SyncOptions, TransferMethod, WorkspaceSync};
+    let emulator = KubeEmulator::start().await.unwrap();
+    let secrets = Arc::new(InMemorySecretResolver::new());
+    let kubeconfig_id = secrets.insert(emulator.kubeconfig_yaml());
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(provider(Backend::SandboxCr)))
+        .secrets(secrets)
+        .build();
+    let env = Environment::new(
+        "env-sync",
+        "Kubernetes",
+        "sandbox",
+        json!({"provider": "kubernetes", "kubeconfig": kubeconfig_id}),
+    );
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-sync"))
+        .await
+        .unwrap()
+        .lease;
+    let remote = lease.remote_cwd().unwrap().to_owned();
+    assert_eq!(remote, "/workspace");
+    let local = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(local.path().join("src/nested")).unwrap();
+    std::fs::write(local.path().join("src/nested/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(local.path().join("README ☃.md"), "hello\n").unwrap();
+    let sync = WorkspaceSync::for_lease(&runtime, &env, &lease)
+        .await
+        .unwrap();
+    let uploaded = sync
+        .upload(local.path(), &remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        uploaded.method,
+        TransferMethod::Native("kubernetes-exec".into())
+    );
+    let read = runtime
+        .execute(
+            &env,
+            &lease,
+            &ExecuteRequest::new("cat")
+                .arg("src/nested/main.rs")
+                .cwd(remote.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.stdout, "fn main() {}\n");
+    runtime
+        .execute(
+            &env,
+            &lease,
+            &ExecuteRequest::shell("printf changed > 'README ☃.md' && printf new > added.txt")
+                .cwd(remote.clone()),
+        )
+        .await
+        .unwrap();
+    let downloaded = sync
+        .download(
+            &remote,
+            local.path(),
+            Some(&uploaded.baseline),
+            &SyncOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        downloaded.method,
+        TransferMethod::Native("kubernetes-exec".into())
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("README ☃.md")).unwrap(),
+        "changed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.path().join("added.txt")).unwrap(),
+        "new"
+    );
+    runtime
+        .release_run_leases("run-sync", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cwd_is_honoured_inside_the_pod() {
     let emulator = KubeEmulator::start().await.unwrap();
     let p = provider(Backend::SandboxCr);
