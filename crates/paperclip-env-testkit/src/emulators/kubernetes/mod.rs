@@ -1,6 +1,9 @@
 //! An in-process Kubernetes API server emulator (spec 26 §7 and §17): enough
-//! of the real wire protocol that standard clients (`kube`, `kubectl`) work
-//! against it, with pods whose commands run as real local processes.
+//! of the real wire protocol that standard clients work against it (the
+//! `kube` crate, tested; `kubectl` 1.32 get/create/exec/delete over HTTPS
+//! with `--validate=false`, since no OpenAPI document and no `Table`
+//! rendering are served, and client-go sends no bearer token over plain
+//! HTTP), with pods whose commands run as real local processes.
 //!
 //! # What it serves
 //!
