@@ -14,6 +14,8 @@
 //! | `exe-dev` | exe.dev VMs: lifecycle over the HTTPS API, commands over SSH |
 //! | `modal` | Modal sandboxes over Modal's gRPC API (control plane plus the per-task command router) |
 //! | `kubernetes` | reserved for its provider |
+//! | `kubernetes` | Kubernetes: one tenant namespace per company, an agent-sandbox `Sandbox` CR or a `batch/v1` Job per run, exec over the WebSocket exec subresource |
+//! | `modal` | reserved for its provider |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -43,5 +45,7 @@ pub mod daytona;
 #[cfg(feature = "exe-dev")]
 pub mod exe_dev;
 
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 #[cfg(feature = "modal")]
 pub mod modal;

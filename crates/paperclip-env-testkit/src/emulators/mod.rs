@@ -9,6 +9,9 @@ pub mod cloudflare_bridge;
 pub mod daytona;
 pub mod e2b;
 pub mod exe_dev;
+#[cfg(feature = "emulators-kubernetes")]
+#[allow(clippy::result_large_err)]
+pub mod kubernetes;
 #[cfg(feature = "emulators-modal")]
 pub mod modal;
 

@@ -1,0 +1,571 @@
+//! An in-process Kubernetes API server emulator (spec 26 §7 and §17): enough
+//! of the real wire protocol that standard clients work against it (the
+//! `kube` crate, tested; `kubectl` 1.32 get/create/exec/delete over HTTPS
+//! with `--validate=false`, since no OpenAPI document and no `Table`
+//! rendering are served, and client-go sends no bearer token over plain
+//! HTTP), with pods whose commands run as real local processes.
+//!
+//! # What it serves
+//!
+//! Plain HTTP on `127.0.0.1`, or HTTPS with a throwaway CA
+//! ([`KubeEmulatorOptions::tls`]); bearer-token auth (401 `Status`
+//! otherwise).
+//!
+//! - Discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}`,
+//!   `/apis/{group}/{version}` for the core group, `batch/v1`,
+//!   `rbac.authorization.k8s.io/v1`, `networking.k8s.io/v1`, `cilium.io/v2`
+//!   and the agent-sandbox CRD `agents.x-k8s.io` at
+//!   [`KubeEmulatorOptions::sandbox_versions`] (default `v1beta1` then
+//!   `v1alpha1`; empty: the group is not served).
+//! - A generic JSON object store: create (with
+//!   `generateName`), get, list (label selectors `=`, `==`, `!=`, `in`,
+//!   `notin`, existence, `!key`; field selectors), update (PUT, 409
+//!   `Conflict` on a stale `resourceVersion`), patch (JSON merge patch,
+//!   JSON patch; strategic merge and apply patches are applied as merge
+//!   patches), delete (`propagationPolicy` in the query or a
+//!   `DeleteOptions` body, preconditions), deletecollection, `status`
+//!   subresources, watch (`watch=true`, newline-delimited `WatchEvent`s, 410
+//!   `Expired` for a resourceVersion older than the kept history). Errors
+//!   are `metav1.Status` objects (404 `NotFound`, 409 `AlreadyExists`/
+//!   `Conflict`, 422 `Invalid`, 401 `Unauthorized`). Secrets fold
+//!   `stringData` into base64 `data`.
+//! - Garbage collection: deleting an owner deletes every dependent whose
+//!   `ownerReferences` name its uid, transitively (`Orphan` strips the
+//!   references instead); objects whose owners are all gone are collected.
+//!   Deletion is immediate (no finalizers, no graceful termination); Jobs
+//!   default to `Orphan` like the real API.
+//! - Controllers: the Sandbox controller (pod named like the Sandbox, labels
+//!   = podTemplate labels + `agents.x-k8s.io/sandbox-name-hash`, controller
+//!   ownerReference, then `Ready=True reason DependenciesReady`, `podIPs`,
+//!   `selector`; `shutdownTime` with `shutdownPolicy` `Delete` or `Retain`
+//!   → `Ready=False SandboxExpired`; `v1alpha1` requests carry the CRD's
+//!   deprecation `Warning` header while `v1beta1` is served), the Job
+//!   controller (pod `{job}-xxxxx` labelled `job-name`, Job
+//!   `active`/`succeeded`/`failed`, `Complete`/`Failed` conditions,
+//!   `activeDeadlineSeconds` → `DeadlineExceeded`, `ttlSecondsAfterFinished`
+//!   deletes the finished Job), and a kubelet simulation that turns pods
+//!   `Running` after [`KubeEmulatorOptions::ready_delay`] (waiting with
+//!   `CreateContainerConfigError` while an `envFrom` Secret is missing).
+//! - Pod Security admission: in a namespace labelled
+//!   `pod-security.kubernetes.io/enforce: restricted`, a pod breaking the
+//!   `restricted` profile is refused (403, the API server's wording); the
+//!   controllers report such refusals. Quotas, LimitRange defaults and
+//!   network policies are stored, not enforced.
+//! - Pod exec over WebSocket (`v5.channel.k8s.io` preferred,
+//!   `v4.channel.k8s.io`): channel 0 stdin, 1 stdout, 2 stderr, 3 the
+//!   `metav1.Status` (`Success`, or `Failure` reason `NonZeroExitCode` with
+//!   an `ExitCode` cause), 255 close-stdin (v5), pings answered; and
+//!   `pods/{name}/log`.
+//!
+//! # The pod filesystem
+//!
+//! Pods are not containers: each pod gets a directory under the emulator's
+//! temp dir (its *root*), and every `volumeMounts[].mountPath` and the
+//! container's `workingDir` are created inside it. When the emulator runs
+//! a process for the pod (an exec, or a run-to-completion container) it
+//! rewrites every occurrence of one of those absolute paths in the argv —
+//! including inside `sh -c` scripts — and in env values to `<root><path>`
+//! (longest path first, only at path boundaries), so `tar -x -C /workspace`
+//! or `cd '/workspace' && …` land in the pod root and never on the host's
+//! real `/workspace`. `HOME` defaults to `<root>/home/paperclip`, `TMPDIR`
+//! to `<root>/tmp`, the working directory to the rewritten `workingDir`
+//! (else the root), `PATH` to a standard system path. Env comes from the
+//! container's `env` (`value`, `fieldRef` of `metadata.name`/`namespace`/
+//! `uid`) and `envFrom` Secrets/ConfigMaps, as in a real container.
+//! A leading `/usr/bin/tini --` is dropped, and executables listed in
+//! [`KubeEmulatorOptions::programs`] are replaced by local commands.
+//!
+//! Limits: paths outside the mounts (`/etc`, `/usr`) are the host's, read
+//! only in practice; output is not rewritten back (`pwd` prints the host
+//! path); relative paths resolve against the rewritten working directory;
+//! a path assembled at run time from pieces (`"/work""space"`) is not
+//! rewritten. Containers with `restartPolicy: Always` are simulated as
+//! running (their command, typically `sleep infinity`, is not run); with
+//! `Never`/`OnFailure` their command runs once as a local process whose
+//! combined output is the pod log.
+//!
+//! Every process runs in its own process group and is killed when its
+//! exec socket closes (unless [`KubeEmulatorOptions::keep_exec_processes`]),
+//! its pod is deleted, or the emulator is dropped.
+//!
+//! Note for clients: when an exec connection vanishes (see
+//! [`KubeFaults::drop_exec_after`]), `kube`'s `AttachedProcess::join`
+//! returns the error but its stdout reader never reaches EOF, so a caller
+//! must watch `join` (or a deadline), not only the output streams.
+//!
+//! # Contract
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use paperclip_env_testkit::emulators::kubernetes::{KubeEmulator, KubeEmulatorOptions};
+//! let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+//!     sandbox_versions: vec!["v1alpha1".into()],
+//!     ..KubeEmulatorOptions::default()
+//! })
+//! .await?;
+//! let kubeconfig = emulator.kubeconfig_yaml(); // server = url(), user token = token()
+//! # let _ = kubeconfig;
+//! // … drive a client, then:
+//! let pods = emulator.objects("v1", "pods", Some("paperclip-acme"));
+//! assert!(pods.is_empty());
+//! assert_eq!(emulator.live_processes(), 0);
+//! # Ok(()) }
+//! ```
+
+mod admission;
+mod controllers;
+mod exec;
+mod faults;
+mod routes;
+mod selectors;
+mod store;
+mod tls;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+pub use faults::KubeFaults;
+
+use store::{Key, ResourceType, Store};
+
+/// Options of [`KubeEmulator::start_with`].
+#[derive(Clone)]
+pub struct KubeEmulatorOptions {
+    /// Served versions of the agent-sandbox `Sandbox` CRD, e.g.
+    /// `["v1alpha1"]`; empty: `agents.x-k8s.io` is not served at all.
+    pub sandbox_versions: Vec<String>,
+    /// How long a new pod stays `Pending` before it runs.
+    pub ready_delay: Duration,
+    /// The bearer token the server accepts (anything else gets 401).
+    pub token: String,
+    /// Exec subprotocols the server accepts, preferred first.
+    pub exec_protocols: Vec<String>,
+    /// In-pod executables replaced by a local argv prefix (the original
+    /// arguments follow). Default: `/usr/local/bin/paperclip-agent-shim`
+    /// prints `paperclip-agent-shim: run <PAPERCLIP_RUN_ID>` and exits with
+    /// `$PAPERCLIP_SHIM_EXIT` (default 0).
+    pub programs: Vec<(String, Vec<String>)>,
+    /// Keep an exec'd process running when its client goes away (as a real
+    /// node does; it still dies with its pod or the emulator). Default
+    /// `false`: a closed exec socket kills the process group.
+    pub keep_exec_processes: bool,
+    /// Serve HTTPS with a throwaway CA ([`KubeEmulator::ca_pem`]); the
+    /// kubeconfig then carries `certificate-authority-data`.
+    pub tls: bool,
+}
+
+impl std::fmt::Debug for KubeEmulatorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never printed.
+        f.debug_struct("KubeEmulatorOptions")
+            .field("sandbox_versions", &self.sandbox_versions)
+            .field("ready_delay", &self.ready_delay)
+            .field("exec_protocols", &self.exec_protocols)
+            .field("programs", &self.programs)
+            .field("keep_exec_processes", &self.keep_exec_processes)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for KubeEmulatorOptions {
+    fn default() -> Self {
+        KubeEmulatorOptions {
+            sandbox_versions: vec!["v1beta1".into(), "v1alpha1".into()],
+            ready_delay: Duration::from_millis(50),
+            token: format!("emulator-token-{}", uuid::Uuid::new_v4().simple()),
+            exec_protocols: vec!["v5.channel.k8s.io".into(), "v4.channel.k8s.io".into()],
+            programs: vec![(
+                "/usr/local/bin/paperclip-agent-shim".into(),
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo \"paperclip-agent-shim: run ${PAPERCLIP_RUN_ID:-unknown}\"; exit \"${PAPERCLIP_SHIM_EXIT:-0}\"".into(),
+                    "paperclip-agent-shim".into(),
+                ],
+            )],
+            keep_exec_processes: false,
+            tls: false,
+        }
+    }
+}
+
+/// One request the emulator received (the bearer token is not recorded).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// Raw query string.
+    pub query: Option<String>,
+    /// `Content-Type` header.
+    pub content_type: Option<String>,
+    /// The JSON body, when there was one.
+    pub body: Option<Value>,
+}
+
+impl KubeRequest {
+    /// One query parameter (first occurrence, percent-decoded).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        routes::query_pairs(self.query.as_deref().unwrap_or_default())
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MainState {
+    /// Simulated as running (restartPolicy Always) or not started yet.
+    Idle,
+    Running,
+    Exited(i32),
+}
+
+/// What the kubelet simulation keeps per pod (by uid).
+pub(crate) struct PodRuntime {
+    pub namespace: String,
+    pub name: String,
+    pub root: PathBuf,
+    pub mounts: Vec<String>,
+    pub working_dir: Option<String>,
+    pub pgids: Arc<Mutex<HashSet<i32>>>,
+    pub log: Arc<Mutex<Vec<u8>>>,
+    pub main: Arc<Mutex<MainState>>,
+    pub seen_at: tokio::time::Instant,
+    pub fault: Option<faults::Fault>,
+    pub ip: String,
+    pub started: bool,
+}
+
+impl PodRuntime {
+    fn kill_all(&self) {
+        let pgids: Vec<i32> = self
+            .pgids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for pgid in pgids {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub token: String,
+    pub ca_pem: Option<String>,
+    pub base: String,
+    pub opts: KubeEmulatorOptions,
+    pub types: Vec<ResourceType>,
+    pub root: tempfile::TempDir,
+    pub store: Mutex<Store>,
+    pub requests: Mutex<Vec<KubeRequest>>,
+    pub faults: KubeFaults,
+    pub pods: Mutex<HashMap<String, PodRuntime>>,
+    pub live: Arc<AtomicUsize>,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub next_ip: AtomicUsize,
+}
+
+impl Shared {
+    pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn pods(&self) -> std::sync::MutexGuard<'_, HashMap<String, PodRuntime>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn resource(&self, group: &str, plural: &str) -> Option<&ResourceType> {
+        self.types
+            .iter()
+            .find(|t| t.group == group && t.plural == plural)
+    }
+
+    /// Side effects of deleted objects: a deleted pod's processes die and
+    /// its root is removed; a deleted namespace takes its objects along.
+    pub fn after_delete(&self, deleted: &[(Key, Value)]) {
+        let mut more = Vec::new();
+        for (key, object) in deleted {
+            if key.0.is_empty() && key.1 == "namespaces" {
+                let mut store = self.store();
+                for inner in store.keys_in_namespace(&key.3) {
+                    more.extend(store.delete_cascade(&inner, false));
+                }
+            }
+            if key.0.is_empty()
+                && key.1 == "pods"
+                && let Some(uid) = object.pointer("/metadata/uid").and_then(Value::as_str)
+            {
+                let runtime = self.pods().remove(uid);
+                if let Some(runtime) = runtime {
+                    runtime.kill_all();
+                    let _ = std::fs::remove_dir_all(&runtime.root);
+                }
+            }
+        }
+        if !more.is_empty() {
+            self.after_delete(&more);
+        }
+    }
+}
+
+/// Resolves once the emulator is stopping.
+pub(crate) async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// The running emulator; stops its server and kills every pod process on
+/// drop.
+pub struct KubeEmulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for KubeEmulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeEmulator")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeEmulator {
+    /// Starts on 127.0.0.1 with a random port and default options
+    /// (`Sandbox` served at `v1beta1` and `v1alpha1`, random token).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> std::io::Result<()> {
+    /// let emulator = paperclip_env_testkit::emulators::kubernetes::KubeEmulator::start().await?;
+    /// assert!(emulator.url().starts_with("http://127.0.0.1:"));
+    /// # Ok(()) }
+    /// ```
+    pub async fn start() -> std::io::Result<KubeEmulator> {
+        Self::start_with(KubeEmulatorOptions::default()).await
+    }
+
+    /// Starts with `opts`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> std::io::Result<()> {
+    /// use paperclip_env_testkit::emulators::kubernetes::{KubeEmulator, KubeEmulatorOptions};
+    /// let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+    ///     sandbox_versions: Vec::new(), // agent-sandbox not installed
+    ///     ..KubeEmulatorOptions::default()
+    /// })
+    /// .await?;
+    /// # let _ = emulator;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_with(opts: KubeEmulatorOptions) -> std::io::Result<KubeEmulator> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let tls = if opts.tls {
+            Some(tls::authority()?)
+        } else {
+            None
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let shared = Arc::new(Shared {
+            token: opts.token.clone(),
+            ca_pem: tls.as_ref().map(|(pem, _)| pem.clone()),
+            base: format!("{scheme}://{addr}"),
+            types: store::registry(&opts.sandbox_versions),
+            opts,
+            root: tempfile::Builder::new()
+                .prefix("paperclip-kube-emulator-")
+                .tempdir()?,
+            store: Mutex::new(Store::new()),
+            requests: Mutex::new(Vec::new()),
+            faults: KubeFaults::default(),
+            pods: Mutex::new(HashMap::new()),
+            live: Arc::new(AtomicUsize::new(0)),
+            shutdown: shutdown_rx.clone(),
+            next_ip: AtomicUsize::new(10),
+        });
+        routes::seed(&shared);
+        let app = routes::router(shared.clone());
+        let mut stop = shutdown_rx.clone();
+        match tls {
+            Some((_, acceptor)) => {
+                let listener = tls::TlsListener {
+                    tcp: listener,
+                    acceptor,
+                };
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stopped(&mut stop).await })
+                        .await;
+                });
+            }
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stopped(&mut stop).await })
+                        .await;
+                });
+            }
+        }
+        controllers::spawn(shared.clone(), shutdown_rx);
+        Ok(KubeEmulator {
+            addr,
+            shared,
+            shutdown,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>` (`https://` with [`KubeEmulatorOptions::tls`]).
+    pub fn url(&self) -> String {
+        self.shared.base.clone()
+    }
+
+    /// The bearer token the server accepts.
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// A kubeconfig whose cluster server is [`Self::url`] (trusting
+    /// [`Self::ca_pem`] over HTTPS) and whose user authenticates with
+    /// [`Self::token`]; context `emulator`, namespace `default`.
+    pub fn kubeconfig_yaml(&self) -> String {
+        use base64::Engine as _;
+        let authority = self
+            .shared
+            .ca_pem
+            .as_ref()
+            .map(|pem| {
+                format!(
+                    "    certificate-authority-data: {}\n",
+                    base64::engine::general_purpose::STANDARD.encode(pem)
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {url}\n{authority}contexts:\n- name: emulator\n  context:\n    cluster: emulator\n    user: emulator\n    namespace: default\ncurrent-context: emulator\nusers:\n- name: emulator\n  user:\n    token: {token}\n",
+            url = self.url(),
+            token = self.shared.token
+        )
+    }
+
+    /// The PEM of the CA that signed the server certificate (with
+    /// [`KubeEmulatorOptions::tls`]).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.shared.ca_pem.as_deref()
+    }
+
+    /// Stored objects of one type, e.g. `("v1", "pods", Some(ns))`,
+    /// `("agents.x-k8s.io/v1beta1", "sandboxes", Some(ns))`,
+    /// `("v1", "namespaces", None)`; `None` for a namespaced type means every
+    /// namespace. Each carries `apiVersion` and `kind`.
+    pub fn objects(
+        &self,
+        api_version: &str,
+        kind_plural: &str,
+        namespace: Option<&str>,
+    ) -> Vec<Value> {
+        let (group, version) = match api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", api_version),
+        };
+        let Some(rt) = self.shared.resource(group, kind_plural) else {
+            return Vec::new();
+        };
+        self.shared
+            .store()
+            .list(group, kind_plural, namespace)
+            .into_iter()
+            .map(|o| routes::typed(rt, version, o))
+            .collect()
+    }
+
+    /// Every stored object (with `apiVersion`/`kind`), including the seeded
+    /// `default` and `kube-system` namespaces.
+    pub fn all_objects(&self) -> Vec<Value> {
+        let all = self.shared.store().all();
+        all.into_iter()
+            .filter_map(|(key, object)| {
+                let rt = self.shared.resource(&key.0, &key.1)?;
+                let version = rt.versions.first()?.clone();
+                Some(routes::typed(rt, &version, object))
+            })
+            .collect()
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<KubeRequest> {
+        self.shared
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Fault injection.
+    pub fn faults(&self) -> &KubeFaults {
+        &self.shared.faults
+    }
+
+    /// Processes (execs and run-to-completion containers) still running.
+    pub fn live_processes(&self) -> usize {
+        self.shared.live.load(Ordering::SeqCst)
+    }
+
+    /// The host directory standing in for a pod's filesystem root (mount
+    /// paths live under it), once the pod has been started.
+    pub fn pod_root(&self, namespace: &str, pod: &str) -> Option<PathBuf> {
+        self.shared
+            .pods()
+            .values()
+            .find(|r| r.namespace == namespace && r.name == pod)
+            .map(|r| r.root.clone())
+    }
+
+    /// Drops the watch history: a watch from any earlier resourceVersion
+    /// gets 410 `Expired`.
+    pub fn compact(&self) {
+        self.shared.store().compact();
+    }
+
+    /// Sets a pod's phase as a node would (`Failed`, `Succeeded`, …),
+    /// killing its processes when terminal; controllers follow.
+    pub fn set_pod_phase(&self, namespace: &str, pod: &str, phase: &str) {
+        let key: Key = (String::new(), "pods".into(), namespace.into(), pod.into());
+        let mut store = self.shared.store();
+        let Some(object) = store.get(&key).cloned() else {
+            return;
+        };
+        let mut status = object.get("status").cloned().unwrap_or_else(|| json!({}));
+        status["phase"] = json!(phase);
+        if matches!(phase, "Failed" | "Succeeded") {
+            controllers::terminate_status(&mut status, if phase == "Failed" { 1 } else { 0 });
+            if let Some(uid) = object.pointer("/metadata/uid").and_then(Value::as_str)
+                && let Some(runtime) = self.shared.pods().get(uid)
+            {
+                runtime.kill_all();
+            }
+        }
+        store.set_status(&key, status);
+    }
+}
+
+impl Drop for KubeEmulator {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        let mut pods = self.shared.pods();
+        for (_, runtime) in pods.drain() {
+            runtime.kill_all();
+        }
+    }
+}
