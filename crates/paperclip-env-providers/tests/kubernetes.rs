@@ -203,15 +203,7 @@ async fn sandbox_cr_passes_conformance() {
     let p = provider(Backend::SandboxCr);
     let report = conformance::run(&fixture(&emulator, &p, json!({}))).await;
     println!("{}", report.summary());
-    // The one known miss is the emulator's, not the provider's: pod processes
-    // run on the host with pod paths rewritten under a per-pod root, and
-    // output is not rewritten back, so `pwd` prints the host path (see the
-    // emulator's module docs). `cwd_is_honoured_inside_the_pod` proves cwd.
-    for line in report.failures() {
-        let emulator_pwd = line.id == "A6.5"
-            && matches!(&line.outcome, conformance::Outcome::Failed(why) if why.contains("paperclip-kube-emulator") && why.ends_with("/workspace\\n\""));
-        assert!(emulator_pwd, "{}", report.summary());
-    }
+    report.assert_passed();
     assert!(
         report
             .skipped()

@@ -68,6 +68,53 @@ pub(crate) fn rewrite(text: &str, root: &Path, mounts: &[String]) -> String {
     out
 }
 
+/// Maps the pod root back out of a process's output, so `pwd` or an error
+/// message shows `/workspace/…` as in a real pod rather than the host path.
+///
+/// Works on raw bytes across read boundaries: a chunk's tail that could be
+/// the start of the root is held back until the next chunk (or the end).
+pub(crate) struct Unmapper {
+    root: Vec<u8>,
+    carry: Vec<u8>,
+}
+
+impl Unmapper {
+    pub(crate) fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_string_lossy().into_owned().into_bytes(),
+            carry: Vec::new(),
+        }
+    }
+
+    /// The bytes of `chunk` that can be released now.
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        while i < data.len() {
+            if !self.root.is_empty() && data[i..].starts_with(&self.root) {
+                i += self.root.len();
+                continue;
+            }
+            out.push(data[i]);
+            i += 1;
+        }
+        // Hold back the longest tail that is a proper prefix of the root.
+        let keep = (1..self.root.len().min(out.len() + 1))
+            .rev()
+            .find(|k| out.ends_with(&self.root[..*k]))
+            .unwrap_or(0);
+        self.carry = out.split_off(out.len() - keep);
+        out
+    }
+
+    /// Whatever is still held back, at end of stream.
+    pub(crate) fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.carry)
+    }
+}
+
 /// What a process of a pod needs.
 pub(crate) struct PodContext {
     pub name: String,
@@ -582,17 +629,23 @@ async fn run(
     ] {
         let Some(mut reader) = reader else { continue };
         let tx = tx.clone();
+        let mut unmapper = Unmapper::new(&ctx.root);
         tokio::spawn(async move {
             let mut buffer = vec![0u8; 32 * 1024];
             loop {
                 match reader.read(&mut buffer).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if tx.send((channel, buffer[..n].to_vec())).await.is_err() {
-                            break;
+                        let data = unmapper.push(&buffer[..n]);
+                        if !data.is_empty() && tx.send((channel, data)).await.is_err() {
+                            return;
                         }
                     }
                 }
+            }
+            let rest = unmapper.finish();
+            if !rest.is_empty() {
+                let _ = tx.send((channel, rest)).await;
             }
         });
     }
@@ -724,16 +777,22 @@ pub(crate) fn start_main(
     {
         let log = log.clone();
         let mut reader = reader;
+        let mut unmapper = Unmapper::new(&ctx.root);
         readers.push(tokio::spawn(async move {
             let mut buffer = vec![0u8; 16 * 1024];
             while let Ok(n) = reader.read(&mut buffer).await {
                 if n == 0 {
                     break;
                 }
+                let data = unmapper.push(&buffer[..n]);
                 log.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&buffer[..n]);
+                    .extend_from_slice(&data);
             }
+            let rest = unmapper.finish();
+            log.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&rest);
         }));
     }
     let mut shutdown = shared.shutdown.clone();
@@ -814,6 +873,23 @@ pub(crate) async fn log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_is_unmapped_across_chunk_boundaries() {
+        let root = Path::new("/tmp/emu/pods/ns/pc-1");
+        let text = b"cwd=/tmp/emu/pods/ns/pc-1/workspace/paperclip\nx/tmp/emu/other\n";
+        for split in 0..text.len() {
+            let mut u = Unmapper::new(root);
+            let mut out = u.push(&text[..split]);
+            out.extend(u.push(&text[split..]));
+            out.extend(u.finish());
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                "cwd=/workspace/paperclip\nx/tmp/emu/other\n",
+                "split at {split}"
+            );
+        }
+    }
 
     #[test]
     fn mount_paths_are_rewritten_at_boundaries_only() {

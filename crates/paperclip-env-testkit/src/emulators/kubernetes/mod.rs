@@ -76,8 +76,9 @@
 //! [`KubeEmulatorOptions::programs`] are replaced by local commands.
 //!
 //! Limits: paths outside the mounts (`/etc`, `/usr`) are the host's, read
-//! only in practice; output is not rewritten back (`pwd` prints the host
-//! path); relative paths resolve against the rewritten working directory;
+//! only in practice; the pod root is stripped back out of stdout, stderr
+//! and pod logs, byte-wise across read boundaries, so `pwd` prints
+//! `/workspace/…` as in a real pod; relative paths resolve against the rewritten working directory;
 //! a path assembled at run time from pieces (`"/work""space"`) is not
 //! rewritten. Containers with `restartPolicy: Always` are simulated as
 //! running (their command, typically `sleep infinity`, is not run); with
