@@ -292,6 +292,23 @@ pub trait SandboxProvider: Send + Sync + 'static {
     /// What the provider can do.
     fn capabilities(&self) -> Capabilities;
 
+    /// What the provider can do with one lease.
+    ///
+    /// Providers whose leases differ by a variant chosen per config answer
+    /// from the lease's metadata (Kubernetes: a `job` lease cannot run
+    /// commands, a `sandbox-cr` lease can); the runtime gates every
+    /// operation on an existing lease with this. Defaults to
+    /// [`SandboxProvider::capabilities`].
+    fn lease_capabilities(&self, _lease: &LeaseHandle) -> Capabilities {
+        self.capabilities()
+    }
+
+    /// How the runtime names the provider in errors about `lease`, e.g.
+    /// `"kubernetes (job backend)"`. Defaults to [`SandboxProvider::key`].
+    fn lease_label(&self, _lease: &LeaseHandle) -> String {
+        self.key().to_owned()
+    }
+
     /// Deadline the host puts on acquire / resume / release / realize when
     /// the config sets no budget (`timeoutMs`, `bridgeRequestTimeoutMs`).
     ///

@@ -12,7 +12,7 @@ use paperclip_env_core::secret::InMemorySecretResolver;
 use paperclip_env_core::{
     AcquireRequest, AcquireRunLease, CallContext, Environment, EnvironmentRuntime, Error,
     ExecuteRequest, LeaseHandle, LeaseStatus, Operation, OutputCollector, ProviderConfig,
-    SandboxProvider,
+    SandboxProvider, Unsupported,
 };
 use paperclip_env_providers::kubernetes::{Backend, KubernetesProvider};
 use paperclip_env_testkit::conformance::{self, Fixture};
@@ -837,50 +837,55 @@ async fn job_backend_runs_once_and_refuses_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runtime_refuses_commands_on_the_job_backend() {
-    let emulator = KubeEmulator::start().await.unwrap();
-    let secrets = Arc::new(InMemorySecretResolver::new());
-    let kubeconfig_id = secrets.insert(emulator.kubeconfig_yaml());
-    let runtime = EnvironmentRuntime::builder()
-        .provider(Arc::new(provider(Backend::Job)))
-        .secrets(secrets)
-        .build();
-    let env = Environment::new(
-        "env-job",
-        "Kubernetes jobs",
-        "sandbox",
-        json!({"provider": "kubernetes", "kubeconfig": kubeconfig_id, "backend": "job"}),
-    );
-    let lease = runtime
-        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-rt-job"))
-        .await
-        .unwrap()
-        .lease;
-    let execs_before = requests(&emulator, "GET", "/exec");
-    let err = runtime
-        .execute(&env, &lease, &ExecuteRequest::new("true"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
+    // The lease's recorded backend decides, whatever the instance defaults to.
+    for instance_backend in [Backend::Job, Backend::SandboxCr] {
+        let emulator = KubeEmulator::start().await.unwrap();
+        let secrets = Arc::new(InMemorySecretResolver::new());
+        let kubeconfig_id = secrets.insert(emulator.kubeconfig_yaml());
+        let runtime = EnvironmentRuntime::builder()
+            .provider(Arc::new(provider(instance_backend)))
+            .secrets(secrets)
+            .build();
+        let env = Environment::new(
+            "env-job",
+            "Kubernetes jobs",
+            "sandbox",
+            json!({"provider": "kubernetes", "kubeconfig": kubeconfig_id, "backend": "job"}),
+        );
+        let lease = runtime
+            .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-rt-job"))
+            .await
+            .unwrap()
+            .lease;
+        assert_eq!(lease.metadata_str("backend"), Some("job"));
+        let execs_before = requests(&emulator, "GET", "/exec");
+        let err = runtime
+            .execute(&env, &lease, &ExecuteRequest::new("true"))
+            .await
+            .unwrap_err();
+        match &err {
             Error::NotSupported {
                 operation: Operation::Execute,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(
-        requests(&emulator, "GET", "/exec"),
-        execs_before,
-        "nothing reached the pod"
-    );
-    runtime
-        .release_run_leases("run-rt-job", LeaseStatus::Released)
-        .await
-        .into_result()
-        .unwrap();
-    assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+                by: Unsupported::Provider(by),
+            } => assert_eq!(by, "kubernetes (job backend)", "{instance_backend:?}"),
+            other => panic!("{instance_backend:?}: {other:?}"),
+        }
+        assert!(
+            err.to_string().contains("kubernetes (job backend)"),
+            "{err}"
+        );
+        assert_eq!(
+            requests(&emulator, "GET", "/exec"),
+            execs_before,
+            "nothing reached the pod"
+        );
+        runtime
+            .release_run_leases("run-rt-job", LeaseStatus::Released)
+            .await
+            .into_result()
+            .unwrap();
+        assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -550,7 +550,7 @@ impl SandboxDriver {
             .map_err(|e| e.to_string())?;
         let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
         let handle = lease_handle(lease);
-        let result = if destroy && provider.capabilities().destroy {
+        let result = if destroy && provider.lease_capabilities(&handle).destroy {
             with_deadline(
                 "environmentDestroyLease",
                 deadline,
@@ -698,8 +698,12 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             return Ok(builtin_fake::resume(&config, id));
         };
         let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
-        if !provider.capabilities().resume {
-            return Err(Error::provider_unsupported(key, Operation::Resume));
+        let handle = lease_handle(lease);
+        if !provider.lease_capabilities(&handle).resume {
+            return Err(Error::provider_unsupported(
+                provider.lease_label(&handle),
+                Operation::Resume,
+            ));
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
         let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
@@ -765,7 +769,10 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             return Ok(Self::realize_fallback(environment, lease, workspace).await);
         };
         let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
-        if !provider.capabilities().realize_workspace {
+        if !provider
+            .lease_capabilities(&lease_handle(lease))
+            .realize_workspace
+        {
             return Ok(Self::realize_fallback(environment, lease, workspace).await);
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
@@ -789,7 +796,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         let Some(provider) = provider_key_of(lease).and_then(|key| self.provider(key)) else {
             return Ok(crate::workspace::WorkspaceAccess::default());
         };
-        let capabilities = provider.capabilities();
+        let capabilities = provider.lease_capabilities(&lease_handle(lease));
         let transport = if capabilities.native_sync {
             let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
             provider
@@ -820,8 +827,12 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             });
         };
         let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
-        if !provider.capabilities().execute {
-            return Err(Error::provider_unsupported(key, Operation::Execute));
+        let handle = lease_handle(lease);
+        if !provider.lease_capabilities(&handle).execute {
+            return Err(Error::provider_unsupported(
+                provider.lease_label(&handle),
+                Operation::Execute,
+            ));
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
         let deadline = execute_deadline(

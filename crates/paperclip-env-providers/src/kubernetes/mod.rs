@@ -4,12 +4,15 @@
 //! agent-sandbox `Sandbox` CR (`sandbox-cr`, multi-command exec over the
 //! WebSocket exec subresource) or a `batch/v1` Job (`job`, one-shot).
 //!
-//! The backend a provider instance serves is chosen when it is built
-//! ([`KubernetesProviderBuilder::backend`]); its [`Capabilities`] follow from
-//! it, so the runtime refuses what the backend cannot do (a Job cannot run
-//! commands on demand: `execute` answers a typed `NotSupported` naming the
-//! job backend). A config's `backend` field selects the workload for new
-//! leases; a lease keeps the backend recorded in its metadata.
+//! A config's `backend` field selects the workload of new leases; without
+//! one, the instance's default applies ([`KubernetesProviderBuilder::backend`],
+//! `sandbox-cr`), and the instance declares that backend's [`Capabilities`].
+//! A lease keeps the backend recorded in its metadata, and the runtime gates
+//! operations on a lease by that backend's capabilities
+//! ([`SandboxProvider::lease_capabilities`]): a Job runs its one command and
+//! cannot run more, so `execute` on a job lease is refused with a typed
+//! `NotSupported` naming `kubernetes (job backend)`; its result comes from
+//! [`KubernetesProvider::wait_for_job`].
 //!
 //! ```no_run
 //! # async fn demo() -> paperclip_env_core::Result<()> {
@@ -250,6 +253,27 @@ fn company_of(ctx: &CallContext) -> &str {
         .as_deref()
         .filter(|c| !c.trim().is_empty())
         .unwrap_or(&ctx.environment_id)
+}
+
+/// What a backend can do: a Job runs its one command and cannot run more
+/// (its result comes from [`KubernetesProvider::wait_for_job`]).
+fn backend_capabilities(backend: Backend) -> Capabilities {
+    let sandbox = backend == Backend::SandboxCr;
+    Capabilities {
+        execute: sandbox,
+        realize_workspace: true,
+        resume: true,
+        destroy: true,
+        probe: true,
+        reusable_leases: false,
+        expires_at: false,
+        lifetime_refresh: false,
+        streaming: sandbox,
+        stdin: sandbox,
+        multi_command_exec: sandbox,
+        native_sync: sandbox,
+        signals: false,
+    }
 }
 
 fn md_str<'a>(lease: &'a LeaseHandle, key: &str) -> Option<&'a str> {
@@ -854,6 +878,13 @@ impl KubernetesProvider {
         }
     }
 
+    /// The backend recorded in a lease's metadata, else this instance's.
+    fn recorded_backend(&self, lease: &LeaseHandle) -> Backend {
+        md_str(lease, "backend")
+            .and_then(Backend::parse)
+            .unwrap_or(self.inner.opts.backend)
+    }
+
     fn lease_backend(&self, t: &Target, lease: &LeaseHandle) -> Backend {
         md_str(lease, "backend")
             .and_then(Backend::parse)
@@ -1216,21 +1247,20 @@ impl SandboxProvider for KubernetesProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let sandbox = self.inner.opts.backend == Backend::SandboxCr;
-        Capabilities {
-            execute: sandbox,
-            realize_workspace: true,
-            resume: true,
-            destroy: true,
-            probe: true,
-            reusable_leases: false,
-            expires_at: false,
-            lifetime_refresh: false,
-            streaming: sandbox,
-            stdin: sandbox,
-            multi_command_exec: sandbox,
-            native_sync: sandbox,
-            signals: false,
+        backend_capabilities(self.inner.opts.backend)
+    }
+
+    /// A lease keeps the backend it was created with (spec 26 §14): a
+    /// `job` lease cannot run commands even when this instance defaults to
+    /// `sandbox-cr`, and the other way round.
+    fn lease_capabilities(&self, lease: &LeaseHandle) -> Capabilities {
+        backend_capabilities(self.recorded_backend(lease))
+    }
+
+    fn lease_label(&self, lease: &LeaseHandle) -> String {
+        match self.recorded_backend(lease) {
+            Backend::Job => format!("{KEY} (job backend)"),
+            Backend::SandboxCr => format!("{KEY} (sandbox-cr backend)"),
         }
     }
 
@@ -1649,9 +1679,9 @@ impl SandboxProvider for KubernetesProvider {
         output: &OutputCollector,
     ) -> Result<CommandExit> {
         let job_refusal =
-            || Error::provider_unsupported("kubernetes (job backend)", Operation::Execute);
+            || Error::provider_unsupported(self.lease_label(lease), Operation::Execute);
         // A Job runs its command once; it cannot run commands on demand.
-        if self.inner.opts.backend == Backend::Job {
+        if self.recorded_backend(lease) == Backend::Job && lease.id().is_some() {
             return Err(job_refusal());
         }
         let Some(id) = lease.id() else {
