@@ -9,7 +9,7 @@
 //! | `novita` | Novita Agent Sandbox: the E2B protocol with Novita's profile |
 //! | `cloudflare` | Cloudflare Sandbox through the Paperclip bridge Worker (JSON + SSE) |
 //! | `http` | the shared HTTP machinery (enabled by every HTTP provider) |
-//! | `ssh` | the `ssh` runtime driver and reusable SSH transport ([`ssh`]) |
+//! | `ssh` | the `ssh` runtime driver and reusable SSH transport |
 //! | `daytona` | Daytona sandboxes: REST API plus the toolbox daemon (sessions, WebSocket logs) |
 //! | `exe-dev` | exe.dev VMs: lifecycle over the HTTPS API, commands over SSH |
 //! | `modal` | Modal sandboxes over Modal's gRPC API (control plane plus the per-task command router) |
