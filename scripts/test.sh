@@ -7,5 +7,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/paperclip-env/target}"
 bash scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+# Each provider feature on its own, so feature-gated code never depends on a
+# neighbour's feature being enabled (about 30 s once built).
+for feature in fake http e2b novita cloudflare daytona exe-dev ssh modal kubernetes; do
+  cargo clippy --quiet -p paperclip-env-providers --features "$feature" -- -D warnings
+done
+cargo clippy --quiet -p paperclip-env-core -- -D warnings
+cargo clippy --quiet -p paperclip-env-core --features plugin -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --all-features --no-deps
 cargo nextest run --workspace --all-features --no-fail-fast
 cargo test --workspace --all-features --doc
