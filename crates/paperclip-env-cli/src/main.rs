@@ -5,7 +5,11 @@
 //! one invocation can be used, released or reaped by a later one, even after
 //! a crash. Environments are Paperclip's camelCase `Environment` JSON files;
 //! secret references in their configs are read from environment variables
-//! (`PAPERCLIP_SECRET_<ID>`) and never printed. The fake provider
+//! (`PAPERCLIP_SECRET_<ID>`) and never printed. Every provider compiled in
+//! (cargo features, all on by default: `e2b`, `novita`, `cloudflare`,
+//! `daytona`, `exe-dev`, `modal`, `kubernetes`, and the `ssh` driver) is
+//! registered, reading its env fallbacks (`E2B_API_KEY`, `NOVITA_API_KEY`,
+//! `DAYTONA_API_KEY`, `EXE_API_KEY`, `MODAL_SERVER_URL`, …). The fake provider
 //! (`fake-plugin`) is always registered, so everything works with no account:
 //!
 //! ```text
@@ -287,6 +291,62 @@ fn print_json(value: &Value) {
     );
 }
 
+/// Registers every provider compiled into this binary, configured from the
+/// environment (their documented env fallbacks).
+fn register_providers(
+    builder: paperclip_env_core::RuntimeBuilder,
+) -> Result<paperclip_env_core::RuntimeBuilder, Error> {
+    #[allow(unused_mut)]
+    let mut builder = builder;
+    #[cfg(feature = "e2b")]
+    {
+        builder = builder.provider(Arc::new(
+            paperclip_env_providers::e2b::E2bProvider::from_env()?,
+        ));
+    }
+    #[cfg(feature = "novita")]
+    {
+        builder = builder.provider(Arc::new(
+            paperclip_env_providers::e2b::E2bProvider::novita_from_env()?,
+        ));
+    }
+    #[cfg(feature = "cloudflare")]
+    {
+        builder = builder.provider(Arc::new(
+            paperclip_env_providers::cloudflare::CloudflareProvider::builder().build()?,
+        ));
+    }
+    #[cfg(feature = "daytona")]
+    {
+        builder = builder.provider(Arc::new(
+            paperclip_env_providers::daytona::DaytonaProvider::from_env()?,
+        ));
+    }
+    #[cfg(feature = "exe-dev")]
+    {
+        builder = builder.provider(Arc::new(
+            paperclip_env_providers::exe_dev::ExeDevProvider::from_env()?,
+        ));
+    }
+    #[cfg(feature = "modal")]
+    {
+        builder = builder.provider(Arc::new(
+            paperclip_env_providers::modal::ModalProvider::from_env()?,
+        ));
+    }
+    #[cfg(feature = "kubernetes")]
+    {
+        builder = builder.provider(Arc::new(
+            paperclip_env_providers::kubernetes::KubernetesProvider::builder().build(),
+        ));
+    }
+    #[cfg(feature = "ssh")]
+    {
+        builder = builder.driver(Arc::new(paperclip_env_providers::ssh::SshDriver::new()));
+    }
+    Ok(builder)
+}
+
 impl App {
     async fn open(cli: &Cli) -> Result<Self, Error> {
         let state = match &cli.database_url {
@@ -313,13 +373,13 @@ impl App {
                 .or(RuntimeOptions::default().max_lease_lifetime),
             ..Default::default()
         };
-        let runtime = EnvironmentRuntime::builder()
+        let builder = EnvironmentRuntime::builder()
             .lease_store(leases)
             .environment_store(environments)
             .secrets(Arc::new(EnvSecretResolver::new()))
             .provider(Arc::new(fake.build()))
-            .options(options)
-            .build();
+            .options(options);
+        let runtime = register_providers(builder)?.build();
         Ok(App {
             runtime,
             state,

@@ -332,3 +332,29 @@ fn postgres_state_is_shared_between_invocations() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("--database-url"));
 }
+
+/// Every provider compiled in is registered: a probe reaches the provider's
+/// own validation (named field, provider key) instead of "not installed",
+/// and nothing leaves loopback because the configs are incomplete.
+#[test]
+fn compiled_in_providers_are_registered() {
+    let sb = Sandbox::new();
+    let cases: Vec<(Value, &str)> = vec![
+        #[cfg(feature = "kubernetes")]
+        (json!({"provider": "kubernetes"}), "kubeconfig"),
+        #[cfg(feature = "modal")]
+        (json!({"provider": "modal", "appName": "x"}), "tokenId"),
+    ];
+    for (config, field) in cases {
+        let out = sb.run(&[
+            "--json",
+            "probe",
+            "--env",
+            sb.env_file(config.clone()).to_str().unwrap(),
+        ]);
+        let shown = text(&out);
+        assert!(!out.status.success(), "{config}: {shown}");
+        assert!(!shown.contains("is not installed"), "{config}: {shown}");
+        assert!(shown.contains(field), "{config}: {shown}");
+    }
+}
