@@ -56,6 +56,13 @@ fn collect_garbage(shared: &Shared) {
     }
 }
 
+/// Whether the object behind `key` still exists with `uid` (under the lock).
+fn still_current(store: &super::store::Store, key: &Key, uid: &str) -> bool {
+    store
+        .get(key)
+        .is_some_and(|object| str_at(object, "/metadata/uid") == uid)
+}
+
 fn str_at<'a>(object: &'a Value, pointer: &str) -> &'a str {
     object
         .pointer(pointer)
@@ -124,6 +131,11 @@ fn sandboxes(shared: &Shared) {
             continue;
         }
         let mut store = shared.store();
+        // The list above is a snapshot: skip a Sandbox deleted (or replaced)
+        // since, so no pod is created for an owner that is already gone.
+        if !still_current(&store, &sandbox_key, &uid) {
+            continue;
+        }
         let pod = match store.get(&pod_key).cloned() {
             Some(pod) => Some(pod),
             None => {
@@ -345,6 +357,9 @@ fn jobs(shared: &Shared) {
             continue;
         }
         let mut store = shared.store();
+        if !still_current(&store, &job_key, &uid) {
+            continue;
+        }
         let pods: Vec<Value> = store
             .list("", "pods", Some(&namespace))
             .into_iter()
