@@ -10,7 +10,9 @@
 //! `daytona`, `exe-dev`, `modal`, `kubernetes`, and the `ssh` driver) is
 //! registered, reading its env fallbacks (`E2B_API_KEY`, `NOVITA_API_KEY`,
 //! `DAYTONA_API_KEY`, `EXE_API_KEY`, `MODAL_SERVER_URL`, …). The fake provider
-//! (`fake-plugin`) is always registered, so everything works with no account:
+//! (`fake-plugin`) is always registered, so everything works with no account.
+//! `--plugin FILE` adds a Paperclip provider plugin served by its own worker
+//! process (see the README):
 //!
 //! ```text
 //! echo '{"id":"env-1","name":"Fake","driver":"sandbox","config":{"provider":"fake-plugin"}}' > env.json
@@ -82,6 +84,21 @@ struct Cli {
     /// `24h`, `2d` [default: 24h].
     #[arg(long, global = true, env = "PAPERCLIP_ENV_MAX_LEASE_LIFETIME", value_name = "DURATION", value_parser = parse_duration)]
     max_lease_lifetime: Option<Duration>,
+
+    /// A Paperclip provider plugin to serve out of process (repeatable): a
+    /// JSON file `{"manifest": <manifest object or path>, "command": "node",
+    /// "args": ["…/dist/worker.js"], "env": {…}, "config": {…}}`. Its
+    /// `sandbox_provider` entries back `driver: "sandbox"` environments,
+    /// its `environment_driver` entries `driver: "plugin"` ones.
+    #[cfg(feature = "plugin")]
+    #[arg(
+        long = "plugin",
+        global = true,
+        env = "PAPERCLIP_ENV_PLUGINS",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
+    plugins: Vec<PathBuf>,
 
     #[command(subcommand)]
     command: Command,
@@ -291,6 +308,106 @@ fn print_json(value: &Value) {
     );
 }
 
+#[cfg(feature = "plugin")]
+mod plugins {
+    //! `--plugin FILE`: workers of Paperclip provider plugins.
+
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use paperclip_env_core::plugin::{
+        DriverKind, PluginDriver, PluginManifest, PluginSandboxProvider, PluginWorker,
+        PluginWorkerConfig,
+    };
+    use paperclip_env_core::{Error, RuntimeBuilder};
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    /// One `--plugin` file.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PluginFile {
+        /// The manifest itself, or the path of a JSON file holding it
+        /// (relative to the plugin file).
+        manifest: Value,
+        command: String,
+        #[serde(default)]
+        args: Vec<String>,
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        config: serde_json::Map<String, Value>,
+    }
+
+    fn read_json(path: &Path, what: &str) -> Result<Value, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::invalid_field(
+                what,
+                format!("cannot read {what} file {}: {e}", path.display()),
+            )
+        })?;
+        serde_json::from_str(&text).map_err(|e| {
+            Error::invalid_field(
+                what,
+                format!("{what} file {} is not JSON: {e}", path.display()),
+            )
+        })
+    }
+
+    /// Registers the plugins' providers and drivers; workers start on first use.
+    pub(crate) fn register(
+        mut builder: RuntimeBuilder,
+        files: &[std::path::PathBuf],
+    ) -> Result<RuntimeBuilder, Error> {
+        let mut driver: Option<PluginDriver> = None;
+        for file in files {
+            let spec: PluginFile =
+                serde_json::from_value(read_json(file, "plugin")?).map_err(|e| {
+                    Error::invalid_field("plugin", format!("plugin file {}: {e}", file.display()))
+                })?;
+            let manifest = match spec.manifest {
+                Value::String(path) => {
+                    let base = file.parent().unwrap_or_else(|| Path::new("."));
+                    read_json(&base.join(path), "plugin.manifest")?
+                }
+                other => other,
+            };
+            let manifest = PluginManifest::from_json(manifest)?;
+            let mut config =
+                PluginWorkerConfig::new(spec.command, manifest.clone()).plugin_config(spec.config);
+            for arg in spec.args {
+                config = config.arg(arg);
+            }
+            for (key, value) in spec.env {
+                config = config.env(key, value);
+            }
+            let worker = PluginWorker::new(config);
+            for entry in &manifest.drivers {
+                match entry.kind {
+                    DriverKind::SandboxProvider => {
+                        builder = builder.provider(Arc::new(PluginSandboxProvider::new(
+                            worker.clone(),
+                            &entry.driver_key,
+                        )?));
+                    }
+                    DriverKind::EnvironmentDriver => {
+                        driver = Some(
+                            driver
+                                .take()
+                                .unwrap_or_default()
+                                .with_plugin(worker.clone()),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(driver) = driver {
+            builder = builder.driver(Arc::new(driver));
+        }
+        Ok(builder)
+    }
+}
+
 /// Registers every provider compiled into this binary, configured from the
 /// environment (their documented env fallbacks).
 fn register_providers(
@@ -379,7 +496,10 @@ impl App {
             .secrets(Arc::new(EnvSecretResolver::new()))
             .provider(Arc::new(fake.build()))
             .options(options);
-        let runtime = register_providers(builder)?.build();
+        let builder = register_providers(builder)?;
+        #[cfg(feature = "plugin")]
+        let builder = plugins::register(builder, &cli.plugins)?;
+        let runtime = builder.build();
         Ok(App {
             runtime,
             state,

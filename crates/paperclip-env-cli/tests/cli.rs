@@ -358,3 +358,99 @@ fn compiled_in_providers_are_registered() {
         assert!(shown.contains(field), "{config}: {shown}");
     }
 }
+
+/// A minimal plugin worker in sh: answers the handshake, probe, acquire,
+/// execute and release, and logs every method it receives to `$CALLS`.
+#[cfg(feature = "plugin")]
+const SHELL_PLUGIN: &str = r#"
+id_of() { printf '%s' "$1" | sed -n 's/^{"jsonrpc":"2.0","id":\([0-9]*\),.*/\1/p'; }
+while read -r line; do
+  id=$(id_of "$line")
+  method=$(printf '%s' "$line" | sed -n 's/.*"method":"\([A-Za-z.]*\)".*/\1/p')
+  echo "$method" >> "$CALLS"
+  case "$method" in
+    initialize) r='{"ok":true,"supportedMethods":["environmentProbe","environmentAcquireLease","environmentReleaseLease","environmentExecute"]}';;
+    environmentProbe) r='{"ok":true,"summary":"shell box is ready"}';;
+    environmentAcquireLease) r='{"providerLeaseId":"box-1","metadata":{"remoteCwd":"/box"}}';;
+    environmentExecute) r='{"exitCode":0,"timedOut":false,"stdout":"hello from the plugin\n","stderr":""}';;
+    shutdown) printf '{"jsonrpc":"2.0","id":%s,"result":null}\n' "$id"; exit 0;;
+    *) r='null';;
+  esac
+  printf '{"jsonrpc":"2.0","id":%s,"result":%s}\n' "$id" "$r"
+done
+"#;
+
+/// `--plugin FILE` serves a Paperclip provider plugin out of process: its
+/// `sandbox_provider` entry backs a `driver: "sandbox"` environment through
+/// probe, acquire, exec and release, each invocation starting the worker.
+#[cfg(feature = "plugin")]
+#[test]
+fn plugin_files_register_out_of_process_providers() {
+    let sb = Sandbox::new();
+    let calls = sb.dir.path().join("calls.log");
+    let manifest = json!({
+        "id": "acme.shell-box",
+        "apiVersion": 1,
+        "version": "0.0.1",
+        "displayName": "Shell box",
+        "capabilities": ["environment.drivers.register"],
+        "entrypoints": {"worker": "worker.sh"},
+        "environmentDrivers": [{"driverKey": "shell-box", "kind": "sandbox_provider",
+            "displayName": "Shell box", "configSchema": {"type": "object"}}]
+    });
+    std::fs::write(sb.dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+    let plugin = sb.dir.path().join("plugin.json");
+    std::fs::write(
+        &plugin,
+        json!({"manifest": "manifest.json", "command": "sh", "args": ["-c", SHELL_PLUGIN],
+            "env": {"CALLS": calls.to_str().unwrap()}})
+        .to_string(),
+    )
+    .unwrap();
+    let plugin = plugin.to_str().unwrap();
+    let env = sb.env_file(json!({"provider": "shell-box"}));
+    let env = env.to_str().unwrap();
+
+    let probe = sb.ok_json(&["--plugin", plugin, "probe", "--env", env]);
+    assert_eq!(probe["ok"], json!(true), "{probe}");
+    assert_eq!(probe["summary"], "shell box is ready");
+    let lease = sb.ok_json(&[
+        "--plugin", plugin, "acquire", "--env", env, "--run", "run-p",
+    ]);
+    assert_eq!(lease["providerLeaseId"], "box-1");
+    let id = lease["id"].as_str().unwrap().to_owned();
+    let out = sb.run(&["--plugin", plugin, "exec", &id, "--", "echo", "hi"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the plugin\n"
+    );
+    let released = sb.ok_json(&["--plugin", plugin, "release", &id]);
+    assert_eq!(released["status"], "released");
+    assert_eq!(released["cleanupStatus"], "success");
+    let seen = std::fs::read_to_string(&calls).unwrap();
+    for method in [
+        "initialize",
+        "environmentProbe",
+        "environmentAcquireLease",
+        "environmentExecute",
+        "environmentReleaseLease",
+    ] {
+        assert!(
+            seen.lines().any(|l| l == method),
+            "{method} not called: {seen}"
+        );
+    }
+
+    // A broken plugin file is a clean error naming the field.
+    std::fs::write(sb.dir.path().join("bad.json"), r#"{"command": "sh"}"#).unwrap();
+    let bad = sb.dir.path().join("bad.json");
+    let out = sb.run(&["--plugin", bad.to_str().unwrap(), "leases"]);
+    assert!(!out.status.success());
+    let shown = text(&out);
+    assert!(
+        shown.contains("plugin file") && shown.contains("manifest"),
+        "{shown}"
+    );
+    assert!(!shown.contains("panicked"), "{shown}");
+}
