@@ -321,10 +321,16 @@ fn timeout_in_message(message: &str) -> Duration {
         .map_or(Duration::ZERO, Duration::from_millis)
 }
 
+/// How many distinct secrets a worker's scrubber remembers. Rotating
+/// secrets would otherwise grow the list for the life of a long-running
+/// host; the most recently used ones are kept.
+const SCRUBBER_CAPACITY: usize = 1024;
+
 /// Secrets handed to the worker; scrubbed from everything it writes.
 #[derive(Default)]
 struct Scrubber {
-    secrets: RwLock<Vec<SecretString>>,
+    /// Most recently registered last.
+    secrets: RwLock<std::collections::VecDeque<SecretString>>,
 }
 
 impl Scrubber {
@@ -333,12 +339,25 @@ impl Scrubber {
             return;
         }
         let mut secrets = self.secrets.write().unwrap_or_else(|p| p.into_inner());
-        if !secrets
+        if let Some(at) = secrets
             .iter()
-            .any(|s| s.expose_secret() == value.expose_secret())
+            .position(|s| s.expose_secret() == value.expose_secret())
         {
-            secrets.push(value.clone());
+            // Already known: mark it as the most recently used.
+            if let Some(known) = secrets.remove(at) {
+                secrets.push_back(known);
+            }
+            return;
         }
+        if secrets.len() >= SCRUBBER_CAPACITY {
+            secrets.pop_front();
+        }
+        secrets.push_back(value.clone());
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.secrets.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -1161,6 +1180,26 @@ impl WeakWorker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scrubber_is_bounded_and_keeps_recent_secrets() {
+        let scrubber = super::Scrubber::default();
+        let first = SecretString::from("secret-first-0001");
+        scrubber.add(&first);
+        for i in 0..super::SCRUBBER_CAPACITY + 10 {
+            scrubber.add(&SecretString::from(format!("rotated-secret-{i:06}")));
+            if i % 100 == 0 {
+                // Re-registering keeps `first` among the most recent.
+                scrubber.add(&first);
+            }
+        }
+        assert_eq!(scrubber.len(), super::SCRUBBER_CAPACITY);
+        let last = format!("rotated-secret-{:06}", super::SCRUBBER_CAPACITY + 9);
+        let shown = scrubber.scrub(&format!(
+            "a secret-first-0001 b {last} c rotated-secret-000000"
+        ));
+        assert_eq!(shown, "a [REDACTED] b [REDACTED] c rotated-secret-000000");
+    }
+
     use super::*;
 
     #[test]
