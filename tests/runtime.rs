@@ -1126,6 +1126,38 @@ async fn b4_provider_declared_lease_deadline_applies_only_without_a_config_budge
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn b4_a_caller_that_gives_up_mid_acquire_strands_nothing() {
+    let s = setup();
+    s.fake
+        .faults()
+        .delay(Operation::Acquire, Duration::from_secs(5));
+    let env = fake_env(json!({"timeoutMs": 60_000}));
+    // The caller stops waiting after one second and drops the acquire.
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(1),
+        s.runtime
+            .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-impatient")),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the acquire should still be in flight");
+
+    // The acquisition finishes on its own and records what it created.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let leases = all_leases(&s.runtime, "env-1").await;
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert_eq!(leases[0].status, LeaseStatus::Active);
+    assert_eq!(s.fake.live_leases(), 1);
+
+    // So the run's normal release cleans it up: nothing leaked.
+    let report = s
+        .runtime
+        .release_run_leases("run-impatient", LeaseStatus::Released)
+        .await;
+    assert_eq!(report.released.len(), 1);
+    assert_eq!(s.fake.live_leases(), 0);
+}
+
 // ---- B5 config and probe ----
 
 #[tokio::test]
@@ -1443,6 +1475,28 @@ async fn a_failed_store_insert_tears_the_provider_resource_down() {
         0,
         "the sandbox created before the failed insert was destroyed"
     );
+
+    // When that teardown fails too, the error says so and names the
+    // resource: it is not only logged.
+    for operation in [Operation::Destroy, Operation::Release] {
+        fake.faults().fail_next(operation, || {
+            Error::provider("fake-plugin", "teardown refused")
+        });
+    }
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(fake_env(json!({})), "run-2"))
+        .await
+        .unwrap_err();
+    let shown = err.to_string();
+    assert!(matches!(err, Error::Store { .. }), "{err:?}");
+    assert!(
+        shown.contains("disk full")
+            && shown.contains("also failed")
+            && shown.contains("teardown refused"),
+        "{shown}"
+    );
+    assert_eq!(fake.live_leases(), 1, "the stranded sandbox is real");
+    fake.faults().clear();
 }
 
 #[test]

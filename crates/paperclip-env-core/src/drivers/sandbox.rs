@@ -325,10 +325,10 @@ impl SandboxDriver {
 
     fn expiry(
         provider_expiry: Option<time::Timestamp>,
-        ctx: &DriverContext,
+        options: &crate::driver::RuntimeOptions,
     ) -> Option<time::Timestamp> {
         provider_expiry.or_else(|| {
-            let max = ctx.options.max_lease_lifetime?;
+            let max = options.max_lease_lifetime?;
             chrono::Duration::from_std(max)
                 .ok()
                 .map(|d| time::now() + d)
@@ -386,7 +386,7 @@ impl SandboxDriver {
                 lease_policy: Some(policy),
                 provider: Some("fake".into()),
                 provider_lease_id: handle.provider_lease_id,
-                expires_at: Self::expiry(None, ctx),
+                expires_at: Self::expiry(None, &ctx.options),
                 metadata: Some(metadata),
             })
             .await
@@ -416,119 +416,143 @@ impl SandboxDriver {
         let run_id = input.heartbeat_run_id.clone();
         let reusable = envelope.reuse_lease && run_id.is_some();
 
-        let mut handle: Option<ProviderLease> = None;
-        if reusable && provider.capabilities().resume {
-            let run = run_id.as_deref().unwrap_or_default();
-            let candidate = ctx
-                .store
-                .list_by_environment(&environment.id, None)
-                .await?
-                .into_iter()
-                .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata));
-            if let Some(candidate) = candidate {
-                let resumed = with_deadline(
-                    "environmentResumeLease",
-                    deadline,
-                    provider.resume(&call, &lease_handle(&candidate)),
-                )
-                .await;
-                match resumed {
-                    Ok(lease) if lease.id().is_some() => handle = Some(lease),
-                    Ok(_) => debug!(
-                        provider = provider.key(),
-                        "resume returned no lease id; acquiring fresh"
-                    ),
-                    Err(error) => {
-                        warn!(provider = provider.key(), %error, "resume failed; acquiring fresh")
+        // From here on a provider resource may be created or revived: finish
+        // in a task of its own, so a caller that gives up (drops this future,
+        // times out) cannot strand it between the provider call and the lease
+        // row. The row then exists and release, resume and the reaper see it.
+        let store = ctx.store.clone();
+        let options = ctx.options.clone();
+        let environment = environment.clone();
+        let provider_key = envelope.provider.clone();
+        let lease_context = input.lease_context.clone();
+        let (company_id, issue_id) = (input.company_id, input.issue_id);
+        let task = async move {
+            let mut handle: Option<ProviderLease> = None;
+            if reusable && provider.capabilities().resume {
+                let run = run_id.as_deref().unwrap_or_default();
+                let candidate = store
+                    .list_by_environment(&environment.id, None)
+                    .await?
+                    .into_iter()
+                    .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata));
+                if let Some(candidate) = candidate {
+                    let resumed = with_deadline(
+                        "environmentResumeLease",
+                        deadline,
+                        provider.resume(&call, &lease_handle(&candidate)),
+                    )
+                    .await;
+                    match resumed {
+                        Ok(lease) if lease.id().is_some() => handle = Some(lease),
+                        Ok(_) => debug!(
+                            provider = provider.key(),
+                            "resume returned no lease id; acquiring fresh"
+                        ),
+                        Err(error) => {
+                            warn!(provider = provider.key(), %error, "resume failed; acquiring fresh")
+                        }
                     }
                 }
             }
-        }
-        let handle = match handle {
-            Some(h) => h,
-            None => {
-                let request = AcquireRequest {
-                    run_id: run_id
-                        .clone()
-                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-                    workspace_mode: input.lease_context.execution_workspace_mode.clone(),
+            let handle = match handle {
+                Some(h) => h,
+                None => {
+                    let request = AcquireRequest {
+                        run_id: run_id
+                            .clone()
+                            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                        workspace_mode: lease_context.execution_workspace_mode.clone(),
+                    };
+                    with_deadline(
+                        "environmentAcquireLease",
+                        deadline,
+                        provider.acquire(&call, &request),
+                    )
+                    .await
+                    .map_err(|e| call.config.scrub_error(provider.key(), e))?
+                }
+            };
+
+            let mut provider_metadata = handle.metadata.clone().unwrap_or_default();
+            strip_secret_paths(&mut provider_metadata, &paths);
+            let scrubbed = call.config.scrub_metadata(&mut provider_metadata);
+            if scrubbed > 0 {
+                warn!(
+                    provider = provider.key(),
+                    scrubbed, "provider metadata echoed a secret; removed"
+                );
+            }
+            let mut metadata = stored_for_metadata;
+            for (k, v) in provider_metadata {
+                if !HOST_METADATA_KEYS.contains(&k.as_str()) {
+                    metadata.insert(k, v);
+                }
+            }
+            metadata.extend(base_metadata(&environment, &lease_context));
+            metadata.insert("pluginKey".into(), json!(provider.plugin_key()));
+            metadata.insert("sandboxProviderPlugin".into(), json!(true));
+
+            let inserted = store
+                .insert(NewLease {
+                    company_id,
+                    environment_id: environment.id.clone(),
+                    execution_workspace_id: lease_context.execution_workspace_id.clone(),
+                    issue_id,
+                    heartbeat_run_id: run_id,
+                    lease_policy: Some(if reusable {
+                        LeasePolicy::ReuseByEnvironment
+                    } else {
+                        LeasePolicy::Ephemeral
+                    }),
+                    provider: Some(provider_key),
+                    provider_lease_id: handle.provider_lease_id.clone(),
+                    expires_at: Self::expiry(handle.expires_at, &options),
+                    metadata: Some(metadata),
+                })
+                .await;
+            if let Err(error) = &inserted {
+                // The resource exists but no row records it: tear it down so nothing leaks.
+                warn!(provider = provider.key(), %error, "recording the lease failed; releasing the provider resource");
+                let lease = LeaseHandle {
+                    provider_lease_id: handle.provider_lease_id.clone(),
+                    metadata: handle.metadata.clone(),
+                    expires_at: handle.expires_at,
                 };
-                with_deadline(
-                    "environmentAcquireLease",
-                    deadline,
-                    provider.acquire(&call, &request),
-                )
-                .await
-                .map_err(|e| call.config.scrub_error(provider.key(), e))?
-            }
-        };
-
-        let mut provider_metadata = handle.metadata.clone().unwrap_or_default();
-        strip_secret_paths(&mut provider_metadata, &paths);
-        let scrubbed = call.config.scrub_metadata(&mut provider_metadata);
-        if scrubbed > 0 {
-            warn!(
-                provider = provider.key(),
-                scrubbed, "provider metadata echoed a secret; removed"
-            );
-        }
-        let mut metadata = stored_for_metadata;
-        for (k, v) in provider_metadata {
-            if !HOST_METADATA_KEYS.contains(&k.as_str()) {
-                metadata.insert(k, v);
-            }
-        }
-        metadata.extend(base_metadata(environment, &input.lease_context));
-        metadata.insert("pluginKey".into(), json!(provider.plugin_key()));
-        metadata.insert("sandboxProviderPlugin".into(), json!(true));
-
-        let inserted = ctx
-            .store
-            .insert(NewLease {
-                company_id: input.company_id,
-                environment_id: environment.id.clone(),
-                execution_workspace_id: input.lease_context.execution_workspace_id.clone(),
-                issue_id: input.issue_id,
-                heartbeat_run_id: run_id,
-                lease_policy: Some(if reusable {
-                    LeasePolicy::ReuseByEnvironment
+                let cleanup = if provider.capabilities().destroy {
+                    with_deadline(
+                        "environmentDestroyLease",
+                        deadline,
+                        provider.destroy(&call, &lease),
+                    )
+                    .await
                 } else {
-                    LeasePolicy::Ephemeral
-                }),
-                provider: Some(envelope.provider.clone()),
-                provider_lease_id: handle.provider_lease_id.clone(),
-                expires_at: Self::expiry(handle.expires_at, ctx),
-                metadata: Some(metadata),
-            })
-            .await;
-        if let Err(error) = &inserted {
-            // The resource exists but no row records it: tear it down so nothing leaks.
-            warn!(provider = provider.key(), %error, "recording the lease failed; releasing the provider resource");
-            let lease = LeaseHandle {
-                provider_lease_id: handle.provider_lease_id.clone(),
-                metadata: handle.metadata.clone(),
-                expires_at: handle.expires_at,
-            };
-            let cleanup = if provider.capabilities().destroy {
-                with_deadline(
-                    "environmentDestroyLease",
-                    deadline,
-                    provider.destroy(&call, &lease),
-                )
-                .await
-            } else {
-                with_deadline(
-                    "environmentReleaseLease",
-                    deadline,
-                    provider.release(&call, &lease, LeaseStatus::Failed),
-                )
-                .await
-            };
-            if let Err(cleanup_error) = cleanup {
-                warn!(provider = provider.key(), error = %cleanup_error, "cleanup after failed insert failed");
+                    with_deadline(
+                        "environmentReleaseLease",
+                        deadline,
+                        provider.release(&call, &lease, LeaseStatus::Failed),
+                    )
+                    .await
+                };
+                if let Err(cleanup_error) = cleanup {
+                    // Nothing records the resource now: say so in the error.
+                    let id = handle.provider_lease_id.as_deref().unwrap_or("(no id)");
+                    return Err(Error::Store {
+                        message: format!(
+                            "recording the lease failed ({error}); releasing provider resource {id} also failed: {}",
+                            call.config.scrub(&cleanup_error.to_string())
+                        ),
+                        source: None,
+                    });
+                }
             }
+            inserted
+        };
+        match tokio::spawn(task.in_current_span()).await {
+            Ok(result) => result,
+            Err(join) => Err(Error::Contract(format!(
+                "the lease acquisition task ended abnormally: {join}"
+            ))),
         }
-        inserted
     }
 
     async fn provider_cleanup(
