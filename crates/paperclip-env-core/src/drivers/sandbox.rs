@@ -734,7 +734,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         let resumed = with_deadline(
             "environmentResumeLease",
             deadline,
-            provider.resume(&call, &lease_handle(lease)),
+            provider.resume(&call, &handle),
         )
         .await
         .map_err(|e| call.config.scrub_error(key, e))?;
@@ -793,10 +793,8 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             return Ok(Self::realize_fallback(environment, lease, workspace).await);
         };
         let provider = self.provider(key).ok_or_else(|| Self::missing(key))?;
-        if !provider
-            .lease_capabilities(&lease_handle(lease))
-            .realize_workspace
-        {
+        let handle = lease_handle(lease);
+        if !provider.lease_capabilities(&handle).realize_workspace {
             return Ok(Self::realize_fallback(environment, lease, workspace).await);
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
@@ -804,7 +802,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         with_deadline(
             "environmentRealizeWorkspace",
             deadline,
-            provider.realize_workspace(&call, &lease_handle(lease), workspace),
+            provider.realize_workspace(&call, &handle, workspace),
         )
         .instrument(info_span!("sandbox.realize", provider = %key, lease = %lease.id))
         .await
@@ -820,11 +818,12 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         let Some(provider) = provider_key_of(lease).and_then(|key| self.provider(key)) else {
             return Ok(crate::workspace::WorkspaceAccess::default());
         };
-        let capabilities = provider.lease_capabilities(&lease_handle(lease));
+        let handle = lease_handle(lease);
+        let capabilities = provider.lease_capabilities(&handle);
         let transport = if capabilities.native_sync {
             let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
             provider
-                .workspace_transport(&call, &lease_handle(lease))
+                .workspace_transport(&call, &handle)
                 .await
                 .map_err(|e| call.config.scrub_error(provider.key(), e))?
         } else {
@@ -864,7 +863,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             call.config.get("timeoutMs"),
             &ctx.options,
         );
-        with_deadline("environmentExecute", deadline, provider.execute(&call, &lease_handle(lease), request, output))
+        with_deadline("environmentExecute", deadline, provider.execute(&call, &handle, request, output))
             .instrument(info_span!("sandbox.execute", provider = %key, lease = %lease.id, command = %request.command))
             .await
             .map_err(|e| call.config.scrub_error(key, e))

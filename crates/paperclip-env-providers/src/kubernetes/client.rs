@@ -122,11 +122,18 @@ impl Kube {
         }
     }
 
-    /// An idempotent call, retried on retryable errors with exponential back-off.
-    async fn idempotent(&self, what: &str, method: http::Method, path: &str) -> Result<Value> {
+    /// An idempotent call, retried on retryable errors with exponential
+    /// back-off (100 ms doubling, at most 3.2 s).
+    async fn idempotent(
+        &self,
+        what: &str,
+        method: http::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value> {
         let mut attempt = 0;
         loop {
-            let req = request(method.clone(), path, None)?;
+            let req = request(method.clone(), path, body)?;
             match self.once(what, self.client.request::<Value>(req)).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retryable() && !is_conflict(&e) && attempt < self.retries => {
@@ -143,7 +150,7 @@ impl Kube {
     /// GET; `None` on 404.
     pub(crate) async fn get(&self, path: &str) -> Result<Option<Value>> {
         match self
-            .idempotent(&format!("GET {path}"), http::Method::GET, path)
+            .idempotent(&format!("GET {path}"), http::Method::GET, path, None)
             .await
         {
             Ok(v) => Ok(Some(v)),
@@ -160,7 +167,12 @@ impl Kube {
             format!("{collection}?labelSelector={}", encode(label_selector))
         };
         let list = self
-            .idempotent(&format!("LIST {collection}"), http::Method::GET, &path)
+            .idempotent(
+                &format!("LIST {collection}"),
+                http::Method::GET,
+                &path,
+                None,
+            )
             .await?;
         Ok(list
             .get("items")
@@ -183,21 +195,18 @@ impl Kube {
     pub(crate) async fn delete(&self, path: &str) -> Result<bool> {
         let full = format!("{path}?propagationPolicy=Foreground");
         let body = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"});
-        let mut attempt = 0;
-        loop {
-            let req = request(http::Method::DELETE, &full, Some(&body))?;
-            match self
-                .once(&format!("DELETE {path}"), self.client.request::<Value>(req))
-                .await
-            {
-                Ok(_) => return Ok(true),
-                Err(e) if e.is_not_found() => return Ok(false),
-                Err(e) if e.is_retryable() && !is_conflict(&e) && attempt < self.retries => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100u64 << attempt.min(5))).await;
-                }
-                Err(e) => return Err(e),
-            }
+        match self
+            .idempotent(
+                &format!("DELETE {path}"),
+                http::Method::DELETE,
+                &full,
+                Some(&body),
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
         }
     }
 

@@ -1045,13 +1045,6 @@ fn spawn_shell(root: &std::path::Path, script: &str) -> std::io::Result<tokio::p
         .spawn()
 }
 
-fn exit_code(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(9))
-}
-
 async fn execute(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
@@ -1090,9 +1083,9 @@ async fn execute(
         None => Some(run.await),
     };
     match finished {
-        Some((Ok(status), output)) => {
-            Json(json!({"exitCode": exit_code(status), "result": String::from_utf8_lossy(&output)}))
-        }
+        Some((Ok(status), output)) => Json(
+            json!({"exitCode": super::shell_exit_code(status), "result": String::from_utf8_lossy(&output)}),
+        ),
         Some((Err(e), _)) => Json(json!({"exitCode": -1, "result": e.to_string()})),
         None => {
             if let Some(pgid) = pgid {
@@ -1229,7 +1222,7 @@ async fn session_exec(
         if let Some(b) = b {
             let _ = b.await;
         }
-        let code = status.map(exit_code).unwrap_or(-1);
+        let code = status.map(super::shell_exit_code).unwrap_or(-1);
         *cmd.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
     });
     (

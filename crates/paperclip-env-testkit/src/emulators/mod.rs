@@ -56,3 +56,12 @@ impl<R: std::hash::Hash + Eq, F: Clone> FaultQueue<R, F> {
             .pop_front()
     }
 }
+
+/// A finished process's exit code as a shell reports it: the code, or
+/// 128 + the signal number when a signal ended it.
+pub(crate) fn shell_exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(9))
+}

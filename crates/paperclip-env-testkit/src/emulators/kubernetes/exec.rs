@@ -380,13 +380,6 @@ impl Drop for ProcessGuard {
     }
 }
 
-pub(crate) fn exit_code(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(9))
-}
-
 /// The pod, its container and process context, or the API error a real
 /// server gives for exec/log on it.
 fn pod_context(
@@ -708,7 +701,7 @@ async fn run(
                 None => streams_open = false,
             },
             status = child.wait(), if !streams_open => {
-                let code = status.map(exit_code).unwrap_or(1);
+                let code = status.map(crate::emulators::shell_exit_code).unwrap_or(1);
                 let _ = socket.send(status_frame(code, &argv)).await;
                 close(socket).await;
                 return;
@@ -798,7 +791,7 @@ pub(crate) fn start_main(
     let mut shutdown = shared.shutdown.clone();
     tokio::spawn(async move {
         let code = tokio::select! {
-            status = child.wait() => status.map(exit_code).unwrap_or(1),
+            status = child.wait() => status.map(crate::emulators::shell_exit_code).unwrap_or(1),
             _ = super::stopped(&mut shutdown) => 137,
         };
         for reader in readers {
