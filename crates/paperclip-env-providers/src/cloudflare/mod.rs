@@ -653,6 +653,7 @@ impl SandboxProvider for CloudflareProvider {
             multi_command_exec: true,
             native_sync: false,
             signals: false,
+            run_lookup: false,
         }
     }
 

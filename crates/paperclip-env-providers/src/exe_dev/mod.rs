@@ -783,6 +783,7 @@ impl SandboxProvider for ExeDevProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: true,
+            run_lookup: false,
         }
     }
 
