@@ -85,6 +85,18 @@ struct Cli {
     #[arg(long, global = true, env = "PAPERCLIP_ENV_MAX_LEASE_LIFETIME", value_name = "DURATION", value_parser = parse_duration)]
     max_lease_lifetime: Option<Duration>,
 
+    /// How often an acquisition in flight marks its lease row alive, e.g.
+    /// `10s` [default: 10s]. `reap` sweeps an acquisition whose row stayed
+    /// silent for three beats: its process died before recording the
+    /// provider's answer.
+    #[arg(long, global = true, env = "PAPERCLIP_ENV_ACQUISITION_HEARTBEAT", value_name = "DURATION", value_parser = parse_duration)]
+    acquisition_heartbeat: Option<Duration>,
+
+    /// Fault injection for crash drills: the fake provider answers this long
+    /// after creating a sandbox.
+    #[arg(long, global = true, hide = true, env = "PAPERCLIP_ENV_FAKE_STALL_AFTER_CREATE", value_parser = parse_duration)]
+    fake_stall_after_create: Option<Duration>,
+
     /// A Paperclip provider plugin to serve out of process (repeatable): a
     /// JSON file `{"manifest": <manifest object or path>, "command": "node",
     /// "args": ["…/dist/worker.js"], "env": {…}, "config": {…}}`. Its
@@ -484,17 +496,23 @@ impl App {
         if let Some(root) = &cli.fake_root {
             fake = fake.temp_root(root);
         }
+        let defaults = RuntimeOptions::default();
         let options = RuntimeOptions {
-            max_lease_lifetime: cli
-                .max_lease_lifetime
-                .or(RuntimeOptions::default().max_lease_lifetime),
-            ..Default::default()
+            max_lease_lifetime: cli.max_lease_lifetime.or(defaults.max_lease_lifetime),
+            acquisition_heartbeat: cli
+                .acquisition_heartbeat
+                .unwrap_or(defaults.acquisition_heartbeat),
+            ..defaults
         };
+        let fake = fake.build();
+        if let Some(stall) = cli.fake_stall_after_create {
+            fake.faults().stall_after_create(stall);
+        }
         let builder = EnvironmentRuntime::builder()
             .lease_store(leases)
             .environment_store(environments)
             .secrets(Arc::new(EnvSecretResolver::new()))
-            .provider(Arc::new(fake.build()))
+            .provider(Arc::new(fake))
             .options(options);
         let builder = register_providers(builder)?;
         #[cfg(feature = "plugin")]
@@ -748,6 +766,7 @@ impl App {
         };
         line("expired", &report.expired);
         line("stranded", &report.stranded);
+        line("orphaned acquisitions swept", &report.orphaned);
         line("cleaned up", &report.cleaned_up);
         line("cleanup failed (will retry)", &report.cleanup_failed);
         line("deferred (backoff)", &report.deferred);

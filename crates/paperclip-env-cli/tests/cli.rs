@@ -200,6 +200,55 @@ fn a_killed_acquire_is_reaped_after_restart() {
     assert_eq!(again["expired"], json!([]), "reaping twice released again");
 }
 
+/// kill -9 while the provider is still creating: the sandbox exists, no
+/// lease records it, only the in-flight row written before the create does.
+/// After three missed heartbeats `reap` finds the sandbox by its run label.
+#[test]
+fn a_process_killed_mid_acquire_leaves_a_row_and_reap_sweeps_its_sandbox() {
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let mut child = sb
+        .command()
+        .args(["--json", "--acquisition-heartbeat", "200ms", "acquire"])
+        .args(["--env", env.to_str().unwrap(), "--run", "killed-run"])
+        .env("PAPERCLIP_ENV_FAKE_STALL_AFTER_CREATE", "60s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sb.sandboxes() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sandbox never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the create finish (the fake then stalls for a minute), then
+    // SIGKILL: no destructor, no cleanup of any kind runs in the child.
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(sb.sandboxes(), 1, "the sandbox outlived its process");
+    let rows = sb.ok_json(&["leases"]);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["status"], "pending_cleanup", "{rows}");
+    assert_eq!(rows[0]["failureReason"], "acquire_in_progress");
+    let id = rows[0]["id"].clone();
+
+    std::thread::sleep(Duration::from_millis(800));
+    let report = sb.ok_json(&["reap"]);
+    assert_eq!(report["orphaned"], json!([id]), "{report}");
+    assert_eq!(report["failures"], json!([]));
+    assert_eq!(sb.sandboxes(), 0, "the orphaned sandbox was not destroyed");
+    let row = &sb.ok_json(&["leases"])[0];
+    assert_eq!(row["status"], "expired");
+    assert_eq!(row["failureReason"], "acquire_orphaned");
+    assert_eq!(row["cleanupStatus"], "success");
+    let again = sb.ok_json(&["reap"]);
+    assert_eq!(again["orphaned"], json!([]), "{again}");
+}
+
 #[test]
 fn stranded_leases_of_finished_runs_are_reaped() {
     let sb = Sandbox::new();

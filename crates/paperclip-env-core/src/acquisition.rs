@@ -77,8 +77,19 @@ pub fn is_in_flight(lease: &EnvironmentLease) -> bool {
 }
 
 /// Whether the in-flight `lease` was last touched longer ago than three
-/// heartbeats: its process is gone and the reaper may sweep it.
+/// heartbeats: its process is gone and the reaper may sweep it. The
+/// heartbeat is the one the acquiring process recorded in the row
+/// (`acquisition.heartbeatMs`), so a reaper configured differently never
+/// mistakes a live acquisition for a dead one; `heartbeat` is the fallback.
 pub fn is_stale(lease: &EnvironmentLease, heartbeat: Duration, now: time::Timestamp) -> bool {
+    let recorded = lease
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get(ACQUISITION_METADATA_KEY))
+        .and_then(|a| a.get("heartbeatMs"))
+        .and_then(Value::as_u64)
+        .map(Duration::from_millis);
+    let heartbeat = recorded.unwrap_or(heartbeat);
     let stale =
         chrono::Duration::from_std(heartbeat.saturating_mul(3)).unwrap_or(chrono::Duration::MAX);
     is_in_flight(lease)
@@ -89,16 +100,20 @@ pub fn is_stale(lease: &EnvironmentLease, heartbeat: Duration, now: time::Timest
 }
 
 /// Adds the in-flight marker to `metadata`.
-pub(crate) fn mark_in_flight(metadata: &mut JsonObject, run_label: &str) {
+pub(crate) fn mark_in_flight(metadata: &mut JsonObject, run_label: &str, heartbeat: Duration) {
     metadata.insert(
         ACQUISITION_METADATA_KEY.into(),
         json!({
             "state": "acquiring",
             "runLabel": run_label,
             "startedAt": time::to_iso(&time::now()),
+            "heartbeatMs": heartbeat.max(MIN_HEARTBEAT).as_millis() as u64,
         }),
     );
 }
+
+/// Shortest heartbeat interval used (a zero option would spin).
+const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 
 /// What a driver plugs into [`acquire_recorded`]: the provider call and the
 /// teardown of what it created.
@@ -293,7 +308,7 @@ async fn with_heartbeat<T>(
     heartbeat: Duration,
     future: impl std::future::Future<Output = T>,
 ) -> T {
-    let mut ticker = tokio::time::interval(heartbeat.max(Duration::from_millis(10)));
+    let mut ticker = tokio::time::interval(heartbeat.max(MIN_HEARTBEAT));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     tokio::pin!(future);
@@ -318,7 +333,7 @@ mod tests {
     #[test]
     fn in_flight_rows_are_recognised_by_their_marker() {
         let mut md = JsonObject::new();
-        mark_in_flight(&mut md, "run-7");
+        mark_in_flight(&mut md, "run-7", Duration::from_secs(10));
         let now = time::now();
         let lease = EnvironmentLease {
             id: "l".into(),
@@ -348,6 +363,9 @@ mod tests {
         assert!(!is_stale(&lease, Duration::from_secs(10), now));
         let later = now + chrono::Duration::seconds(31);
         assert!(is_stale(&lease, Duration::from_secs(10), later));
+        // The acquirer's recorded heartbeat wins over the reaper's option.
+        let soon = now + chrono::Duration::seconds(2);
+        assert!(!is_stale(&lease, Duration::from_millis(1), soon));
         let active = EnvironmentLease {
             status: LeaseStatus::Active,
             ..lease

@@ -4,7 +4,7 @@
 //!
 //! | feature | what it adds |
 //! | --- | --- |
-//! | `fake` | the deterministic local fake provider (`fake-plugin`) from the testkit |
+//! | `fake` | the deterministic local fake provider (`fake-plugin`): real processes in a temp dir, fault injection (the testkit re-exports it) |
 //! | `e2b` | E2B sandboxes: control-plane REST plus the in-sandbox envd Connect-RPC API |
 //! | `novita` | Novita Agent Sandbox: the E2B protocol with Novita's profile |
 //! | `cloudflare` | Cloudflare Sandbox through the Paperclip bridge Worker (JSON + SSE) |
@@ -13,19 +13,13 @@
 //! | `daytona` | Daytona sandboxes: REST API plus the toolbox daemon (sessions, WebSocket logs) |
 //! | `exe-dev` | exe.dev VMs: lifecycle over the HTTPS API, commands over SSH |
 //! | `modal` | Modal sandboxes over Modal's gRPC API (control plane plus the per-task command router) |
-//! | `kubernetes` | reserved for its provider |
 //! | `kubernetes` | Kubernetes: one tenant namespace per company, an agent-sandbox `Sandbox` CR or a `batch/v1` Job per run, exec over the WebSocket exec subresource |
-//! | `modal` | reserved for its provider |
 //! | `full` | every provider |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-/// The deterministic fake provider (`fake-plugin`): commands run as real local
-/// processes in an isolated temp directory.
 #[cfg(feature = "fake")]
-pub mod fake {
-    pub use paperclip_env_testkit::fake::*;
-}
+pub mod fake;
 
 #[cfg(feature = "http")]
 pub mod http;

@@ -20,7 +20,9 @@
 pub mod conformance;
 #[cfg(feature = "emulators")]
 pub mod emulators;
-pub mod fake;
+/// The deterministic fake provider, re-exported from `paperclip-env-providers`
+/// (feature `fake`), where the default build has it without the testkit.
+pub use paperclip_env_providers::fake;
 pub mod fixtures;
 pub mod logs;
 #[cfg(feature = "plugin")]

@@ -487,7 +487,11 @@ impl SandboxDriver {
         host_metadata.insert(HOST_BUDGETS_KEY.into(), host_budgets(&worker_stored));
         let mut pending_metadata = stored_for_metadata.clone();
         pending_metadata.extend(host_metadata.clone());
-        crate::acquisition::mark_in_flight(&mut pending_metadata, &run_label);
+        crate::acquisition::mark_in_flight(
+            &mut pending_metadata,
+            &run_label,
+            ctx.options.acquisition_heartbeat,
+        );
 
         let policy = if reusable {
             LeasePolicy::ReuseByEnvironment

@@ -469,7 +469,11 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         host_metadata.insert("pluginKey".into(), json!(r.plugin_key));
         host_metadata.insert("driverKey".into(), json!(r.driver_key));
         let mut pending_metadata = host_metadata.clone();
-        acquisition::mark_in_flight(&mut pending_metadata, &run_id);
+        acquisition::mark_in_flight(
+            &mut pending_metadata,
+            &run_id,
+            ctx.options.acquisition_heartbeat,
+        );
         let pending = NewLease {
             company_id: input.company_id.clone(),
             environment_id: environment.id.clone(),

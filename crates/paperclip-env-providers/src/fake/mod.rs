@@ -111,7 +111,7 @@ struct Inner {
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 /// use std::sync::Arc;
 /// use paperclip_env_core::{AcquireRunLease, Environment, EnvironmentRuntime, ExecuteRequest, LeaseStatus};
-/// use paperclip_env_testkit::fake::FakeProvider;
+/// use paperclip_env_providers::fake::FakeProvider;
 /// let fake = FakeProvider::new();
 /// let runtime = EnvironmentRuntime::builder().provider(Arc::new(fake.clone())).build();
 /// let env = Environment::new("env-1", "Fake", "sandbox", serde_json::json!({"provider": "fake-plugin"}));
@@ -125,6 +125,20 @@ struct Inner {
 #[derive(Clone)]
 pub struct FakeProvider {
     inner: Arc<Inner>,
+}
+
+/// File in a sandbox's root directory holding its provider lease id.
+const LABEL_FILE: &str = ".paperclip-lease-id";
+
+/// A handle `destroy` accepts for the sandbox `id` rooted at `root`.
+fn handle_for(id: &str, root: &Path) -> LeaseHandle {
+    let mut metadata = JsonObject::new();
+    metadata.insert("fakeRootDir".into(), json!(root.display().to_string()));
+    LeaseHandle {
+        provider_lease_id: Some(id.to_owned()),
+        metadata: Some(metadata),
+        expires_at: None,
+    }
 }
 
 impl std::fmt::Debug for FakeProvider {
@@ -305,6 +319,10 @@ impl FakeProvider {
                     let workspace = root.join("workspace");
                     std::fs::create_dir_all(&workspace)
                         .map_err(|e| io_error(&self.inner.key, "create workspace", e))?;
+                    // The sandbox's label, readable by another process (the
+                    // reaper of a CLI whose acquiring process died).
+                    std::fs::write(root.join(LABEL_FILE), id)
+                        .map_err(|e| io_error(&self.inner.key, "label sandbox", e))?;
                     let state = SandboxState {
                         root_dir: root,
                         remote_cwd: workspace,
@@ -564,22 +582,29 @@ impl SandboxProvider for FakeProvider {
             .inject(Operation::ListRunResources)
             .await?;
         self.remember(ctx);
-        // Fresh sandboxes are named `<key>://<run>/<uuid>`: the run is the label.
+        // Fresh sandboxes are named `<key>://<run>/<uuid>`: the run is the
+        // label. Sandboxes of other processes sharing the temp root are
+        // found by the label file in their directory.
         let prefix = format!("{}://{}/", self.inner.key, run_id);
-        let mut ids: Vec<String> = self
+        let mut found: Vec<LeaseHandle> = self
             .lock_leases()
-            .keys()
-            .filter(|id| id.starts_with(&prefix))
-            .cloned()
+            .iter()
+            .filter(|(id, _)| id.starts_with(&prefix))
+            .map(|(id, state)| handle_for(id, &state.root_dir))
             .collect();
-        ids.sort();
-        Ok(ids
-            .into_iter()
-            .map(|id| LeaseHandle {
-                provider_lease_id: Some(id),
-                ..Default::default()
-            })
-            .collect())
+        if let Ok(entries) = std::fs::read_dir(&self.inner.temp_root) {
+            for entry in entries.flatten() {
+                let dir = entry.path();
+                let Ok(id) = std::fs::read_to_string(dir.join(LABEL_FILE)) else {
+                    continue;
+                };
+                if id.starts_with(&prefix) && !found.iter().any(|h| h.id() == Some(id.as_str())) {
+                    found.push(handle_for(&id, &dir));
+                }
+            }
+        }
+        found.sort_by(|a, b| a.provider_lease_id.cmp(&b.provider_lease_id));
+        Ok(found)
     }
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {

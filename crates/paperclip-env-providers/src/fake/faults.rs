@@ -12,7 +12,7 @@ type ErrorFactory = Box<dyn Fn() -> Error + Send + Sync>;
 ///
 /// ```
 /// use paperclip_env_core::{Error, Operation};
-/// use paperclip_env_testkit::fake::Faults;
+/// use paperclip_env_providers::fake::Faults;
 /// let faults = Faults::default();
 /// faults.fail_next(Operation::Acquire, || Error::provider("fake-plugin", "capacity exhausted"));
 /// assert!(faults.take_failure(Operation::Acquire).is_some());

@@ -28,7 +28,7 @@ impl IdGenerator for RandomIds {
 /// suffixes `000001`, `000002`, ….
 ///
 /// ```
-/// use paperclip_env_testkit::fake::{IdGenerator, SequentialIds};
+/// use paperclip_env_providers::fake::{IdGenerator, SequentialIds};
 /// let ids = SequentialIds::new();
 /// assert_eq!(ids.uuid(), "00000000-0000-4000-8000-000000000001");
 /// assert_eq!(ids.dir_suffix(), "000001");
