@@ -27,3 +27,9 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
     echo "setup: installing cargo-nextest"
     cargo install --locked cargo-nextest >/dev/null
 fi
+
+# Dependency policy (deny.toml): licenses, bans, sources.
+if ! command -v cargo-deny >/dev/null 2>&1; then
+    echo "setup: installing cargo-deny"
+    cargo install --locked cargo-deny >/dev/null
+fi

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/paperclip-env/target}"
 bash scripts/setup.sh
 cargo fmt --all -- --check
+# Licenses, banned crates and sources (deny.toml). Advisories need the
+# advisory database from GitHub, which CI cannot reach.
+cargo deny --log-level error check licenses bans sources
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # Each provider feature on its own, so feature-gated code never depends on a
 # neighbour's feature being enabled (about 30 s once built).
