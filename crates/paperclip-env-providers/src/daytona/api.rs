@@ -292,12 +292,19 @@ pub(crate) enum OneShot {
 /// Toolbox calls for one sandbox.
 pub(crate) struct Toolbox<'a> {
     pub http: &'a HttpClient,
+    /// The HTTP/1.1 client for log sockets.
+    pub ws: &'a reqwest::Client,
     pub conn: &'a Conn,
     pub base: String,
 }
 
 impl<'a> Toolbox<'a> {
-    pub fn new(http: &'a HttpClient, conn: &'a Conn, sandbox: &Sandbox) -> Self {
+    pub fn new(
+        http: &'a HttpClient,
+        ws: &'a reqwest::Client,
+        conn: &'a Conn,
+        sandbox: &Sandbox,
+    ) -> Self {
         let base = match sandbox.toolbox_proxy_url.as_deref().map(str::trim) {
             Some(url) if !url.is_empty() => format!("{}/{}", url.trim_end_matches('/'), sandbox.id),
             _ => format!(
@@ -306,11 +313,28 @@ impl<'a> Toolbox<'a> {
                 sandbox.id
             ),
         };
-        Toolbox { http, conn, base }
+        Toolbox {
+            http,
+            ws,
+            conn,
+            base,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Opens a toolbox WebSocket (log follow).
+    pub async fn open_socket(&self, path: &str) -> Result<crate::daytona::logs::Socket> {
+        let headers = self.conn.headers()?;
+        crate::daytona::logs::connect(
+            self.ws,
+            &self.url(path),
+            &headers,
+            self.http.options().request_timeout,
+        )
+        .await
     }
 
     pub async fn dir(&self, path: &str) -> Result<Option<String>> {
