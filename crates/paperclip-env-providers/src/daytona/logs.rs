@@ -236,11 +236,16 @@ pub(crate) async fn connect(
     let response = tokio::time::timeout(timeout, request.send())
         .await
         .map_err(|_| Error::provider("daytona", "log stream: the handshake timed out"))?
-        .map_err(|e| Error::provider_with_source("daytona", "log stream: connect failed", true, e))?;
+        .map_err(|e| {
+            Error::provider_with_source("daytona", "log stream: connect failed", true, e)
+        })?;
     if response.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
         return Err(Error::provider(
             "daytona",
-            format!("log stream: the server answered {} to the upgrade", response.status()),
+            format!(
+                "log stream: the server answered {} to the upgrade",
+                response.status()
+            ),
         ));
     }
     let accept = response
@@ -254,10 +259,9 @@ pub(crate) async fn connect(
             "log stream: the server's Sec-WebSocket-Accept does not match",
         ));
     }
-    let upgraded = response
-        .upgrade()
-        .await
-        .map_err(|e| Error::provider_with_source("daytona", "log stream: upgrade failed", true, e))?;
+    let upgraded = response.upgrade().await.map_err(|e| {
+        Error::provider_with_source("daytona", "log stream: upgrade failed", true, e)
+    })?;
     Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(upgraded, Role::Client, None).await)
 }
 

@@ -468,7 +468,11 @@ impl DaytonaProvider {
     /// Returns a session whose command has finished to the pool; `Some` is
     /// a session beyond the pool's size, for the caller to delete.
     fn checkin_session(&self, key: &str, sid: String) -> Option<String> {
-        let mut sessions = self.inner.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let idle = sessions.entry(key.to_owned()).or_default();
         if idle.len() < MAX_IDLE_SESSIONS {
             idle.push(sid);
@@ -817,11 +821,9 @@ impl DaytonaProvider {
             }
         };
         let mut streams = logs::Streams::new(&trailer);
-        let followed = tokio::time::timeout_at(
-            deadline,
-            self.follow(tb, &sid, &cid, output, &mut streams),
-        )
-        .await;
+        let followed =
+            tokio::time::timeout_at(deadline, self.follow(tb, &sid, &cid, output, &mut streams))
+                .await;
         let exit_code = match followed {
             Ok(Ok(code)) => code,
             Ok(Err(error)) => {

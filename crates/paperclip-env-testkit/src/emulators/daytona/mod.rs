@@ -313,10 +313,7 @@ impl DaytonaEmulator {
                     &format!("{prefix}/files/bulk-download"),
                     post(toolbox::bulk_download),
                 )
-                .route(
-                    &format!("{prefix}/process/execute"),
-                    post(toolbox::execute),
-                )
+                .route(&format!("{prefix}/process/execute"), post(toolbox::execute))
                 .route(
                     &format!("{prefix}/process/session"),
                     post(toolbox::session_create).get(toolbox::session_list),
@@ -519,7 +516,12 @@ impl Shared {
                 .map(|v| v.round() as i64)
                 .unwrap_or(default)
         };
-        let desired = match s.pending.as_ref().map(|(t, _)| t.as_str()).unwrap_or(&s.state) {
+        let desired = match s
+            .pending
+            .as_ref()
+            .map(|(t, _)| t.as_str())
+            .unwrap_or(&s.state)
+        {
             "stopped" | "stopping" => "stopped",
             "archived" | "archiving" => "archived",
             "destroyed" | "destroying" => "destroyed",
@@ -1088,4 +1090,3 @@ async fn delete_sandbox(State(shared): State<Arc<Shared>>, Path(id): Path<String
         None => not_found(&id),
     }
 }
-

@@ -396,8 +396,8 @@ async fn label(
     let mut offsets = [0u64; 2];
     loop {
         let mut code = read_exit(&exit_path);
-        let ended = code.is_none()
-            && (exited.load(Ordering::SeqCst) || cancelled.load(Ordering::SeqCst));
+        let ended =
+            code.is_none() && (exited.load(Ordering::SeqCst) || cancelled.load(Ordering::SeqCst));
         if ended {
             code = read_exit(&exit_path);
         }

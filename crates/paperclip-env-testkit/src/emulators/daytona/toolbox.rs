@@ -58,7 +58,10 @@ fn io_error(e: &std::io::Error) -> Response {
     }
 }
 
-pub(super) async fn work_dir(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+pub(super) async fn work_dir(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Response {
     match toolbox_root(&shared, &id) {
         Ok(root) => Json(json!({"dir": root.display().to_string()})),
         Err(r) => r,
@@ -441,7 +444,11 @@ pub(super) async fn execute(
 fn session_of(shared: &Shared, id: &str, sid: &str) -> Result<Arc<Session>, Response> {
     match with_sandbox(shared, id, |s| s.sessions.get(sid).cloned()) {
         None => Err(not_found(id)),
-        Some(None) => Err(daemon_error(404, "NOT_FOUND", "not found: session not found")),
+        Some(None) => Err(daemon_error(
+            404,
+            "NOT_FOUND",
+            "not found: session not found",
+        )),
         Some(Some(session)) => Ok(session),
     }
 }
@@ -571,7 +578,11 @@ fn sdk_version(headers: &HeaderMap) -> Option<String> {
 fn version_triple(v: &str) -> Option<(u64, u64, u64)> {
     let core = v.trim_start_matches('v').split(['-', '+']).next()?;
     let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
-    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    Some((
+        parts.next()??,
+        parts.next()??,
+        parts.next().flatten().unwrap_or(0),
+    ))
 }
 
 fn output_mode(headers: &HeaderMap) -> OutputMode {
@@ -721,7 +732,14 @@ pub(super) async fn command_logs(
     if parts.headers.contains_key("upgrade") {
         return match WebSocketUpgrade::from_request_parts(&mut parts, &shared).await {
             Ok(ws) => ws.on_upgrade(move |socket| {
-                stream_logs(socket, session, cmd, follow, mode == OutputMode::Combined, fault)
+                stream_logs(
+                    socket,
+                    session,
+                    cmd,
+                    follow,
+                    mode == OutputMode::Combined,
+                    fault,
+                )
             }),
             Err(r) => r.into_response(),
         };
