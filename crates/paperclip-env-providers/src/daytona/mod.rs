@@ -1,6 +1,40 @@
 //! Daytona sandboxes (spec 22): the REST API for the sandbox lifecycle and
-//! the toolbox daemon for commands (persistent sessions with WebSocket log
-//! streaming) and files.
+//! the toolbox daemon for commands (sessions with WebSocket log streaming)
+//! and files.
+//!
+//! # How commands run (decisions, issue 19)
+//!
+//! The daemon gives each session one long-lived shell and writes every
+//! command of the session into it, so the session's commands run one after
+//! another and a command's `cd`/`export`/`exit` change the session. Upstream
+//! runs all of a lease's commands in one session; against the real daemon
+//! that queues a second execute behind a long first one, and a deadline
+//! that deletes the session kills both. This provider instead:
+//!
+//! - keeps a **session pool** per lease: an execute takes an idle session or
+//!   creates one when all are busy, and returns it only once its command has
+//!   finished (at most 4 idle sessions are kept; extra ones are deleted).
+//!   Concurrent executes therefore never share a shell, sequential ones reuse
+//!   one (no session create per command), and a deadline deletes the timed-out
+//!   command's own session, which runs nothing else. A session whose command
+//!   failed mid-stream is deleted, never reused; a `session not found`
+//!   empties the pool (the sandbox restarted) and the command is retried once
+//!   in a new session. Release and destroy delete the pooled sessions.
+//! - runs each command as `( ( <login script> ); status=$?; <trailer>; exit
+//!   $status )`: nothing the command or the sourced profiles do (`cd`,
+//!   variables, `exit`) reaches the session's shell.
+//! - redirects stdin from the staged stdin file, or from `/dev/null` when the
+//!   request has none: an async session command's stdin is a pipe the daemon
+//!   holds open, so a reader would otherwise wait forever.
+//! - recovers exact output from the daemon's per-line framing (every line is
+//!   logged as marker + line + `\n`, so a last line without newline gains one):
+//!   each command ends by printing `\n<random trailer>` on both streams; the
+//!   byte before the trailer is the command's own, and live delivery holds
+//!   back only what could still be the start of the trailer. NUL bytes are
+//!   dropped by the daemon and cannot be recovered.
+//! - opens the log WebSocket with an HTTP/1.1 upgrade sent by reqwest, not by
+//!   tungstenite, whose TRACE log of the handshake would print the
+//!   Authorization header.
 //!
 //! ```no_run
 //! # async fn demo() -> paperclip_env_core::Result<()> {
@@ -850,10 +884,10 @@ impl DaytonaProvider {
             }
         };
         let logs = tb.command_logs(&sid, &cid).await;
-        if let Some(extra) = self.checkin_session(key, sid) {
-            if let Err(error) = tb.delete_session(&extra).await {
-                debug!(%error, "deleting a session beyond the pool size failed");
-            }
+        if let Some(extra) = self.checkin_session(key, sid)
+            && let Err(error) = tb.delete_session(&extra).await
+        {
+            debug!(%error, "deleting a session beyond the pool size failed");
         }
         let (stdout, stderr) = logs?;
         output.reconcile(OutputStream::Stdout, streams.exact(stdout.as_bytes()));
