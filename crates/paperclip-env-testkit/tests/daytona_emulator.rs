@@ -152,7 +152,19 @@ async fn session_commands_share_one_shell_and_run_in_turn() {
     // code, and later commands cannot be written.
     let (_, e) = c.exec(&id, "s1", "exit 3", true).await;
     let e = e["cmdId"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let input = format!("/toolbox/{id}/process/session/s1/command/{e}/input");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while c
+            .json(reqwest::Method::POST, &input, Some(json!({"data": "x"})))
+            .await
+            .0
+            != 410
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the session's shell never exited");
     assert!(c.status(&id, "s1", &e).await.get("exitCode").is_none());
     let (status, _) = c.exec(&id, "s1", "true", true).await;
     assert_eq!(status, 400);
@@ -181,13 +193,23 @@ async fn logs_are_framed_per_line_as_the_daemon_does() {
         .exec(
             &id,
             "s",
-            "printf 'one\\ntw'; printf 'e1\\n' >&2; sleep 0.4; printf 'o\\0\\nlast'",
+            "printf 'one\\ntw'; printf 'e1\\n' >&2; sleep 1; printf 'o\\0\\nlast'",
             true,
         )
         .await;
     let cid = r["cmdId"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let partial = c.logs(&id, "s", &cid).await;
+    let partial = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let logs = c.logs(&id, "s", &cid).await;
+            if logs["stdout"] != "" && logs["stderr"] != "" {
+                return logs;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no output");
+    assert!(c.status(&id, "s", &cid).await.get("exitCode").is_none());
     assert_eq!(partial["stdout"], "one\n", "a partial line stays invisible");
     assert_eq!(c.exit_code(&id, "s", &cid).await, 0);
     let logs = c.logs(&id, "s", &cid).await;
@@ -265,7 +287,7 @@ async fn async_stdin_is_held_open_until_input_arrives() {
 #[tokio::test]
 async fn session_delete_sends_sigterm_then_sigkill() {
     let c = Client::start().await;
-    c.emu.set_session_grace(Duration::from_millis(300));
+    c.emu.set_session_grace(Duration::from_secs(1));
     let id = c.sandbox(json!({})).await;
     let (_, dir) = c
         .json(
@@ -279,7 +301,7 @@ async fn session_delete_sends_sigterm_then_sigkill() {
     c.exec(
         &id,
         "s",
-        "( trap 'echo term > term.txt; exit 0' TERM; while :; do sleep 0.05; done )",
+        "( trap 'echo term > term.txt; exit 0' TERM; touch ready.txt; while :; do sleep 0.05; done )",
         true,
     )
     .await;
@@ -287,11 +309,17 @@ async fn session_delete_sends_sigterm_then_sigkill() {
     c.exec(
         &id,
         "t",
-        "( trap '' TERM; while :; do sleep 0.05; date > alive.txt; done )",
+        "( trap '' TERM; i=0; while :; do i=$((i+1)); echo $i > alive.txt; sleep 0.05; done )",
         true,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !(root.join("ready.txt").exists() && root.join("alive.txt").exists()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the commands never started");
     for sid in ["s", "t"] {
         let response = c
             .req(

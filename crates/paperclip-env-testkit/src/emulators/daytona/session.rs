@@ -343,7 +343,7 @@ impl Session {
             let group = Pid::from_raw(pgid);
             let _ = killpg(group, Signal::SIGTERM);
             let until = tokio::time::Instant::now() + grace;
-            while tokio::time::Instant::now() < until && killpg(group, None).is_ok() {
+            while tokio::time::Instant::now() < until && group_alive(pgid) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let _ = killpg(group, Signal::SIGKILL);
@@ -359,6 +359,27 @@ impl Session {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
     }
+}
+
+/// Whether a process of the group still runs (zombies do not count: an
+/// orphan's zombie lingers where PID 1 does not reap).
+fn group_alive(pgid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return killpg(Pid::from_raw(pgid), None).is_ok();
+    };
+    entries.filter_map(|e| e.ok()).any(|entry| {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            return false;
+        };
+        // "pid (comm) state ppid pgrp …"; comm may hold spaces or parens.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
+        pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
+    })
 }
 
 /// Reads what was appended to `path` since `offset`.
