@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Daytona's official Python SDK against a Daytona API (the emulator).
 
-Pinned SDK: daytona==0.226.1 (`pip install daytona==0.226.1`).
+Pinned SDK: daytona==0.226.1 (`pip install daytona==0.226.1`); the same
+checks also pass with daytona==0.183.0, the version the Paperclip plugin
+was written against. The TypeScript twin is daytona_sdk.cjs.
 
 Reads DAYTONA_API_URL and DAYTONA_API_KEY from the environment, runs one
 check per SDK operation the emulator serves, prints `N passed, N failed`
