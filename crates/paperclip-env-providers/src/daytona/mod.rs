@@ -846,9 +846,11 @@ impl DaytonaProvider {
                 }
                 Ok(None) => return Err(Error::provider(KEY, "session exec: session not found")),
                 Err(error) => {
-                    // Never started: the session is idle, keep it.
-                    if let Some(extra) = self.checkin_session(key, sid) {
-                        let _ = tb.delete_session(&extra).await;
+                    // A failed start may still have reached the session's
+                    // shell (a reset after the request went out): never
+                    // queue a later command behind it.
+                    if let Err(e) = tb.delete_session(&sid).await {
+                        debug!(error = %e, "deleting the session of a refused exec failed");
                     }
                     return Err(error);
                 }
