@@ -1013,6 +1013,7 @@ impl SandboxProvider for DaytonaProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: false,
+            run_lookup: false,
         }
     }
 
