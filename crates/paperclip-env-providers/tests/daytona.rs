@@ -1265,3 +1265,53 @@ async fn workspace_round_trip_through_the_toolbox_file_api() {
         .into_result()
         .unwrap();
 }
+
+#[tokio::test]
+async fn run_resources_are_found_by_their_run_label() {
+    let s = setup().await;
+    let mine = s.acquire(json!({})).await;
+    let other = s
+        .provider
+        .acquire(
+            &s.ctx(json!({})),
+            &AcquireRequest {
+                run_id: "run-2".into(),
+                workspace_mode: None,
+            },
+        )
+        .await
+        .unwrap();
+    let found = s
+        .provider
+        .list_run_resources(&s.ctx(json!({})), "run-1")
+        .await
+        .unwrap();
+    let ids: Vec<_> = found.iter().filter_map(|h| h.id()).collect();
+    assert_eq!(ids, vec![mine.id().unwrap()]);
+    let listed = s
+        .emu
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET" && r.path == "/sandbox")
+        .unwrap();
+    assert!(listed.query.unwrap().contains("paperclip-run-id"));
+    // What the sweep hands back, destroy accepts.
+    s.provider
+        .destroy(&s.ctx(json!({})), &found[0])
+        .await
+        .unwrap();
+    assert!(
+        s.provider
+            .list_run_resources(&s.ctx(json!({})), "run-1")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let other = LeaseHandle {
+        provider_lease_id: other.provider_lease_id,
+        metadata: other.metadata,
+        expires_at: None,
+    };
+    s.release(&other, json!({})).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
+}

@@ -1013,7 +1013,7 @@ impl SandboxProvider for DaytonaProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: false,
-            run_lookup: false,
+            run_lookup: true,
         }
     }
 
@@ -1212,6 +1212,30 @@ impl SandboxProvider for DaytonaProvider {
             }
         }
         api.delete(id).await.map(|_| ())
+    }
+
+    /// The run's sandboxes, found by the labels `acquire` set
+    /// (`paperclip-run-id`, with the provider and environment labels).
+    async fn list_run_resources(
+        &self,
+        ctx: &CallContext,
+        run_id: &str,
+    ) -> Result<Vec<LeaseHandle>> {
+        let settings = self.settings(ctx)?;
+        let labels = json!({
+            "paperclip-provider": KEY,
+            "paperclip-environment-id": ctx.environment_id,
+            "paperclip-run-id": run_id,
+        });
+        let sandboxes = self.api(&settings).list(&labels).await?;
+        Ok(sandboxes
+            .into_iter()
+            .filter(|s| !matches!(s.state(), "destroyed" | "destroying"))
+            .map(|s| LeaseHandle {
+                provider_lease_id: Some(s.id),
+                ..Default::default()
+            })
+            .collect())
     }
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
