@@ -1281,6 +1281,11 @@ async fn run_resources_are_found_by_their_run_label() {
         )
         .await
         .unwrap();
+    // The host's 30 s default never cuts a default-config acquire short.
+    assert!(
+        s.provider.default_lease_deadline().unwrap()
+            > Duration::from_millis(paperclip_env_providers::daytona::DAYTONA_DEFAULT_TIMEOUT_MS)
+    );
     let found = s
         .provider
         .list_run_resources(&s.ctx(json!({})), "run-1")

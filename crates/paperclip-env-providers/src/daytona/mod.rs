@@ -998,6 +998,12 @@ impl SandboxProvider for DaytonaProvider {
         KEY
     }
 
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        // Acquire waits up to the default `timeoutMs` for `started` (spec 22
+        // §5.3), plus the create call and the toolbox preparation calls.
+        Some(Duration::from_millis(DAYTONA_DEFAULT_TIMEOUT_MS) + Duration::from_secs(60))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             execute: true,
