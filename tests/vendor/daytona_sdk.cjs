@@ -191,6 +191,18 @@ async function main() {
       expect(sandbox.state, 'started', 'state after start')
       expect((await proc.executeCommand('echo back')).result.trim(), 'back', 'exec after restart')
     }],
+    ['archive and restore', async () => {
+      await sandbox.stop(30)
+      await sandbox.archive()
+      await sandbox.refreshData()
+      expect(sandbox.state, 'archived', 'state after archive')
+      await sandbox.start(30)
+      expect((await proc.executeCommand('echo restored')).result.trim(), 'restored', 'exec after restore')
+    }],
+    ['ssh access', async () => {
+      const access = await sandbox.createSshAccess(5)
+      if (!access.token || !access.sshCommand) throw new Error(`ssh access: ${JSON.stringify(access)}`)
+    }],
   ]
   for (const [name, fn] of checks) await check(name, fn)
 

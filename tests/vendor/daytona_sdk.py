@@ -236,6 +236,19 @@ def main():
         expect(str(getattr(sandbox.state, "value", sandbox.state)), "started", "state after start")
         expect(sandbox.process.exec("echo back").result.strip(), "back", "exec after restart")
 
+    def archive_and_restore():
+        sandbox.stop(timeout=30)
+        sandbox.archive()
+        sandbox.refresh_data()
+        expect(str(getattr(sandbox.state, "value", sandbox.state)), "archived", "state after archive")
+        sandbox.start(timeout=30)
+        expect(sandbox.process.exec("echo restored").result.strip(), "restored", "exec after restore")
+
+    def ssh_access():
+        access = sandbox.create_ssh_access(expires_in_minutes=5)
+        if not access.token or not access.ssh_command:
+            raise AssertionError(f"ssh access: {access!r}")
+
     for name, fn in [
         ("get", get),
         ("list with a label filter", list_by_label),
@@ -252,6 +265,8 @@ def main():
         ("labels and intervals", labels_and_intervals),
         ("preview link", preview_link),
         ("stop and start", stop_start),
+        ("archive and restore", archive_and_restore),
+        ("ssh access", ssh_access),
     ]:
         checks.run(name, fn)
 
