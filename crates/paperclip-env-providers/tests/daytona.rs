@@ -646,12 +646,13 @@ async fn command_past_its_deadline_times_out_and_gets_a_new_session() {
     let r = s
         .run(
             &lease,
-            ExecuteRequest::shell("printf partial; sleep 30").timeout_ms(700),
+            ExecuteRequest::shell("echo partial; sleep 30").timeout_ms(700),
         )
         .await
         .unwrap();
     assert!(r.timed_out && r.exit_code.is_none());
-    assert_eq!(r.stdout, "partial");
+    // The daemon frames whole lines: what was printed before the deadline.
+    assert_eq!(r.stdout, "partial\n");
     let r = s
         .run(&lease, ExecuteRequest::new("printf").arg("next"))
         .await
@@ -807,6 +808,13 @@ async fn no_api_key_in_any_log_line() {
         .await;
     let logs = capture.text();
     assert!(logs.contains("http"), "the capture saw the HTTP spans");
+    // The WebSocket library's own TRACE records reach the capture (through
+    // the `log` bridge): its handshake log would carry the Authorization
+    // header, so the handshake is not left to it (issue 26).
+    assert!(
+        logs.contains("tungstenite"),
+        "the capture saw the WebSocket library's TRACE records"
+    );
     assert!(!logs.contains(KEY), "a log line carries the API key");
     assert!(!format!("{:?}", s.provider).contains(KEY));
     assert!(
@@ -857,26 +865,184 @@ async fn archive_on_release_archives_instead_of_deleting() {
     assert_eq!(s.emu.live_sandboxes(), 0);
 }
 
-#[tokio::test]
-async fn concurrent_first_commands_share_one_session() {
+fn session_creates(emu: &DaytonaEmulator) -> usize {
+    emu.requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/process/session"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_executes_on_one_lease_do_not_queue() {
     let s = setup().await;
     let lease = s.acquire(json!({})).await;
-    let (a, b) = tokio::join!(
-        s.run(&lease, ExecuteRequest::new("printf").arg("a")),
-        s.run(&lease, ExecuteRequest::new("printf").arg("b"))
-    );
+    // A waits for a file only B creates: if B queued behind A (one shared
+    // daemon session runs its commands in turn), neither would finish.
+    let waiter =
+        ExecuteRequest::shell("while [ ! -f rendezvous ]; do sleep 0.05; done; echo A saw B");
+    let maker = ExecuteRequest::shell("sleep 0.2; touch rendezvous; echo B done");
+    let (a, b) = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures::future::join(s.run(&lease, waiter), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.run(&lease, maker).await
+        }),
+    )
+    .await
+    .expect("the second execute queued behind the first");
+    assert_eq!(a.unwrap().stdout, "A saw B\n");
+    assert_eq!(b.unwrap().stdout, "B done\n");
     assert_eq!(
-        (a.unwrap().stdout, b.unwrap().stdout),
-        ("a".into(), "b".into())
+        session_creates(&s.emu),
+        2,
+        "one session per concurrent command"
     );
-    let sessions = s
+    // Sequential executes reuse an idle session of the pool.
+    s.run(&lease, ExecuteRequest::new("true")).await.unwrap();
+    s.run(&lease, ExecuteRequest::new("true")).await.unwrap();
+    assert_eq!(session_creates(&s.emu), 2);
+    s.release(&lease, json!({})).await.unwrap();
+    // Release deleted the pooled sessions.
+    let deletes = s
         .emu
         .requests()
         .iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/process/session"))
+        .filter(|r| r.method == "DELETE" && r.path.contains("/process/session/"))
         .count();
-    assert_eq!(sessions, 1);
+    assert_eq!(deletes, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_never_kills_another_command() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    let long = ExecuteRequest::shell("sleep 1; echo survived");
+    let doomed = ExecuteRequest::shell("sleep 30").timeout_ms(300);
+    let (long, doomed) = tokio::time::timeout(
+        Duration::from_secs(20),
+        futures::future::join(s.run(&lease, long), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.run(&lease, doomed).await
+        }),
+    )
+    .await
+    .expect("hung");
+    let doomed = doomed.unwrap();
+    assert!(doomed.timed_out && doomed.exit_code.is_none(), "{doomed:?}");
+    let long = long.unwrap();
+    assert_eq!(
+        (long.exit_code, long.stdout.as_str()),
+        (Some(0), "survived\n")
+    );
     s.release(&lease, json!({})).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_command_reading_stdin_gets_eof_or_the_given_stdin() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.run(&lease, ExecuteRequest::new("cat")),
+    )
+    .await
+    .expect("cat without stdin waited for input")
+    .unwrap();
+    assert_eq!((r.exit_code, r.stdout.as_str()), (Some(0), ""));
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.run(
+            &lease,
+            ExecuteRequest::shell("read a; read b; echo \"$b $a\"").stdin("1\n2\n"),
+        ),
+    )
+    .await
+    .expect("hung")
+    .unwrap();
+    assert_eq!(r.stdout, "2 1\n");
+    s.release(&lease, json!({})).await.unwrap();
+}
+
+#[tokio::test]
+async fn output_is_exact_through_the_daemon_s_line_framing() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    // The daemon frames per line and ends a last partial line with "\n";
+    // the provider still returns (and streams) exactly what was printed.
+    for (script, out, err) in [
+        ("printf 'a\\nb'; printf 'e' >&2", "a\nb", "e"),
+        ("printf 'x\\n'; printf 'y\\n\\n' >&2", "x\n", "y\n\n"),
+        ("true", "", ""),
+        ("printf '\\n'", "\n", ""),
+    ] {
+        let (sink, seen) = collecting_sink();
+        let r = s
+            .run_with(&lease, ExecuteRequest::shell(script), Some(sink))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.stdout.as_str(), r.stderr.as_str()),
+            (out, err),
+            "{script}"
+        );
+        assert_eq!(seen.lock().unwrap().as_str(), out, "streamed: {script}");
+    }
+    // What reached the daemon's log is the per-line framing.
+    s.release(&lease, json!({})).await.unwrap();
+}
+
+#[tokio::test]
+async fn shell_state_never_leaks_between_executes() {
+    let s = setup().await;
+    let lease = s.acquire(json!({})).await;
+    // The login script sources ~/.profile in the session's shell: were that
+    // not contained, every later command would see the variable grow.
+    s.run(
+        &lease,
+        ExecuteRequest::shell("echo 'export PROFILE_RUNS=\"x$PROFILE_RUNS\"' > \"$HOME/.profile\""),
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let r = s
+            .run(&lease, ExecuteRequest::shell("echo \"$PROFILE_RUNS\""))
+            .await
+            .unwrap();
+        assert_eq!(r.stdout, "x\n");
+    }
+    assert_eq!(
+        session_creates(&s.emu),
+        1,
+        "all ran in the same pooled session"
+    );
+    s.release(&lease, json!({})).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_deprecated_toolbox_route_serves_sandboxes_without_a_proxy_url() {
+    let s = setup().await;
+    s.emu.hide_toolbox_proxy_url(true);
+    let lease = s.acquire(json!({})).await;
+    let id = lease.id().unwrap().to_owned();
+    let r = s
+        .run(&lease, ExecuteRequest::shell("echo via-api"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "via-api\n");
+    let prefix = format!("/toolbox/{id}/toolbox/");
+    let requests = s.emu.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.starts_with(&prefix) && r.path.ends_with("/exec"))
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.starts_with(&prefix) && r.path.ends_with("/logs"))
+    );
+    s.release(&lease, json!({})).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
 }
 
 #[tokio::test]
@@ -1098,4 +1264,59 @@ async fn workspace_round_trip_through_the_toolbox_file_api() {
         .await
         .into_result()
         .unwrap();
+}
+
+#[tokio::test]
+async fn run_resources_are_found_by_their_run_label() {
+    let s = setup().await;
+    let mine = s.acquire(json!({})).await;
+    let other = s
+        .provider
+        .acquire(
+            &s.ctx(json!({})),
+            &AcquireRequest {
+                run_id: "run-2".into(),
+                workspace_mode: None,
+            },
+        )
+        .await
+        .unwrap();
+    // The host's 30 s default never cuts a default-config acquire short.
+    assert!(
+        s.provider.default_lease_deadline().unwrap()
+            > Duration::from_millis(paperclip_env_providers::daytona::DAYTONA_DEFAULT_TIMEOUT_MS)
+    );
+    let found = s
+        .provider
+        .list_run_resources(&s.ctx(json!({})), "run-1")
+        .await
+        .unwrap();
+    let ids: Vec<_> = found.iter().filter_map(|h| h.id()).collect();
+    assert_eq!(ids, vec![mine.id().unwrap()]);
+    let listed = s
+        .emu
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "GET" && r.path == "/sandbox")
+        .unwrap();
+    assert!(listed.query.unwrap().contains("paperclip-run-id"));
+    // What the sweep hands back, destroy accepts.
+    s.provider
+        .destroy(&s.ctx(json!({})), &found[0])
+        .await
+        .unwrap();
+    assert!(
+        s.provider
+            .list_run_resources(&s.ctx(json!({})), "run-1")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let other = LeaseHandle {
+        provider_lease_id: other.provider_lease_id,
+        metadata: other.metadata,
+        expires_at: None,
+    };
+    s.release(&other, json!({})).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
 }

@@ -1,5 +1,6 @@
-//! Captures everything logged through `tracing` (TRACE level and up), so a
-//! test can assert that no secret reaches a log line.
+//! Captures everything logged through `tracing` (TRACE level and up), and
+//! the `log` crate's records too (reqwest, rustls and tungstenite log
+//! through `log`), so a test can assert that no secret reaches a log line.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -40,8 +41,14 @@ impl Write for LogCapture {
 }
 
 impl LogCapture {
-    /// Installs a TRACE-level subscriber for the current thread until the guard drops.
+    /// Installs a TRACE-level subscriber for the current thread until the
+    /// guard drops. `log` records are forwarded to `tracing` (process-wide,
+    /// once; a logger someone else installed first stays in place).
     pub fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+        static BRIDGE: std::sync::Once = std::sync::Once::new();
+        BRIDGE.call_once(|| {
+            let _ = tracing_log::LogTracer::init();
+        });
         let capture = LogCapture::default();
         let writer = capture.clone();
         let subscriber = tracing_subscriber::fmt()

@@ -195,6 +195,48 @@ impl Api<'_> {
         .await
     }
 
+    /// The sandboxes carrying every label of `labels` (`GET /sandbox`,
+    /// following `nextCursor`; an API answering a bare array is read too).
+    pub async fn list(&self, labels: &Value) -> Result<Vec<Sandbox>> {
+        let headers = self.conn.headers()?;
+        let url = self.url("/sandbox");
+        let filter = labels.to_string();
+        let mut cursor: Option<String> = None;
+        let mut out = Vec::new();
+        // A bound on pages: one run labels a handful of sandboxes.
+        for _ in 0..50 {
+            let mut query = vec![("labels", filter.clone()), ("limit", "100".to_owned())];
+            if let Some(c) = &cursor {
+                query.push(("cursor", c.clone()));
+            }
+            let response = self
+                .http
+                .send(RequestSpec::idempotent("list sandboxes"), |c| {
+                    c.get(&url).headers(headers.clone()).query(&query)
+                })
+                .await?;
+            let page: Value = json_of("list sandboxes", response).await?;
+            let items = match &page {
+                Value::Array(items) => items.clone(),
+                other => other["items"].as_array().cloned().unwrap_or_default(),
+            };
+            for item in items {
+                let sandbox: Sandbox = serde_json::from_value(item).map_err(|e| {
+                    Error::provider(KEY, format!("list sandboxes: unexpected item: {e}"))
+                })?;
+                out.push(sandbox);
+            }
+            cursor = page["nextCursor"]
+                .as_str()
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// `false` when the sandbox was already gone.
     pub async fn delete(&self, id: &str) -> Result<bool> {
         let headers = self.conn.headers()?;
@@ -292,12 +334,19 @@ pub(crate) enum OneShot {
 /// Toolbox calls for one sandbox.
 pub(crate) struct Toolbox<'a> {
     pub http: &'a HttpClient,
+    /// The HTTP/1.1 client for log sockets.
+    pub ws: &'a reqwest::Client,
     pub conn: &'a Conn,
     pub base: String,
 }
 
 impl<'a> Toolbox<'a> {
-    pub fn new(http: &'a HttpClient, conn: &'a Conn, sandbox: &Sandbox) -> Self {
+    pub fn new(
+        http: &'a HttpClient,
+        ws: &'a reqwest::Client,
+        conn: &'a Conn,
+        sandbox: &Sandbox,
+    ) -> Self {
         let base = match sandbox.toolbox_proxy_url.as_deref().map(str::trim) {
             Some(url) if !url.is_empty() => format!("{}/{}", url.trim_end_matches('/'), sandbox.id),
             _ => format!(
@@ -306,11 +355,28 @@ impl<'a> Toolbox<'a> {
                 sandbox.id
             ),
         };
-        Toolbox { http, conn, base }
+        Toolbox {
+            http,
+            ws,
+            conn,
+            base,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Opens a toolbox WebSocket (log follow).
+    pub async fn open_socket(&self, path: &str) -> Result<crate::daytona::logs::Socket> {
+        let headers = self.conn.headers()?;
+        crate::daytona::logs::connect(
+            self.ws,
+            &self.url(path),
+            &headers,
+            self.http.options().request_timeout,
+        )
+        .await
     }
 
     pub async fn dir(&self, path: &str) -> Result<Option<String>> {

@@ -1,6 +1,40 @@
 //! Daytona sandboxes (spec 22): the REST API for the sandbox lifecycle and
-//! the toolbox daemon for commands (persistent sessions with WebSocket log
-//! streaming) and files.
+//! the toolbox daemon for commands (sessions with WebSocket log streaming)
+//! and files.
+//!
+//! # How commands run (decisions, issue 19)
+//!
+//! The daemon gives each session one long-lived shell and writes every
+//! command of the session into it, so the session's commands run one after
+//! another and a command's `cd`/`export`/`exit` change the session. Upstream
+//! runs all of a lease's commands in one session; against the real daemon
+//! that queues a second execute behind a long first one, and a deadline
+//! that deletes the session kills both. This provider instead:
+//!
+//! - keeps a **session pool** per lease: an execute takes an idle session or
+//!   creates one when all are busy, and returns it only once its command has
+//!   finished (at most 4 idle sessions are kept; extra ones are deleted).
+//!   Concurrent executes therefore never share a shell, sequential ones reuse
+//!   one (no session create per command), and a deadline deletes the timed-out
+//!   command's own session, which runs nothing else. A session whose command
+//!   failed mid-stream is deleted, never reused; a `session not found`
+//!   empties the pool (the sandbox restarted) and the command is retried once
+//!   in a new session. Release and destroy delete the pooled sessions.
+//! - runs each command as `( ( <login script> ); status=$?; <trailer>; exit
+//!   $status )`: nothing the command or the sourced profiles do (`cd`,
+//!   variables, `exit`) reaches the session's shell.
+//! - redirects stdin from the staged stdin file, or from `/dev/null` when the
+//!   request has none: an async session command's stdin is a pipe the daemon
+//!   holds open, so a reader would otherwise wait forever.
+//! - recovers exact output from the daemon's per-line framing (every line is
+//!   logged as marker + line + `\n`, so a last line without newline gains one):
+//!   each command ends by printing `\n<random trailer>` on both streams; the
+//!   byte before the trailer is the command's own, and live delivery holds
+//!   back only what could still be the start of the trailer. NUL bytes are
+//!   dropped by the daemon and cannot be recovered.
+//! - opens the log WebSocket with an HTTP/1.1 upgrade sent by reqwest, not by
+//!   tungstenite, whose TRACE log of the handshake would print the
+//!   Authorization header.
 //!
 //! ```no_run
 //! # async fn demo() -> paperclip_env_core::Result<()> {
@@ -40,11 +74,14 @@ pub use config::{
 };
 
 use api::{Api, Conn, OneShot, Sandbox, Toolbox, secs};
-use logs::{Delivery, Frame, Replay};
+use logs::{Frame, Replay};
 
 use crate::http::{HttpClient, HttpOptions};
 
 const KEY: &str = "daytona";
+/// Idle sessions kept per lease; more concurrent commands get sessions that
+/// are deleted when they finish.
+const MAX_IDLE_SESSIONS: usize = 4;
 const SENTINEL_REL: &str = ".paperclip-runtime/reusable-sandbox-lease.json";
 const SHELL_DETECT: &str =
     "if command -v bash >/dev/null 2>&1; then printf bash; else printf sh; fi";
@@ -131,17 +168,18 @@ impl DaytonaProviderBuilder {
 
     /// Builds the provider.
     pub fn build(self) -> Result<DaytonaProvider> {
+        let ws = logs::socket_client(self.http.connect_timeout)?;
         let http = HttpClient::new(KEY, self.http)?;
         Ok(DaytonaProvider {
             inner: Arc::new(Inner {
                 http,
+                ws,
                 api_url: self.api_url,
                 api_key: self.api_key,
                 target: self.target,
                 poll_interval: self.poll_interval.unwrap_or(Duration::from_millis(500)),
                 drain_window: self.drain_window.unwrap_or(Duration::from_millis(1500)),
                 sessions: Mutex::new(HashMap::new()),
-                session_gate: tokio::sync::Mutex::new(()),
                 handles: Mutex::new(HashMap::new()),
                 gates: Mutex::new(HashMap::new()),
             }),
@@ -151,16 +189,16 @@ impl DaytonaProviderBuilder {
 
 struct Inner {
     http: HttpClient,
+    /// HTTP/1.1 client for the log WebSocket (upgrades need HTTP/1.1).
+    ws: reqwest::Client,
     api_url: Option<String>,
     api_key: Option<SecretString>,
     target: Option<String>,
     poll_interval: Duration,
     drain_window: Duration,
-    /// Persistent session id per lease, keyed by account hash + lease id
-    /// (never the secret itself).
-    sessions: Mutex<HashMap<String, String>>,
-    /// Makes session creation single-flight.
-    session_gate: tokio::sync::Mutex<()>,
+    /// Idle toolbox sessions per lease (the pool, see the module docs),
+    /// keyed by account hash + lease id (never the secret itself).
+    sessions: Mutex<HashMap<String, Vec<String>>>,
     /// Sandbox record per lease (same keys), refreshed after half the
     /// auto-stop interval (spec 22 §3.13).
     handles: Mutex<HashMap<String, (Sandbox, std::time::Instant)>>,
@@ -267,10 +305,12 @@ fn login_script(
         .map(quote)
         .collect::<Vec<_>>()
         .join(" ");
-    let mut last = format!("env {assignments} {words}");
-    if let Some(path) = stdin_path {
-        last.push_str(&format!(" < {}", quote(path)));
-    }
+    // No stdin given: EOF, never the daemon's input pipe (held open for
+    // async session commands, so a reader would wait forever).
+    let last = format!(
+        "env {assignments} {words} < {}",
+        quote(stdin_path.unwrap_or("/dev/null"))
+    );
     fragments.push(last);
     Ok(fragments.join(" && "))
 }
@@ -354,7 +394,7 @@ impl DaytonaProvider {
     }
 
     fn toolbox<'a>(&'a self, settings: &'a Settings, sandbox: &Sandbox) -> Toolbox<'a> {
-        Toolbox::new(&self.inner.http, &settings.conn, sandbox)
+        Toolbox::new(&self.inner.http, &self.inner.ws, &settings.conn, sandbox)
     }
 
     fn session_key(settings: &Settings, ctx: &CallContext, id: &str) -> String {
@@ -439,12 +479,41 @@ impl DaytonaProvider {
         }
     }
 
-    fn forget_session(&self, key: &str) -> Option<String> {
+    /// Drops the lease's idle sessions from the pool; returns their ids.
+    fn forget_session(&self, key: &str) -> Vec<String> {
         self.inner
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key)
+            .unwrap_or_default()
+    }
+
+    /// An idle session of the lease, if the pool has one.
+    fn checkout_session(&self, key: &str) -> Option<String> {
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(key)?
+            .pop()
+    }
+
+    /// Returns a session whose command has finished to the pool; `Some` is
+    /// a session beyond the pool's size, for the caller to delete.
+    fn checkin_session(&self, key: &str, sid: String) -> Option<String> {
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let idle = sessions.entry(key.to_owned()).or_default();
+        if idle.len() < MAX_IDLE_SESSIONS {
+            idle.push(sid);
+            None
+        } else {
+            Some(sid)
+        }
     }
 
     fn create_body(&self, settings: &Settings, ctx: &CallContext, run_id: Option<&str>) -> Value {
@@ -722,15 +791,21 @@ impl DaytonaProvider {
     }
 
     async fn teardown_session(&self, settings: &Settings, ctx: &CallContext, sandbox: &Sandbox) {
-        if let Some(sid) = self.forget_session(&Self::session_key(settings, ctx, &sandbox.id))
-            && sandbox.state() == "started"
-            && let Err(error) = self.toolbox(settings, sandbox).delete_session(&sid).await
-        {
-            debug!(%error, "deleting the persistent session failed");
+        let idle = self.forget_session(&Self::session_key(settings, ctx, &sandbox.id));
+        if sandbox.state() != "started" {
+            return;
+        }
+        let tb = self.toolbox(settings, sandbox);
+        for sid in idle {
+            if let Err(error) = tb.delete_session(&sid).await {
+                debug!(%error, "deleting a pooled session failed");
+            }
         }
     }
 
-    /// Runs one command in the lease's persistent session (spec 22 §3.11).
+    /// Runs one command in a session of the lease's pool (spec 22 §3.11,
+    /// module docs): an idle session, or a new one when every session is
+    /// busy; back to the pool only once its command has finished.
     async fn run_in_session(
         &self,
         tb: &Toolbox<'_>,
@@ -741,52 +816,65 @@ impl DaytonaProvider {
         accepted: &mut bool,
     ) -> Result<CommandExit> {
         let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-        let command = format!("( {script} )");
+        let trailer = format!("paperclip-end-{}", uuid::Uuid::new_v4().simple());
+        // Inner subshell: the command's `exit`, `cd`, `export` stay in it;
+        // outer subshell: the status variable never reaches the session.
+        let command = format!(
+            "( ( {script} ); paperclip_status=$?; printf '\\n%s\\n' '{trailer}'; printf '\\n%s\\n' '{trailer}' >&2; exit $paperclip_status )"
+        );
         let mut attempt = 0;
         let (sid, cid) = loop {
-            let gate = self.inner.session_gate.lock().await;
-            let existing = self
-                .inner
-                .sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key)
-                .cloned();
-            let sid = match existing {
-                Some(sid) => sid,
+            let (sid, pooled) = match self.checkout_session(key) {
+                Some(sid) => (sid, true),
                 None => {
                     let sid = format!("paperclip-{}", uuid::Uuid::new_v4());
                     tb.create_session(&sid).await?;
-                    self.inner
-                        .sessions
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.to_owned(), sid.clone());
-                    sid
+                    (sid, false)
                 }
             };
-            drop(gate);
-            match tb.exec_async(&sid, &command).await? {
-                Some(cid) => {
+            match tb.exec_async(&sid, &command).await {
+                Ok(Some(cid)) => {
                     *accepted = true;
                     break (sid, cid);
                 }
-                None if attempt == 0 => {
-                    debug!("session not found; opening a new one");
+                // The sandbox restarted behind our back: its sessions are
+                // gone, pooled or not.
+                Ok(None) if attempt == 0 => {
+                    debug!(pooled, "session not found; opening a new one");
                     self.forget_session(key);
                     attempt += 1;
                 }
-                None => return Err(Error::provider(KEY, "session exec: session not found")),
+                Ok(None) => return Err(Error::provider(KEY, "session exec: session not found")),
+                Err(error) => {
+                    // A failed start may still have reached the session's
+                    // shell (a reset after the request went out): never
+                    // queue a later command behind it.
+                    if let Err(e) = tb.delete_session(&sid).await {
+                        debug!(error = %e, "deleting the session of a refused exec failed");
+                    }
+                    return Err(error);
+                }
             }
         };
-        let followed = tokio::time::timeout_at(deadline, self.follow(tb, &sid, &cid, output)).await;
+        let mut streams = logs::Streams::new(&trailer);
+        let followed =
+            tokio::time::timeout_at(deadline, self.follow(tb, &sid, &cid, output, &mut streams))
+                .await;
         let exit_code = match followed {
             Ok(Ok(code)) => code,
-            Ok(Err(error)) => return Err(error),
+            Ok(Err(error)) => {
+                // The command may still run there: never hand this session
+                // to another command.
+                if let Err(e) = tb.delete_session(&sid).await {
+                    debug!(error = %e, "deleting the session of a failed command failed");
+                }
+                return Err(error);
+            }
             Err(_) => {
-                // Deadline: delete the session (kills the runaway command).
+                // Deadline: delete this command's own session (kills it and
+                // nothing else: no other command runs in it).
+                streams.flush(output);
                 output.stderr(format!("{timeout_message}\n").as_bytes());
-                self.forget_session(key);
                 if let Err(error) = tb.delete_session(&sid).await {
                     debug!(%error, "deleting the timed-out session failed");
                 }
@@ -797,9 +885,15 @@ impl DaytonaProvider {
                 });
             }
         };
-        let (stdout, stderr) = tb.command_logs(&sid, &cid).await?;
-        output.reconcile(OutputStream::Stdout, stdout.as_bytes());
-        output.reconcile(OutputStream::Stderr, stderr.as_bytes());
+        let logs = tb.command_logs(&sid, &cid).await;
+        if let Some(extra) = self.checkin_session(key, sid)
+            && let Err(error) = tb.delete_session(&extra).await
+        {
+            debug!(%error, "deleting a session beyond the pool size failed");
+        }
+        let (stdout, stderr) = logs?;
+        output.reconcile(OutputStream::Stdout, streams.exact(stdout.as_bytes()));
+        output.reconcile(OutputStream::Stderr, streams.exact(stderr.as_bytes()));
         Ok(CommandExit {
             exit_code,
             ..Default::default()
@@ -813,16 +907,13 @@ impl DaytonaProvider {
         sid: &str,
         cid: &str,
         output: &OutputCollector,
+        streams: &mut logs::Streams,
     ) -> Result<Option<i32>> {
-        let url = tb.url(&format!(
-            "/process/session/{sid}/command/{cid}/logs?follow=true"
-        ));
-        let headers = tb.conn.headers()?;
-        let mut delivered = Delivery::default();
+        let path = format!("/process/session/{sid}/command/{cid}/logs?follow=true");
         let mut failures = 0;
         let mut exit: Option<i32> = None;
         while failures < 2 {
-            let mut socket = match logs::connect(&url, &headers).await {
+            let mut socket = match tb.open_socket(&path).await {
                 Ok(s) => s,
                 Err(error) => {
                     debug!(%error, "log stream connect failed");
@@ -843,7 +934,7 @@ impl DaytonaProvider {
                 };
                 tokio::select! {
                     frame = logs::next(&mut socket) => match frame {
-                        Frame::Data(bytes) => replay.feed(&bytes, &mut delivered, output),
+                        Frame::Data(bytes) => replay.feed(&bytes, streams, output),
                         Frame::Closed => break true,
                         Frame::Failed => break false,
                     },
@@ -907,6 +998,12 @@ impl SandboxProvider for DaytonaProvider {
         KEY
     }
 
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        // Acquire waits up to the default `timeoutMs` for `started` (spec 22
+        // §5.3), plus the create call and the toolbox preparation calls.
+        Some(Duration::from_millis(DAYTONA_DEFAULT_TIMEOUT_MS) + Duration::from_secs(60))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             execute: true,
@@ -922,7 +1019,7 @@ impl SandboxProvider for DaytonaProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: false,
-            run_lookup: false,
+            run_lookup: true,
         }
     }
 
@@ -1121,6 +1218,30 @@ impl SandboxProvider for DaytonaProvider {
             }
         }
         api.delete(id).await.map(|_| ())
+    }
+
+    /// The run's sandboxes, found by the labels `acquire` set
+    /// (`paperclip-run-id`, with the provider and environment labels).
+    async fn list_run_resources(
+        &self,
+        ctx: &CallContext,
+        run_id: &str,
+    ) -> Result<Vec<LeaseHandle>> {
+        let settings = self.settings(ctx)?;
+        let labels = json!({
+            "paperclip-provider": KEY,
+            "paperclip-environment-id": ctx.environment_id,
+            "paperclip-run-id": run_id,
+        });
+        let sandboxes = self.api(&settings).list(&labels).await?;
+        Ok(sandboxes
+            .into_iter()
+            .filter(|s| !matches!(s.state(), "destroyed" | "destroying"))
+            .map(|s| LeaseHandle {
+                provider_lease_id: Some(s.id),
+                ..Default::default()
+            })
+            .collect())
     }
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
@@ -1487,7 +1608,7 @@ mod tests {
         assert!(
             s.contains("/etc/profile") && s.contains("cd '/workspace'") && !s.contains("exec ")
         );
-        assert!(s.ends_with("&& env GIT_TERMINAL_PROMPT='0' GCM_INTERACTIVE='Never' GIT_ASKPASS='echo' SSH_ASKPASS='echo' SSH_ASKPASS_REQUIRE='force' FOO='bar' 'printf' 'hello'"), "{s}");
+        assert!(s.ends_with("&& env GIT_TERMINAL_PROMPT='0' GCM_INTERACTIVE='Never' GIT_ASKPASS='echo' SSH_ASKPASS='echo' SSH_ASKPASS_REQUIRE='force' FOO='bar' 'printf' 'hello' < '/dev/null'"), "{s}");
         env.insert("1BAD".into(), "x".into());
         assert!(login_script("x", &[], None, &env, None).is_err());
     }

@@ -1,7 +1,12 @@
-//! An emulator of Daytona's REST API and toolbox daemon (spec 22 §6): the
-//! sandbox state machine, persistent sessions running real local processes,
-//! the log-follow WebSocket with 3-byte stream markers, bulk upload and
-//! download, and fault injection per route.
+//! An emulator of Daytona's REST API and toolbox daemon (spec 22 §6),
+//! following the daemon's behaviour (daytonaio/daytona v0.190.0, issue 19):
+//! the sandbox state machine; sessions as one long-lived shell each, whose
+//! commands run one after another in it with per-line framed logs and an
+//! input FIFO held open for async commands; synchronous session exec; the
+//! log-follow WebSocket with 3-byte stream markers; one-shot execute with
+//! `cwd` and `envs`; bulk upload and download, file listing and deletion;
+//! the deprecated `{apiUrl}/toolbox/{id}/toolbox/…` routes; and fault
+//! injection per route.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -13,29 +18,29 @@
 //! # }
 //! ```
 
+mod session;
+mod toolbox;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Multipart, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
-use crate::fake::DEFAULT_PATH;
+use session::Session;
 
 /// A route faults can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,11 +75,17 @@ pub enum Route {
     Logs,
     /// Toolbox `DELETE /process/session/{sid}`.
     SessionDelete,
+    /// Toolbox `POST /process/session/{sid}/command/{cid}/input`.
+    SessionInput,
 }
 
 impl Route {
     fn of(method: &Method, path: &str) -> Option<Route> {
-        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let mut parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        // `{apiUrl}/toolbox/{id}/toolbox/…` is the same toolbox route.
+        if parts.len() > 2 && parts[0] == "toolbox" && parts[2] == "toolbox" {
+            parts.remove(2);
+        }
         Some(match (method.as_str(), parts.as_slice()) {
             ("POST", ["sandbox"]) => Route::Create,
             ("GET", ["sandbox", _]) => Route::Get,
@@ -91,6 +102,9 @@ impl Route {
             ("GET", ["toolbox", _, "process", "session", _, "command", _]) => Route::CommandStatus,
             ("GET", ["toolbox", _, "process", "session", _, "command", _, "logs"]) => Route::Logs,
             ("DELETE", ["toolbox", _, "process", "session", _]) => Route::SessionDelete,
+            ("POST", ["toolbox", _, "process", "session", _, "command", _, "input"]) => {
+                Route::SessionInput
+            }
             _ => return None,
         })
     }
@@ -120,17 +134,6 @@ pub enum Fault {
 #[derive(Clone)]
 struct SpecialFault(Fault);
 
-struct Command {
-    command: String,
-    log: Mutex<Vec<u8>>,
-    exit: Mutex<Option<i32>>,
-}
-
-struct Session {
-    commands: HashMap<String, Arc<Command>>,
-    pgids: Vec<i32>,
-}
-
 struct Sbx {
     name: String,
     labels: Value,
@@ -140,7 +143,8 @@ struct Sbx {
     recoverable: bool,
     error_reason: Option<String>,
     root: PathBuf,
-    sessions: HashMap<String, Session>,
+    sessions: HashMap<String, Arc<Session>>,
+    /// Process groups of one-shot executes.
     pgids: Vec<i32>,
     created_at: String,
     updated_at: String,
@@ -161,7 +165,9 @@ impl Sbx {
         for pgid in self.pgids.drain(..) {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
         }
-        self.sessions.clear();
+        for (_, session) in self.sessions.drain() {
+            session.kill();
+        }
     }
 }
 
@@ -219,6 +225,11 @@ struct Shared {
     next_id: AtomicUsize,
     transition: Mutex<Duration>,
     snapshots: Mutex<HashMap<String, String>>,
+    /// How long a deleted session's processes get between SIGTERM and SIGKILL.
+    session_grace: Mutex<Duration>,
+    /// When set, sandboxes carry an empty `toolboxProxyUrl` (clients must
+    /// use the deprecated `{apiUrl}/toolbox/{id}/toolbox/…` routes).
+    hide_proxy_url: AtomicBool,
 }
 
 /// The running emulator; stops (and kills every sandbox process) on drop.
@@ -255,47 +266,80 @@ impl DaytonaEmulator {
             next_id: AtomicUsize::new(1),
             transition: Mutex::new(Duration::from_millis(30)),
             snapshots: Mutex::new(HashMap::new()),
+            session_grace: Mutex::new(Duration::from_secs(1)),
+            hide_proxy_url: AtomicBool::new(false),
         });
-        let app = Router::new()
-            .route("/sandbox", post(create))
+        let mut app = Router::new()
+            .route("/sandbox", post(create).get(list_sandboxes))
             .route("/sandbox/{id}", get(get_sandbox).delete(delete_sandbox))
             .route("/sandbox/{id}/start", post(start))
             .route("/sandbox/{id}/stop", post(stop))
             .route("/sandbox/{id}/recover", post(recover))
             .route("/sandbox/{id}/archive", post(archive))
+            .route("/sandbox/{id}/autostop/{m}", post(autostop))
+            .route("/sandbox/{id}/autoarchive/{m}", post(autoarchive))
             .route("/sandbox/{id}/autodelete/{m}", post(autodelete))
             .route("/sandbox/{id}/labels", axum::routing::put(put_labels))
             .route("/sandbox/{id}/ports/{port}/preview-url", get(preview_url))
             .route("/sandbox/{id}/ssh-access", post(ssh_access))
             .route("/sandbox/{id}/snapshot", post(snapshot_sandbox))
+            .route("/sandbox/{id}/toolbox-proxy-url", get(toolbox_proxy_url))
+            .route("/sandbox/{id}/build-logs-url", get(build_logs_url))
+            .route("/sandbox/{id}/build-logs", get(build_logs))
             .route(
                 "/snapshots/{name}",
                 get(get_snapshot).delete(delete_snapshot),
-            )
-            .route("/toolbox/{id}/work-dir", get(work_dir))
-            .route("/toolbox/{id}/user-home-dir", get(work_dir))
-            .route("/toolbox/{id}/files/folder", post(folder))
-            .route("/toolbox/{id}/files", delete(delete_file))
-            .route("/toolbox/{id}/files/bulk-upload", post(bulk_upload))
-            .route("/toolbox/{id}/files/bulk-download", post(bulk_download))
-            .route("/toolbox/{id}/process/execute", post(execute))
-            .route("/toolbox/{id}/process/session", post(session_create))
-            .route(
-                "/toolbox/{id}/process/session/{sid}",
-                delete(session_delete),
-            )
-            .route(
-                "/toolbox/{id}/process/session/{sid}/exec",
-                post(session_exec),
-            )
-            .route(
-                "/toolbox/{id}/process/session/{sid}/command/{cid}",
-                get(command_status),
-            )
-            .route(
-                "/toolbox/{id}/process/session/{sid}/command/{cid}/logs",
-                get(command_logs),
-            )
+            );
+        // The toolbox through the proxy, and through the API's deprecated
+        // `/toolbox/{id}/toolbox/…` passthrough.
+        for prefix in ["/toolbox/{id}", "/toolbox/{id}/toolbox"] {
+            app = app
+                .route(&format!("{prefix}/work-dir"), get(toolbox::work_dir))
+                .route(&format!("{prefix}/user-home-dir"), get(toolbox::work_dir))
+                .route(&format!("{prefix}/files/folder"), post(toolbox::folder))
+                .route(
+                    &format!("{prefix}/files"),
+                    get(toolbox::list_files).delete(toolbox::delete_file),
+                )
+                .route(
+                    &format!("{prefix}/files/permissions"),
+                    post(toolbox::permissions),
+                )
+                .route(
+                    &format!("{prefix}/files/bulk-upload"),
+                    post(toolbox::bulk_upload),
+                )
+                .route(
+                    &format!("{prefix}/files/bulk-download"),
+                    post(toolbox::bulk_download),
+                )
+                .route(&format!("{prefix}/process/execute"), post(toolbox::execute))
+                .route(
+                    &format!("{prefix}/process/session"),
+                    post(toolbox::session_create).get(toolbox::session_list),
+                )
+                .route(
+                    &format!("{prefix}/process/session/{{sid}}"),
+                    get(toolbox::session_get).delete(toolbox::session_delete),
+                )
+                .route(
+                    &format!("{prefix}/process/session/{{sid}}/exec"),
+                    post(toolbox::session_exec),
+                )
+                .route(
+                    &format!("{prefix}/process/session/{{sid}}/command/{{cid}}"),
+                    get(toolbox::command_status),
+                )
+                .route(
+                    &format!("{prefix}/process/session/{{sid}}/command/{{cid}}/logs"),
+                    get(toolbox::command_logs),
+                )
+                .route(
+                    &format!("{prefix}/process/session/{{sid}}/command/{{cid}}/input"),
+                    post(toolbox::command_input),
+                );
+        }
+        let app = app
             .layer(middleware::from_fn_with_state(
                 shared.clone(),
                 record_and_inject,
@@ -395,6 +439,22 @@ impl DaytonaEmulator {
             .unwrap_or_else(|p| p.into_inner()) = delay;
     }
 
+    /// How long a deleted session's processes get between SIGTERM and
+    /// SIGKILL (default 1 s; the daemon's grace is configurable too).
+    pub fn set_session_grace(&self, grace: Duration) {
+        *self
+            .shared
+            .session_grace
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = grace;
+    }
+
+    /// Answers every sandbox with an empty `toolboxProxyUrl`, so clients
+    /// fall back to the API's deprecated `/toolbox/{id}/toolbox/…` routes.
+    pub fn hide_toolbox_proxy_url(&self, hide: bool) {
+        self.shared.hide_proxy_url.store(hide, Ordering::SeqCst);
+    }
+
     /// Scripts a state (e.g. `error` with `recoverable`, `build_failed`),
     /// or simulates auto-stop with `stopped` (kills the sandbox's processes).
     pub fn set_state(&self, id: &str, state: &str, recoverable: bool, reason: Option<&str>) {
@@ -448,19 +508,87 @@ impl Shared {
 
     fn sandbox_json(&self, id: &str, s: &Sbx) -> Value {
         let b = &s.create_body;
-        json!({"id": id, "organizationId": "org-emulator", "name": s.name, "user": "daytona", "env": {},
-            "labels": s.labels, "public": false, "networkBlockAll": false,
-            "target": b.get("target").cloned().unwrap_or(json!("us")),
-            "cpu": b.get("cpu").cloned().unwrap_or(json!(1)), "gpu": b.get("gpu").cloned().unwrap_or(json!(0)),
-            "memory": b.get("memory").cloned().unwrap_or(json!(1)), "disk": b.get("disk").cloned().unwrap_or(json!(3)),
-            "state": s.state, "errorReason": s.error_reason, "recoverable": s.recoverable,
+        // The SDKs (0.226) validate these strictly: integers, string maps,
+        // a string target, a `kvm` flag and a `toolboxProxyUrl` string.
+        let int = |key: &str, default: i64| {
+            b.get(key)
+                .and_then(Value::as_f64)
+                .map(|v| v.round() as i64)
+                .unwrap_or(default)
+        };
+        let desired = match s
+            .pending
+            .as_ref()
+            .map(|(t, _)| t.as_str())
+            .unwrap_or(&s.state)
+        {
+            "stopped" | "stopping" => "stopped",
+            "archived" | "archiving" => "archived",
+            "destroyed" | "destroying" => "destroyed",
+            _ => "started",
+        };
+        let proxy = if self.hide_proxy_url.load(Ordering::SeqCst) {
+            String::new()
+        } else {
+            format!("{}/toolbox", self.base)
+        };
+        json!({"id": id, "organizationId": "org-emulator", "name": s.name, "user": "daytona",
+            "env": string_map(b.get("env")), "labels": string_map(Some(&s.labels)),
+            "public": b.get("public").and_then(Value::as_bool).unwrap_or(false),
+            "networkBlockAll": b.get("networkBlockAll").and_then(Value::as_bool).unwrap_or(false),
+            "kvm": false,
+            "target": b.get("target").and_then(Value::as_str).unwrap_or("us"),
+            "cpu": int("cpu", 1), "gpu": int("gpu", 0), "memory": int("memory", 1), "disk": int("disk", 3),
+            "state": s.state, "desiredState": desired, "errorReason": s.error_reason, "recoverable": s.recoverable,
             "snapshot": b.get("snapshot").cloned().unwrap_or(Value::Null),
+            "buildInfo": b.get("buildInfo").cloned().unwrap_or(Value::Null),
             "autoStopInterval": b.get("autoStopInterval").cloned().unwrap_or(json!(15)),
             "autoArchiveInterval": b.get("autoArchiveInterval").cloned().unwrap_or(json!(60)),
             "autoDeleteInterval": b.get("autoDeleteInterval").cloned().unwrap_or(json!(-1)),
-            "createdAt": s.created_at, "updatedAt": s.updated_at,
-            "toolboxProxyUrl": format!("{}/toolbox", self.base)})
+            "createdAt": s.created_at, "updatedAt": s.updated_at, "lastActivityAt": s.updated_at,
+            "daemonVersion": "0.190.0", "runnerId": "runner-emulator", "backupState": "None",
+            "toolboxProxyUrl": proxy})
     }
+
+    /// The sandbox's `env` from create, for its processes.
+    fn sandbox_env(&self, id: &str) -> Vec<(String, String)> {
+        with_sandbox(self, id, |s| {
+            string_map(s.create_body.get("env"))
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .unwrap_or_default()
+    }
+
+    /// The daemon's own state (sessions, logs), outside the sandbox's files.
+    fn daemon_dir(&self, id: &str) -> PathBuf {
+        self.root.path().join(format!("{id}.daemon"))
+    }
+
+    fn session_grace(&self) -> Duration {
+        *self.session_grace.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A JSON object with every value as a string (labels, env).
+fn string_map(v: Option<&Value>) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Some(Value::Object(m)) = v {
+        for (k, v) in m {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => continue,
+                other => other.to_string(),
+            };
+            out.insert(k.clone(), Value::String(s));
+        }
+    }
+    Value::Object(out)
 }
 
 fn api_error(status: u16, message: &str, path: &str) -> Response {
@@ -742,14 +870,102 @@ async fn archive(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> R
     }
 }
 
+/// Sets one lifecycle interval and answers with the sandbox.
+fn set_interval(shared: &Shared, id: &str, key: &str, minutes: i64) -> Response {
+    match with_sandbox(shared, id, |s| {
+        s.create_body[key] = json!(minutes);
+        s.updated_at = now();
+        shared.sandbox_json(id, s)
+    }) {
+        Some(v) => Json(v),
+        None => not_found(id),
+    }
+}
+
+async fn autostop(
+    State(shared): State<Arc<Shared>>,
+    Path((id, m)): Path<(String, i64)>,
+) -> Response {
+    set_interval(&shared, &id, "autoStopInterval", m)
+}
+
+async fn autoarchive(
+    State(shared): State<Arc<Shared>>,
+    Path((id, m)): Path<(String, i64)>,
+) -> Response {
+    set_interval(&shared, &id, "autoArchiveInterval", m)
+}
+
 async fn autodelete(
     State(shared): State<Arc<Shared>>,
     Path((id, m)): Path<(String, i64)>,
 ) -> Response {
+    set_interval(&shared, &id, "autoDeleteInterval", m)
+}
+
+/// `GET /sandbox?labels={json}`: one page `{items, nextCursor}` of the
+/// sandboxes carrying every given label.
+async fn list_sandboxes(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let wanted: serde_json::Map<String, Value> = match q.get("labels") {
+        None => serde_json::Map::new(),
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => m,
+            _ => return api_error(400, "labels must be a JSON object", "/sandbox"),
+        },
+    };
+    let mut sandboxes = shared.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+    let mut items: Vec<Value> = sandboxes
+        .iter_mut()
+        .filter_map(|(id, s)| {
+            s.settle();
+            let labels = string_map(Some(&s.labels));
+            wanted
+                .iter()
+                .all(|(k, v)| labels.get(k).and_then(Value::as_str) == v.as_str())
+                .then(|| shared.sandbox_json(id, s))
+        })
+        .collect();
+    items.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Json(json!({"items": items, "nextCursor": null}))
+}
+
+async fn toolbox_proxy_url(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    match with_sandbox(&shared, &id, |_| ()) {
+        Some(()) => Json(json!({"url": format!("{}/toolbox", shared.base)})),
+        None => not_found(&id),
+    }
+}
+
+async fn build_logs_url(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    match with_sandbox(&shared, &id, |_| ()) {
+        Some(()) => Json(json!({"url": format!("{}/sandbox/{id}/build-logs", shared.base)})),
+        None => not_found(&id),
+    }
+}
+
+/// The image build's log (the emulator builds nothing: one line per step).
+async fn build_logs(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     match with_sandbox(&shared, &id, |s| {
-        s.create_body["autoDeleteInterval"] = json!(m)
+        s.create_body["buildInfo"]["dockerfileContent"]
+            .as_str()
+            .map(str::to_owned)
     }) {
-        Some(()) => StatusCode::OK.into_response(),
+        Some(dockerfile) => {
+            let mut log = String::new();
+            for line in dockerfile.unwrap_or_default().lines() {
+                log.push_str(&format!("Step: {line}\n"));
+            }
+            log.push_str("Build complete\n");
+            (
+                StatusCode::OK,
+                [("content-type", "text/plain; charset=utf-8")],
+                log,
+            )
+                .into_response()
+        }
         None => not_found(&id),
     }
 }
@@ -868,487 +1084,9 @@ async fn delete_sandbox(State(shared): State<Arc<Shared>>, Path(id): Path<String
             s.state = "destroying".into();
             let v = shared.sandbox_json(&id, &s);
             let _ = std::fs::remove_dir_all(&s.root);
+            let _ = std::fs::remove_dir_all(shared.daemon_dir(&id));
             Json(v)
         }
         None => not_found(&id),
-    }
-}
-
-/// The sandbox root when the sandbox is started (toolbox calls need it).
-fn toolbox_root(shared: &Shared, id: &str) -> Result<PathBuf, Response> {
-    match with_sandbox(shared, id, |s| (s.state.clone(), s.root.clone())) {
-        None => Err(daemon_error(
-            404,
-            "NOT_FOUND",
-            &format!("sandbox {id} not found"),
-        )),
-        Some((state, root)) if state == "started" => Ok(root),
-        Some((state, _)) => Err(daemon_error(
-            502,
-            "BAD_GATEWAY",
-            &format!("sandbox is {state}"),
-        )),
-    }
-}
-
-async fn work_dir(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
-    match toolbox_root(&shared, &id) {
-        Ok(root) => Json(json!({"dir": root.display().to_string()})),
-        Err(r) => r,
-    }
-}
-
-async fn folder(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if let Err(r) = toolbox_root(&shared, &id) {
-        return r;
-    }
-    let Some(path) = q.get("path") else {
-        return daemon_error(400, "BAD_REQUEST", "path is required");
-    };
-    match std::fs::create_dir_all(path) {
-        Ok(()) => StatusCode::CREATED.into_response(),
-        Err(e) => daemon_error(400, "BAD_REQUEST", &e.to_string()),
-    }
-}
-
-async fn delete_file(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if let Err(r) = toolbox_root(&shared, &id) {
-        return r;
-    }
-    let Some(path) = q.get("path") else {
-        return daemon_error(400, "BAD_REQUEST", "path is required");
-    };
-    let p = std::path::Path::new(path);
-    let result = if p.is_dir() {
-        std::fs::remove_dir_all(p)
-    } else {
-        std::fs::remove_file(p)
-    };
-    match result {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(_) => daemon_error(404, "NOT_FOUND", "file not found"),
-    }
-}
-
-async fn bulk_upload(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    mut multipart: Multipart,
-) -> Response {
-    if let Err(r) = toolbox_root(&shared, &id) {
-        return r;
-    }
-    let mut paths: HashMap<String, String> = HashMap::new();
-    let mut files = Vec::new();
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => return daemon_error(400, "BAD_REQUEST", &e.to_string()),
-        };
-        let name = field.name().unwrap_or_default().to_owned();
-        let Ok(data) = field.bytes().await else {
-            return daemon_error(400, "BAD_REQUEST", "unreadable part");
-        };
-        if let Some(index) = name.strip_suffix(".path") {
-            paths.insert(
-                index.to_owned(),
-                String::from_utf8_lossy(&data).into_owned(),
-            );
-        } else if let Some(index) = name.strip_suffix(".file") {
-            let Some(path) = paths.get(index) else {
-                return daemon_error(400, "BAD_REQUEST", "file part before its path");
-            };
-            let p = std::path::Path::new(path);
-            if let Some(parent) = p.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            if let Err(e) = std::fs::write(p, &data) {
-                return daemon_error(400, "BAD_REQUEST", &e.to_string());
-            }
-            files.push(json!({"path": path, "bytes": data.len()}));
-        }
-    }
-    Json(json!({"files": files}))
-}
-
-async fn bulk_download(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = toolbox_root(&shared, &id) {
-        return r;
-    }
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let paths: Vec<String> = body["paths"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    if paths.is_empty() {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "no paths"}))).into_response();
-    }
-    let mut out = Vec::new();
-    for path in paths {
-        let (name, data) = match std::fs::read(&path) {
-            Ok(bytes) => ("file", bytes),
-            Err(_) => (
-                "error",
-                json!({"statusCode": 404, "message": format!("file not found: {path}"), "code": "FILE_NOT_FOUND"})
-                    .to_string()
-                    .into_bytes(),
-            ),
-        };
-        out.extend_from_slice(
-            format!("--DAYTONA-FILE-BOUNDARY\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{path}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
-        );
-        out.extend_from_slice(&data);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"--DAYTONA-FILE-BOUNDARY--\r\n");
-    (
-        StatusCode::OK,
-        [(
-            "content-type",
-            "multipart/form-data; boundary=DAYTONA-FILE-BOUNDARY",
-        )],
-        out,
-    )
-        .into_response()
-}
-
-fn spawn_shell(root: &std::path::Path, script: &str) -> std::io::Result<tokio::process::Child> {
-    tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(root)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-}
-
-async fn execute(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    let root = match toolbox_root(&shared, &id) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let Some(command) = body["command"].as_str().filter(|c| !c.trim().is_empty()) else {
-        return daemon_error(400, "BAD_REQUEST", "command is required");
-    };
-    let timeout = body["timeout"]
-        .as_u64()
-        .filter(|t| *t > 0)
-        .map(Duration::from_secs);
-    let mut child = match spawn_shell(&root, command) {
-        Ok(c) => c,
-        Err(e) => return Json(json!({"exitCode": -1, "result": e.to_string()})),
-    };
-    let pgid = child.id().map(|p| p as i32);
-    let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
-        return daemon_error(500, "INTERNAL_SERVER_ERROR", "no pipes");
-    };
-    let run = async {
-        let mut o = Vec::new();
-        let mut e = Vec::new();
-        let _ = tokio::join!(out.read_to_end(&mut o), err.read_to_end(&mut e));
-        let status = child.wait().await;
-        o.extend_from_slice(&e);
-        (status, o)
-    };
-    let finished = match timeout {
-        Some(t) => tokio::time::timeout(t, run).await.ok(),
-        None => Some(run.await),
-    };
-    match finished {
-        Some((Ok(status), output)) => Json(
-            json!({"exitCode": super::shell_exit_code(status), "result": String::from_utf8_lossy(&output)}),
-        ),
-        Some((Err(e), _)) => Json(json!({"exitCode": -1, "result": e.to_string()})),
-        None => {
-            if let Some(pgid) = pgid {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-            }
-            daemon_error(
-                408,
-                "REQUEST_TIMEOUT",
-                "request timeout: command execution timeout",
-            )
-        }
-    }
-}
-
-async fn session_create(
-    State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = toolbox_root(&shared, &id) {
-        return r;
-    }
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let Some(sid) = body["sessionId"].as_str().map(str::to_owned) else {
-        return daemon_error(400, "BAD_REQUEST", "sessionId is required");
-    };
-    let created = with_sandbox(&shared, &id, |s| {
-        if s.sessions.contains_key(&sid) {
-            false
-        } else {
-            s.sessions.insert(
-                sid.clone(),
-                Session {
-                    commands: HashMap::new(),
-                    pgids: Vec::new(),
-                },
-            );
-            true
-        }
-    });
-    match created {
-        Some(true) => StatusCode::CREATED.into_response(),
-        Some(false) => daemon_error(409, "CONFLICT", "conflict: session already exists"),
-        None => not_found(&id),
-    }
-}
-
-async fn session_delete(
-    State(shared): State<Arc<Shared>>,
-    Path((id, sid)): Path<(String, String)>,
-) -> Response {
-    let removed = with_sandbox(&shared, &id, |s| s.sessions.remove(&sid));
-    match removed {
-        Some(Some(session)) => {
-            for pgid in session.pgids {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-            }
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Some(None) => daemon_error(404, "NOT_FOUND", "not found: session not found"),
-        None => not_found(&id),
-    }
-}
-
-async fn pump(mut reader: impl tokio::io::AsyncRead + Unpin, marker: u8, cmd: Arc<Command>) {
-    let mut buf = vec![0u8; 8192];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let mut log = cmd.log.lock().unwrap_or_else(|p| p.into_inner());
-                log.extend_from_slice(&[marker; 3]);
-                log.extend_from_slice(&buf[..n]);
-            }
-        }
-    }
-}
-
-async fn session_exec(
-    State(shared): State<Arc<Shared>>,
-    Path((id, sid)): Path<(String, String)>,
-    body: Bytes,
-) -> Response {
-    let root = match toolbox_root(&shared, &id) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let Some(command) = body["command"].as_str().map(str::to_owned) else {
-        return daemon_error(400, "BAD_REQUEST", "command is required");
-    };
-    if body["runAsync"] != json!(true) {
-        // Synchronous session execution hangs with login scripts upstream.
-        return daemon_error(
-            400,
-            "BAD_REQUEST",
-            "emulator: only runAsync session execution is supported",
-        );
-    }
-    if with_sandbox(&shared, &id, |s| s.sessions.contains_key(&sid)) != Some(true) {
-        return daemon_error(404, "NOT_FOUND", "not found: session not found");
-    }
-    let mut child = match spawn_shell(&root, &command) {
-        Ok(c) => c,
-        Err(e) => return daemon_error(500, "INTERNAL_SERVER_ERROR", &e.to_string()),
-    };
-    let cid = uuid::Uuid::new_v4().to_string();
-    let cmd = Arc::new(Command {
-        command,
-        log: Mutex::new(Vec::new()),
-        exit: Mutex::new(None),
-    });
-    let pgid = child.id().map(|p| p as i32);
-    with_sandbox(&shared, &id, |s| {
-        if let Some(pgid) = pgid {
-            s.pgids.push(pgid);
-        }
-        if let Some(session) = s.sessions.get_mut(&sid) {
-            session.commands.insert(cid.clone(), cmd.clone());
-            if let Some(pgid) = pgid {
-                session.pgids.push(pgid);
-            }
-        }
-    });
-    let out = child.stdout.take();
-    let err = child.stderr.take();
-    tokio::spawn(async move {
-        let a = out.map(|o| tokio::spawn(pump(o, 1, cmd.clone())));
-        let b = err.map(|e| tokio::spawn(pump(e, 2, cmd.clone())));
-        let status = child.wait().await;
-        if let Some(a) = a {
-            let _ = a.await;
-        }
-        if let Some(b) = b {
-            let _ = b.await;
-        }
-        let code = status.map(super::shell_exit_code).unwrap_or(-1);
-        *cmd.exit.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
-    });
-    (
-        StatusCode::ACCEPTED,
-        [("content-type", "application/json")],
-        json!({"cmdId": cid}).to_string(),
-    )
-        .into_response()
-}
-
-fn find_command(shared: &Shared, id: &str, sid: &str, cid: &str) -> Option<Arc<Command>> {
-    with_sandbox(shared, id, |s| {
-        s.sessions.get(sid)?.commands.get(cid).cloned()
-    })
-    .flatten()
-}
-
-async fn command_status(
-    State(shared): State<Arc<Shared>>,
-    Path((id, sid, cid)): Path<(String, String, String)>,
-) -> Response {
-    let Some(cmd) = find_command(&shared, &id, &sid, &cid) else {
-        return daemon_error(404, "NOT_FOUND", "not found: command not found");
-    };
-    let mut v = json!({"id": cid, "command": cmd.command});
-    if let Some(code) = *cmd.exit.lock().unwrap_or_else(|p| p.into_inner()) {
-        v["exitCode"] = json!(code);
-    }
-    Json(v)
-}
-
-fn split_log(log: &[u8]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
-    let (mut out, mut err, mut all) = (Vec::new(), Vec::new(), Vec::new());
-    let mut current = 0u8;
-    let mut i = 0;
-    while i < log.len() {
-        if i + 3 <= log.len() && (log[i..i + 3] == [1, 1, 1] || log[i..i + 3] == [2, 2, 2]) {
-            current = log[i];
-            i += 3;
-            continue;
-        }
-        match current {
-            1 => out.push(log[i]),
-            2 => err.push(log[i]),
-            _ => {}
-        }
-        all.push(log[i]);
-        i += 1;
-    }
-    (out, err, all)
-}
-
-async fn command_logs(
-    State(shared): State<Arc<Shared>>,
-    Path((id, sid, cid)): Path<(String, String, String)>,
-    Query(q): Query<HashMap<String, String>>,
-    request: Request,
-) -> Response {
-    let fault = special(&request);
-    let Some(cmd) = find_command(&shared, &id, &sid, &cid) else {
-        return daemon_error(404, "NOT_FOUND", "not found: command not found");
-    };
-    let (mut parts, _) = request.into_parts();
-    let follow = q.get("follow").map(String::as_str) == Some("true");
-    if parts.headers.contains_key("upgrade") {
-        return match WebSocketUpgrade::from_request_parts(&mut parts, &shared).await {
-            Ok(ws) => ws.on_upgrade(move |socket| stream_logs(socket, cmd, follow, fault)),
-            Err(r) => r.into_response(),
-        };
-    }
-    let log = cmd.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let (out, err, all) = split_log(&log);
-    Json(
-        json!({"output": String::from_utf8_lossy(&all), "stdout": String::from_utf8_lossy(&out), "stderr": String::from_utf8_lossy(&err)}),
-    )
-}
-
-async fn stream_logs(mut socket: WebSocket, cmd: Arc<Command>, follow: bool, fault: Option<Fault>) {
-    let mut sent = 0usize;
-    let mut finished_at: Option<Instant> = None;
-    loop {
-        let (chunk, done) = {
-            let log = cmd.log.lock().unwrap_or_else(|p| p.into_inner());
-            let done = cmd.exit.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-            (log[sent..].to_vec(), done)
-        };
-        if !chunk.is_empty() {
-            sent += chunk.len();
-            // Split every write in two frames so markers straddle frames.
-            let cut = chunk.len().min(2);
-            for part in [&chunk[..cut], &chunk[cut..]] {
-                if !part.is_empty()
-                    && socket
-                        .send(Message::Binary(Bytes::copy_from_slice(part)))
-                        .await
-                        .is_err()
-                {
-                    return;
-                }
-            }
-            if fault == Some(Fault::DropLogs) {
-                return; // dropped without a close frame
-            }
-        }
-        if !follow {
-            let _ = socket.send(Message::Close(None)).await;
-            return;
-        }
-        if done && chunk.is_empty() {
-            let at = *finished_at.get_or_insert_with(Instant::now);
-            if fault != Some(Fault::LogsNeverClose) && at.elapsed() >= Duration::from_millis(100) {
-                let _ = socket
-                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                        code: 1000,
-                        reason: "".into(),
-                    })))
-                    .await;
-                return;
-            }
-        }
-        tokio::select! {
-            incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                _ => {}
-            },
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
     }
 }
