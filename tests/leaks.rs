@@ -302,3 +302,23 @@ async fn later_calls_use_the_runtime_budget_not_a_provider_default_in_metadata()
     .unwrap();
     assert_eq!(released.lease.cleanup_status, Some(CleanupStatus::Failed));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_passes_the_leak_drills_with_an_inline_canary() {
+    use paperclip_env_testkit::leak_drills::{LeakDrill, crash_rounds, deadline_rounds};
+    let root = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::builder()
+        .temp_root(root.path())
+        .secret_field("apiKey")
+        .build();
+    let (live, stall) = (fake.clone(), fake.clone());
+    let drill = LeakDrill::new(
+        Arc::new(fake),
+        json!({"provider": "fake-plugin", "apiKey": "canary-sk-9f8e7d6c5b4a"}),
+    )
+    .canary("canary-sk-9f8e7d6c5b4a")
+    .live(move || live.live_leases())
+    .slow_create(move |d| stall.faults().stall_after_create(d.unwrap_or_default()));
+    crash_rounds(&drill, 5).await.unwrap();
+    deadline_rounds(&drill, 5).await.unwrap();
+}

@@ -1320,3 +1320,24 @@ async fn run_resources_are_found_by_their_run_label() {
     s.release(&other, json!({})).await.unwrap();
     assert_eq!(s.emu.live_sandboxes(), 0);
 }
+
+/// Issue 26: a Daytona acquisition killed after the create, or answered
+/// after its caller's deadline, leaves no sandbox; the API key, given
+/// inline, appears in no log, row or Debug output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daytona_passes_the_leak_drills() {
+    use paperclip_env_testkit::leak_drills::{LeakDrill, crash_rounds, deadline_rounds};
+    let s = setup().await;
+    let (live, slow) = (s.emu.clone(), s.emu.clone());
+    let drill = LeakDrill::new(
+        Arc::new(s.provider.clone()),
+        json!({"provider": "daytona", "apiUrl": s.emu.url(), "apiKey": KEY, "target": "us"}),
+    )
+    .canary(KEY)
+    .call_deadline(Duration::from_secs(1))
+    .live(move || live.live_sandboxes())
+    .slow_create(move |d| slow.set_transition_delay(d.unwrap_or(Duration::from_millis(30))));
+    crash_rounds(&drill, 3).await.unwrap();
+    deadline_rounds(&drill, 3).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
+}

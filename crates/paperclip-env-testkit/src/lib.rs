@@ -7,6 +7,8 @@
 //!   public check per line, run by every provider's own test file.
 //! - `plugin_worker` (`plugin` feature): a reference worker of Paperclip's
 //!   plugin protocol serving the fake, and its `paperclip-env-plugin-worker` binary.
+//! - [`leak_drills`]: crash and deadline rounds proving an interrupted
+//!   acquisition leaves nothing at the service, with a canary secret.
 //! - [`logs`]: captures `tracing` output so tests can prove no secret is logged.
 //! - [`recording`]: a provider wrapper that records every call, with
 //!   lifecycle assertions.
@@ -24,6 +26,7 @@ pub mod emulators;
 /// (feature `fake`), where the default build has it without the testkit.
 pub use paperclip_env_providers::fake;
 pub mod fixtures;
+pub mod leak_drills;
 pub mod logs;
 #[cfg(feature = "plugin")]
 pub mod plugin_worker;
