@@ -1341,3 +1341,33 @@ async fn daytona_passes_the_leak_drills() {
     deadline_rounds(&drill, 3).await.unwrap();
     assert_eq!(s.emu.live_sandboxes(), 0);
 }
+
+/// Issue 26: every call on a held lease returns within the runtime's
+/// deadline when the Daytona API stops answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daytona_calls_on_a_silent_service_return_within_their_deadline() {
+    use paperclip_env_testkit::fixtures::silent_proxy::SilentProxy;
+    use paperclip_env_testkit::leak_drills::{LeakDrill, silent_service_round};
+    let s = setup().await;
+    // Toolbox calls then go through the API URL (the proxy) as well.
+    s.emu.hide_toolbox_proxy_url(true);
+    let upstream: std::net::SocketAddr = s
+        .emu
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = Arc::new(SilentProxy::start(upstream).await.unwrap());
+    let live = s.emu.clone();
+    let switch = proxy.clone();
+    let drill = LeakDrill::new(
+        Arc::new(s.provider.clone()),
+        json!({"provider": "daytona", "apiUrl": proxy.url("http"), "apiKey": KEY, "target": "us"}),
+    )
+    .call_deadline(Duration::from_secs(1))
+    .live(move || live.live_sandboxes())
+    .silence(move |on| switch.silence(on));
+    silent_service_round(&drill).await.unwrap();
+    assert_eq!(s.emu.live_sandboxes(), 0);
+}

@@ -26,6 +26,10 @@
 //! - [`deadline_rounds`]: the service answers the create after the caller's
 //!   deadline: the caller gets its timeout at once and the late resource must
 //!   be torn down without anyone's help.
+//! - [`silent_service_round`]: the service stops answering under a held
+//!   lease: execute, release and probe each return within the runtime's
+//!   deadline (the failed cleanup recorded), and once the service answers
+//!   again one reaper pass removes the resource.
 //!
 //! [`Capabilities::run_lookup`]: paperclip_env_core::Capabilities::run_lookup
 
@@ -47,6 +51,7 @@ use crate::logs::LogCapture;
 
 type Live = Arc<dyn Fn() -> usize + Send + Sync>;
 type SlowCreate = Arc<dyn Fn(Option<Duration>) + Send + Sync>;
+type Silence = Arc<dyn Fn(bool) + Send + Sync>;
 
 /// What a drill needs to know about one provider and its emulator.
 #[derive(Clone)]
@@ -55,6 +60,7 @@ pub struct LeakDrill {
     config: Value,
     live: Live,
     slow_create: Option<SlowCreate>,
+    silence: Option<Silence>,
     canary: Option<String>,
     call_deadline: Duration,
 }
@@ -78,6 +84,7 @@ impl LeakDrill {
             config,
             live: Arc::new(|| 0),
             slow_create: None,
+            silence: None,
             canary: None,
             call_deadline: Duration::from_millis(300),
         }
@@ -93,6 +100,14 @@ impl LeakDrill {
     /// resource (`None`: normal speed). Needed by [`deadline_rounds`].
     pub fn slow_create(mut self, slow: impl Fn(Option<Duration>) + Send + Sync + 'static) -> Self {
         self.slow_create = Some(Arc::new(slow));
+        self
+    }
+
+    /// Makes the service stop answering (`true`) or answer again, e.g.
+    /// through a [`SilentProxy`](crate::fixtures::silent_proxy::SilentProxy)
+    /// the config points at. Needed by [`silent_service_round`].
+    pub fn silence(mut self, silence: impl Fn(bool) + Send + Sync + 'static) -> Self {
+        self.silence = Some(Arc::new(silence));
         self
     }
 
@@ -212,6 +227,7 @@ fn rig(drill: &LeakDrill) -> Rig {
         .provider(drilled.clone())
         .options(RuntimeOptions {
             default_call_deadline: drill.call_deadline,
+            probe_deadline: drill.call_deadline,
             deadline_grace: Duration::ZERO,
             acquisition_heartbeat: heartbeat,
             ..Default::default()
@@ -372,4 +388,79 @@ pub async fn deadline_rounds(drill: &LeakDrill, rounds: usize) -> std::result::R
         return Err(format!("a deadline round left an open row: {open:?}"));
     }
     check_canary(drill, &rig, &logs, &shown)
+}
+
+/// Acquires a lease, silences the service, and checks that execute, release
+/// and probe each return within the runtime's deadline, the release
+/// recording a failed cleanup; then lets the service answer again and
+/// checks that one reaper pass removes the resource. See the
+/// [module docs](self).
+pub async fn silent_service_round(drill: &LeakDrill) -> std::result::Result<(), String> {
+    let Some(silence) = drill.silence.clone() else {
+        return Err("the silent-service round needs LeakDrill::silence".into());
+    };
+    let rig = rig(drill);
+    let baseline = (drill.live)();
+    let env = environment(drill, 0);
+    let run = format!("drill-silent-{}", uuid::Uuid::new_v4());
+    let record = rig
+        .runtime
+        .acquire_run_lease(paperclip_env_core::AcquireRunLease::for_run(
+            env.clone(),
+            run,
+        ))
+        .await
+        .map_err(|e| format!("acquire on an answering service failed: {e}"))?;
+    let lease = record.lease;
+    silence(true);
+    let bound = drill.call_deadline * 3;
+    let outcome = async {
+        let execute = tokio::time::timeout(
+            bound,
+            rig.runtime
+                .execute(&env, &lease, &ExecuteRequest::new("true")),
+        )
+        .await
+        .map_err(|_| format!("execute on a silent service outlived {bound:?}"))?;
+        if !matches!(execute, Err(Error::Timeout { .. })) {
+            return Err(format!("execute on a silent service: {execute:?}"));
+        }
+        let probe = tokio::time::timeout(bound, rig.runtime.probe(&env))
+            .await
+            .map_err(|_| format!("probe of a silent service outlived {bound:?}"))?;
+        if matches!(&probe, Ok(p) if p.ok) {
+            return Err("probe of a silent service passed".into());
+        }
+        let released = tokio::time::timeout(
+            bound,
+            rig.runtime
+                .release_lease(&env, &lease, LeaseStatus::Released),
+        )
+        .await
+        .map_err(|_| format!("release on a silent service outlived {bound:?}"))?
+        .map_err(|e| format!("release on a silent service: {e}"))?
+        .ok_or("the released row vanished")?;
+        if released.lease.cleanup_status != Some(paperclip_env_core::CleanupStatus::Failed) {
+            return Err(format!(
+                "a release the service never answered is not a failed cleanup: {:?}",
+                released.lease
+            ));
+        }
+        Ok(())
+    }
+    .await;
+    silence(false);
+    outcome?;
+    let reaper = Reaper::new(rig.runtime.clone()).options(paperclip_env_core::ReaperOptions {
+        initial_backoff: Duration::ZERO,
+        ..Default::default()
+    });
+    let report = reaper.run_once().await;
+    if report.cleaned_up != vec![lease.id.clone()] {
+        return Err(format!("the failed cleanup was not retried: {report:?}"));
+    }
+    until("the resource is gone", Duration::from_secs(30), || {
+        (drill.live)() == baseline
+    })
+    .await
 }
