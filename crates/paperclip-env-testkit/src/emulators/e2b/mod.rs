@@ -189,7 +189,7 @@ pub enum Fault {
     Delay(Duration),
     /// The edge's "sandbox was not found" 502.
     EnvdGone,
-    /// Start or Connect: close the stream after this many data events,
+    /// Start or Connect: close the stream right after this many data events,
     /// without end-of-stream; the process keeps running (as envd's do when
     /// their client goes away) and `Process/Connect` reattaches to it.
     DropStreamAfter(usize),

@@ -235,15 +235,15 @@ async fn stream_events(
                         if part.is_empty() {
                             continue;
                         }
-                        if drop_after.is_some_and(|n| data_events >= n) {
-                            // The connection closes; the process runs on.
-                            return;
-                        }
                         let event = json!({"event": {"data": {key: B64.encode(part)}}});
                         if !send(envelope(0, &event)).await {
                             return;
                         }
                         data_events += 1;
+                        if drop_after.is_some_and(|n| data_events >= n) {
+                            // The connection closes; the process runs on.
+                            return;
+                        }
                     }
                 }
                 Ok(Event::End(end)) => {
