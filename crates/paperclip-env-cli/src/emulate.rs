@@ -50,6 +50,7 @@ pub(crate) struct EmulateOptions {
     pub(crate) port: u16,
     pub(crate) tls: bool,
     pub(crate) api_key: Option<String>,
+    pub(crate) v1_only: bool,
 }
 
 /// Everything one running emulator owns; dropping it stops the emulator,
@@ -170,6 +171,16 @@ async fn start(options: &EmulateOptions) -> Result<Running, Error> {
             ),
         ));
     }
+    let e2b_like = matches!(
+        options.provider,
+        EmulatedProvider::E2b | EmulatedProvider::Novita
+    );
+    if options.v1_only && !e2b_like {
+        return Err(Error::invalid_field(
+            "v1-only",
+            "--v1-only applies to e2b and novita only",
+        ));
+    }
     let start_error = |e: std::io::Error| io_error("starting the emulator", e);
     match options.provider {
         EmulatedProvider::E2b | EmulatedProvider::Novita => {
@@ -180,9 +191,17 @@ async fn start(options: &EmulateOptions) -> Result<Running, Error> {
                 emulators::e2b::Profile::E2b
             };
             let api_key = key(if novita { "sk_" } else { "e2b_" });
-            let emulator = emulators::e2b::E2bEmulator::start(profile, &api_key)
-                .await
-                .map_err(start_error)?;
+            let emulator = emulators::e2b::E2bEmulator::start_with(emulators::e2b::E2bOptions {
+                profile,
+                api_key: api_key.clone(),
+                api: if options.v1_only {
+                    emulators::e2b::ApiVersions::V1Only
+                } else {
+                    emulators::e2b::ApiVersions::V1AndV2
+                },
+            })
+            .await
+            .map_err(start_error)?;
             let (url, forwarder) = public_url(emulator.url(), options.port).await?;
             let (name, prefix) = if novita {
                 ("novita", "NOVITA")
@@ -262,7 +281,8 @@ async fn start(options: &EmulateOptions) -> Result<Running, Error> {
                 "urls": {"server": url},
                 "credentials": {"tokenId": token_id, "tokenSecret": token_secret},
                 "env": {"MODAL_SERVER_URL": url, "MODAL_TOKEN_ID": token_id, "MODAL_TOKEN_SECRET": token_secret},
-                "config": {"provider": "modal", "tokenId": token_id, "tokenSecret": token_secret},
+                "config": {"provider": "modal", "tokenId": token_id, "tokenSecret": token_secret,
+                    "appName": "paperclip-emulate", "image": "python:3.12-slim"},
             });
             Ok(Running {
                 _emulator: Box::new(emulator),

@@ -194,6 +194,10 @@ enum Command {
         /// The credential the emulator accepts [default: a random one].
         #[arg(long, value_name = "KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// e2b/novita: serve the v1 control-plane routes only (`/v2/…`
+        /// answers 404), as older deployments do.
+        #[arg(long)]
+        v1_only: bool,
     },
 }
 
@@ -799,6 +803,7 @@ async fn main() -> ExitCode {
         port,
         tls,
         api_key,
+        v1_only,
     } = &cli.command
     {
         let options = emulate::EmulateOptions {
@@ -806,6 +811,7 @@ async fn main() -> ExitCode {
             port: *port,
             tls: *tls,
             api_key: api_key.clone(),
+            v1_only: *v1_only,
         };
         return match emulate::run(options).await {
             Ok(()) => ExitCode::SUCCESS,

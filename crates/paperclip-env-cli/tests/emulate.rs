@@ -334,6 +334,26 @@ fn a_fixed_port_is_served_and_tls_is_refused_where_the_service_is_plain() {
     assert_eq!(status, 404, "{body}");
     emulate.terminate();
 
+    let old = Emulate::start(&["e2b", "--v1-only", "--api-key", "e2b_fixed"]);
+    let api = old.url("api");
+    let create = |path: &str| {
+        http(
+            &api,
+            "POST",
+            path,
+            &[
+                ("X-API-Key", "e2b_fixed"),
+                ("Content-Type", "application/json"),
+            ],
+            br#"{"templateID":"base"}"#,
+            until_close,
+        )
+        .0
+    };
+    assert_eq!(create("/v2/sandboxes"), 404);
+    assert_eq!(create("/sandboxes"), 201);
+    old.terminate();
+
     let out = Command::new(BIN)
         .args(["emulate", "e2b", "--tls"])
         .stdin(Stdio::null())
