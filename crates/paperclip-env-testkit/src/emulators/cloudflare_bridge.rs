@@ -15,7 +15,6 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,15 +138,14 @@ struct Shared {
 
 /// The running emulator; kills every sandbox process on drop.
 pub struct BridgeEmulator {
-    addr: SocketAddr,
+    server: super::serve::Server,
     shared: Arc<Shared>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for BridgeEmulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BridgeEmulator")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -173,26 +171,13 @@ impl BridgeEmulator {
                 auth_record_inject,
             ))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        Ok(BridgeEmulator {
-            addr,
-            shared,
-            shutdown: Some(tx),
-        })
+        let server = super::serve::Server::start(app).await?;
+        Ok(BridgeEmulator { server, shared })
     }
 
     /// `http://127.0.0.1:<port>` (allowed: it is localhost).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// Sandboxes that exist.
@@ -280,9 +265,6 @@ impl BridgeEmulator {
 
 impl Drop for BridgeEmulator {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
         for (_, sandbox) in self
             .shared
             .sandboxes

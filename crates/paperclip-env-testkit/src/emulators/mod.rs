@@ -16,6 +16,9 @@ pub mod kubernetes;
 #[cfg(feature = "emulators-modal")]
 pub mod modal;
 pub(crate) mod sandbox_fs;
+mod serve;
+
+pub use serve::RecordedRequest;
 
 /// Faults queued per route: each request of a route takes the next one.
 pub(crate) struct FaultQueue<R, F> {

@@ -39,7 +39,6 @@ mod envd;
 mod process;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -219,30 +218,7 @@ struct Sandbox {
     guest_unresponsive: bool,
 }
 
-/// One recorded request.
-#[derive(Debug, Clone)]
-pub struct RecordedRequest {
-    /// Method.
-    pub method: String,
-    /// Path (no query).
-    pub path: String,
-    /// Query string.
-    pub query: Option<String>,
-    /// Headers, lower-cased names (sensitive values included: tests assert on them).
-    pub headers: Vec<(String, String)>,
-    /// Body, lossily decoded, at most 64 KiB.
-    pub body: String,
-}
-
-impl RecordedRequest {
-    /// A header value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == &name.to_ascii_lowercase())
-            .map(|(_, v)| v.as_str())
-    }
-}
+pub use super::RecordedRequest;
 
 /// A snapshot of one sandbox.
 #[derive(Debug, Clone, PartialEq)]
@@ -275,15 +251,14 @@ pub(crate) struct Shared {
 
 /// The running emulator; stops (and kills every sandbox process) on drop.
 pub struct E2bEmulator {
-    addr: SocketAddr,
+    server: super::serve::Server,
     shared: Arc<Shared>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for E2bEmulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("E2bEmulator")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .field("profile", &self.shared.profile)
             .finish_non_exhaustive()
     }
@@ -365,26 +340,13 @@ impl E2bEmulator {
                 record_and_inject,
             ))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        Ok(E2bEmulator {
-            addr,
-            shared,
-            shutdown: Some(tx),
-        })
+        let server = super::serve::Server::start(app).await?;
+        Ok(E2bEmulator { server, shared })
     }
 
     /// `http://127.0.0.1:<port>`: the API URL and the envd (sandbox) URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// Sandboxes alive (running or paused).
@@ -503,9 +465,6 @@ impl E2bEmulator {
 
 impl Drop for E2bEmulator {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
         let mut sandboxes = self
             .shared
             .sandboxes
@@ -603,22 +562,7 @@ async fn record_and_inject(
     let bytes = axum::body::to_bytes(body, 256 * 1024 * 1024)
         .await
         .unwrap_or_default();
-    let recorded = RecordedRequest {
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_owned(),
-        query: parts.uri.query().map(str::to_owned),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: String::from_utf8_lossy(&bytes[..bytes.len().min(64 * 1024)]).into_owned(),
-    };
+    let recorded = RecordedRequest::of(&parts, &bytes);
     if let Ok(mut requests) = shared.requests.lock() {
         requests.push(recorded);
     }
