@@ -95,6 +95,8 @@ fn route_of(method: &Method, path: &str) -> Option<BridgeRoute> {
 
 #[derive(Debug, Default)]
 struct CfSandbox {
+    /// The container's filesystem: a root of its own playing `/`.
+    fs: Option<super::sandbox_fs::SandboxFs>,
     keep_alive: bool,
     sleep_after: String,
     sentinel: Option<String>,
@@ -127,6 +129,7 @@ impl BridgeRequest {
 
 struct Shared {
     token: String,
+    root: tempfile::TempDir,
     sandboxes: Mutex<HashMap<String, CfSandbox>>,
     faults: super::FaultQueue<BridgeRoute, BridgeFault>,
     requests: Mutex<Vec<BridgeRequest>>,
@@ -156,6 +159,9 @@ impl BridgeEmulator {
     pub async fn start(token: &str) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             token: token.to_owned(),
+            root: tempfile::Builder::new()
+                .prefix("paperclip-cf-emulator-")
+                .tempdir()?,
             sandboxes: Mutex::new(HashMap::new()),
             faults: Default::default(),
             requests: Mutex::new(Vec::new()),
@@ -474,14 +480,44 @@ fn wrapper(
     Ok(parts.join(" && "))
 }
 
-fn ensure_workspace(cwd: &str) -> Result<(), Response> {
-    std::fs::create_dir_all(cwd).map_err(|e| {
+/// The container user's home (the Cloudflare sandbox runs as root).
+const HOME: &str = "/root";
+
+/// The filesystem of container `id`, created on first use.
+fn container_fs(shared: &Shared, id: &str) -> Result<super::sandbox_fs::SandboxFs, Response> {
+    let mut sandboxes = shared.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+    let sandbox = sandboxes.entry(id.to_owned()).or_default();
+    if let Some(fs) = &sandbox.fs {
+        return Ok(fs.clone());
+    }
+    let dir: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let fs = super::sandbox_fs::SandboxFs::create(shared.root.path().join(dir))
+        .and_then(|fs| std::fs::create_dir_all(fs.root().join("root")).map(|()| fs))
+        .map_err(|e| error(500, "internal_error", &format!("container filesystem: {e}")))?;
+    sandbox.fs = Some(fs.clone());
+    Ok(fs)
+}
+
+fn ensure_workspace(shared: &Shared, id: &str, cwd: &str) -> Result<(), Response> {
+    let fs = container_fs(shared, id)?;
+    let failed = |e: String| {
         error(
             500,
             "internal_error",
             &format!("mkdir -p {cwd} failed with exit code 1: {e}"),
         )
-    })
+    };
+    let host = fs.resolve(cwd, HOME).map_err(|e| failed(e.0))?;
+    std::fs::create_dir_all(host).map_err(|e| failed(e.to_string()))
 }
 
 fn sentinel(id: &str, cwd: &str, body: &Value, resumed: bool) -> String {
@@ -520,6 +556,9 @@ fn destroy(shared: &Shared, id: &str) {
     {
         for pgid in sandbox.processes {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        if let Some(fs) = sandbox.fs {
+            let _ = std::fs::remove_dir_all(fs.root());
         }
     }
 }
@@ -594,7 +633,7 @@ async fn probe(shared: &Arc<Shared>, bytes: &Bytes) -> Result<Response, Response
     let id = format!("pc-probe-{}-{n:08x}", chrono::Utc::now().timestamp_millis());
     get_or_create(shared, &id, &body);
     let cwd = s(&body, "requestedCwd").unwrap_or_else(|| "/workspace/paperclip".into());
-    let result = ensure_workspace(&cwd);
+    let result = ensure_workspace(shared, &id, &cwd);
     destroy(shared, &id);
     result?;
     Ok(ok(
@@ -628,7 +667,7 @@ fn acquire(shared: &Arc<Shared>, bytes: &Bytes) -> Result<Response, Response> {
     };
     let cwd = s(&body, "requestedCwd").unwrap_or_else(|| "/workspace/paperclip".into());
     get_or_create(shared, &id, &body);
-    if let Err(response) = ensure_workspace(&cwd) {
+    if let Err(response) = ensure_workspace(shared, &id, &cwd) {
         if !reuse {
             destroy(shared, &id);
         }
@@ -669,7 +708,7 @@ fn resume(shared: &Arc<Shared>, bytes: &Bytes) -> Result<Response, Response> {
             "Cloudflare sandbox state is no longer available.",
         ));
     }
-    ensure_workspace(&cwd)?;
+    ensure_workspace(shared, &id, &cwd)?;
     if let Some(sandbox) = shared
         .sandboxes
         .lock()
@@ -696,24 +735,32 @@ enum Chunk {
     Err(Vec<u8>),
 }
 
-async fn pump(mut reader: impl AsyncRead + Unpin, tx: mpsc::Sender<Chunk>, stdout: bool) {
+async fn pump(
+    mut reader: impl AsyncRead + Unpin,
+    mut unmapper: super::sandbox_fs::Unmapper,
+    tx: mpsc::Sender<Chunk>,
+    stdout: bool,
+) {
+    let chunk = |data: Vec<u8>| {
+        if stdout {
+            Chunk::Out(data)
+        } else {
+            Chunk::Err(data)
+        }
+    };
     let mut buf = vec![0u8; 16 * 1024];
     while let Ok(n) = reader.read(&mut buf).await {
         if n == 0 {
+            break;
+        }
+        let data = unmapper.push(&buf[..n]);
+        if !data.is_empty() && tx.send(chunk(data)).await.is_err() {
             return;
         }
-        let data = buf[..n].to_vec();
-        if tx
-            .send(if stdout {
-                Chunk::Out(data)
-            } else {
-                Chunk::Err(data)
-            })
-            .await
-            .is_err()
-        {
-            return;
-        }
+    }
+    let rest = unmapper.finish();
+    if !rest.is_empty() {
+        let _ = tx.send(chunk(rest)).await;
     }
 }
 
@@ -773,6 +820,7 @@ async fn exec(
             .sessions
             .insert(session.clone());
     }
+    let fs = container_fs(&shared, &id)?;
     let stdin_file = match body
         .get("stdin")
         .and_then(Value::as_str)
@@ -780,7 +828,10 @@ async fn exec(
     {
         Some(stdin) => {
             let path = format!("/tmp/.paperclip-bridge-stdin-{}", uuid::Uuid::new_v4());
-            std::fs::write(&path, stdin)
+            let host = fs
+                .resolve(&path, HOME)
+                .map_err(|e| error(500, "internal_error", &e.0))?;
+            std::fs::write(&host, stdin)
                 .map_err(|e| error(500, "internal_error", &e.to_string()))?;
             Some(path)
         }
@@ -795,14 +846,15 @@ async fn exec(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(script.clone());
-    let home = std::env::temp_dir();
+    // The container's paths (its cwd, /tmp, /workspace…) live under its root.
     let mut child = tokio::process::Command::new("sh")
         .arg("-lc")
-        .arg(&script)
-        .current_dir("/")
+        .arg(fs.map_in(&script))
+        .current_dir(fs.root())
         .env_clear()
         .env("PATH", DEFAULT_PATH)
-        .env("HOME", &home)
+        .env("HOME", fs.root().join("root"))
+        .env("TMPDIR", fs.root().join("tmp"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -821,10 +873,10 @@ async fn exec(
     }
     let (tx, mut rx) = mpsc::channel::<Chunk>(64);
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, tx.clone(), true));
+        tokio::spawn(pump(out, fs.unmapper(), tx.clone(), true));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, tx.clone(), false));
+        tokio::spawn(pump(err, fs.unmapper(), tx.clone(), false));
     }
     drop(tx);
 
@@ -891,8 +943,10 @@ async fn exec(
             }
         }
         let status = child.wait().await;
-        if let Some(file) = &stdin_file {
-            let _ = std::fs::remove_file(file);
+        if let Some(file) = &stdin_file
+            && let Ok(host) = fs.resolve(file, HOME)
+        {
+            let _ = std::fs::remove_file(host);
         }
         if let Some(sandbox) = shared2
             .sandboxes
