@@ -3,7 +3,8 @@
 # emulators (tests/vendor/), pinned, into a cache dir. Idempotent: a second
 # run checks the pins and installs nothing.
 #
-#   ~/.cache/paperclip-env/vendor/venv-e2b-<version>/   Python venv per pinned `e2b`
+#   ~/.cache/paperclip-env/vendor/venv-<suite>-<version>/  Python venv per pinned SDK
+#                                                        (`e2b`, `novita-sandbox`)
 #   ~/.cache/paperclip-env/vendor/node/                 npm packages (node_modules)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,21 +13,30 @@ VENDOR="${PAPERCLIP_ENV_VENDOR_DIR:-$HOME/.cache/paperclip-env/vendor}"
 # The oldest 2.x line we promise (2.50.x still has the v1 routes) and the
 # newest 2.x seen (v2-only control plane, HTTP/2 transport).
 E2B_PY_VERSIONS=(2.50.0 2.63.0)
+# PyPI `novita-sandbox` (the E2B protocol with Novita's profile).
+NOVITA_PY_VERSIONS=(2.1.1)
 # npm: `e2b` (latest at pin time).
 NPM_PACKAGES=(e2b@2.51.0)
 
 mkdir -p "$VENDOR"
 
-for version in "${E2B_PY_VERSIONS[@]}"; do
-    venv="$VENDOR/venv-e2b-$version"
+# python_venv <suite prefix> <PyPI package> <version>
+python_venv() {
+    local venv="$VENDOR/venv-$1-$3"
     if [ -x "$venv/bin/python" ] &&
-        "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('e2b') != '$version')" 2>/dev/null; then
-        continue
+        "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('$2') != '$3')" 2>/dev/null; then
+        return
     fi
-    echo "vendor-setup: e2b $version (PyPI) into $venv"
+    echo "vendor-setup: $2 $3 (PyPI) into $venv"
     rm -rf "$venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "e2b==$version"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$2==$3"
+}
+for version in "${E2B_PY_VERSIONS[@]}"; do
+    python_venv e2b e2b "$version"
+done
+for version in "${NOVITA_PY_VERSIONS[@]}"; do
+    python_venv novita novita-sandbox "$version"
 done
 
 if command -v npm >/dev/null 2>&1; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the vendor-client suites against the emulators: for every
-# tests/vendor/<provider>_*.py (once per pinned venv of that provider's SDK)
+# tests/vendor/<provider>_*.py (once per pinned venv of that provider's SDK;
+# files starting with `_` are shared modules)
 # and tests/vendor/<provider>_*.mjs, starts `paperclip-env emulate <provider>`,
 # runs the suite with the emulator's `env` exported, and stops the emulator.
 # Each suite prints `N passed, N failed`; this script fails on any failure
@@ -68,7 +69,7 @@ for k, v in json.load(open(sys.argv[1]))["env"].items():
 }
 
 shopt -s nullglob
-for suite in tests/vendor/*_*.py; do
+for suite in tests/vendor/[a-z]*_*.py; do
     name="$(basename "$suite")"
     provider="${name%%_*}"
     venvs=("$VENDOR"/venv-"$provider"-*)
@@ -82,7 +83,7 @@ for suite in tests/vendor/*_*.py; do
         run_suite "$provider" "$name ${venv##*/venv-}" "$venv/bin/python" "$suite"
     done
 done
-for suite in tests/vendor/*_*.mjs; do
+for suite in tests/vendor/[a-z]*_*.mjs; do
     name="$(basename "$suite")"
     if ! command -v node >/dev/null 2>&1; then
         report+=("$name: skipped (no node)")

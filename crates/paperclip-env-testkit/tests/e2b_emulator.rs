@@ -570,4 +570,22 @@ async fn envd_is_routed_by_host_pattern_without_a_header() {
         .await
         .unwrap();
     assert_eq!(response.status(), 502);
+
+    // One base URL, no routing header: the access token names the sandbox.
+    let (_, secure) = c
+        .api(
+            reqwest::Method::POST,
+            "/sandboxes",
+            Some(json!({"templateID": "base", "secure": true})),
+        )
+        .await;
+    let token = secure["envdAccessToken"].as_str().unwrap();
+    let response = c
+        .http
+        .get(format!("{}/health", c.url))
+        .header("X-Access-Token", token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
 }

@@ -1071,8 +1071,9 @@ async fn list_v2(
 
 impl Shared {
     /// The sandbox an envd request addresses: the routing header, else the
-    /// host `49983-<id>.<domain>` (the Novita client's connect path sends no
-    /// header).
+    /// host `49983-<id>.<domain>`, else (one base URL for every sandbox, and
+    /// a client that sends no routing header, as the Novita SDK's connect
+    /// path) the sandbox whose envd access token the request carries.
     pub(crate) fn envd_sandbox_id(&self, headers: &HeaderMap) -> String {
         let header = [self.profile.sandbox_id_header(), "e2b-sandbox-id"]
             .iter()
@@ -1084,6 +1085,14 @@ impl Shared {
                 let label = host.split('.').next()?;
                 let (port, id) = label.split_once('-')?;
                 (port.chars().all(|c| c.is_ascii_digit()) && !id.is_empty()).then(|| id.to_owned())
+            })
+            .or_else(|| {
+                let token = headers.get("x-access-token")?.to_str().ok()?;
+                let sandboxes = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+                sandboxes
+                    .iter()
+                    .find(|(_, s)| s.token.as_deref() == Some(token))
+                    .map(|(id, _)| id.clone())
             })
             .unwrap_or_default()
     }
