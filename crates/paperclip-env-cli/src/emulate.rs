@@ -12,6 +12,19 @@
 //! `config` is a Paperclip environment config for our provider. The process
 //! runs until SIGINT or SIGTERM, then stops the emulator (which kills every
 //! sandbox process it started) and removes every file it wrote.
+//!
+//! The keys per provider (`U` the served URL, secrets random unless
+//! `--api-key`):
+//!
+//! | provider | `urls` | `credentials` | `env` |
+//! | --- | --- | --- | --- |
+//! | `e2b` | `api`, `sandbox` (both `U`) | `apiKey` (`e2b_…`) | `E2B_API_URL`, `E2B_SANDBOX_URL`, `E2B_API_KEY` |
+//! | `novita` | `api`, `sandbox` | `apiKey` (`sk_…`) | `NOVITA_API_URL`, `NOVITA_SANDBOX_URL`, `NOVITA_API_KEY` |
+//! | `daytona` | `api`, `toolbox` (`U/toolbox`) | `apiKey` | `DAYTONA_API_URL`, `DAYTONA_API_KEY`, `DAYTONA_TARGET` |
+//! | `cloudflare` | `bridge` | `bridgeAuthToken` | none (the bridge has no env fallback; use `config`) |
+//! | `modal` | `server` (h2c) | `tokenId`, `tokenSecret` | `MODAL_SERVER_URL`, `MODAL_TOKEN_ID`, `MODAL_TOKEN_SECRET` |
+//! | `kubernetes` | `api` (`https://` with `--tls`) | `token`, `caFile` (with `--tls`) | `KUBECONFIG` (+ `SSL_CERT_FILE`, `NODE_EXTRA_CA_CERTS` with `--tls`) |
+//! | `exe-dev` | `api` (`U/exec`), `ssh` | `apiKey`, `sshUser`, `sshPrivateKeyFile`, `knownHostsFile` (the last three when OpenSSH is installed) | `EXE_API_KEY` |
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
