@@ -15,8 +15,8 @@ VENDOR="${PAPERCLIP_ENV_VENDOR_DIR:-$HOME/.cache/paperclip-env/vendor}"
 E2B_PY_VERSIONS=(2.50.0 2.63.0)
 # PyPI `novita-sandbox` (the E2B protocol with Novita's profile).
 NOVITA_PY_VERSIONS=(2.1.1)
-# npm: `e2b` (latest at pin time).
-NPM_PACKAGES=(e2b@2.51.0)
+# npm: `e2b` and `novita-sandbox` (latest at pin time).
+NPM_PACKAGES=(e2b@2.51.0 novita-sandbox@2.1.1)
 
 mkdir -p "$VENDOR"
 
