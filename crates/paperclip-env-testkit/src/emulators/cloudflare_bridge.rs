@@ -15,7 +15,6 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,10 +28,7 @@ use axum::response::{IntoResponse, Response};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
-
-use crate::fake::DEFAULT_PATH;
 
 const PREFIX: &str = "/api/paperclip-sandbox/v1";
 
@@ -735,35 +731,6 @@ enum Chunk {
     Err(Vec<u8>),
 }
 
-async fn pump(
-    mut reader: impl AsyncRead + Unpin,
-    mut unmapper: super::sandbox_fs::Unmapper,
-    tx: mpsc::Sender<Chunk>,
-    stdout: bool,
-) {
-    let chunk = |data: Vec<u8>| {
-        if stdout {
-            Chunk::Out(data)
-        } else {
-            Chunk::Err(data)
-        }
-    };
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = reader.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        let data = unmapper.push(&buf[..n]);
-        if !data.is_empty() && tx.send(chunk(data)).await.is_err() {
-            return;
-        }
-    }
-    let rest = unmapper.finish();
-    if !rest.is_empty() {
-        let _ = tx.send(chunk(rest)).await;
-    }
-}
-
 async fn exec(
     shared: Arc<Shared>,
     bytes: &Bytes,
@@ -847,19 +814,10 @@ async fn exec(
         .unwrap_or_else(|p| p.into_inner())
         .push(script.clone());
     // The container's paths (its cwd, /tmp, /workspace…) live under its root.
-    let mut child = tokio::process::Command::new("sh")
+    let mut child = fs
+        .command("sh", fs.root(), HOME)
         .arg("-lc")
         .arg(fs.map_in(&script))
-        .current_dir(fs.root())
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", fs.root().join("root"))
-        .env("TMPDIR", fs.root().join("tmp"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
         .spawn()
         .map_err(|e| error(500, "internal_error", &e.to_string()))?;
     let pgid = child.id().unwrap_or(0) as i32;
@@ -873,10 +831,20 @@ async fn exec(
     }
     let (tx, mut rx) = mpsc::channel::<Chunk>(64);
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, fs.unmapper(), tx.clone(), true));
+        tokio::spawn(super::sandbox_fs::pump(
+            out,
+            fs.unmapper(),
+            tx.clone(),
+            Chunk::Out,
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, fs.unmapper(), tx.clone(), false));
+        tokio::spawn(super::sandbox_fs::pump(
+            err,
+            fs.unmapper(),
+            tx.clone(),
+            Chunk::Err,
+        ));
     }
     drop(tx);
 

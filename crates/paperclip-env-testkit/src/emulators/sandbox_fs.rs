@@ -126,6 +126,27 @@ impl SandboxFs {
         out
     }
 
+    /// A command run inside this sandbox: `program` and the cwd mapped
+    /// under the root, the environment cleared but for `PATH`, `HOME` (the
+    /// sandbox path `home`, mapped) and `TMPDIR` (the sandbox's `/tmp`),
+    /// stdin closed, stdout and stderr piped, its own process group (kill
+    /// it with `killpg`), killed when dropped.
+    pub(crate) fn command(&self, program: &str, cwd: &Path, home: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(self.map_in(program));
+        command
+            .current_dir(cwd)
+            .env_clear()
+            .env("PATH", crate::fake::DEFAULT_PATH)
+            .env("HOME", self.map_in(home))
+            .env("TMPDIR", self.root.join("tmp"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        command
+    }
+
     /// A streaming mapper of process output back to sandbox paths.
     pub(crate) fn unmapper(&self) -> Unmapper {
         Unmapper {
@@ -157,6 +178,33 @@ fn is_boundary(b: u8) -> bool {
             | b'{'
             | b'['
     )
+}
+
+/// Reads a process's output until EOF, maps the root back out of it and
+/// sends each chunk wrapped by `wrap` (stops when the receiver is gone).
+pub(crate) async fn pump<T>(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    mut unmapper: Unmapper,
+    tx: tokio::sync::mpsc::Sender<T>,
+    wrap: impl Fn(Vec<u8>) -> T,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let data = unmapper.push(&buf[..n]);
+                if !data.is_empty() && tx.send(wrap(data)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let rest = unmapper.finish();
+    if !rest.is_empty() {
+        let _ = tx.send(wrap(rest)).await;
+    }
 }
 
 /// Removes the root from output chunks, even when one is split across

@@ -20,13 +20,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc};
 
 use super::envd::{Target, connect_error, resolve, unary};
 use super::{Fault, Sandbox, Shared};
-use crate::emulators::sandbox_fs::Unmapper;
-use crate::fake::DEFAULT_PATH;
+use crate::emulators::sandbox_fs::pump;
 
 /// A stream fault handed from the fault middleware to the stream handlers.
 #[derive(Clone)]
@@ -118,30 +117,6 @@ fn end_event(status: &std::process::ExitStatus) -> Value {
     };
     let text = format!("signal: {name}");
     json!({"exitCode": -1, "exited": false, "status": text, "error": text})
-}
-
-async fn pump(
-    mut reader: impl AsyncRead + Unpin,
-    mut unmapper: Unmapper,
-    tx: mpsc::Sender<(&'static str, Vec<u8>)>,
-    key: &'static str,
-) {
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let data = unmapper.push(&buf[..n]);
-                if !data.is_empty() && tx.send((key, data)).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-    let rest = unmapper.finish();
-    if !rest.is_empty() {
-        let _ = tx.send((key, rest)).await;
-    }
 }
 
 fn header_ms(headers: &HeaderMap, name: &str) -> Option<Duration> {
@@ -315,28 +290,19 @@ fn command_for(
             &format!("cwd '{cwd}' does not exist"),
         ));
     }
-    let home_host = fs
-        .resolve(&target.home, "/")
-        .map_err(|e| connect_error(StatusCode::BAD_REQUEST, "invalid_argument", &e.0))?;
-    let mut command = tokio::process::Command::new(fs.map_in(cmd));
+
+    let mut command = fs.command(cmd, &cwd_host, &target.home);
     command
         .args(
             string_list(process.get("args"))
                 .iter()
                 .map(|a| fs.map_in(a)),
         )
-        .current_dir(&cwd_host)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", &home_host)
         .env("USER", &target.user)
-        .env("LOGNAME", &target.user)
-        .env("TMPDIR", fs.root().join("tmp"))
-        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .env("LOGNAME", &target.user);
+    if stdin {
+        command.stdin(Stdio::piped());
+    }
     for (k, v) in &target.env_vars {
         command.env(k, fs.map_in(v));
     }
@@ -419,10 +385,14 @@ pub(crate) async fn start(State(shared): State<Arc<Shared>>, request: Request) -
     }
     let (out_tx, mut out_rx) = mpsc::channel(64);
     if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(pump(stdout, target.fs.unmapper(), out_tx.clone(), "stdout"));
+        tokio::spawn(pump(stdout, target.fs.unmapper(), out_tx.clone(), |d| {
+            ("stdout", d)
+        }));
     }
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(pump(stderr, target.fs.unmapper(), out_tx.clone(), "stderr"));
+        tokio::spawn(pump(stderr, target.fs.unmapper(), out_tx.clone(), |d| {
+            ("stderr", d)
+        }));
     }
     drop(out_tx);
 
