@@ -21,6 +21,7 @@
 //! paperclip-env release <LEASE_ID>
 //! paperclip-env leases
 //! paperclip-env reap
+//! paperclip-env emulate e2b   # a local E2B for the vendor SDK (see the README)
 //! ```
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -43,6 +44,9 @@ use paperclip_env_providers::fake::FakeProvider;
 use paperclip_env_store_postgres::PostgresStore;
 use paperclip_env_store_sqlite::SqliteStore;
 use serde_json::{Value, json};
+
+#[cfg(feature = "emulate")]
+mod emulate;
 
 /// Operate paperclip-env leases: probe environments, acquire, exec, release,
 /// list and reap leases. State lives in a SQLite file, so leases survive
@@ -183,6 +187,29 @@ enum Command {
         /// Wait before the first cleanup retry; doubles per attempt.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
         initial_backoff: Duration,
+    },
+    /// Serve a provider's protocol emulator on 127.0.0.1 until SIGINT or
+    /// SIGTERM; prints one JSON line with its URLs, credentials and the env
+    /// vars the vendor SDK needs.
+    #[cfg(feature = "emulate")]
+    Emulate {
+        /// The service to emulate.
+        #[arg(value_enum)]
+        provider: emulate::EmulatedProvider,
+        /// The port on 127.0.0.1 (0: a free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Serve HTTPS with a throwaway CA (written next to the kubeconfig);
+        /// kubernetes only.
+        #[arg(long)]
+        tls: bool,
+        /// The credential the emulator accepts [default: a random one].
+        #[arg(long, value_name = "KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// e2b/novita: serve the v1 control-plane routes only (`/v2/…`
+        /// answers 404), as older deployments do.
+        #[arg(long)]
+        v1_only: bool,
     },
 }
 
@@ -721,6 +748,11 @@ impl App {
                     ExitCode::FAILURE
                 })
             }
+            #[cfg(feature = "emulate")]
+            Command::Emulate { .. } => Err(Error::invalid_field(
+                "command",
+                "emulate runs without a state file",
+            )),
         }
     }
 
@@ -784,6 +816,30 @@ impl App {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "emulate")]
+    if let Command::Emulate {
+        provider,
+        port,
+        tls,
+        api_key,
+        v1_only,
+    } = &cli.command
+    {
+        let options = emulate::EmulateOptions {
+            provider: *provider,
+            port: *port,
+            tls: *tls,
+            api_key: api_key.clone(),
+            v1_only: *v1_only,
+        };
+        return match emulate::run(options).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let outcome = match App::open(&cli).await {
         Ok(app) => app.run(cli.command).await,
         Err(e) => Err(e),

@@ -226,13 +226,22 @@ async fn wire_shape_of_create_and_execute() {
         .unwrap();
     assert_eq!(output.finish(exit).stdout, "hello");
     let requests = emulator.requests();
-    let create = requests.iter().find(|r| r.path == "/sandboxes").unwrap();
+    let create = requests.iter().find(|r| r.path == "/v2/sandboxes").unwrap();
     let body: Value = serde_json::from_str(&create.body).unwrap();
     assert_eq!(body["timeout"], 451, "seconds are rounded up");
     assert_eq!(body["secure"], true);
     assert_eq!(body["allow_internet_access"], true);
     assert_eq!(body["metadata"]["paperclipProvider"], "e2b");
-    for r in requests.iter().filter(|r| r.path.starts_with("/sandboxes")) {
+    assert!(
+        requests
+            .iter()
+            .all(|r| !(r.method == "POST" && r.path == "/sandboxes")),
+        "v2 served: no v1 create"
+    );
+    for r in requests
+        .iter()
+        .filter(|r| r.path.starts_with("/sandboxes") || r.path.starts_with("/v2/"))
+    {
         assert_eq!(r.header("x-api-key"), Some(KEY), "{} {}", r.method, r.path);
         assert!(!r.body.contains(KEY) && !r.query.as_deref().unwrap_or("").contains(KEY));
     }
@@ -616,7 +625,39 @@ async fn stream_faults_give_typed_errors_and_keep_partial_output() {
     let (emulator, provider) = e2b().await;
     let lease = acquire(&provider, json!({})).await.unwrap();
 
+    // A dropped stream is reattached with Process/Connect: nothing is lost
+    // that the process printed after the reattach, and the command's own
+    // exit is reported.
     emulator.inject(Route::Start, Fault::DropStreamAfter(2), 1);
+    let result = run(
+        &provider,
+        &lease,
+        ExecuteRequest::shell("printf partial; sleep 0.5; printf more; exit 4"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.stdout, "partialmore");
+    assert_eq!(result.exit_code, Some(4));
+    assert!(
+        emulator
+            .requests()
+            .iter()
+            .any(|r| r.path == "/process.Process/Connect"),
+        "reattached through Process/Connect"
+    );
+
+    // When reattaching fails too, the error is retryable and the partial
+    // output reached the sink.
+    emulator.inject(Route::Start, Fault::DropStreamAfter(2), 1);
+    emulator.inject(
+        Route::ProcessConnect,
+        Fault::Status {
+            status: 500,
+            retry_after: None,
+        },
+        usize::MAX,
+    );
+
     let seen = Arc::new(Mutex::new(String::new()));
     let seen2 = seen.clone();
     let sink: Arc<dyn paperclip_env_core::OutputSink> =
@@ -645,6 +686,7 @@ async fn stream_faults_give_typed_errors_and_keep_partial_output() {
         seen.lock().unwrap()
     );
 
+    emulator.clear_faults();
     emulator.inject(Route::Start, Fault::MalformedEnvelope, 1);
     let err = run(&provider, &lease, ExecuteRequest::new("true"))
         .await
@@ -995,4 +1037,223 @@ async fn workspace_round_trip_through_the_envd_file_api() {
         .into_result()
         .unwrap();
     assert_eq!(emulator.live_sandboxes(), 0);
+}
+
+/// Acquire, execute with stdin, release: the calls every lease makes.
+async fn lifecycle(provider: &E2bProvider) {
+    let lease = acquire(provider, json!({"reuseLease": true}))
+        .await
+        .unwrap();
+    let result = run(provider, &lease, ExecuteRequest::new("cat").stdin("in"))
+        .await
+        .unwrap();
+    assert_eq!(result.stdout, "in");
+    provider
+        .release(
+            &ctx(json!({"reuseLease": true})),
+            &lease,
+            LeaseStatus::Released,
+        )
+        .await
+        .unwrap();
+    let resumed = provider
+        .resume(&ctx(json!({"reuseLease": true})), &lease)
+        .await
+        .unwrap();
+    assert_eq!(resumed.provider_lease_id, lease.provider_lease_id);
+    provider.destroy(&ctx(json!({})), &lease).await.unwrap();
+}
+
+#[tokio::test]
+async fn v2_routes_are_preferred_and_v1_only_servers_still_work() {
+    use paperclip_env_testkit::emulators::e2b::{ApiVersions, E2bOptions};
+    let (emulator, provider) = e2b().await;
+    lifecycle(&provider).await;
+    let posts: Vec<String> = emulator
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.contains("sandboxes"))
+        .map(|r| r.path)
+        .collect();
+    assert!(posts.contains(&"/v2/sandboxes".to_owned()), "{posts:?}");
+    assert!(
+        posts
+            .iter()
+            .any(|p| p.starts_with("/v2/sandboxes/") && p.ends_with("/connect")),
+        "{posts:?}"
+    );
+    assert!(
+        !posts.iter().any(|p| p == "/sandboxes" || (p.starts_with("/sandboxes/") && p.ends_with("/connect"))),
+        "no v1 create or connect against a v2 server: {posts:?}"
+    );
+    assert_eq!(emulator.live_sandboxes(), 0);
+
+    let old = E2bEmulator::start_with(E2bOptions {
+        profile: Profile::E2b,
+        api_key: KEY.into(),
+        api: ApiVersions::V1Only,
+    })
+    .await
+    .unwrap();
+    let provider = E2bProvider::builder()
+        .api_url(old.url())
+        .sandbox_url(old.url())
+        .http_options(http_options())
+        .build()
+        .unwrap();
+    lifecycle(&provider).await;
+    let requests = old.requests();
+    let v2: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.path.starts_with("/v2/"))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(
+        v2,
+        vec!["/v2/sandboxes"],
+        "v2 tried once, then remembered as absent"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "POST" && r.path == "/sandboxes")
+    );
+    assert_eq!(
+        old.create_calls(),
+        2,
+        "the 404 on v2 created nothing; one v1 create"
+    );
+    assert_eq!(old.live_sandboxes(), 0);
+
+    // A fresh provider whose first call is a resume learns v1 from the
+    // connect: the v2 404 is not mistaken for a gone sandbox.
+    let lease = acquire(&provider, json!({"reuseLease": true}))
+        .await
+        .unwrap();
+    provider
+        .release(
+            &ctx(json!({"reuseLease": true})),
+            &lease,
+            LeaseStatus::Released,
+        )
+        .await
+        .unwrap();
+    let fresh = E2bProvider::builder()
+        .api_url(old.url())
+        .sandbox_url(old.url())
+        .http_options(http_options())
+        .build()
+        .unwrap();
+    let resumed = fresh
+        .resume(&ctx(json!({"reuseLease": true})), &lease)
+        .await
+        .unwrap();
+    assert_eq!(resumed.provider_lease_id, lease.provider_lease_id);
+    fresh.destroy(&ctx(json!({})), &lease).await.unwrap();
+    assert_eq!(old.live_sandboxes(), 0);
+}
+
+#[tokio::test]
+async fn guest_unresponsive_snapshot_is_resumed_without_memory() {
+    use paperclip_env_testkit::emulators::e2b::{ApiVersions, E2bOptions};
+    for api in [ApiVersions::V1AndV2, ApiVersions::V1Only] {
+        let emulator = E2bEmulator::start_with(E2bOptions {
+            profile: Profile::E2b,
+            api_key: KEY.into(),
+            api,
+        })
+        .await
+        .unwrap();
+        let provider = E2bProvider::builder()
+            .api_url(emulator.url())
+            .sandbox_url(emulator.url())
+            .http_options(http_options())
+            .build()
+            .unwrap();
+        let config = json!({"reuseLease": true});
+        let lease = acquire(&provider, config.clone()).await.unwrap();
+        run(
+            &provider,
+            &lease,
+            ExecuteRequest::shell("printf kept > marker"),
+        )
+        .await
+        .unwrap();
+        provider
+            .release(&ctx(config.clone()), &lease, LeaseStatus::Released)
+            .await
+            .unwrap();
+        let id = lease.provider_lease_id.clone().unwrap();
+        emulator.mark_guest_unresponsive(&id);
+        let resumed = provider.resume(&ctx(config.clone()), &lease).await.unwrap();
+        assert_eq!(
+            resumed.provider_lease_id.as_deref(),
+            Some(id.as_str()),
+            "{api:?}"
+        );
+        let read = run(&provider, &lease, ExecuteRequest::new("cat").arg("marker"))
+            .await
+            .unwrap();
+        assert_eq!(read.stdout, "kept", "{api:?}: files survive a cold boot");
+        let cold = emulator
+            .requests()
+            .into_iter()
+            .filter(|r| r.body.contains("\"memory\":false"))
+            .count();
+        assert_eq!(cold, 1, "{api:?}: one resume without memory");
+        provider.destroy(&ctx(json!({})), &lease).await.unwrap();
+        assert_eq!(emulator.live_sandboxes(), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limited_command_start_on_a_held_lease_is_retried_after_retry_after() {
+    let (emulator, provider) = e2b().await;
+    let lease = acquire(&provider, json!({})).await.unwrap();
+    let starts = emulator.start_calls();
+    emulator.inject(
+        Route::Start,
+        Fault::Status {
+            status: 429,
+            retry_after: Some("1".into()),
+        },
+        1,
+    );
+    let started = Instant::now();
+    let result = run(&provider, &lease, ExecuteRequest::new("echo").arg("ok"))
+        .await
+        .unwrap();
+    assert_eq!(result.stdout, "ok\n");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "waited for Retry-After"
+    );
+    assert_eq!(emulator.start_calls() - starts, 2, "one 429, one start");
+
+    // A 429 that outlasts the retry budget is a typed, retryable rate limit;
+    // a 502 on a held lease is not retried (the sandbox is gone).
+    emulator.inject(
+        Route::Start,
+        Fault::Status {
+            status: 429,
+            retry_after: None,
+        },
+        usize::MAX,
+    );
+    let err = run(&provider, &lease, ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::RateLimited { .. }) && err.is_retryable(),
+        "{err:?}"
+    );
+    emulator.clear_faults();
+    let before = emulator.start_calls();
+    emulator.inject(Route::Start, Fault::EnvdGone, 1);
+    let err = run(&provider, &lease, ExecuteRequest::new("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    assert_eq!(emulator.start_calls() - before, 1);
+    provider.destroy(&ctx(json!({})), &lease).await.unwrap();
 }

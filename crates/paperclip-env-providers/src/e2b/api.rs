@@ -1,12 +1,14 @@
 //! The control-plane REST API (`https://api.<domain>`), spec 20 §5.3.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use paperclip_env_core::{Error, Result};
 use reqwest::header::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
+use tracing::{debug, warn};
 
 use crate::http::{HttpClient, RequestSpec};
 
@@ -67,9 +69,31 @@ pub(crate) enum PauseOutcome {
     Gone,
 }
 
+/// Which control-plane generation a server speaks, learned from its answers:
+/// e2b ≥ 2.51 uses only `/v2/sandboxes` and `/v2/sandboxes/{id}/connect`;
+/// older or compatible deployments serve v1 alone (a 404 on the v2 route).
+pub(crate) const GENERATION_UNKNOWN: u8 = 0;
+/// `/v2/…` answered.
+pub(crate) const GENERATION_V2: u8 = 1;
+/// `/v2/…` is not served: v1 only.
+pub(crate) const GENERATION_V1: u8 = 2;
+
+/// The `error_code` of a connect refused because the paused sandbox's
+/// snapshot was taken while its guest agent hung; a resume without memory
+/// (a cold boot from disk) still works.
+const GUEST_UNRESPONSIVE: &str = "sandbox_snapshot_guest_agent_unresponsive";
+
 pub(crate) struct Api<'a> {
     pub http: &'a HttpClient,
     pub conn: &'a ApiConn,
+    /// Shared by every call of one provider.
+    pub generation: &'a AtomicU8,
+}
+
+/// One control-plane answer read to its end.
+struct Answer {
+    status: u16,
+    body: String,
 }
 
 impl Api<'_> {
@@ -81,37 +105,168 @@ impl Api<'_> {
         spec.timeout(self.conn.request_timeout)
     }
 
-    pub async fn create(&self, body: &Value) -> Result<SandboxInfo> {
-        let key = sensitive(&self.conn.api_key, "apiKey")?;
-        let url = self.url("/sandboxes");
-        let response = self
-            .http
-            .send(
-                self.spec(RequestSpec::not_idempotent("create sandbox")),
-                |c| c.post(&url).header("X-API-Key", key.clone()).json(body),
-            )
-            .await?;
-        parse(self.http.provider(), "create sandbox", response).await
+    fn generation(&self) -> u8 {
+        self.generation.load(Ordering::Relaxed)
     }
 
-    /// `None` when the sandbox is gone (404).
-    pub async fn connect(&self, id: &str, timeout_ms: u64) -> Result<Option<SandboxInfo>> {
+    fn learn(&self, generation: u8) {
+        if self.generation.swap(generation, Ordering::Relaxed) != generation {
+            debug!(
+                provider = self.http.provider(),
+                v2 = generation == GENERATION_V2,
+                "control-plane generation"
+            );
+        }
+    }
+
+    async fn post(&self, spec: RequestSpec, path: &str, body: &Value) -> Result<Answer> {
         let key = sensitive(&self.conn.api_key, "apiKey")?;
-        let url = self.url(&format!("/sandboxes/{id}/connect"));
-        let body = serde_json::json!({"timeout": seconds(timeout_ms)});
+        let url = self.url(path);
+        let operation = spec.operation;
         let response = self
             .http
-            .send(
-                self.spec(RequestSpec::idempotent("connect sandbox").accept(&[404])),
-                |c| c.post(&url).header("X-API-Key", key.clone()).json(&body),
+            .send(self.spec(spec), |c| {
+                c.post(&url).header("X-API-Key", key.clone()).json(body)
+            })
+            .await?;
+        let status = response.status().as_u16();
+        let body = response.text().await.map_err(|e| {
+            Error::provider_with_source(
+                self.http.provider(),
+                format!("{operation}: reading the response failed"),
+                true,
+                e,
+            )
+        })?;
+        Ok(Answer { status, body })
+    }
+
+    /// `POST /v2/sandboxes`, or `/sandboxes` where v2 is not served (a 404
+    /// on the v2 route reached no handler, so nothing was created).
+    pub async fn create(&self, body: &Value) -> Result<SandboxInfo> {
+        if self.generation() != GENERATION_V1 {
+            let answer = self
+                .post(
+                    RequestSpec::not_idempotent("create sandbox").accept(&[404]),
+                    "/v2/sandboxes",
+                    body,
+                )
+                .await?;
+            if answer.status != 404 {
+                self.learn(GENERATION_V2);
+                return parse_text(self.http.provider(), "create sandbox", &answer.body);
+            }
+            if self.generation() == GENERATION_V2 {
+                return Err(Error::provider(
+                    self.http.provider(),
+                    format!(
+                        "create sandbox: HTTP 404: {}",
+                        crate::http::message_from_body(&answer.body)
+                    ),
+                ));
+            }
+            self.learn(GENERATION_V1);
+        }
+        let answer = self
+            .post(
+                RequestSpec::not_idempotent("create sandbox"),
+                "/sandboxes",
+                body,
             )
             .await?;
-        if response.status().as_u16() == 404 {
+        parse_text(self.http.provider(), "create sandbox", &answer.body)
+    }
+
+    /// Connects (resuming a paused sandbox); `None` when the sandbox is gone
+    /// (404). v2 first, v1 where v2 is not served; a 409
+    /// `sandbox_snapshot_guest_agent_unresponsive` is answered with a resume
+    /// without memory.
+    pub async fn connect(&self, id: &str, timeout_ms: u64) -> Result<Option<SandboxInfo>> {
+        let body = json!({"timeout": seconds(timeout_ms)});
+        let spec = || RequestSpec::idempotent("connect sandbox").accept(&[404, 409]);
+        let mut v2 = false;
+        let mut answer = None;
+        if self.generation() != GENERATION_V1 {
+            let first = self
+                .post(spec(), &format!("/v2/sandboxes/{id}/connect"), &body)
+                .await?;
+            if first.status != 404 {
+                self.learn(GENERATION_V2);
+                v2 = true;
+                answer = Some(first);
+            } else if self.generation() == GENERATION_V2 {
+                return Ok(None);
+            }
+        }
+        let answer = match answer {
+            Some(answer) => answer,
+            None => {
+                let answer = self
+                    .post(spec(), &format!("/sandboxes/{id}/connect"), &body)
+                    .await?;
+                if answer.status != 404 && self.generation() == GENERATION_UNKNOWN {
+                    self.learn(GENERATION_V1);
+                }
+                answer
+            }
+        };
+        match answer.status {
+            404 => Ok(None),
+            409 => {
+                let error: Value = serde_json::from_str(&answer.body).unwrap_or(Value::Null);
+                if error.get("error_code").and_then(Value::as_str) != Some(GUEST_UNRESPONSIVE) {
+                    return Err(Error::Conflict {
+                        message: format!(
+                            "{}: connect sandbox: HTTP 409: {}",
+                            self.http.provider(),
+                            crate::http::message_from_body(&answer.body)
+                        ),
+                    });
+                }
+                warn!(
+                    sandbox = id,
+                    "the sandbox's snapshot was taken while its guest agent hung; resuming it from disk (its processes are gone)"
+                );
+                self.cold_resume(id, timeout_ms, v2).await
+            }
+            _ => parse_text(self.http.provider(), "connect sandbox", &answer.body).map(Some),
+        }
+    }
+
+    /// Resumes a paused sandbox from its disk state only (`memory: false`).
+    async fn cold_resume(
+        &self,
+        id: &str,
+        timeout_ms: u64,
+        v2: bool,
+    ) -> Result<Option<SandboxInfo>> {
+        let (path, body) = if v2 {
+            (
+                format!("/v2/sandboxes/{id}/connect"),
+                json!({"timeout": seconds(timeout_ms), "memory": false}),
+            )
+        } else {
+            (
+                format!("/sandboxes/{id}/resume"),
+                json!({"timeout": seconds(timeout_ms), "autoPause": false, "memory": false}),
+            )
+        };
+        let answer = self
+            .post(
+                RequestSpec::idempotent("resume sandbox without memory").accept(&[404]),
+                &path,
+                &body,
+            )
+            .await?;
+        if answer.status == 404 {
             return Ok(None);
         }
-        parse(self.http.provider(), "connect sandbox", response)
-            .await
-            .map(Some)
+        parse_text(
+            self.http.provider(),
+            "resume sandbox without memory",
+            &answer.body,
+        )
+        .map(Some)
     }
 
     pub async fn set_timeout(&self, id: &str, timeout_ms: u64) -> Result<()> {
@@ -159,20 +314,8 @@ impl Api<'_> {
     }
 }
 
-async fn parse(
-    provider: &str,
-    operation: &str,
-    response: reqwest::Response,
-) -> Result<SandboxInfo> {
-    let text = response.text().await.map_err(|e| {
-        Error::provider_with_source(
-            provider,
-            format!("{operation}: reading the response failed"),
-            true,
-            e,
-        )
-    })?;
-    serde_json::from_str(&text).map_err(|e| {
+fn parse_text(provider: &str, operation: &str, text: &str) -> Result<SandboxInfo> {
+    serde_json::from_str(text).map_err(|e| {
         Error::provider_with_source(
             provider,
             format!("{operation}: unexpected response body ({e})"),

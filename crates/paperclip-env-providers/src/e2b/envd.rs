@@ -179,6 +179,17 @@ impl<'a> Envd<'a> {
         }
     }
 
+    /// Starting a command is not idempotent, so only answers that provably
+    /// started nothing are retried: a 429 (honouring `Retry-After`) on any
+    /// lease, and right after create the edge's routing-gap 502.
+    fn start_retry(&self) -> RetryPolicy {
+        if self.fresh {
+            self.post_create_retry()
+        } else {
+            self.http.options().retry
+        }
+    }
+
     /// The edge answers 502 for sandboxes it does not know (spec 20 §5.8).
     fn edge_gone(&self, error: Error) -> Error {
         match error {
@@ -321,8 +332,8 @@ impl<'a> Envd<'a> {
                 RequestSpec::not_idempotent("start command")
                     .stream()
                     .timeout(self.request_timeout)
-                    .retry_statuses(&[502])
-                    .retry(self.post_create_retry()),
+                    .retry_statuses(if self.fresh { &[502] } else { &[] })
+                    .retry(self.start_retry()),
                 |c| {
                     let mut r = self
                         .request(c, reqwest::Method::POST, "/process.Process/Start")
@@ -339,91 +350,40 @@ impl<'a> Envd<'a> {
             .await
             .map_err(|e| self.edge_gone(e))?;
 
-        let mut stream = response.bytes_stream();
-        let mut decoder = Decoder::default();
-        let handshake_deadline = Instant::now() + self.request_timeout;
-        let idle_limit = Duration::from_secs(self.keepalive_secs.max(1) * 2);
-        let mut last_bytes = Instant::now();
-        let mut pid: Option<u32> = None;
-        let mut command_deadline: Option<Instant> = None;
-        let mut end: Option<EndEvent> = None;
-        let mut tail = StderrTail {
-            any: false,
-            newline: false,
+        let mut state = StreamState {
+            pid: None,
+            command_deadline: None,
+            end: None,
+            tail: StderrTail {
+                any: false,
+                newline: false,
+            },
         };
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-
-        let outcome: std::result::Result<Option<ConnectError>, Interrupted> = loop {
-            let deadline = if pid.is_none() {
-                handshake_deadline
-            } else {
-                command_deadline.unwrap_or(far).min(last_bytes + idle_limit)
+        let mut response = response;
+        let mut reattached = 0;
+        let outcome = loop {
+            let outcome = self
+                .consume(response, &mut state, output, timeout_ms)
+                .await?;
+            // envd keeps a process running when its stream drops: attach
+            // to it again with `Process/Connect` while the sandbox is up.
+            let (Err(Interrupted::Dropped(reason)), Some(pid)) = (&outcome, state.pid) else {
+                break outcome;
             };
-            tokio::select! {
-                chunk = stream.next() => match chunk {
-                    Some(Ok(bytes)) => {
-                        last_bytes = Instant::now();
-                        decoder.push(&bytes);
-                        let mut finished = None;
-                        loop {
-                            let frame = match decoder.next_frame() {
-                                Ok(Some(frame)) => frame,
-                                Ok(None) => break,
-                                Err(message) => return Err(Error::provider(self.http.provider(), format!("envd protocol error: {message}"))),
-                            };
-                            match frame {
-                                Frame::Message(payload) => {
-                                    let message: StartResponse = serde_json::from_slice(&payload).map_err(|e| {
-                                        Error::provider(self.http.provider(), format!("envd protocol error: bad event ({e})"))
-                                    })?;
-                                    let Some(event) = message.event else { continue };
-                                    if let Some(start) = event.start {
-                                        pid = Some(start.pid.unwrap_or(0));
-                                        command_deadline = timeout_ms.map(|t| Instant::now() + Duration::from_millis(t) + self.grace);
-                                    } else if pid.is_none() {
-                                        return Err(Error::provider(self.http.provider(), "envd protocol error: expected start event"));
-                                    }
-                                    if let Some(data) = event.data {
-                                        if let Some(b) = data.stdout {
-                                            output.stdout(&decode(&b, self.http.provider())?);
-                                        }
-                                        if let Some(b) = data.stderr {
-                                            let bytes = decode(&b, self.http.provider())?;
-                                            if !bytes.is_empty() {
-                                                tail = StderrTail { any: true, newline: bytes.ends_with(b"\n") };
-                                            }
-                                            output.stderr(&bytes);
-                                        }
-                                    }
-                                    if let Some(e) = event.end {
-                                        end = Some(e);
-                                    }
-                                }
-                                Frame::EndOfStream(payload) => {
-                                    let eos: EndOfStream = serde_json::from_slice(&payload).unwrap_or_default();
-                                    finished = Some(eos.error);
-                                    break;
-                                }
-                            }
-                        }
-                        if let Some(error) = finished {
-                            break Ok(error);
-                        }
-                    }
-                    Some(Err(e)) => break Err(Interrupted::Dropped(e.to_string())),
-                    None => break Err(Interrupted::Dropped(if decoder.pending() > 0 { "stream ended inside an envelope".into() } else { "stream ended without end-of-stream".into() })),
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    if pid.is_none() {
-                        return Err(Error::Timeout { operation: format!("{} start command", self.http.provider()), after: self.request_timeout });
-                    }
-                    if command_deadline.is_some_and(|d| Instant::now() >= d) {
-                        break Err(Interrupted::LocalDeadline);
-                    }
-                    break Err(Interrupted::Dropped(format!("no data or keepalive for {}s", idle_limit.as_secs())));
+            if reattached >= MAX_REATTACH || !matches!(self.health().await, Some(200..=299)) {
+                break outcome;
+            }
+            reattached += 1;
+            debug!(pid, %reason, attempt = reattached, "command stream dropped; reattaching");
+            match self.attach(pid).await {
+                Ok(next) => response = next,
+                Err(error) => {
+                    debug!(pid, %error, "reattaching failed");
+                    break outcome;
                 }
             }
         };
+        let StreamState { pid, end, tail, .. } = state;
 
         let timed_out_exit = |output: &OutputCollector, tail: &StderrTail| {
             let message = format!(
@@ -510,6 +470,125 @@ impl<'a> Envd<'a> {
         }
     }
 
+    /// Reads one `Start`/`Connect` stream into `output` until it ends, breaks
+    /// or a deadline passes.
+    async fn consume(
+        &self,
+        response: reqwest::Response,
+        state: &mut StreamState,
+        output: &OutputCollector,
+        timeout_ms: Option<u64>,
+    ) -> Result<std::result::Result<Option<ConnectError>, Interrupted>> {
+        let mut stream = response.bytes_stream();
+        let mut decoder = Decoder::default();
+        let handshake_deadline = Instant::now() + self.request_timeout;
+        let idle_limit = Duration::from_secs(self.keepalive_secs.max(1) * 2);
+        let mut last_bytes = Instant::now();
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+
+        let StreamState {
+            pid,
+            command_deadline,
+            end,
+            tail,
+        } = state;
+        let outcome: std::result::Result<Option<ConnectError>, Interrupted> = loop {
+            let deadline = if pid.is_none() {
+                handshake_deadline
+            } else {
+                command_deadline.unwrap_or(far).min(last_bytes + idle_limit)
+            };
+            tokio::select! {
+                chunk = stream.next() => match chunk {
+                    Some(Ok(bytes)) => {
+                        last_bytes = Instant::now();
+                        decoder.push(&bytes);
+                        let mut finished = None;
+                        loop {
+                            let frame = match decoder.next_frame() {
+                                Ok(Some(frame)) => frame,
+                                Ok(None) => break,
+                                Err(message) => return Err(Error::provider(self.http.provider(), format!("envd protocol error: {message}"))),
+                            };
+                            match frame {
+                                Frame::Message(payload) => {
+                                    let message: StartResponse = serde_json::from_slice(&payload).map_err(|e| {
+                                        Error::provider(self.http.provider(), format!("envd protocol error: bad event ({e})"))
+                                    })?;
+                                    let Some(event) = message.event else { continue };
+                                    if let Some(start) = event.start {
+                                        // A reattached stream starts again; the command's deadline does not.
+                                        if pid.is_none() {
+                                            *command_deadline = timeout_ms.map(|t| Instant::now() + Duration::from_millis(t) + self.grace);
+                                        }
+                                        *pid = Some(start.pid.unwrap_or(0));
+                                    } else if pid.is_none() {
+                                        return Err(Error::provider(self.http.provider(), "envd protocol error: expected start event"));
+                                    }
+                                    if let Some(data) = event.data {
+                                        if let Some(b) = data.stdout {
+                                            output.stdout(&decode(&b, self.http.provider())?);
+                                        }
+                                        if let Some(b) = data.stderr {
+                                            let bytes = decode(&b, self.http.provider())?;
+                                            if !bytes.is_empty() {
+                                                *tail = StderrTail { any: true, newline: bytes.ends_with(b"\n") };
+                                            }
+                                            output.stderr(&bytes);
+                                        }
+                                    }
+                                    if let Some(e) = event.end {
+                                        *end = Some(e);
+                                    }
+                                }
+                                Frame::EndOfStream(payload) => {
+                                    let eos: EndOfStream = serde_json::from_slice(&payload).unwrap_or_default();
+                                    finished = Some(eos.error);
+                                    break;
+                                }
+                            }
+                        }
+                        if let Some(error) = finished {
+                            break Ok(error);
+                        }
+                    }
+                    Some(Err(e)) => break Err(Interrupted::Dropped(e.to_string())),
+                    None => break Err(Interrupted::Dropped(if decoder.pending() > 0 { "stream ended inside an envelope".into() } else { "stream ended without end-of-stream".into() })),
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    if pid.is_none() {
+                        return Err(Error::Timeout { operation: format!("{} start command", self.http.provider()), after: self.request_timeout });
+                    }
+                    if command_deadline.is_some_and(|d| Instant::now() >= d) {
+                        break Err(Interrupted::LocalDeadline);
+                    }
+                    break Err(Interrupted::Dropped(format!("no data or keepalive for {}s", idle_limit.as_secs())));
+                }
+            }
+        };
+
+        Ok(outcome)
+    }
+
+    /// `Process/Connect` to a running process (same event stream as Start).
+    async fn attach(&self, pid: u32) -> Result<reqwest::Response> {
+        let body = encode(0, json!({"process": {"pid": pid}}).to_string().as_bytes());
+        self.http
+            .send(
+                RequestSpec::idempotent("reattach to command")
+                    .stream()
+                    .timeout(self.request_timeout),
+                |c| {
+                    self.request(c, reqwest::Method::POST, "/process.Process/Connect")
+                        .header("Content-Type", "application/connect+json")
+                        .header("Connect-Protocol-Version", "1")
+                        .header("Keepalive-Ping-Interval", self.keepalive_secs.to_string())
+                        .body(body.clone())
+                },
+            )
+            .await
+    }
+
     /// A stream that broke mid-command: the sandbox is gone, or the transport failed.
     async fn dropped(&self, pid: Option<u32>, reason: String) -> Result<CommandExit> {
         match self.health().await {
@@ -532,6 +611,17 @@ impl<'a> Envd<'a> {
 enum Interrupted {
     LocalDeadline,
     Dropped(String),
+}
+
+/// Reattaches to a command after a dropped stream, at most this often.
+const MAX_REATTACH: u32 = 3;
+
+/// What one command's streams have told so far.
+struct StreamState {
+    pid: Option<u32>,
+    command_deadline: Option<Instant>,
+    end: Option<EndEvent>,
+    tail: StderrTail,
 }
 
 fn decode(b64: &str, provider: &str) -> Result<Vec<u8>> {

@@ -197,6 +197,11 @@ impl E2bProviderBuilder {
                 sandbox_url: self.sandbox_url,
                 api_key: self.api_key,
                 keepalive_secs: self.keepalive_secs,
+                // Novita serves the v1 routes; E2B learns from its first answer.
+                api_generation: std::sync::atomic::AtomicU8::new(match self.flavor {
+                    Flavor::E2b => api::GENERATION_UNKNOWN,
+                    Flavor::Novita => api::GENERATION_V1,
+                }),
             }),
         })
     }
@@ -210,6 +215,7 @@ struct Inner {
     sandbox_url: Option<String>,
     api_key: Option<SecretString>,
     keepalive_secs: u64,
+    api_generation: std::sync::atomic::AtomicU8,
 }
 
 /// The E2B (or Novita) provider. Cheap to clone.
@@ -334,6 +340,7 @@ impl E2bProvider {
         Api {
             http: &self.inner.http,
             conn,
+            generation: &self.inner.api_generation,
         }
     }
 

@@ -15,8 +15,6 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,10 +28,7 @@ use axum::response::{IntoResponse, Response};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
-
-use crate::fake::DEFAULT_PATH;
 
 const PREFIX: &str = "/api/paperclip-sandbox/v1";
 
@@ -96,6 +91,8 @@ fn route_of(method: &Method, path: &str) -> Option<BridgeRoute> {
 
 #[derive(Debug, Default)]
 struct CfSandbox {
+    /// The container's filesystem: a root of its own playing `/`.
+    fs: Option<super::sandbox_fs::SandboxFs>,
     keep_alive: bool,
     sleep_after: String,
     sentinel: Option<String>,
@@ -128,6 +125,7 @@ impl BridgeRequest {
 
 struct Shared {
     token: String,
+    root: tempfile::TempDir,
     sandboxes: Mutex<HashMap<String, CfSandbox>>,
     faults: super::FaultQueue<BridgeRoute, BridgeFault>,
     requests: Mutex<Vec<BridgeRequest>>,
@@ -139,15 +137,14 @@ struct Shared {
 
 /// The running emulator; kills every sandbox process on drop.
 pub struct BridgeEmulator {
-    addr: SocketAddr,
+    server: super::serve::Server,
     shared: Arc<Shared>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for BridgeEmulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BridgeEmulator")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +155,9 @@ impl BridgeEmulator {
     pub async fn start(token: &str) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             token: token.to_owned(),
+            root: tempfile::Builder::new()
+                .prefix("paperclip-cf-emulator-")
+                .tempdir()?,
             sandboxes: Mutex::new(HashMap::new()),
             faults: Default::default(),
             requests: Mutex::new(Vec::new()),
@@ -173,26 +173,13 @@ impl BridgeEmulator {
                 auth_record_inject,
             ))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        Ok(BridgeEmulator {
-            addr,
-            shared,
-            shutdown: Some(tx),
-        })
+        let server = super::serve::Server::start(app).await?;
+        Ok(BridgeEmulator { server, shared })
     }
 
     /// `http://127.0.0.1:<port>` (allowed: it is localhost).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// Sandboxes that exist.
@@ -280,9 +267,6 @@ impl BridgeEmulator {
 
 impl Drop for BridgeEmulator {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
         for (_, sandbox) in self
             .shared
             .sandboxes
@@ -492,14 +476,44 @@ fn wrapper(
     Ok(parts.join(" && "))
 }
 
-fn ensure_workspace(cwd: &str) -> Result<(), Response> {
-    std::fs::create_dir_all(cwd).map_err(|e| {
+/// The container user's home (the Cloudflare sandbox runs as root).
+const HOME: &str = "/root";
+
+/// The filesystem of container `id`, created on first use.
+fn container_fs(shared: &Shared, id: &str) -> Result<super::sandbox_fs::SandboxFs, Response> {
+    let mut sandboxes = shared.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+    let sandbox = sandboxes.entry(id.to_owned()).or_default();
+    if let Some(fs) = &sandbox.fs {
+        return Ok(fs.clone());
+    }
+    let dir: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let fs = super::sandbox_fs::SandboxFs::create(shared.root.path().join(dir))
+        .and_then(|fs| std::fs::create_dir_all(fs.root().join("root")).map(|()| fs))
+        .map_err(|e| error(500, "internal_error", &format!("container filesystem: {e}")))?;
+    sandbox.fs = Some(fs.clone());
+    Ok(fs)
+}
+
+fn ensure_workspace(shared: &Shared, id: &str, cwd: &str) -> Result<(), Response> {
+    let fs = container_fs(shared, id)?;
+    let failed = |e: String| {
         error(
             500,
             "internal_error",
             &format!("mkdir -p {cwd} failed with exit code 1: {e}"),
         )
-    })
+    };
+    let host = fs.resolve(cwd, HOME).map_err(|e| failed(e.0))?;
+    std::fs::create_dir_all(host).map_err(|e| failed(e.to_string()))
 }
 
 fn sentinel(id: &str, cwd: &str, body: &Value, resumed: bool) -> String {
@@ -538,6 +552,9 @@ fn destroy(shared: &Shared, id: &str) {
     {
         for pgid in sandbox.processes {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+        if let Some(fs) = sandbox.fs {
+            let _ = std::fs::remove_dir_all(fs.root());
         }
     }
 }
@@ -612,7 +629,7 @@ async fn probe(shared: &Arc<Shared>, bytes: &Bytes) -> Result<Response, Response
     let id = format!("pc-probe-{}-{n:08x}", chrono::Utc::now().timestamp_millis());
     get_or_create(shared, &id, &body);
     let cwd = s(&body, "requestedCwd").unwrap_or_else(|| "/workspace/paperclip".into());
-    let result = ensure_workspace(&cwd);
+    let result = ensure_workspace(shared, &id, &cwd);
     destroy(shared, &id);
     result?;
     Ok(ok(
@@ -646,7 +663,7 @@ fn acquire(shared: &Arc<Shared>, bytes: &Bytes) -> Result<Response, Response> {
     };
     let cwd = s(&body, "requestedCwd").unwrap_or_else(|| "/workspace/paperclip".into());
     get_or_create(shared, &id, &body);
-    if let Err(response) = ensure_workspace(&cwd) {
+    if let Err(response) = ensure_workspace(shared, &id, &cwd) {
         if !reuse {
             destroy(shared, &id);
         }
@@ -687,7 +704,7 @@ fn resume(shared: &Arc<Shared>, bytes: &Bytes) -> Result<Response, Response> {
             "Cloudflare sandbox state is no longer available.",
         ));
     }
-    ensure_workspace(&cwd)?;
+    ensure_workspace(shared, &id, &cwd)?;
     if let Some(sandbox) = shared
         .sandboxes
         .lock()
@@ -712,27 +729,6 @@ fn release(shared: &Arc<Shared>, bytes: &Bytes) -> Result<Response, Response> {
 enum Chunk {
     Out(Vec<u8>),
     Err(Vec<u8>),
-}
-
-async fn pump(mut reader: impl AsyncRead + Unpin, tx: mpsc::Sender<Chunk>, stdout: bool) {
-    let mut buf = vec![0u8; 16 * 1024];
-    while let Ok(n) = reader.read(&mut buf).await {
-        if n == 0 {
-            return;
-        }
-        let data = buf[..n].to_vec();
-        if tx
-            .send(if stdout {
-                Chunk::Out(data)
-            } else {
-                Chunk::Err(data)
-            })
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
 }
 
 async fn exec(
@@ -791,6 +787,7 @@ async fn exec(
             .sessions
             .insert(session.clone());
     }
+    let fs = container_fs(&shared, &id)?;
     let stdin_file = match body
         .get("stdin")
         .and_then(Value::as_str)
@@ -798,7 +795,10 @@ async fn exec(
     {
         Some(stdin) => {
             let path = format!("/tmp/.paperclip-bridge-stdin-{}", uuid::Uuid::new_v4());
-            std::fs::write(&path, stdin)
+            let host = fs
+                .resolve(&path, HOME)
+                .map_err(|e| error(500, "internal_error", &e.0))?;
+            std::fs::write(&host, stdin)
                 .map_err(|e| error(500, "internal_error", &e.to_string()))?;
             Some(path)
         }
@@ -813,19 +813,11 @@ async fn exec(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(script.clone());
-    let home = std::env::temp_dir();
-    let mut child = tokio::process::Command::new("sh")
+    // The container's paths (its cwd, /tmp, /workspace…) live under its root.
+    let mut child = fs
+        .command("sh", fs.root(), HOME)
         .arg("-lc")
-        .arg(&script)
-        .current_dir("/")
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", &home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
+        .arg(fs.map_in(&script))
         .spawn()
         .map_err(|e| error(500, "internal_error", &e.to_string()))?;
     let pgid = child.id().unwrap_or(0) as i32;
@@ -839,10 +831,20 @@ async fn exec(
     }
     let (tx, mut rx) = mpsc::channel::<Chunk>(64);
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(pump(out, tx.clone(), true));
+        tokio::spawn(super::sandbox_fs::pump(
+            out,
+            fs.unmapper(),
+            tx.clone(),
+            Chunk::Out,
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(pump(err, tx.clone(), false));
+        tokio::spawn(super::sandbox_fs::pump(
+            err,
+            fs.unmapper(),
+            tx.clone(),
+            Chunk::Err,
+        ));
     }
     drop(tx);
 
@@ -909,8 +911,10 @@ async fn exec(
             }
         }
         let status = child.wait().await;
-        if let Some(file) = &stdin_file {
-            let _ = std::fs::remove_file(file);
+        if let Some(file) = &stdin_file
+            && let Ok(host) = fs.resolve(file, HOME)
+        {
+            let _ = std::fs::remove_file(host);
         }
         if let Some(sandbox) = shared2
             .sandboxes

@@ -12,7 +12,6 @@
 //! ```
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,15 +66,14 @@ struct Shared {
 
 /// The running emulator; stops when dropped.
 pub struct ExeDevEmulator {
-    addr: SocketAddr,
+    server: super::serve::Server,
     shared: Arc<Shared>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for ExeDevEmulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ExeDevEmulator")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .field("live_vms", &self.live_vms())
             .finish()
     }
@@ -95,26 +93,13 @@ impl ExeDevEmulator {
             removes: AtomicUsize::new(0),
         });
         let app = Router::new().fallback(dispatch).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        Ok(ExeDevEmulator {
-            addr,
-            shared,
-            shutdown: Some(tx),
-        })
+        let server = super::serve::Server::start(app).await?;
+        Ok(ExeDevEmulator { server, shared })
     }
 
     /// `http://127.0.0.1:<port>/exec`.
     pub fn url(&self) -> String {
-        format!("http://{}/exec", self.addr)
+        format!("http://{}/exec", self.server.addr())
     }
 
     /// VMs that exist now.
@@ -164,14 +149,6 @@ impl ExeDevEmulator {
         let record = self.shared.record(name, self.shared.ssh_port);
         if let Ok(mut vms) = self.shared.vms.lock() {
             vms.insert(name.to_owned(), record);
-        }
-    }
-}
-
-impl Drop for ExeDevEmulator {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod cloudflare_bridge;
 #[allow(clippy::result_large_err)]
 pub mod daytona;
+#[allow(clippy::result_large_err)]
 pub mod e2b;
 pub mod exe_dev;
 #[cfg(feature = "emulators-kubernetes")]
@@ -14,6 +15,10 @@ pub mod exe_dev;
 pub mod kubernetes;
 #[cfg(feature = "emulators-modal")]
 pub mod modal;
+pub(crate) mod sandbox_fs;
+mod serve;
+
+pub use serve::RecordedRequest;
 
 /// Faults queued per route: each request of a route takes the next one.
 pub(crate) struct FaultQueue<R, F> {

@@ -1,45 +1,24 @@
-//! The envd side of the E2B emulator: files, filesystem RPCs and the
-//! `Process/Start` server stream with real local processes.
+//! The envd side of the E2B emulator: the HTTP file API and the filesystem
+//! RPCs, every path confined to the sandbox's own root.
 
 use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::process::Stdio;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
 
-use super::{Fault, Sandbox, SandboxState, Shared, envd_gone};
-use crate::fake::DEFAULT_PATH;
+use super::{SandboxState, Shared, envd_gone};
+use crate::emulators::sandbox_fs::SandboxFs;
 
-/// A stream fault handed from the fault middleware to the Start handler.
-#[derive(Clone)]
-pub(crate) struct StreamFault(pub Fault);
-
-const FLAG_COMPRESSED: u8 = 0x01;
-const FLAG_END: u8 = 0x02;
-
-fn envelope(flags: u8, payload: &Value) -> Vec<u8> {
-    let bytes = payload.to_string().into_bytes();
-    let mut out = Vec::with_capacity(bytes.len() + 5);
-    out.push(flags);
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(&bytes);
-    out
-}
-
-fn connect_error(status: StatusCode, code: &str, message: &str) -> Response {
+/// A Connect error: `{"code": "<name>", "message"}` with the code's status.
+pub(crate) fn connect_error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         [("content-type", "application/json")],
@@ -48,14 +27,18 @@ fn connect_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-pub(crate) fn kill_all(sandbox: &Sandbox) {
-    for pgid in sandbox.processes.values() {
-        let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
-    }
+/// An envd HTTP API error: `{"message", "code": <int>}`.
+fn files_error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        json!({"message": message, "code": status.as_u16()}).to_string(),
+    )
+        .into_response()
 }
 
 /// Why envd refused a request.
-enum Refused {
+pub(crate) enum Refused {
     Gone(String),
     BadToken,
 }
@@ -73,14 +56,41 @@ impl IntoResponse for Refused {
     }
 }
 
-/// The sandbox an envd request addresses, if running; the access token is checked.
-fn resolve(shared: &Shared, headers: &HeaderMap) -> Result<(String, PathBuf), Refused> {
-    shared.reap_expired();
-    let id = headers
-        .get(shared.profile.sandbox_id_header())
+/// The sandbox an envd request addresses, as whom.
+pub(crate) struct Target {
+    pub id: String,
+    pub fs: SandboxFs,
+    pub user: String,
+    pub home: String,
+    pub env_vars: Vec<(String, String)>,
+}
+
+/// The home directory of a sandbox user.
+pub(crate) fn home_of(user: &str) -> String {
+    if user == "root" {
+        "/root".into()
+    } else {
+        format!("/home/{user}")
+    }
+}
+
+/// The user of `Authorization: Basic base64("<user>:")`, else `user`.
+fn user_of(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| B64.decode(b.trim()).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(|text| text.split(':').next().unwrap_or("").to_owned())
+        .filter(|u| !u.is_empty() && !u.contains('/') && u != "." && u != "..")
+        .unwrap_or_else(|| "user".into())
+}
+
+/// The running sandbox an envd request addresses; the access token is checked.
+pub(crate) fn resolve(shared: &Shared, headers: &HeaderMap) -> Result<Target, Refused> {
+    shared.reap_expired();
+    let id = shared.envd_sandbox_id(headers);
     let sandboxes = shared.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
     let Some(sandbox) = sandboxes
         .get(&id)
@@ -93,7 +103,18 @@ fn resolve(shared: &Shared, headers: &HeaderMap) -> Result<(String, PathBuf), Re
     {
         return Err(Refused::BadToken);
     }
-    Ok((id, sandbox.root.join("home")))
+    let user = user_of(headers);
+    let home = home_of(&user);
+    if let Ok(host) = sandbox.fs.resolve(&home, "/") {
+        let _ = std::fs::create_dir_all(host);
+    }
+    Ok(Target {
+        id,
+        fs: sandbox.fs.clone(),
+        home,
+        user,
+        env_vars: sandbox.env_vars.clone(),
+    })
 }
 
 pub(crate) async fn health(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -103,89 +124,113 @@ pub(crate) async fn health(State(shared): State<Arc<Shared>>, headers: HeaderMap
     }
 }
 
+/// The home for `/files` calls: `username` wins over the Authorization user.
+fn files_home(target: &Target, query: &HashMap<String, String>) -> String {
+    query
+        .get("username")
+        .filter(|u| !u.is_empty() && !u.contains('/'))
+        .map(|u| home_of(u))
+        .unwrap_or_else(|| target.home.clone())
+}
+
+fn write_file(target: &Target, home: &str, path: &str, data: &[u8]) -> Result<Value, Response> {
+    let host = target
+        .fs
+        .resolve(path, home)
+        .map_err(|e| files_error(StatusCode::BAD_REQUEST, &e.0))?;
+    if host.is_dir() {
+        return Err(files_error(
+            StatusCode::BAD_REQUEST,
+            &format!("path '{path}' is a directory"),
+        ));
+    }
+    if let Some(parent) = host.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| files_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
+    }
+    std::fs::write(&host, data)
+        .map_err(|e| files_error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()))?;
+    let name = host
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(json!({"path": target.fs.sandbox_path(&host), "name": name, "type": "file"}))
+}
+
 pub(crate) async fn upload(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
     request: Request,
 ) -> Response {
     let headers = request.headers().clone();
-    if let Err(refused) = resolve(&shared, &headers) {
-        return refused.into_response();
-    }
+    let target = match resolve(&shared, &headers) {
+        Ok(target) => target,
+        Err(refused) => return refused.into_response(),
+    };
+    let home = files_home(&target, &query);
     let is_multipart = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("multipart/form-data"));
-    let (path, data) = if is_multipart {
+    let mut written = Vec::new();
+    if is_multipart {
         let mut multipart = match Multipart::from_request(request, &shared).await {
             Ok(m) => m,
-            Err(e) => {
-                return connect_error(StatusCode::BAD_REQUEST, "invalid_argument", &e.to_string());
-            }
+            Err(e) => return files_error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
-        let mut found = None;
-        while let Ok(Some(field)) = multipart.next_field().await {
-            if field.name() == Some("file") {
-                let name = field.file_name().map(str::to_owned);
-                match field.bytes().await {
-                    Ok(bytes) => found = Some((query.get("path").cloned().or(name), bytes)),
-                    Err(e) => {
-                        return connect_error(
-                            StatusCode::BAD_REQUEST,
-                            "invalid_argument",
-                            &e.to_string(),
-                        );
-                    }
-                }
+        let single = query.get("path").cloned();
+        loop {
+            let field = match multipart.next_field().await {
+                Ok(Some(field)) => field,
+                Ok(None) => break,
+                Err(e) => return files_error(StatusCode::BAD_REQUEST, &e.to_string()),
+            };
+            if field.name() != Some("file") {
+                continue;
+            }
+            let name = field.file_name().map(str::to_owned);
+            let bytes = match field.bytes().await {
+                Ok(bytes) => bytes,
+                Err(e) => return files_error(StatusCode::BAD_REQUEST, &e.to_string()),
+            };
+            let Some(path) = single.clone().or(name) else {
+                return files_error(StatusCode::BAD_REQUEST, "missing path");
+            };
+            match write_file(&target, &home, &path, &bytes) {
+                Ok(entry) => written.push(entry),
+                Err(response) => return response,
             }
         }
-        match found {
-            Some((Some(path), bytes)) => (path, bytes),
-            _ => {
-                return connect_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_argument",
-                    "missing file part or path",
-                );
-            }
+        if written.is_empty() {
+            return files_error(StatusCode::BAD_REQUEST, "missing file part");
         }
     } else {
         let Some(path) = query.get("path").cloned() else {
-            return connect_error(StatusCode::BAD_REQUEST, "invalid_argument", "missing path");
+            return files_error(StatusCode::BAD_REQUEST, "missing path");
         };
-        match axum::body::to_bytes(request.into_body(), 512 * 1024 * 1024).await {
-            Ok(bytes) => (path, bytes),
-            Err(e) => {
-                return connect_error(StatusCode::BAD_REQUEST, "invalid_argument", &e.to_string());
-            }
+        let gzip = headers
+            .get("content-encoding")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+        if gzip {
+            return files_error(
+                StatusCode::BAD_REQUEST,
+                "gzip uploads are not served by the emulator",
+            );
         }
-    };
-    if !path.starts_with('/') {
-        return connect_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            "path must be absolute",
-        );
+        let bytes = match axum::body::to_bytes(request.into_body(), 512 * 1024 * 1024).await {
+            Ok(bytes) => bytes,
+            Err(e) => return files_error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        match write_file(&target, &home, &path, &bytes) {
+            Ok(entry) => written.push(entry),
+            Err(response) => return response,
+        }
     }
-    let target = PathBuf::from(&path);
-    if let Some(parent) = target.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    if let Err(e) = std::fs::write(&target, &data) {
-        return connect_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            &e.to_string(),
-        );
-    }
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     (
         StatusCode::OK,
         [("content-type", "application/json")],
-        json!([{"path": path, "name": name, "type": "file"}]).to_string(),
+        Value::Array(written).to_string(),
     )
         .into_response()
 }
@@ -195,18 +240,138 @@ pub(crate) async fn download(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = resolve(&shared, &headers) {
-        return refused.into_response();
+    let target = match resolve(&shared, &headers) {
+        Ok(target) => target,
+        Err(refused) => return refused.into_response(),
+    };
+    let home = files_home(&target, &query);
+    let Some(path) = query.get("path") else {
+        return files_error(StatusCode::BAD_REQUEST, "missing path");
+    };
+    let host = match target.fs.resolve(path, &home) {
+        Ok(host) => host,
+        Err(e) => return files_error(StatusCode::BAD_REQUEST, &e.0),
+    };
+    if host.is_dir() {
+        return files_error(
+            StatusCode::BAD_REQUEST,
+            &format!("path '{path}' is a directory"),
+        );
     }
-    match query.get("path").map(std::fs::read) {
-        Some(Ok(bytes)) => (
+    match std::fs::read(&host) {
+        Ok(bytes) => (
             StatusCode::OK,
             [("content-type", "application/octet-stream")],
             bytes,
         )
             .into_response(),
-        _ => connect_error(StatusCode::NOT_FOUND, "not_found", "file not found"),
+        Err(_) => files_error(
+            StatusCode::NOT_FOUND,
+            &format!("path '{path}' does not exist"),
+        ),
     }
+}
+
+/// A unary Connect request's JSON body and its target.
+pub(crate) fn unary(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Target, Value), Response> {
+    let target = resolve(shared, headers).map_err(IntoResponse::into_response)?;
+    let message = serde_json::from_slice::<Value>(body).map_err(|e| {
+        connect_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            &format!("bad JSON: {e}"),
+        )
+    })?;
+    Ok((target, message))
+}
+
+fn ok_json(value: Value) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// The host path of a message's `field`, resolved under the sandbox root.
+fn path_field(target: &Target, message: &Value, field: &str) -> Result<PathBuf, Response> {
+    let Some(path) = message.get(field).and_then(Value::as_str) else {
+        return Err(connect_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            &format!("missing {field}"),
+        ));
+    };
+    target
+        .fs
+        .resolve(path, &target.home)
+        .map_err(|e| connect_error(StatusCode::BAD_REQUEST, "invalid_argument", &e.0))
+}
+
+fn permissions_text(mode: u32, dir: bool) -> String {
+    let mut text = String::with_capacity(10);
+    text.push(if dir { 'd' } else { '-' });
+    for shift in [6, 3, 0] {
+        let bits = (mode >> shift) & 7;
+        text.push(if bits & 4 != 0 { 'r' } else { '-' });
+        text.push(if bits & 2 != 0 { 'w' } else { '-' });
+        text.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    text
+}
+
+/// A `filesystem.EntryInfo` in proto3 JSON (int64 as a string).
+fn entry_info(target: &Target, host: &Path) -> Option<Value> {
+    let link = std::fs::symlink_metadata(host).ok()?;
+    let is_symlink = link.file_type().is_symlink();
+    let meta = std::fs::metadata(host).unwrap_or(link.clone());
+    let kind = if meta.is_dir() {
+        "FILE_TYPE_DIRECTORY"
+    } else {
+        "FILE_TYPE_FILE"
+    };
+    let modified = meta
+        .modified()
+        .ok()
+        .map(chrono::DateTime::<chrono::Utc>::from)
+        .unwrap_or_else(chrono::Utc::now);
+    let mode = meta.permissions().mode() & 0o777;
+    let mut entry = json!({
+        "name": host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "/".into()),
+        "type": kind,
+        "path": target.fs.sandbox_path(host),
+        "size": meta.size().to_string(),
+        "mode": mode,
+        "permissions": permissions_text(mode, meta.is_dir()),
+        "owner": target.user,
+        "group": target.user,
+        "modifiedTime": modified.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    });
+    if is_symlink {
+        entry["isSymlink"] = json!(true);
+        if let Ok(to) = std::fs::read_link(host) {
+            let to = if to.is_absolute() {
+                target.fs.sandbox_path(&to)
+            } else {
+                to.to_string_lossy().into_owned()
+            };
+            entry["symlinkTarget"] = json!(to);
+        }
+    }
+    Some(entry)
+}
+
+fn not_found(path: &Path, target: &Target) -> Response {
+    connect_error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("path '{}' does not exist", target.fs.sandbox_path(path)),
+    )
 }
 
 pub(crate) async fn remove(
@@ -214,23 +379,30 @@ pub(crate) async fn remove(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = resolve(&shared, &headers) {
-        return refused.into_response();
-    }
-    let path = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("path").and_then(Value::as_str).map(PathBuf::from));
-    let Some(path) = path else {
-        return connect_error(StatusCode::BAD_REQUEST, "invalid_argument", "missing path");
+    let (target, message) = match unary(&shared, &headers, &body) {
+        Ok(found) => found,
+        Err(response) => return response,
     };
-    let result = if path.is_dir() {
+    let path = match path_field(&target, &message, "path") {
+        Ok(path) => path,
+        Err(response) => return response,
+    };
+    if path == target.fs.root() {
+        return connect_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "cannot remove /",
+        );
+    }
+    let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+    let result = if is_dir {
         std::fs::remove_dir_all(&path)
     } else {
         std::fs::remove_file(&path)
     };
     match result {
-        Ok(()) => (StatusCode::OK, [("content-type", "application/json")], "{}").into_response(),
-        Err(_) => connect_error(StatusCode::NOT_FOUND, "not_found", "path not found"),
+        Ok(()) => ok_json(json!({})),
+        Err(_) => not_found(&path, &target),
     }
 }
 
@@ -239,14 +411,13 @@ pub(crate) async fn make_dir(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = resolve(&shared, &headers) {
-        return refused.into_response();
-    }
-    let path = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("path").and_then(Value::as_str).map(PathBuf::from));
-    let Some(path) = path else {
-        return connect_error(StatusCode::BAD_REQUEST, "invalid_argument", "missing path");
+    let (target, message) = match unary(&shared, &headers, &body) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let path = match path_field(&target, &message, "path") {
+        Ok(path) => path,
+        Err(response) => return response,
     };
     if path.exists() {
         return connect_error(
@@ -256,12 +427,7 @@ pub(crate) async fn make_dir(
         );
     }
     match std::fs::create_dir_all(&path) {
-        Ok(()) => (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            json!({"entry": {"path": path, "type": "directory"}}).to_string(),
-        )
-            .into_response(),
+        Ok(()) => ok_json(json!({"entry": entry_info(&target, &path)})),
         Err(e) => connect_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -270,321 +436,106 @@ pub(crate) async fn make_dir(
     }
 }
 
-pub(crate) async fn send_signal(
+pub(crate) async fn stat(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Ok((id, _)) = resolve(&shared, &headers) else {
-        return envd_gone("");
-    };
-    let request = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
-    let pid = request
-        .pointer("/process/pid")
-        .and_then(Value::as_u64)
-        .unwrap_or(0) as u32;
-    let signal = match request.get("signal") {
-        Some(Value::String(s)) if s == "SIGNAL_SIGTERM" => Signal::SIGTERM,
-        Some(Value::Number(n)) if n.as_u64() == Some(15) => Signal::SIGTERM,
-        _ => Signal::SIGKILL,
-    };
-    let pgid = shared
-        .sandboxes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&id)
-        .and_then(|s| s.processes.get(&pid).copied());
-    match pgid {
-        Some(pgid) => {
-            let _ = killpg(Pid::from_raw(pgid), signal);
-            (StatusCode::OK, [("content-type", "application/json")], "{}").into_response()
-        }
-        None => connect_error(StatusCode::NOT_FOUND, "not_found", "process not found"),
-    }
-}
-
-fn status_text(status: &std::process::ExitStatus) -> (i32, String) {
-    if let Some(code) = status.code() {
-        return (code, format!("exit status {code}"));
-    }
-    let name = match status.signal().unwrap_or(0) {
-        9 => "killed",
-        15 => "terminated",
-        2 => "interrupt",
-        1 => "hangup",
-        6 => "aborted",
-        11 => "segmentation fault",
-        13 => "broken pipe",
-        3 => "quit",
-        _ => "unknown signal",
-    };
-    (-1, format!("signal: {name}"))
-}
-
-enum Chunk {
-    Out(Vec<u8>),
-    Err(Vec<u8>),
-}
-
-async fn pump(mut reader: impl AsyncRead + Unpin, tx: mpsc::Sender<Chunk>, stdout: bool) {
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        match reader.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let data = buf[..n].to_vec();
-                let chunk = if stdout {
-                    Chunk::Out(data)
-                } else {
-                    Chunk::Err(data)
-                };
-                if tx.send(chunk).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-pub(crate) async fn start(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    let headers = request.headers().clone();
-    let fault = request
-        .extensions()
-        .get::<StreamFault>()
-        .map(|f| f.0.clone());
-    let (id, home) = match resolve(&shared, &headers) {
+    let (target, message) = match unary(&shared, &headers, &body) {
         Ok(found) => found,
-        Err(refused) => return refused.into_response(),
+        Err(response) => return response,
     };
-    let body = axum::body::to_bytes(request.into_body(), 64 * 1024 * 1024)
-        .await
-        .unwrap_or_default();
-    if body.len() < 5 || body[0] & FLAG_COMPRESSED != 0 {
+    let path = match path_field(&target, &message, "path") {
+        Ok(path) => path,
+        Err(response) => return response,
+    };
+    match entry_info(&target, &path) {
+        Some(entry) => ok_json(json!({"entry": entry})),
+        None => not_found(&path, &target),
+    }
+}
+
+fn walk(target: &Target, dir: &Path, depth: u64, out: &mut Vec<Value>) {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<PathBuf> = read.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    for path in entries {
+        if let Some(entry) = entry_info(target, &path) {
+            out.push(entry);
+        }
+        let real_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        if depth > 1 && real_dir {
+            walk(target, &path, depth - 1, out);
+        }
+    }
+}
+
+pub(crate) async fn list_dir(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (target, message) = match unary(&shared, &headers, &body) {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let path = match path_field(&target, &message, "path") {
+        Ok(path) => path,
+        Err(response) => return response,
+    };
+    let depth = message
+        .get("depth")
+        .and_then(Value::as_u64)
+        .filter(|d| *d > 0)
+        .unwrap_or(1);
+    if !path.exists() {
+        return not_found(&path, &target);
+    }
+    if !path.is_dir() {
         return connect_error(
             StatusCode::BAD_REQUEST,
             "invalid_argument",
-            "expected one uncompressed envelope",
+            &format!(
+                "path '{}' is not a directory",
+                target.fs.sandbox_path(&path)
+            ),
         );
     }
-    let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    let Some(payload) = body.get(5..5 + len) else {
-        return connect_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            "truncated envelope",
-        );
+    let mut entries = Vec::new();
+    walk(&target, &path, depth, &mut entries);
+    ok_json(json!({"entries": entries}))
+}
+
+pub(crate) async fn move_entry(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (target, message) = match unary(&shared, &headers, &body) {
+        Ok(found) => found,
+        Err(response) => return response,
     };
-    let message: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
-    let process = message.get("process").cloned().unwrap_or(Value::Null);
-    let Some(cmd) = process
-        .get("cmd")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        return connect_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            "process.cmd is required",
-        );
+    let (source, destination) = match (
+        path_field(&target, &message, "source"),
+        path_field(&target, &message, "destination"),
+    ) {
+        (Ok(s), Ok(d)) => (s, d),
+        (Err(response), _) | (_, Err(response)) => return response,
     };
-    let args: Vec<String> = process
-        .get("args")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    let cwd = process
-        .get("cwd")
-        .and_then(Value::as_str)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.clone());
-    let timeout = headers
-        .get("connect-timeout-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|t| *t > 0)
-        .map(Duration::from_millis);
-    let keepalive = shared.keepalive.lock().ok().and_then(|k| *k).or_else(|| {
-        headers
-            .get("keepalive-ping-interval")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_secs)
-    });
-
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    let response_body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }));
-    let response = (
-        StatusCode::OK,
-        [("content-type", "application/connect+json")],
-        response_body,
-    )
-        .into_response();
-
-    if matches!(fault, Some(Fault::SilentStream)) {
-        tokio::spawn(async move { tx.closed().await });
-        return response;
+    if std::fs::symlink_metadata(&source).is_err() {
+        return not_found(&source, &target);
     }
-
-    let mut command = tokio::process::Command::new(&cmd);
-    command
-        .args(&args)
-        .current_dir(&cwd)
-        .env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", &home)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    if let Some(envs) = process.get("envs").and_then(Value::as_object) {
-        for (k, v) in envs {
-            if let Some(v) = v.as_str() {
-                command.env(k, v);
-            }
-        }
+    if let Some(parent) = destination.parent() {
+        let _ = std::fs::create_dir_all(parent);
     }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
-            return connect_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                &format!("failed to start {cmd}: {e}"),
-            );
-        }
-    };
-    let pid = child.id().unwrap_or(0);
-    if let Some(s) = shared
-        .sandboxes
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_mut(&id)
-    {
-        s.processes.insert(pid, pid as i32);
+    match std::fs::rename(&source, &destination) {
+        Ok(()) => ok_json(json!({"entry": entry_info(&target, &destination)})),
+        Err(e) => connect_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
     }
-    let (out_tx, mut out_rx) = mpsc::channel::<Chunk>(64);
-    if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(pump(stdout, out_tx.clone(), true));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(pump(stderr, out_tx.clone(), false));
-    }
-    drop(out_tx);
-
-    tokio::spawn(async move {
-        // Every envelope goes out in two HTTP chunks, so clients must buffer.
-        let send = |tx: &mpsc::Sender<Result<Bytes, std::io::Error>>, bytes: Vec<u8>| {
-            let tx = tx.clone();
-            async move {
-                let cut = bytes.len().min(3);
-                let (a, b) = bytes.split_at(cut);
-                tx.send(Ok(Bytes::copy_from_slice(a))).await.is_ok()
-                    && tx.send(Ok(Bytes::copy_from_slice(b))).await.is_ok()
-            }
-        };
-        let mut connected =
-            send(&tx, envelope(0, &json!({"event": {"start": {"pid": pid}}}))).await;
-        if matches!(fault, Some(Fault::MalformedEnvelope)) {
-            let _ = tx
-                .send(Ok(Bytes::from(envelope(FLAG_COMPRESSED, &json!({})))))
-                .await;
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            let _ = child.wait().await;
-            return;
-        }
-        let drop_after = match fault {
-            Some(Fault::DropStreamAfter(n)) => Some(n),
-            _ => None,
-        };
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let mut data_events = 0usize;
-        let mut timed_out = false;
-        loop {
-            let keepalive_sleep = async {
-                match keepalive {
-                    Some(k) => tokio::time::sleep(k).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let deadline_sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                chunk = out_rx.recv() => match chunk {
-                    Some(chunk) => {
-                        let (key, data) = match chunk {
-                            Chunk::Out(d) => ("stdout", d),
-                            Chunk::Err(d) => ("stderr", d),
-                        };
-                        // Split every read in two events, which splits multibyte characters.
-                        let mid = data.len() / 2;
-                        for part in [&data[..mid], &data[mid..]] {
-                            if part.is_empty() {
-                                continue;
-                            }
-                            if drop_after.is_some_and(|n| data_events >= n) {
-                                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                                let _ = child.wait().await;
-                                return;
-                            }
-                            let event = json!({"event": {"data": {key: B64.encode(part)}}});
-                            if connected {
-                                connected = send(&tx, envelope(0, &event)).await;
-                            }
-                            data_events += 1;
-                        }
-                    }
-                    None => break,
-                },
-                _ = keepalive_sleep => {
-                    if connected {
-                        connected = send(&tx, envelope(0, &json!({"event": {"keepalive": {}}}))).await;
-                    }
-                }
-                _ = deadline_sleep => {
-                    timed_out = true;
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                    break;
-                }
-            }
-        }
-        let status = child.wait().await;
-        if let Some(s) = shared
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
-        {
-            s.processes.remove(&pid);
-        }
-        if !connected {
-            return;
-        }
-        if timed_out {
-            let _ = send(&tx, envelope(FLAG_END, &json!({"error": {"code": "deadline_exceeded", "message": "context deadline exceeded"}}))).await;
-            return;
-        }
-        let (code, text) = status
-            .as_ref()
-            .map(status_text)
-            .unwrap_or((-1, "signal: killed".into()));
-        let mut end = json!({"exited": true, "status": text});
-        if code != 0 {
-            end["exitCode"] = json!(code);
-        }
-        if send(&tx, envelope(0, &json!({"event": {"end": end}}))).await {
-            let _ = send(&tx, envelope(FLAG_END, &json!({}))).await;
-        }
-    });
-    response
 }
