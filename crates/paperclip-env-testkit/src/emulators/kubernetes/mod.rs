@@ -121,6 +121,7 @@ mod routes;
 mod selectors;
 mod store;
 mod tls;
+mod validation;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -161,6 +162,16 @@ pub struct KubeEmulatorOptions {
     /// Serve HTTPS with a throwaway CA ([`KubeEmulator::ca_pem`]); the
     /// kubeconfig then carries `certificate-authority-data`.
     pub tls: bool,
+    /// How long a deleted pod stays `Terminating` (with `deletionTimestamp`
+    /// and `deletionGracePeriodSeconds`; its processes are killed at once),
+    /// capped by the delete's `gracePeriodSeconds`. Default zero: a deleted
+    /// pod is gone at once.
+    pub pod_termination: Duration,
+    /// Registries the simulated kubelet can pull from (host names; an image
+    /// without a registry host is on `docker.io`). A pod whose image is on
+    /// any other registry stays `Pending` with `ErrImagePull`, then
+    /// `ImagePullBackOff`, as a node that cannot resolve the host does.
+    pub registries: Vec<String>,
 }
 
 impl std::fmt::Debug for KubeEmulatorOptions {
@@ -173,6 +184,8 @@ impl std::fmt::Debug for KubeEmulatorOptions {
             .field("programs", &self.programs)
             .field("keep_exec_processes", &self.keep_exec_processes)
             .field("tls", &self.tls)
+            .field("pod_termination", &self.pod_termination)
+            .field("registries", &self.registries)
             .finish_non_exhaustive()
     }
 }
@@ -195,6 +208,20 @@ impl Default for KubeEmulatorOptions {
             )],
             keep_exec_processes: false,
             tls: false,
+            pod_termination: Duration::ZERO,
+            registries: [
+                "docker.io",
+                "ghcr.io",
+                "registry.k8s.io",
+                "quay.io",
+                "gcr.io",
+                "mcr.microsoft.com",
+                "public.ecr.aws",
+                "localhost",
+            ]
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect(),
         }
     }
 }
@@ -291,6 +318,27 @@ impl Shared {
         self.types
             .iter()
             .find(|t| t.group == group && t.plural == plural)
+    }
+
+    /// Side effects of objects that began deleting: a terminating pod's
+    /// processes are killed (its object stays for the grace period).
+    pub fn after_mark(&self, marked: &[(Key, Value)]) {
+        for (key, object) in marked {
+            if key.0.is_empty()
+                && key.1 == "pods"
+                && let Some(uid) = object.pointer("/metadata/uid").and_then(Value::as_str)
+                && let Some(runtime) = self.pods().get(uid)
+            {
+                runtime.kill_all();
+            }
+        }
+    }
+
+    /// After a write: an object waiting for deletion whose finalizers were
+    /// just removed goes now.
+    pub fn after_update(&self, _rt: &ResourceType, _key: &Key) {
+        let removed = self.store().finish_deletions();
+        self.after_delete(&removed);
     }
 
     /// Side effects of deleted objects: a deleted pod's processes die and
