@@ -696,6 +696,7 @@ fn kubelet(shared: &Arc<Shared>) {
                     fault: shared.faults.take(&Hook::PodStart),
                     ip: format!("10.244.{}.{}", (n / 250) % 250, n % 250 + 2),
                     started: false,
+                    isolated: shared.opts.isolate_pods && exec::isolation_available(),
                 }
             });
             let main = *runtime.main.lock().unwrap_or_else(|p| p.into_inner());
@@ -791,6 +792,9 @@ fn kubelet(shared: &Arc<Shared>) {
                     continue;
                 };
                 let _ = std::fs::create_dir_all(&runtime.root);
+                if runtime.isolated {
+                    exec::prepare_isolated_root(&runtime.root);
+                }
                 for mount in &runtime.mounts {
                     let _ =
                         std::fs::create_dir_all(runtime.root.join(mount.trim_start_matches('/')));
@@ -804,6 +808,7 @@ fn kubelet(shared: &Arc<Shared>) {
                         working_dir: runtime.working_dir.clone(),
                         env,
                         pgids: runtime.pgids.clone(),
+                        isolated: runtime.isolated,
                     },
                     runtime.log.clone(),
                     runtime.main.clone(),

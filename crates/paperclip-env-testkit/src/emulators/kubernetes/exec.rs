@@ -79,9 +79,14 @@ pub(crate) struct Unmapper {
 }
 
 impl Unmapper {
-    pub(crate) fn new(root: &Path) -> Self {
+    /// `active: false` passes every byte through untouched (isolated pods).
+    pub(crate) fn new(root: &Path, active: bool) -> Self {
         Self {
-            root: root.to_string_lossy().into_owned().into_bytes(),
+            root: if active {
+                root.to_string_lossy().into_owned().into_bytes()
+            } else {
+                Vec::new()
+            },
             carry: Vec::new(),
         }
     }
@@ -115,6 +120,89 @@ impl Unmapper {
     }
 }
 
+/// Host directories a pod sees (bound read-through into its root when
+/// pods are isolated); everything else in the pod's filesystem is its own.
+const HOST_DIRS: [&str; 13] = [
+    "usr", "etc", "dev", "proc", "sys", "opt", "var", "bin", "sbin", "lib", "lib32", "lib64",
+    "libx32",
+];
+
+/// Binds the host directories into the pod root, then runs the command
+/// chrooted there, in its in-pod working directory. `$1` root, `$2` cwd.
+const ISOLATE_SCRIPT: &str = r#"r=$1; d=$2; shift 2
+for m in usr etc dev proc sys opt var bin sbin lib lib32 lib64 libx32; do
+  if [ -d "$r/$m" ] && [ ! -L "$r/$m" ]; then
+    mount --rbind "/$m" "$r/$m" || { echo "kube emulator: cannot bind /$m into the pod root" >&2; exit 125; }
+  fi
+done
+exec chroot "$r" /bin/sh -c 'cd "$1" || exit 1; shift; exec "$@"' sh "$d" "$@""#;
+
+/// Whether pod processes can run in their own user and mount namespace
+/// (`unshare --user --map-root-user --mount`), checked once per process.
+pub(crate) fn isolation_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::process::Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "--propagation", "private", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new("chroot")
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+    })
+}
+
+/// Lays out an isolated pod root: mount points (or the host's symlinks)
+/// for [`HOST_DIRS`] next to the pod's own volume directories.
+pub(crate) fn prepare_isolated_root(root: &Path) {
+    for dir in HOST_DIRS {
+        let host = Path::new("/").join(dir);
+        let inside = root.join(dir);
+        if inside.symlink_metadata().is_ok() {
+            continue;
+        }
+        match std::fs::symlink_metadata(&host) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(&host) {
+                    let _ = std::os::unix::fs::symlink(target, &inside);
+                }
+            }
+            Ok(meta) if meta.is_dir() => {
+                let _ = std::fs::create_dir_all(&inside);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether an in-pod executable exists: pod volumes are under the root,
+/// everything else is the host's (bound read-through).
+fn exists_in_pod(ctx: &PodContext, program: &str) -> bool {
+    let located = |path: &str| {
+        let own = ctx
+            .mounts
+            .iter()
+            .any(|m| path == m || path.starts_with(&format!("{m}/")));
+        if own {
+            ctx.root.join(path.trim_start_matches('/')).exists()
+        } else {
+            Path::new(path).exists()
+        }
+    };
+    if program.contains('/') {
+        return located(program);
+    }
+    DEFAULT_PATH
+        .split(':')
+        .any(|dir| located(&format!("{dir}/{program}")))
+}
+
 /// What a process of a pod needs.
 pub(crate) struct PodContext {
     pub name: String,
@@ -123,6 +211,9 @@ pub(crate) struct PodContext {
     pub working_dir: Option<String>,
     pub env: Vec<(String, String)>,
     pub pgids: Arc<Mutex<HashSet<i32>>>,
+    /// Run in the pod's own mount namespace, chrooted into its root: in-pod
+    /// paths are real, nothing is rewritten in or out.
+    pub isolated: bool,
 }
 
 /// The container of `pod` named `container` (the first when `None`).
@@ -311,6 +402,9 @@ pub(crate) fn command(
     {
         argv.splice(0..1, replacement.iter().cloned());
     }
+    if ctx.isolated {
+        return isolated_command(ctx, &argv);
+    }
     let argv: Vec<String> = argv
         .iter()
         .map(|a| rewrite(a, &ctx.root, &ctx.mounts))
@@ -338,6 +432,58 @@ pub(crate) fn command(
     };
     command
         .current_dir(cwd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    Some(command)
+}
+
+/// The command of an isolated pod: `unshare` (user + mount namespace, the
+/// same pid, so process-group kills still reach it) binds the host's system
+/// directories into the pod root and chroots there; argv, env and output
+/// pass through untouched. `None` when the program does not exist in the
+/// pod (the caller answers as the runtime does).
+fn isolated_command(ctx: &PodContext, argv: &[String]) -> Option<tokio::process::Command> {
+    let program = argv.first()?;
+    if !exists_in_pod(ctx, program) {
+        return None;
+    }
+    let mut command = tokio::process::Command::new("unshare");
+    command
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            ISOLATE_SCRIPT,
+            "sh",
+        ])
+        .arg(&ctx.root)
+        .arg(ctx.working_dir.as_deref().unwrap_or("/"))
+        .args(argv)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH);
+    let home = if ctx.mounts.iter().any(|m| m == "/home/paperclip") {
+        "/home/paperclip"
+    } else {
+        "/"
+    };
+    command.env("HOME", home).env("HOSTNAME", &ctx.name);
+    if ctx.mounts.iter().any(|m| m == "/tmp") {
+        command.env("TMPDIR", "/tmp");
+    }
+    for (k, v) in &ctx.env {
+        if k != "PATH" {
+            command.env(k, v);
+        }
+    }
+    command
+        .current_dir(&ctx.root)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -422,6 +568,7 @@ fn pod_context(
         working_dir: runtime.working_dir.clone(),
         env: Vec::new(),
         pgids: runtime.pgids.clone(),
+        isolated: runtime.isolated,
     };
     Ok((pod, container, ctx))
 }
@@ -576,6 +723,13 @@ async fn run(
         _ => None,
     };
     let Some(mut command) = command(&shared, &ctx, &argv) else {
+        let message = format!(
+            "OCI runtime exec failed: exec failed: unable to start container process: exec: {:?}: executable file not found in $PATH: unknown\r\n",
+            argv.first().map(String::as_str).unwrap_or_default()
+        );
+        let _ = socket.send(frame(STDERR, message.as_bytes())).await;
+        let _ = socket.send(status_frame(126, &argv)).await;
+        close(socket).await;
         return;
     };
     command.stdin(if streams.stdin {
@@ -622,7 +776,7 @@ async fn run(
     ] {
         let Some(mut reader) = reader else { continue };
         let tx = tx.clone();
-        let mut unmapper = Unmapper::new(&ctx.root);
+        let mut unmapper = Unmapper::new(&ctx.root, !ctx.isolated);
         tokio::spawn(async move {
             let mut buffer = vec![0u8; 32 * 1024];
             loop {
@@ -662,6 +816,16 @@ async fn run(
     loop {
         tokio::select! {
             message = socket.recv() => match message {
+                // Some clients (the Python client) send stdin as TEXT
+                // frames: the channel is the first character, as in binary.
+                Some(Ok(Message::Text(text))) => {
+                    let data = text.as_bytes();
+                    if data.first() == Some(&STDIN)
+                        && let Some(tx) = &stdin_tx
+                    {
+                        let _ = tx.send(data[1..].to_vec());
+                    }
+                }
                 Some(Ok(Message::Binary(data))) => match data.first() {
                     Some(&STDIN) => {
                         if let Some(tx) = &stdin_tx {
@@ -770,7 +934,7 @@ pub(crate) fn start_main(
     {
         let log = log.clone();
         let mut reader = reader;
-        let mut unmapper = Unmapper::new(&ctx.root);
+        let mut unmapper = Unmapper::new(&ctx.root, !ctx.isolated);
         readers.push(tokio::spawn(async move {
             let mut buffer = vec![0u8; 16 * 1024];
             while let Ok(n) = reader.read(&mut buffer).await {
@@ -872,7 +1036,7 @@ mod tests {
         let root = Path::new("/tmp/emu/pods/ns/pc-1");
         let text = b"cwd=/tmp/emu/pods/ns/pc-1/workspace/paperclip\nx/tmp/emu/other\n";
         for split in 0..text.len() {
-            let mut u = Unmapper::new(root);
+            let mut u = Unmapper::new(root, true);
             let mut out = u.push(&text[..split]);
             out.extend(u.push(&text[split..]));
             out.extend(u.finish());

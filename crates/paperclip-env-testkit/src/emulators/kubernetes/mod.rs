@@ -162,6 +162,12 @@ pub struct KubeEmulatorOptions {
     /// Serve HTTPS with a throwaway CA ([`KubeEmulator::ca_pem`]); the
     /// kubeconfig then carries `certificate-authority-data`.
     pub tls: bool,
+    /// Run each pod's processes in their own user and mount namespace,
+    /// chrooted into the pod root with the host's system directories bound
+    /// in (see "The pod filesystem"), when the host allows it. Default
+    /// `true`; `false` (or a host without user namespaces) falls back to
+    /// rewriting in-pod paths.
+    pub isolate_pods: bool,
     /// How long a deleted pod stays `Terminating` (with `deletionTimestamp`
     /// and `deletionGracePeriodSeconds`; its processes are killed at once),
     /// capped by the delete's `gracePeriodSeconds`. Default zero: a deleted
@@ -184,6 +190,7 @@ impl std::fmt::Debug for KubeEmulatorOptions {
             .field("programs", &self.programs)
             .field("keep_exec_processes", &self.keep_exec_processes)
             .field("tls", &self.tls)
+            .field("isolate_pods", &self.isolate_pods)
             .field("pod_termination", &self.pod_termination)
             .field("registries", &self.registries)
             .finish_non_exhaustive()
@@ -208,6 +215,7 @@ impl Default for KubeEmulatorOptions {
             )],
             keep_exec_processes: false,
             tls: false,
+            isolate_pods: true,
             pod_termination: Duration::ZERO,
             registries: [
                 "docker.io",
@@ -273,6 +281,7 @@ pub(crate) struct PodRuntime {
     pub fault: Option<faults::Fault>,
     pub ip: String,
     pub started: bool,
+    pub isolated: bool,
 }
 
 impl PodRuntime {
