@@ -1446,7 +1446,10 @@ async fn a_company_whose_id_is_no_label_value_still_gets_a_tenant() {
             Some(&ns),
             lease.id().unwrap(),
         );
-        assert_eq!(sandbox["metadata"]["labels"]["paperclip.io/company-id"], label);
+        assert_eq!(
+            sandbox["metadata"]["labels"]["paperclip.io/company-id"],
+            label
+        );
         assert_eq!(
             sandbox["metadata"]["annotations"]["paperclip.io/run-id"],
             "run 1 / Acme"
@@ -1508,7 +1511,9 @@ async fn a_quota_refused_run_fails_fast_with_the_quota_message() {
             .unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("exceeded quota: paperclip-quota, requested: pods=1, used: pods=0, limited: pods=0"),
+            text.contains(
+                "exceeded quota: paperclip-quota, requested: pods=1, used: pods=0, limited: pods=0"
+            ),
             "{backend:?}: {text}"
         );
     }
@@ -1522,7 +1527,10 @@ async fn an_image_that_cannot_be_pulled_fails_fast() {
         .poll_interval(Duration::from_millis(50))
         .ready_timeout(Duration::from_secs(60))
         .build();
-    let c = ctx(&emulator, json!({"imageRegistry": "registry.invalid/paperclip"}));
+    let c = ctx(
+        &emulator,
+        json!({"imageRegistry": "registry.invalid/paperclip"}),
+    );
     let err = tokio::time::timeout(Duration::from_secs(10), acquire(&p, &c, "run-pull"))
         .await
         .expect("an image pull failure must not wait for the ready budget")
@@ -1554,15 +1562,31 @@ async fn a_deleting_sandbox_is_reported_as_expired() {
         Some(json!({"metadata": {"finalizers": ["example.com/hold"]}})),
     )
     .await;
-    api(&emulator, http::Method::DELETE, &path, "application/json", None).await;
-    let sandbox = one(&emulator, "agents.x-k8s.io/v1beta1", "sandboxes", Some(NS), &id);
+    api(
+        &emulator,
+        http::Method::DELETE,
+        &path,
+        "application/json",
+        None,
+    )
+    .await;
+    let sandbox = one(
+        &emulator,
+        "agents.x-k8s.io/v1beta1",
+        "sandboxes",
+        Some(NS),
+        &id,
+    );
     assert!(sandbox["metadata"]["deletionTimestamp"].is_string());
     let out = OutputCollector::buffered();
     let err = p
         .execute(&c, &lease, &ExecuteRequest::new("true"), &out)
         .await
         .unwrap_err();
-    assert!(err.is_not_found() && err.to_string().contains("being deleted"), "{err}");
+    assert!(
+        err.is_not_found() && err.to_string().contains("being deleted"),
+        "{err}"
+    );
     assert!(p.workspace_transport(&c, &lease).await.is_err());
     let resumed = p.resume(&c, &lease).await.unwrap();
     let md = resumed.metadata.unwrap();
@@ -1626,7 +1650,10 @@ async fn a_kubeconfig_given_inline_keeps_its_inner_token_out_of_errors_and_logs(
     // Inline (not a resolved secret), so the host scrubber knows nothing of it.
     let c = CallContext {
         config: ProviderConfig::new(
-            json!({"kubeconfig": yaml}).as_object().cloned().unwrap_or_default(),
+            json!({"kubeconfig": yaml})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
         ),
         ..ctx(&emulator, json!({}))
     };

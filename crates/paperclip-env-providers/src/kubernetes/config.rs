@@ -336,8 +336,8 @@ impl Parser<'_> {
 }
 
 use super::validation::{
-    is_config_map_key, is_dns1123_subdomain, is_env_var_name, is_fqdn_match_name,
-    is_label_value, is_qualified_name, parse_quantity,
+    is_config_map_key, is_dns1123_subdomain, is_env_var_name, is_fqdn_match_name, is_label_value,
+    is_qualified_name, parse_quantity,
 };
 
 /// The tenant LimitRange's per-container bounds (`paperclip-limits`, §5.3)
@@ -363,7 +363,11 @@ fn check_resources(p: &mut Parser<'_>, r: &Resources) {
         let mut out: BTreeMap<String, String> = BTreeMap::new();
         match m {
             Some(m) => out.extend(m.clone()),
-            None => out.extend(builtin.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))),
+            None => out.extend(
+                builtin
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            ),
         }
         out
     };
@@ -646,7 +650,10 @@ impl KubernetesConfig {
             .map(|(i, f)| (i, f.clone()))
             .collect();
         for (i, fqdn) in bad_fqdns {
-            p.issue(format!("egressAllowFqdns.{i}"), fqdn_message("egressAllowFqdns", &fqdn));
+            p.issue(
+                format!("egressAllowFqdns.{i}"),
+                fqdn_message("egressAllowFqdns", &fqdn),
+            );
         }
         let bad_pull: Vec<usize> = c
             .image_pull_secrets
@@ -1046,7 +1053,13 @@ mod tests {
             ],
             "{got:?}"
         );
-        assert!(got[4].1.contains("less than or equal to the memory limit (4Gi)"), "{}", got[4].1);
+        assert!(
+            got[4]
+                .1
+                .contains("less than or equal to the memory limit (4Gi)"),
+            "{}",
+            got[4].1
+        );
         // requests over the built-in limits when only requests are given.
         let got = messages(json!({"inCluster": true,
             "defaultResources": {"requests": {"cpu": "3"}}}));
@@ -1056,7 +1069,13 @@ mod tests {
         let got = messages(json!({"inCluster": true,
             "defaultResources": {"requests": {"cpu": "50m", "memory": "1Gi"}, "limits": {"cpu": "8", "memory": "2Gi"}}}));
         let fields: Vec<&str> = got.iter().map(|(f, _)| f.as_str()).collect();
-        assert_eq!(fields, ["defaultResources.requests.cpu", "defaultResources.limits.cpu"]);
+        assert_eq!(
+            fields,
+            [
+                "defaultResources.requests.cpu",
+                "defaultResources.limits.cpu"
+            ]
+        );
         assert!(KubernetesConfig::parse(&obj(json!({"inCluster": true,
             "defaultResources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1.5", "memory": "2Gi"}}})))
         .is_ok());

@@ -272,7 +272,9 @@ fn scrubber(ctx: &CallContext) -> ProviderConfig {
     };
     let mut values: Vec<String> = Vec::new();
     for (i, user) in parsed.auth_infos.iter().enumerate() {
-        let Some(auth) = &user.auth_info else { continue };
+        let Some(auth) = &user.auth_info else {
+            continue;
+        };
         let encoded = [
             auth.token.as_ref().map(|t| t.expose_secret().to_owned()),
             auth.password.as_ref().map(|t| t.expose_secret().to_owned()),
@@ -443,10 +445,7 @@ fn pod_failure(pod: &Value) -> Option<(String, String)> {
             {
                 let name = str_at(c, "/name").unwrap_or_default();
                 let message = str_at(c, "/state/waiting/message").unwrap_or_default();
-                return Some((
-                    reason.to_owned(),
-                    format!("container {name}: {message}"),
-                ));
+                return Some((reason.to_owned(), format!("container {name}: {message}")));
             }
         }
     }
@@ -1479,59 +1478,59 @@ impl SandboxProvider for KubernetesProvider {
 
     async fn probe(&self, ctx: &CallContext) -> Result<ProviderProbe> {
         let result: Result<ProviderProbe> = async {
-        let t = match self.target(ctx, None).await {
-            Ok(t) => t,
-            Err(Error::InvalidConfig { issues, .. }) => {
-                let mut md = JsonObject::new();
-                md.insert(
-                    "errors".into(),
-                    json!(issues.iter().map(ToString::to_string).collect::<Vec<_>>()),
-                );
-                return Ok(ProviderProbe {
-                    ok: false,
-                    summary: Some("Invalid Kubernetes provider configuration.".into()),
+            let t = match self.target(ctx, None).await {
+                Ok(t) => t,
+                Err(Error::InvalidConfig { issues, .. }) => {
+                    let mut md = JsonObject::new();
+                    md.insert(
+                        "errors".into(),
+                        json!(issues.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                    );
+                    return Ok(ProviderProbe {
+                        ok: false,
+                        summary: Some("Invalid Kubernetes provider configuration.".into()),
+                        metadata: Some(md),
+                        ..Default::default()
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            let mut md = JsonObject::new();
+            md.insert("namespace".into(), json!(t.namespace));
+            md.insert("provider".into(), json!(KEY));
+            match t
+                .kube
+                .list(&core_collection(&t.namespace, "pods"), "")
+                .await
+            {
+                Ok(_) => Ok(ProviderProbe {
+                    ok: true,
+                    summary: Some(format!(
+                        "Kubernetes cluster reachable. Tenant namespace: {}.",
+                        t.namespace
+                    )),
                     metadata: Some(md),
                     ..Default::default()
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let mut md = JsonObject::new();
-        md.insert("namespace".into(), json!(t.namespace));
-        md.insert("provider".into(), json!(KEY));
-        match t
-            .kube
-            .list(&core_collection(&t.namespace, "pods"), "")
-            .await
-        {
-            Ok(_) => Ok(ProviderProbe {
-                ok: true,
-                summary: Some(format!(
-                    "Kubernetes cluster reachable. Tenant namespace: {}.",
-                    t.namespace
-                )),
-                metadata: Some(md),
-                ..Default::default()
-            }),
-            Err(e) if e.is_not_found() => Ok(ProviderProbe {
-                ok: true,
-                summary: Some(format!(
-                    "Kubernetes cluster reachable. Tenant namespace: {}.",
-                    t.namespace
-                )),
-                metadata: Some(md),
-                ..Default::default()
-            }),
-            Err(e) => {
-                md.insert("error".into(), json!(scrubber(ctx).scrub(&e.to_string())));
-                Ok(ProviderProbe {
-                    ok: false,
-                    summary: Some("Kubernetes cluster probe failed.".into()),
+                }),
+                Err(e) if e.is_not_found() => Ok(ProviderProbe {
+                    ok: true,
+                    summary: Some(format!(
+                        "Kubernetes cluster reachable. Tenant namespace: {}.",
+                        t.namespace
+                    )),
                     metadata: Some(md),
                     ..Default::default()
-                })
+                }),
+                Err(e) => {
+                    md.insert("error".into(), json!(scrubber(ctx).scrub(&e.to_string())));
+                    Ok(ProviderProbe {
+                        ok: false,
+                        summary: Some("Kubernetes cluster probe failed.".into()),
+                        metadata: Some(md),
+                        ..Default::default()
+                    })
+                }
             }
-        }
         }
         .await;
         result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
@@ -1658,106 +1657,106 @@ impl SandboxProvider for KubernetesProvider {
 
     async fn resume(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<ProviderLease> {
         let result: Result<ProviderLease> = async {
-        let Some(id) = lease.id() else {
-            return Ok(expired("No provider lease ID to resume"));
-        };
-        let t = self.target(ctx, Some(lease)).await?;
-        let backend = self.lease_backend(&t, lease);
-        lock(&self.inner.ready).remove(id);
-        match backend {
-            Backend::SandboxCr => {
-                let version = match md_str(lease, "sandboxApiVersion") {
-                    Some(v) => v.to_owned(),
-                    None => self.sandbox_version(&t).await?,
-                };
-                let pod = match self
-                    .wait_sandbox_ready(
-                        &t,
-                        &version,
-                        id,
-                        self.inner.opts.resume_timeout,
-                        self.inner.opts.resume_poll_interval,
-                    )
-                    .await
-                {
-                    Ok(pod) => pod,
-                    Err(e) if e.is_not_found() => {
-                        let message = e.to_string();
-                        return Ok(expired(if message.contains("no longer exists") {
-                            "Sandbox CR no longer exists".to_owned()
-                        } else {
-                            message
-                        }));
-                    }
-                    Err(e) => return Ok(expired(e.to_string())),
-                };
-                let Some(p) = t
-                    .kube
-                    .get(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
-                    .await?
-                else {
-                    return Ok(expired(format!("Pod {pod} no longer exists")));
-                };
-                let phase = str_at(&p, "/status/phase").unwrap_or("");
-                if p.pointer("/metadata/deletionTimestamp")
-                    .is_some_and(|v| !v.is_null())
-                    || phase != "Running"
-                {
-                    let state = if p
-                        .pointer("/metadata/deletionTimestamp")
-                        .is_some_and(|v| !v.is_null())
-                    {
-                        "terminating"
-                    } else if phase.is_empty() {
-                        "in an unknown phase"
-                    } else {
-                        phase
+            let Some(id) = lease.id() else {
+                return Ok(expired("No provider lease ID to resume"));
+            };
+            let t = self.target(ctx, Some(lease)).await?;
+            let backend = self.lease_backend(&t, lease);
+            lock(&self.inner.ready).remove(id);
+            match backend {
+                Backend::SandboxCr => {
+                    let version = match md_str(lease, "sandboxApiVersion") {
+                        Some(v) => v.to_owned(),
+                        None => self.sandbox_version(&t).await?,
                     };
-                    return Ok(expired(format!("Pod {pod} is {state}")));
+                    let pod = match self
+                        .wait_sandbox_ready(
+                            &t,
+                            &version,
+                            id,
+                            self.inner.opts.resume_timeout,
+                            self.inner.opts.resume_poll_interval,
+                        )
+                        .await
+                    {
+                        Ok(pod) => pod,
+                        Err(e) if e.is_not_found() => {
+                            let message = e.to_string();
+                            return Ok(expired(if message.contains("no longer exists") {
+                                "Sandbox CR no longer exists".to_owned()
+                            } else {
+                                message
+                            }));
+                        }
+                        Err(e) => return Ok(expired(e.to_string())),
+                    };
+                    let Some(p) = t
+                        .kube
+                        .get(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
+                        .await?
+                    else {
+                        return Ok(expired(format!("Pod {pod} no longer exists")));
+                    };
+                    let phase = str_at(&p, "/status/phase").unwrap_or("");
+                    if p.pointer("/metadata/deletionTimestamp")
+                        .is_some_and(|v| !v.is_null())
+                        || phase != "Running"
+                    {
+                        let state = if p
+                            .pointer("/metadata/deletionTimestamp")
+                            .is_some_and(|v| !v.is_null())
+                        {
+                            "terminating"
+                        } else if phase.is_empty() {
+                            "in an unknown phase"
+                        } else {
+                            phase
+                        };
+                        return Ok(expired(format!("Pod {pod} is {state}")));
+                    }
+                    lock(&self.inner.ready).insert(id.to_owned());
+                    let mut md = Self::metadata(
+                        &t,
+                        backend,
+                        id,
+                        Some(&pod),
+                        "Running",
+                        Some(&version),
+                        md_str(lease, "paperclipRunId"),
+                    );
+                    if let Some(cwd) = md_str(lease, "remoteCwd") {
+                        md.insert("remoteCwd".into(), json!(cwd));
+                    }
+                    md.insert("resumedLease".into(), json!(true));
+                    Ok(ProviderLease::new(id, md))
                 }
-                lock(&self.inner.ready).insert(id.to_owned());
-                let mut md = Self::metadata(
-                    &t,
-                    backend,
-                    id,
-                    Some(&pod),
-                    "Running",
-                    Some(&version),
-                    md_str(lease, "paperclipRunId"),
-                );
-                if let Some(cwd) = md_str(lease, "remoteCwd") {
-                    md.insert("remoteCwd".into(), json!(cwd));
+                Backend::Job => {
+                    let Some(job) = t
+                        .kube
+                        .get(&format!("{}/{id}/status", job_collection(&t.namespace)))
+                        .await?
+                    else {
+                        return Ok(expired("Job no longer exists"));
+                    };
+                    let phase = job_phase(&job);
+                    if phase == "Succeeded" || phase == "Failed" {
+                        return Ok(expired(format!("Job is {phase}")));
+                    }
+                    let pod = self.job_pod(&t, id).await?;
+                    let pod_name = pod.as_ref().and_then(|p| str_at(p, "/metadata/name"));
+                    let mut md = Self::metadata(
+                        &t,
+                        backend,
+                        id,
+                        pod_name,
+                        phase,
+                        None,
+                        md_str(lease, "paperclipRunId"),
+                    );
+                    md.insert("resumedLease".into(), json!(true));
+                    Ok(ProviderLease::new(id, md))
                 }
-                md.insert("resumedLease".into(), json!(true));
-                Ok(ProviderLease::new(id, md))
             }
-            Backend::Job => {
-                let Some(job) = t
-                    .kube
-                    .get(&format!("{}/{id}/status", job_collection(&t.namespace)))
-                    .await?
-                else {
-                    return Ok(expired("Job no longer exists"));
-                };
-                let phase = job_phase(&job);
-                if phase == "Succeeded" || phase == "Failed" {
-                    return Ok(expired(format!("Job is {phase}")));
-                }
-                let pod = self.job_pod(&t, id).await?;
-                let pod_name = pod.as_ref().and_then(|p| str_at(p, "/metadata/name"));
-                let mut md = Self::metadata(
-                    &t,
-                    backend,
-                    id,
-                    pod_name,
-                    phase,
-                    None,
-                    md_str(lease, "paperclipRunId"),
-                );
-                md.insert("resumedLease".into(), json!(true));
-                Ok(ProviderLease::new(id, md))
-            }
-        }
         }
         .await;
         result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
@@ -1770,18 +1769,18 @@ impl SandboxProvider for KubernetesProvider {
         _status: LeaseStatus,
     ) -> Result<()> {
         let result: Result<()> = async {
-        let Some(id) = lease.id() else { return Ok(()) };
-        lock(&self.inner.ready).remove(id);
-        let t = self.target(ctx, Some(lease)).await?;
-        let backend = self.lease_backend(&t, lease);
-        let deleted = self
-            .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
-            .await
-            .map_err(|e| scrubber(ctx).scrub_error(KEY, e))?;
-        if !deleted {
-            debug!(workload = id, "the workload was already gone at release");
-        }
-        Ok(())
+            let Some(id) = lease.id() else { return Ok(()) };
+            lock(&self.inner.ready).remove(id);
+            let t = self.target(ctx, Some(lease)).await?;
+            let backend = self.lease_backend(&t, lease);
+            let deleted = self
+                .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
+                .await
+                .map_err(|e| scrubber(ctx).scrub_error(KEY, e))?;
+            if !deleted {
+                debug!(workload = id, "the workload was already gone at release");
+            }
+            Ok(())
         }
         .await;
         result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
@@ -1789,43 +1788,43 @@ impl SandboxProvider for KubernetesProvider {
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
         let result: Result<()> = async {
-        let Some(id) = lease.id() else { return Ok(()) };
-        lock(&self.inner.ready).remove(id);
-        let t = self.target(ctx, Some(lease)).await?;
-        let backend = self.lease_backend(&t, lease);
-        let mut failures: Vec<(String, Error)> = Vec::new();
-        if let Err(e) = self
-            .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
-            .await
-        {
-            failures.push((id.to_owned(), e));
-        }
-        if let Some(pod) = md_str(lease, "podName")
-            && let Err(e) = t
-                .kube
-                .delete(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
+            let Some(id) = lease.id() else { return Ok(()) };
+            lock(&self.inner.ready).remove(id);
+            let t = self.target(ctx, Some(lease)).await?;
+            let backend = self.lease_backend(&t, lease);
+            let mut failures: Vec<(String, Error)> = Vec::new();
+            if let Err(e) = self
+                .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
                 .await
-        {
-            failures.push((pod.to_owned(), e));
-        }
-        let secret = md_str(lease, "secretName")
-            .map(str::to_owned)
-            .unwrap_or_else(|| child_name(id, "-env"));
-        if let Err(e) = t
-            .kube
-            .delete(&format!(
-                "{}/{secret}",
-                core_collection(&t.namespace, "secrets")
-            ))
-            .await
-        {
-            failures.push((secret, e));
-        }
-        match failures.len() {
-            0 => Ok(()),
-            1 => Err(failures.remove(0).1),
-            _ => Err(Error::ReleaseFailed { failures }),
-        }
+            {
+                failures.push((id.to_owned(), e));
+            }
+            if let Some(pod) = md_str(lease, "podName")
+                && let Err(e) = t
+                    .kube
+                    .delete(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
+                    .await
+            {
+                failures.push((pod.to_owned(), e));
+            }
+            let secret = md_str(lease, "secretName")
+                .map(str::to_owned)
+                .unwrap_or_else(|| child_name(id, "-env"));
+            if let Err(e) = t
+                .kube
+                .delete(&format!(
+                    "{}/{secret}",
+                    core_collection(&t.namespace, "secrets")
+                ))
+                .await
+            {
+                failures.push((secret, e));
+            }
+            match failures.len() {
+                0 => Ok(()),
+                1 => Err(failures.remove(0).1),
+                _ => Err(Error::ReleaseFailed { failures }),
+            }
         }
         .await;
         result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
@@ -1888,22 +1887,22 @@ impl SandboxProvider for KubernetesProvider {
         lease: &LeaseHandle,
     ) -> Result<Option<Arc<dyn WorkspaceTransport>>> {
         let result: Result<Option<Arc<dyn WorkspaceTransport>>> = async {
-        let Some(id) = lease.id() else {
-            return Ok(None);
-        };
-        let t = self.target(ctx, Some(lease)).await?;
-        if self.lease_backend(&t, lease) != Backend::SandboxCr {
-            return Ok(None);
-        }
-        let pod = self
-            .ready_pod(&t, lease, id, self.ready_budget(&t.config))
-            .await?;
-        let transport: Arc<dyn WorkspaceTransport> = Arc::new(ExecFiles {
-            provider: self.clone(),
-            target: Arc::new(t),
-            pod,
-        });
-        Ok(Some(transport))
+            let Some(id) = lease.id() else {
+                return Ok(None);
+            };
+            let t = self.target(ctx, Some(lease)).await?;
+            if self.lease_backend(&t, lease) != Backend::SandboxCr {
+                return Ok(None);
+            }
+            let pod = self
+                .ready_pod(&t, lease, id, self.ready_budget(&t.config))
+                .await?;
+            let transport: Arc<dyn WorkspaceTransport> = Arc::new(ExecFiles {
+                provider: self.clone(),
+                target: Arc::new(t),
+                pod,
+            });
+            Ok(Some(transport))
         }
         .await;
         result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))

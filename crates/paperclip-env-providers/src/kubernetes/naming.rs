@@ -122,7 +122,10 @@ pub fn run_labels(run_id: &str, company_id: &str, adapter: &str) -> BTreeMap<Str
     BTreeMap::from([
         ("paperclip.io/run-id".to_owned(), label_value(run_id)),
         ("paperclip.io/agent-id".to_owned(), label_value(run_id)),
-        ("paperclip.io/company-id".to_owned(), label_value(company_id)),
+        (
+            "paperclip.io/company-id".to_owned(),
+            label_value(company_id),
+        ),
         ("paperclip.io/adapter".to_owned(), label_value(adapter)),
         ("paperclip.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
     ])
@@ -185,7 +188,10 @@ mod tests {
         assert_eq!(labels["paperclip.io/managed-by"], MANAGED_BY);
         let cleaned = label_value("conformance run/1!");
         assert!(cleaned.starts_with("conformance-run-1-") && cleaned.len() == 26);
-        assert_eq!(run_labels("Acme, Inc.", "x", "a")["paperclip.io/run-id"].len(), 18);
+        assert_eq!(
+            run_labels("Acme, Inc.", "x", "a")["paperclip.io/run-id"].len(),
+            18
+        );
         let t = bootstrap_token();
         assert!(
             t.len() == 64

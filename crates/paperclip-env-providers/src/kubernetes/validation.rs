@@ -252,7 +252,9 @@ mod tests {
         assert!(!is_qualified_name("a/b/c") && !is_qualified_name(&"k".repeat(64)));
         assert!(!is_label_value(&"v".repeat(64)) && !is_label_value("-x"));
         assert!(is_config_map_key("ANTHROPIC_API_KEY") && is_config_map_key("a.b-c"));
-        assert!(!is_config_map_key("BAD KEY") && !is_config_map_key("..x") && !is_config_map_key("."));
+        assert!(
+            !is_config_map_key("BAD KEY") && !is_config_map_key("..x") && !is_config_map_key(".")
+        );
         assert!(is_env_var_name("_A1") && !is_env_var_name("1A") && !is_env_var_name("A-B"));
     }
 

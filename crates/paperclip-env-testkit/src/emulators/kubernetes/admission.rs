@@ -336,7 +336,10 @@ pub(crate) fn default_pod(store: &Store, namespace: &str, pod: &mut Value) {
 
 fn amount(c: &Value, kind: &str, resource: &str) -> Option<(i128, String)> {
     let v = c.pointer(&format!("/resources/{kind}/{resource}"))?;
-    let text = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    let text = v
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string());
     Some((quantity(&text)?, text))
 }
 
@@ -359,7 +362,9 @@ fn check_limit_ranges(store: &Store, namespace: &str, pod: &Value) -> Result<(),
                     .flatten()
                 {
                     let bound_text = bound.as_str().unwrap_or_default();
-                    let Some(min) = quantity(bound_text) else { continue };
+                    let Some(min) = quantity(bound_text) else {
+                        continue;
+                    };
                     match amount(&c, "requests", resource) {
                         Some((req, text)) if req < min => problems.push(format!(
                             "minimum {resource} usage per Container is {bound_text}, but request is {text}"
@@ -377,7 +382,9 @@ fn check_limit_ranges(store: &Store, namespace: &str, pod: &Value) -> Result<(),
                     .flatten()
                 {
                     let bound_text = bound.as_str().unwrap_or_default();
-                    let Some(max) = quantity(bound_text) else { continue };
+                    let Some(max) = quantity(bound_text) else {
+                        continue;
+                    };
                     match amount(&c, "limits", resource) {
                         Some((lim, text)) if lim > max => problems.push(format!(
                             "maximum {resource} usage per Container is {bound_text}, but limit is {text}"
@@ -424,7 +431,11 @@ fn terminal(pod: &Value) -> bool {
 }
 
 /// Current usage of `quota`'s resources by the namespace's live pods.
-pub(crate) fn quota_used(store: &Store, namespace: &str, hard: &serde_json::Map<String, Value>) -> Vec<(String, i128)> {
+pub(crate) fn quota_used(
+    store: &Store,
+    namespace: &str,
+    hard: &serde_json::Map<String, Value>,
+) -> Vec<(String, i128)> {
     let pods: Vec<Value> = in_namespace(store, "pods", namespace)
         .into_iter()
         .filter(|p| !terminal(p))
@@ -468,13 +479,20 @@ fn check_quotas(store: &Store, namespace: &str, pod: &Value) -> Result<(), Strin
         for resource in hard.keys() {
             let (kind, res) = match resource.split_once('.') {
                 Some((k @ ("requests" | "limits"), r)) => (k, r),
-                None if matches!(resource.as_str(), "cpu" | "memory") => ("requests", resource.as_str()),
+                None if matches!(resource.as_str(), "cpu" | "memory") => {
+                    ("requests", resource.as_str())
+                }
                 _ => continue,
             };
             let lacking: Vec<String> = container_list(pod)
                 .iter()
                 .filter(|c| amount(c, kind, res).is_none())
-                .map(|c| c.get("name").and_then(Value::as_str).unwrap_or_default().to_owned())
+                .map(|c| {
+                    c.get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                })
                 .collect();
             if !lacking.is_empty() {
                 missing.push(format!("{kind}.{res} for: {}", lacking.join(",")));
@@ -482,25 +500,47 @@ fn check_quotas(store: &Store, namespace: &str, pod: &Value) -> Result<(), Strin
         }
         if !missing.is_empty() {
             missing.sort();
-            return Err(format!("failed quota: {name}: must specify {}", missing.join("; ")));
+            return Err(format!(
+                "failed quota: {name}: must specify {}",
+                missing.join("; ")
+            ));
         }
         let used = quota_used(store, namespace, hard);
         let mut exceeded = Vec::new();
         for (resource, limit) in hard {
-            let Some(limit) = limit.as_str().and_then(quantity) else { continue };
-            let requested = usage.iter().find(|(r, _)| r == resource).map(|(_, v)| *v).unwrap_or(0);
+            let Some(limit) = limit.as_str().and_then(quantity) else {
+                continue;
+            };
+            let requested = usage
+                .iter()
+                .find(|(r, _)| r == resource)
+                .map(|(_, v)| *v)
+                .unwrap_or(0);
             if requested == 0 {
                 continue;
             }
-            let now = used.iter().find(|(r, _)| r == resource).map(|(_, v)| *v).unwrap_or(0);
+            let now = used
+                .iter()
+                .find(|(r, _)| r == resource)
+                .map(|(_, v)| *v)
+                .unwrap_or(0);
             if now + requested > limit {
                 exceeded.push((resource.clone(), requested, now, limit));
             }
         }
         if !exceeded.is_empty() {
-            let requested: Vec<(String, i128)> = exceeded.iter().map(|(r, v, _, _)| (r.clone(), *v)).collect();
-            let used: Vec<(String, i128)> = exceeded.iter().map(|(r, _, v, _)| (r.clone(), *v)).collect();
-            let limited: Vec<(String, i128)> = exceeded.iter().map(|(r, _, _, v)| (r.clone(), *v)).collect();
+            let requested: Vec<(String, i128)> = exceeded
+                .iter()
+                .map(|(r, v, _, _)| (r.clone(), *v))
+                .collect();
+            let used: Vec<(String, i128)> = exceeded
+                .iter()
+                .map(|(r, _, v, _)| (r.clone(), *v))
+                .collect();
+            let limited: Vec<(String, i128)> = exceeded
+                .iter()
+                .map(|(r, _, _, v)| (r.clone(), *v))
+                .collect();
             return Err(format!(
                 "exceeded quota: {name}, requested: {}, used: {}, limited: {}",
                 pretty(&requested),
@@ -522,12 +562,19 @@ pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &mut Value) -> Resu
         .and_then(Value::as_str)
         .filter(|a| !a.is_empty() && *a != "default")
         && store
-            .get(&(String::new(), "serviceaccounts".into(), namespace.into(), account.into()))
+            .get(&(
+                String::new(),
+                "serviceaccounts".into(),
+                namespace.into(),
+                account.into(),
+            ))
             .is_none()
     {
         return Err(forbidden(
             pod,
-            format!("error looking up service account {namespace}/{account}: serviceaccount \"{account}\" not found"),
+            format!(
+                "error looking up service account {namespace}/{account}: serviceaccount \"{account}\" not found"
+            ),
         ));
     }
     admit_pod_security(store, namespace, pod)?;
@@ -537,7 +584,12 @@ pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &mut Value) -> Resu
         .filter(|c| !c.is_empty())
     {
         if store
-            .get(&("node.k8s.io".into(), "runtimeclasses".into(), String::new(), class.into()))
+            .get(&(
+                "node.k8s.io".into(),
+                "runtimeclasses".into(),
+                String::new(),
+                class.into(),
+            ))
             .is_none()
         {
             return Err(forbidden(

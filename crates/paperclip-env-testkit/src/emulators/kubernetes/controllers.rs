@@ -162,7 +162,11 @@ fn quotas(shared: &Shared) {
     for quota in store.list("", "resourcequotas", None) {
         let namespace = str_at(&quota, "/metadata/namespace").to_owned();
         let name = str_at(&quota, "/metadata/name").to_owned();
-        let Some(hard) = quota.pointer("/spec/hard").and_then(Value::as_object).cloned() else {
+        let Some(hard) = quota
+            .pointer("/spec/hard")
+            .and_then(Value::as_object)
+            .cloned()
+        else {
             continue;
         };
         let used: serde_json::Map<String, Value> =
@@ -271,8 +275,16 @@ fn sandboxes(shared: &Shared) {
                         let status = json!({"conditions": [condition(&previous, "Ready", "False",
                             "ReconcilerError", &message)]});
                         store.set_status(&sandbox_key, status);
-                        record_event(shared, &mut store, &sandbox, &format!("{SANDBOX_GROUP}/{storage_version}"),
-                            "Sandbox", "FailedCreate", &format!("Error creating: {}", error.message), "sandbox-controller");
+                        record_event(
+                            shared,
+                            &mut store,
+                            &sandbox,
+                            &format!("{SANDBOX_GROUP}/{storage_version}"),
+                            "Sandbox",
+                            "FailedCreate",
+                            &format!("Error creating: {}", error.message),
+                            "sandbox-controller",
+                        );
                         continue;
                     }
                 }
@@ -495,8 +507,16 @@ fn jobs(shared: &Shared) {
             let mut pod = pod;
             if let Err(error) = admit_new_pod(shared, &store, &namespace, &mut pod) {
                 store.set_status(&job_key, status);
-                record_event(shared, &mut store, &job, "batch/v1", "Job", "FailedCreate",
-                    &format!("Error creating: {}", error.message), "job-controller");
+                record_event(
+                    shared,
+                    &mut store,
+                    &job,
+                    "batch/v1",
+                    "Job",
+                    "FailedCreate",
+                    &format!("Error creating: {}", error.message),
+                    "job-controller",
+                );
                 continue;
             }
             if let Some(pods_rt) = shared.resource("", "pods") {
@@ -891,7 +911,12 @@ fn image_pull_failure(shared: &Shared, container: &Value) -> Option<String> {
         ("docker.io", image)
     };
     let hostname = host.split(':').next().unwrap_or(host);
-    if shared.opts.registries.iter().any(|r| r == host || r == hostname) {
+    if shared
+        .opts
+        .registries
+        .iter()
+        .any(|r| r == host || r == hostname)
+    {
         return None;
     }
     let (repo, tag) = match path.rsplit_once(':') {

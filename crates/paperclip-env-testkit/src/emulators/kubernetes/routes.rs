@@ -507,8 +507,16 @@ async fn dispatch(
                 }
                 (Method::PUT, sub @ (None | Some("status"))) => {
                     let object = parse_body(body)?;
-                    replace(shared, &rt, &version, &key, object, sub.is_some(), dry_run(params))
-                        .map(|o| json_response(StatusCode::OK, &o))
+                    replace(
+                        shared,
+                        &rt,
+                        &version,
+                        &key,
+                        object,
+                        sub.is_some(),
+                        dry_run(params),
+                    )
+                    .map(|o| json_response(StatusCode::OK, &o))
                 }
                 (Method::PATCH, sub @ (None | Some("status"))) => patch(
                     shared,
@@ -682,7 +690,11 @@ fn create(
         }
     };
     if dry_run {
-        return Ok(typed(rt, version, store.preview(rt, namespace, object, finish)?));
+        return Ok(typed(
+            rt,
+            version,
+            store.preview(rt, namespace, object, finish)?,
+        ));
     }
     let created = store.create_with(rt, namespace, object, finish)?;
     Ok(typed(rt, version, created))
@@ -885,7 +897,10 @@ fn delete(
             .or_else(|| options.get("gracePeriodSeconds").and_then(Value::as_u64));
         let pod_grace = match grace {
             Some(0) => Duration::ZERO,
-            Some(seconds) => shared.opts.pod_termination.min(Duration::from_secs(seconds)),
+            Some(seconds) => shared
+                .opts
+                .pod_termination
+                .min(Duration::from_secs(seconds)),
             None => shared.opts.pod_termination,
         };
         store.delete_graceful(

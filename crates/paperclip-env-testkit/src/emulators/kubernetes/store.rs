@@ -98,7 +98,13 @@ pub(crate) fn registry(sandbox_versions: &[String]) -> Vec<ResourceType> {
         ResourceType::new("", &["v1"], "limitranges", "LimitRange", true).short(&["limits"]),
         ResourceType::new("", &["v1"], "events", "Event", true).short(&["ev"]),
         ResourceType::new("batch", &["v1"], "jobs", "Job", true).sub(&["status"]),
-        ResourceType::new("node.k8s.io", &["v1"], "runtimeclasses", "RuntimeClass", false),
+        ResourceType::new(
+            "node.k8s.io",
+            &["v1"],
+            "runtimeclasses",
+            "RuntimeClass",
+            false,
+        ),
         ResourceType::new("rbac.authorization.k8s.io", &["v1"], "roles", "Role", true),
         ResourceType::new(
             "rbac.authorization.k8s.io",
@@ -485,7 +491,10 @@ impl Store {
         }
         let mut finalizers = Self::finalizers(&current);
         let waiting_dependents = !uid.is_empty() && !self.dependents_of(&uid).is_empty();
-        if mode.foreground && waiting_dependents && !finalizers.iter().any(|f| f == "foregroundDeletion") {
+        if mode.foreground
+            && waiting_dependents
+            && !finalizers.iter().any(|f| f == "foregroundDeletion")
+        {
             finalizers.push("foregroundDeletion".into());
         }
         let namespace_busy = is_namespace && !self.keys_in_namespace(&key.3).is_empty();
@@ -500,8 +509,12 @@ impl Store {
         let rv = self.next_rv();
         let mut marked = current;
         let due = chrono::Utc::now()
-            + chrono::Duration::from_std(if pod_grace { mode.pod_grace } else { Duration::ZERO })
-                .unwrap_or_default();
+            + chrono::Duration::from_std(if pod_grace {
+                mode.pod_grace
+            } else {
+                Duration::ZERO
+            })
+            .unwrap_or_default();
         marked["metadata"]["deletionTimestamp"] =
             json!(due.format("%Y-%m-%dT%H:%M:%SZ").to_string());
         marked["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -510,7 +523,8 @@ impl Store {
         }
         if is_pod {
             marked["metadata"]["deletionGracePeriodSeconds"] = json!(mode.pod_grace.as_secs());
-            self.due.insert(key.clone(), Instant::now() + mode.pod_grace);
+            self.due
+                .insert(key.clone(), Instant::now() + mode.pod_grace);
         }
         if is_namespace {
             marked["status"] = json!({"phase": "Terminating"});
@@ -534,7 +548,9 @@ impl Store {
             .collect();
         let mut removed = Vec::new();
         for (key, object) in deleting {
-            let uid = str_at(&object, "/metadata/uid").unwrap_or_default().to_owned();
+            let uid = str_at(&object, "/metadata/uid")
+                .unwrap_or_default()
+                .to_owned();
             let mut finalizers = Self::finalizers(&object);
             if finalizers.iter().any(|f| f == "foregroundDeletion")
                 && self.dependents_of(&uid).is_empty()
@@ -587,7 +603,12 @@ impl Store {
         let name = str_at(&object, "/metadata/name")
             .unwrap_or_default()
             .to_owned();
-        let key: Key = (rt.group.clone(), rt.plural.clone(), namespace.to_owned(), name.clone());
+        let key: Key = (
+            rt.group.clone(),
+            rt.plural.clone(),
+            namespace.to_owned(),
+            name.clone(),
+        );
         if self.objects.contains_key(&key) {
             return Err(ApiError::already_exists(rt, &name));
         }

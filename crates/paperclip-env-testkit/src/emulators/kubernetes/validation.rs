@@ -208,8 +208,14 @@ fn label_value_problems(value: &str) -> Vec<String> {
     let shaped = value
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && value.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
-        && value.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric);
+        && value
+            .as_bytes()
+            .first()
+            .is_some_and(u8::is_ascii_alphanumeric)
+        && value
+            .as_bytes()
+            .last()
+            .is_some_and(u8::is_ascii_alphanumeric);
     if !value.is_empty() && !shaped {
         out.push(LABEL_VALUE.to_owned());
     }
@@ -259,7 +265,11 @@ fn check_metadata(errors: &mut Errors, object: &Value, name_is_label: bool) {
     } else if !is_dns1123_subdomain(name) {
         errors.invalid("metadata.name", &json!(name), DNS1123_SUBDOMAIN);
     }
-    check_labels(errors, object.pointer("/metadata/labels"), "metadata.labels");
+    check_labels(
+        errors,
+        object.pointer("/metadata/labels"),
+        "metadata.labels",
+    );
     if let Some(annotations) = object
         .pointer("/metadata/annotations")
         .and_then(Value::as_object)
@@ -371,7 +381,12 @@ enum PodSpecIn {
     Crd,
 }
 
-fn check_quantity(errors: &mut Errors, field: &str, value: &Value, mode: PodSpecIn) -> Option<i128> {
+fn check_quantity(
+    errors: &mut Errors,
+    field: &str,
+    value: &Value,
+    mode: PodSpecIn,
+) -> Option<i128> {
     let text = match value {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
@@ -418,7 +433,11 @@ fn check_pod_spec(errors: &mut Errors, spec: Option<&Value>, path: &str, mode: P
     if mode != PodSpecIn::Crd {
         for (i, name) in volumes.iter().enumerate() {
             if !is_dns1123_label(name) {
-                errors.invalid(format!("{path}.volumes[{i}].name"), &json!(name), DNS1123_LABEL);
+                errors.invalid(
+                    format!("{path}.volumes[{i}].name"),
+                    &json!(name),
+                    DNS1123_LABEL,
+                );
             }
             if volumes[..i].contains(name) {
                 errors.duplicate(format!("{path}.volumes[{i}].name"), &json!(name));
@@ -523,7 +542,10 @@ fn check_pod_spec(errors: &mut Errors, spec: Option<&Value>, path: &str, mode: P
             .flatten()
             .enumerate()
         {
-            let volume = mount.get("name").and_then(Value::as_str).unwrap_or_default();
+            let volume = mount
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             if !volumes.iter().any(|v| v == volume) {
                 errors.not_found(format!("{at}.volumeMounts[{j}].name"), &json!(volume));
             }
@@ -658,7 +680,10 @@ fn check_network_policy(errors: &mut Errors, object: &Value) {
                     );
                 }
                 if let Some(block) = peer.get("ipBlock") {
-                    let cidr = block.get("cidr").and_then(Value::as_str).unwrap_or_default();
+                    let cidr = block
+                        .get("cidr")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
                     if !is_cidr(cidr) {
                         errors.invalid(
                             format!("{at}.ipBlock.cidr"),
@@ -692,9 +717,9 @@ fn fqdn_ok(text: &str, wildcard: bool) -> bool {
     !body.is_empty()
         && body.split('.').all(|part| {
             !part.is_empty()
-                && part
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (wildcard && b == b'*'))
+                && part.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (wildcard && b == b'*')
+                })
         })
 }
 
@@ -756,7 +781,9 @@ pub(crate) fn validate(rt: &ResourceType, object: &Value) -> Result<(), ApiError
                 {
                     let bad = key.is_empty()
                         || key.len() > 253
-                        || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                        || !key
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
                         || key == "."
                         || key == ".."
                         || key.starts_with("..");
@@ -787,7 +814,10 @@ pub(crate) fn validate(rt: &ResourceType, object: &Value) -> Result<(), ApiError
             for (pointer, field) in [
                 ("/spec/backoffLimit", "spec.backoffLimit"),
                 ("/spec/activeDeadlineSeconds", "spec.activeDeadlineSeconds"),
-                ("/spec/ttlSecondsAfterFinished", "spec.ttlSecondsAfterFinished"),
+                (
+                    "/spec/ttlSecondsAfterFinished",
+                    "spec.ttlSecondsAfterFinished",
+                ),
                 ("/spec/completions", "spec.completions"),
                 ("/spec/parallelism", "spec.parallelism"),
             ] {
