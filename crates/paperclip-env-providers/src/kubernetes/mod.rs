@@ -919,12 +919,13 @@ impl KubernetesProvider {
             .await?;
         Ok(events
             .iter()
+            .rev()
             .filter(|e| {
                 str_at(e, "/reason") == Some("FailedCreate")
                     && str_at(e, "/involvedObject/name") == Some(name)
             })
             .filter_map(|e| str_at(e, "/message"))
-            .last()
+            .next()
             .map(str::to_owned))
     }
 

@@ -582,8 +582,7 @@ pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &mut Value) -> Resu
         .pointer("/spec/runtimeClassName")
         .and_then(Value::as_str)
         .filter(|c| !c.is_empty())
-    {
-        if store
+        && store
             .get(&(
                 "node.k8s.io".into(),
                 "runtimeclasses".into(),
@@ -591,12 +590,11 @@ pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &mut Value) -> Resu
                 class.into(),
             ))
             .is_none()
-        {
-            return Err(forbidden(
-                pod,
-                format!("pod rejected: RuntimeClass \"{class}\" not found"),
-            ));
-        }
+    {
+        return Err(forbidden(
+            pod,
+            format!("pod rejected: RuntimeClass \"{class}\" not found"),
+        ));
     }
     check_limit_ranges(store, namespace, pod).map_err(|m| forbidden(pod, m))?;
     check_quotas(store, namespace, pod).map_err(|m| forbidden(pod, m))?;

@@ -25,14 +25,31 @@
 //!   patches), delete (`propagationPolicy` in the query or a
 //!   `DeleteOptions` body, preconditions), deletecollection, `status`
 //!   subresources, watch (`watch=true`, newline-delimited `WatchEvent`s, 410
-//!   `Expired` for a resourceVersion older than the kept history). Errors
+//!   `Expired` for a resourceVersion older than the kept history),
+//!   `dryRun=All` (validated and admitted, nothing stored). Errors
 //!   are `metav1.Status` objects (404 `NotFound`, 409 `AlreadyExists`/
-//!   `Conflict`, 422 `Invalid`, 401 `Unauthorized`). Secrets fold
-//!   `stringData` into base64 `data`.
-//! - Garbage collection: deleting an owner deletes every dependent whose
-//!   `ownerReferences` name its uid, transitively (`Orphan` strips the
-//!   references instead); objects whose owners are all gone are collected.
-//!   Deletion is immediate (no finalizers, no graceful termination); Jobs
+//!   `Conflict`, 422 `Invalid` with `details.causes`, 401 `Unauthorized`,
+//!   415 for protobuf bodies: JSON only). Secrets fold `stringData` into
+//!   base64 `data`.
+//! - Validation as the API server does it for the kinds the provider
+//!   writes (`validation.rs`): names (DNS-1123 label for namespaces,
+//!   subdomain otherwise), label keys and values, annotation keys, Secret
+//!   keys, pod specs (containers, images, env names, quantities, requests ≤
+//!   limits, volume mounts, restart policy), Job specs, NetworkPolicies,
+//!   and the `Sandbox` and `CiliumNetworkPolicy` CRD schemas; a quantity a
+//!   built-in type cannot decode is a 400, as the server's decoder answers.
+//!   New Jobs get the server's defaults (selector on the controller uid,
+//!   `completions`/`parallelism` 1, `backoffLimit` 6, template labels).
+//! - Garbage collection and graceful deletion: deleting an owner deletes
+//!   every dependent whose `ownerReferences` name its uid, transitively
+//!   (`Orphan` strips the references instead); objects whose owners are all
+//!   gone are collected. An object with `metadata.finalizers` gets a
+//!   `deletionTimestamp` and stays until they are removed; `Foreground`
+//!   keeps the owner (finalizer `foregroundDeletion`) while dependents are
+//!   still going; a deleted pod stays terminating for
+//!   [`KubeEmulatorOptions::pod_termination`] (default: gone at once); a
+//!   deleted namespace is `Terminating`, refuses new content (403) and goes
+//!   once empty. Anything nothing holds is removed within the request. Jobs
 //!   default to `Orphan` like the real API.
 //! - Controllers: the Sandbox controller (pod named like the Sandbox, labels
 //!   = podTemplate labels + `agents.x-k8s.io/sandbox-name-hash`, controller
@@ -46,44 +63,69 @@
 //!   deletes the finished Job), and a kubelet simulation that turns pods
 //!   `Running` after [`KubeEmulatorOptions::ready_delay`] (waiting with
 //!   `CreateContainerConfigError` while an `envFrom` Secret is missing).
-//! - Pod Security admission: in a namespace labelled
-//!   `pod-security.kubernetes.io/enforce: restricted`, a pod breaking the
-//!   `restricted` profile is refused (403, the API server's wording); the
-//!   controllers report such refusals. Quotas, LimitRange defaults and
-//!   network policies are stored, not enforced.
+//! - Admission of pods (created directly or by a controller), in the
+//!   server's wording: ServiceAccount (a named account must exist), Pod
+//!   Security (`restricted` in a namespace labelled
+//!   `pod-security.kubernetes.io/enforce: restricted`), RuntimeClass (must
+//!   exist), LimitRanger (defaults, then `min`/`max`), ResourceQuota
+//!   (`exceeded quota: …` / `must specify …`, 403; quota `status.used` kept
+//!   current). The Sandbox controller reports a refusal as `Ready=False
+//!   reason ReconcilerError`, the Job controller as a `Warning` event
+//!   `FailedCreate`. Network policies are stored, not enforced.
+//! - Image pulls: a container whose image is on a registry not in
+//!   [`KubeEmulatorOptions::registries`] waits with `ErrImagePull`, then
+//!   `ImagePullBackOff`, in containerd's wording.
 //! - Pod exec over WebSocket (`v5.channel.k8s.io` preferred,
 //!   `v4.channel.k8s.io`): channel 0 stdin, 1 stdout, 2 stderr, 3 the
 //!   `metav1.Status` (`Success`, or `Failure` reason `NonZeroExitCode` with
-//!   an `ExitCode` cause), 255 close-stdin (v5), pings answered; and
-//!   `pods/{name}/log`.
+//!   an `ExitCode` cause), 255 close-stdin (v5), pings answered; stdin
+//!   also in TEXT frames (channel as the first character, as the Python
+//!   client sends it); a missing executable answers the runtime's error
+//!   with exit 126; and `pods/{name}/log`.
 //!
 //! # The pod filesystem
 //!
 //! Pods are not containers: each pod gets a directory under the emulator's
-//! temp dir (its *root*), and every `volumeMounts[].mountPath` and the
-//! container's `workingDir` are created inside it. When the emulator runs
-//! a process for the pod (an exec, or a run-to-completion container) it
-//! rewrites every occurrence of one of those absolute paths in the argv —
-//! including inside `sh -c` scripts — and in env values to `<root><path>`
-//! (longest path first, only at path boundaries), so `tar -x -C /workspace`
-//! or `cd '/workspace' && …` land in the pod root and never on the host's
-//! real `/workspace`. `HOME` defaults to `<root>/home/paperclip`, `TMPDIR`
-//! to `<root>/tmp`, the working directory to the rewritten `workingDir`
-//! (else the root), `PATH` to a standard system path. Env comes from the
-//! container's `env` (`value`, `fieldRef` of `metadata.name`/`namespace`/
-//! `uid`) and `envFrom` Secrets/ConfigMaps, as in a real container.
-//! A leading `/usr/bin/tini --` is dropped, and executables listed in
-//! [`KubeEmulatorOptions::programs`] are replaced by local commands.
+//! temp dir (its *root*), holding every `volumeMounts[].mountPath` and the
+//! container's `workingDir`. Env comes from the container's `env`
+//! (`value`, `fieldRef` of `metadata.name`/`namespace`/`uid`) and `envFrom`
+//! Secrets/ConfigMaps, as in a real container; `HOME` is
+//! `/home/paperclip` (when mounted), `TMPDIR` `/tmp`, `PATH` a standard
+//! system path. A leading `/usr/bin/tini --` is dropped, and executables
+//! listed in [`KubeEmulatorOptions::programs`] are replaced by local
+//! commands.
 //!
-//! Limits: paths outside the mounts (`/etc`, `/usr`) are the host's, read
-//! only in practice; the pod root is stripped back out of stdout, stderr
-//! and pod logs, byte-wise across read boundaries, so `pwd` prints
-//! `/workspace/…` as in a real pod; relative paths resolve against the rewritten working directory;
-//! a path assembled at run time from pieces (`"/work""space"`) is not
-//! rewritten. Containers with `restartPolicy: Always` are simulated as
-//! running (their command, typically `sleep infinity`, is not run); with
-//! `Never`/`OnFailure` their command runs once as a local process whose
-//! combined output is the pod log.
+//! **Isolated pods (the default where the host allows user namespaces).**
+//! Each process runs through `unshare --user --map-root-user --mount`: in
+//! its own mount namespace the host's system directories (`/usr`, `/etc`,
+//! `/dev`, `/proc`, `/sys`, `/opt`, `/var` and the `/bin`-style links) are
+//! bound into the root, then the command is chrooted there, in its in-pod
+//! working directory. In-pod paths are therefore real (`pwd` prints
+//! `/workspace/…`, a path assembled at run time works), the host's `/tmp`,
+//! `/home` and `/workspace` are out of reach, and nothing is rewritten:
+//! argv, env, stdin, stdout, stderr and pod logs pass byte for byte. The
+//! mounts live only in that namespace and vanish with it; the process keeps
+//! its pid, so process-group kills still reach it. Limits: the process runs
+//! as the namespace's root (uid 0 inside, the emulator's user outside), so
+//! `runAsUser` and `readOnlyRootFilesystem` are not enforced, and the
+//! bound host directories are writable when the emulator's user may write
+//! them. Why not a namespace-free scheme (symlinks, `PWD`): `getcwd()` and
+//! a shell's `pwd` resolve the real directory, so only a changed root makes
+//! `/workspace` print as `/workspace` without rewriting output.
+//!
+//! **Fallback ([`KubeEmulatorOptions::isolate_pods`] `false`, or no user
+//! namespaces).** Every occurrence of a mapped in-pod path in the argv
+//! (including inside `sh -c` scripts) and in env values is rewritten to
+//! `<root><path>` (longest path first, only at path boundaries), and the
+//! pod root is stripped back out of stdout, stderr and pod logs so `pwd`
+//! prints `/workspace/…`; output that happens to contain the root's host
+//! path is then altered, a path assembled at run time (`"/work""space"`) is
+//! not rewritten, and paths outside the mounts are the host's.
+//!
+//! Containers with `restartPolicy: Always` are simulated as running (their
+//! command, typically `sleep infinity`, is not run); with `Never`/
+//! `OnFailure` their command runs once as a local process whose combined
+//! output is the pod log.
 //!
 //! Every process runs in its own process group and is killed when its
 //! exec socket closes (unless [`KubeEmulatorOptions::keep_exec_processes`]),
