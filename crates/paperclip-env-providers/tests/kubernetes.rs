@@ -1542,6 +1542,47 @@ async fn an_image_that_cannot_be_pulled_fails_fast() {
         "{text}"
     );
     assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+    // The job backend: the acquire returns with the pod, the wait fails fast.
+    let jobs = KubernetesProvider::builder()
+        .backend(Backend::Job)
+        .poll_interval(Duration::from_millis(50))
+        .ready_timeout(Duration::from_secs(60))
+        .build();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let lease = acquire(&jobs, &c, "run-pull-job").await?;
+        let waited = jobs.wait_for_job(&c, &lease, Duration::from_secs(60)).await;
+        jobs.destroy(&c, &lease).await?;
+        waited
+    })
+    .await
+    .expect("an image pull failure must not wait for the Job deadline");
+    let text = outcome.unwrap_err().to_string();
+    assert!(text.contains("registry.invalid"), "{text}");
+}
+
+#[tokio::test]
+async fn realize_refuses_a_path_on_the_read_only_root_filesystem() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-ro").await.unwrap();
+    let mut without_cwd = lease.clone();
+    if let Some(md) = without_cwd.metadata.as_mut() {
+        md.remove("remoteCwd");
+    }
+    for path in ["/srv/work", "/workspace/../etc"] {
+        let ws = paperclip_env_core::WorkspaceSpec {
+            remote_path: Some(path.into()),
+            ..Default::default()
+        };
+        let err = p.realize_workspace(&c, &without_cwd, &ws).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::InvalidInput { .. }) && text.contains("read-only"),
+            "{path}: {text}"
+        );
+    }
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
 }
 
 #[tokio::test]

@@ -490,6 +490,20 @@ mod tests {
     }
 
     #[test]
+    fn the_kill_script_needs_no_procps() {
+        let script = kill_script("/tmp/.p.pid").join(" ");
+        assert!(!script.contains("pkill") && !script.contains("pgrep"));
+        assert!(script.contains("/proc/[0-9]*") && script.contains("kill -KILL -- -"));
+        let status = std::process::Command::new("/bin/sh")
+            .arg("-n")
+            .arg("-c")
+            .arg(&kill_script("/tmp/.p.pid")[2])
+            .status()
+            .unwrap();
+        assert!(status.success(), "the kill script does not parse");
+    }
+
+    #[test]
     fn exit_codes_from_status() {
         let ok = Status {
             status: Some("Success".into()),
