@@ -1575,7 +1575,10 @@ async fn realize_refuses_a_path_on_the_read_only_root_filesystem() {
             remote_path: Some(path.into()),
             ..Default::default()
         };
-        let err = p.realize_workspace(&c, &without_cwd, &ws).await.unwrap_err();
+        let err = p
+            .realize_workspace(&c, &without_cwd, &ws)
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(
             matches!(err, Error::InvalidInput { .. }) && text.contains("read-only"),

@@ -2462,3 +2462,52 @@ async fn exec_takes_stdin_in_text_frames_and_passes_bytes_through() -> TestResul
     assert_eq!(stdout, b"hello\x00\xff\x80/workspace\n");
     Ok(())
 }
+
+#[tokio::test]
+async fn isolated_pods_see_their_own_filesystem_with_a_read_only_root() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    if !emulator.isolates_pods() {
+        eprintln!("user namespaces unavailable: the path-rewriting fallback is tested elsewhere");
+        return Ok(());
+    }
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    let mut object = sandbox("pc-ro", "v1beta1")?;
+    object.data["spec"]["podTemplate"]["spec"]["containers"][0]["securityContext"] =
+        json!({"readOnlyRootFilesystem": true});
+    sandboxes.create(&PostParams::default(), &object).await?;
+    until("the Sandbox to be Ready", || async {
+        sandboxes.get("pc-ro").await.is_ok_and(|s| ready(&s))
+    })
+    .await?;
+    let root = emulator.pod_root(NS, "pc-ro").ok_or("no pod root")?;
+    // The host's temp dir (where the pod root lives) is not the pod's /tmp.
+    let script = format!(
+        "cd /workspace && pwd && echo w > f && cat f; mkdir /srv 2>&1; {{ echo e > /etc/pc-emulator-probe; }} 2>&1; test -e '{}' || echo own-tmp",
+        root.display()
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut attached = pods
+        .exec(
+            "pc-ro",
+            vec!["/bin/sh", "-c", script.as_str()],
+            &AttachParams::default().stderr(false),
+        )
+        .await?;
+    let mut stdout = String::new();
+    if let Some(mut reader) = attached.stdout() {
+        reader.read_to_string(&mut stdout).await?;
+    }
+    attached.join().await?;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "/workspace");
+    assert_eq!(lines[1], "w");
+    assert!(lines[2].contains("Read-only file system"), "{stdout}");
+    assert!(lines[3].contains("Read-only file system"), "{stdout}");
+    assert!(!std::path::Path::new("/etc/pc-emulator-probe").exists());
+    assert_eq!(lines.get(4).copied(), Some("own-tmp"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(root.join("workspace/f"))?, "w\n");
+    Ok(())
+}

@@ -717,6 +717,8 @@ fn kubelet(shared: &Arc<Shared>) {
                     ip: format!("10.244.{}.{}", (n / 250) % 250, n % 250 + 2),
                     started: false,
                     isolated: shared.opts.isolate_pods && exec::isolation_available(),
+                    read_only_root: container.pointer("/securityContext/readOnlyRootFilesystem")
+                        == Some(&json!(true)),
                 }
             });
             let main = *runtime.main.lock().unwrap_or_else(|p| p.into_inner());
@@ -829,6 +831,7 @@ fn kubelet(shared: &Arc<Shared>) {
                         env,
                         pgids: runtime.pgids.clone(),
                         isolated: runtime.isolated,
+                        read_only_root: runtime.read_only_root,
                     },
                     runtime.log.clone(),
                     runtime.main.clone(),

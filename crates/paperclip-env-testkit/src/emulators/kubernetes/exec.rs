@@ -127,14 +127,24 @@ const HOST_DIRS: [&str; 13] = [
     "libx32",
 ];
 
-/// Binds the host directories into the pod root, then runs the command
-/// chrooted there, in its in-pod working directory. `$1` root, `$2` cwd.
-const ISOLATE_SCRIPT: &str = r#"r=$1; d=$2; shift 2
+/// In the pod's mount namespace: makes the root and each volume a mount,
+/// binds the host's system directories in (read-only, except `/dev`,
+/// `/proc` and `/sys`, so no pod can change the host's files), makes the
+/// root read-only when the container asks for `readOnlyRootFilesystem`,
+/// then runs the command chrooted there in its in-pod working directory.
+/// `$1` root, `$2` cwd, `$3` `1` for a read-only root, `$4` the volume
+/// paths (space-separated, parents first).
+const ISOLATE_SCRIPT: &str = r#"r=$1; d=$2; ro=$3; vols=$4; shift 4
+fail() { echo "kube emulator: cannot $1" >&2; exit 125; }
+mount --bind "$r" "$r" || fail "make the pod root a mount"
+for v in $vols; do mount --bind "$r$v" "$r$v" || fail "mount the volume $v"; done
 for m in usr etc dev proc sys opt var bin sbin lib lib32 lib64 libx32; do
   if [ -d "$r/$m" ] && [ ! -L "$r/$m" ]; then
-    mount --rbind "/$m" "$r/$m" || { echo "kube emulator: cannot bind /$m into the pod root" >&2; exit 125; }
+    mount --rbind "/$m" "$r/$m" || fail "bind /$m into the pod root"
+    case $m in dev|proc|sys) ;; *) mount -o remount,bind,ro "$r/$m" || fail "make /$m read-only" ;; esac
   fi
 done
+if [ "$ro" = 1 ]; then mount -o remount,bind,ro "$r" || fail "make the root read-only"; fi
 exec chroot "$r" /bin/sh -c 'cd "$1" || exit 1; shift; exec "$@"' sh "$d" "$@""#;
 
 /// Whether pod processes can run in their own user and mount namespace
@@ -221,6 +231,8 @@ pub(crate) struct PodContext {
     /// Run in the pod's own mount namespace, chrooted into its root: in-pod
     /// paths are real, nothing is rewritten in or out.
     pub isolated: bool,
+    /// The container's `readOnlyRootFilesystem` (enforced when isolated).
+    pub read_only_root: bool,
 }
 
 /// The container of `pod` named `container` (the first when `None`).
@@ -456,6 +468,14 @@ fn isolated_command(ctx: &PodContext, argv: &[String]) -> Option<tokio::process:
     if !exists_in_pod(ctx, program) {
         return None;
     }
+    // Parents before children, so a nested volume is mounted on top.
+    let mut volumes: Vec<&str> = ctx
+        .mounts
+        .iter()
+        .map(String::as_str)
+        .filter(|m| !m.contains(char::is_whitespace))
+        .collect();
+    volumes.sort_by_key(|m| m.len());
     let mut command = tokio::process::Command::new("unshare");
     command
         .args([
@@ -472,6 +492,8 @@ fn isolated_command(ctx: &PodContext, argv: &[String]) -> Option<tokio::process:
         ])
         .arg(&ctx.root)
         .arg(ctx.working_dir.as_deref().unwrap_or("/"))
+        .arg(if ctx.read_only_root { "1" } else { "0" })
+        .arg(volumes.join(" "))
         .args(argv)
         .env_clear()
         .env("PATH", DEFAULT_PATH);
@@ -576,6 +598,7 @@ fn pod_context(
         env: Vec::new(),
         pgids: runtime.pgids.clone(),
         isolated: runtime.isolated,
+        read_only_root: runtime.read_only_root,
     };
     Ok((pod, container, ctx))
 }

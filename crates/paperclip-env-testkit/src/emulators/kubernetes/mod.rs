@@ -105,11 +105,12 @@
 //! `/home` and `/workspace` are out of reach, and nothing is rewritten:
 //! argv, env, stdin, stdout, stderr and pod logs pass byte for byte. The
 //! mounts live only in that namespace and vanish with it; the process keeps
-//! its pid, so process-group kills still reach it. Limits: the process runs
-//! as the namespace's root (uid 0 inside, the emulator's user outside), so
-//! `runAsUser` and `readOnlyRootFilesystem` are not enforced, and the
-//! bound host directories are writable when the emulator's user may write
-//! them. Why not a namespace-free scheme (symlinks, `PWD`): `getcwd()` and
+//! its pid, so process-group kills still reach it. The bound host
+//! directories are read-only (but `/dev`, `/proc`, `/sys`), and with the
+//! container's `readOnlyRootFilesystem` so is everything but its volumes,
+//! as in a real pod ("Read-only file system"). Limit: the process runs as
+//! the namespace's root (uid 0 inside, the emulator's user outside), so
+//! `runAsUser` is not enforced. Why not a namespace-free scheme (symlinks, `PWD`): `getcwd()` and
 //! a shell's `pwd` resolve the real directory, so only a changed root makes
 //! `/workspace` print as `/workspace` without rewriting output.
 //!
@@ -324,6 +325,7 @@ pub(crate) struct PodRuntime {
     pub ip: String,
     pub started: bool,
     pub isolated: bool,
+    pub read_only_root: bool,
 }
 
 impl PodRuntime {
@@ -630,6 +632,13 @@ impl KubeEmulator {
             .values()
             .find(|r| r.namespace == namespace && r.name == pod)
             .map(|r| r.root.clone())
+    }
+
+    /// Whether pod processes run isolated (their own mount namespace and
+    /// root, see "The pod filesystem"): [`KubeEmulatorOptions::isolate_pods`]
+    /// and a host that allows user namespaces.
+    pub fn isolates_pods(&self) -> bool {
+        self.shared.opts.isolate_pods && exec::isolation_available()
     }
 
     /// Drops the watch history: a watch from any earlier resourceVersion
