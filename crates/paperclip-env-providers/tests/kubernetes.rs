@@ -1716,9 +1716,42 @@ async fn a_kubeconfig_given_inline_keeps_its_inner_token_out_of_errors_and_logs(
         expires_at: None,
     };
     let release = p.release(&c, &lease, LeaseStatus::Released).await;
-    let shown = format!("{err} {err:?} {probe:?} {release:?}");
+    let mut shown = format!("{err} {err:?} {probe:?} {release:?}");
+    // And a whole run against a cluster that accepts the canary.
+    let accepting = KubeEmulator::start_with(KubeEmulatorOptions {
+        token: canary.to_owned(),
+        ..KubeEmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    let c = CallContext {
+        config: ProviderConfig::new(
+            json!({"kubeconfig": accepting.kubeconfig_yaml()})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        ..ctx(&accepting, json!({}))
+    };
+    let lease = acquire(&p, &c, "run-canary-ok").await.unwrap();
+    let out = OutputCollector::buffered();
+    let exit = p
+        .execute(&c, &lease, &ExecuteRequest::shell("echo ran; exit 3"), &out)
+        .await
+        .unwrap();
+    let result = out.finish(exit);
+    assert_eq!(
+        (result.stdout.as_str(), result.exit_code),
+        ("ran\n", Some(3))
+    );
+    shown.push_str(&format!("{lease:?} {result:?}"));
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
     assert!(!shown.contains(canary), "{shown}");
     let logs = capture.text();
     assert!(!logs.is_empty(), "TRACE logs were captured");
+    assert!(
+        logs.contains("kube_client") && logs.contains("hyper_util"),
+        "the kube and hyper client logs were captured"
+    );
     assert!(!logs.contains(canary), "the inner token reached a log line");
 }

@@ -2511,3 +2511,37 @@ async fn isolated_pods_see_their_own_filesystem_with_a_read_only_root() -> TestR
     assert_eq!(std::fs::read_to_string(root.join("workspace/f"))?, "w\n");
     Ok(())
 }
+
+#[tokio::test]
+async fn without_isolation_in_pod_paths_are_rewritten_instead() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        isolate_pods: false,
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    assert!(!emulator.isolates_pods());
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-map", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut attached = pods
+        .exec(
+            "pc-map",
+            vec![
+                "/bin/sh",
+                "-c",
+                "cd /workspace && pwd && echo hi > /workspace/f",
+            ],
+            &AttachParams::default().stderr(false),
+        )
+        .await?;
+    let mut stdout = String::new();
+    if let Some(mut reader) = attached.stdout() {
+        reader.read_to_string(&mut stdout).await?;
+    }
+    attached.join().await?;
+    assert_eq!(stdout, "/workspace\n");
+    let root = emulator.pod_root(NS, "pc-map").ok_or("no pod root")?;
+    assert_eq!(std::fs::read_to_string(root.join("workspace/f"))?, "hi\n");
+    Ok(())
+}
