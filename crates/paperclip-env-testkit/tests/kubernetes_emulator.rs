@@ -2476,7 +2476,7 @@ async fn isolated_pods_see_their_own_filesystem_with_a_read_only_root() -> TestR
         Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
     let mut object = sandbox("pc-ro", "v1beta1")?;
     object.data["spec"]["podTemplate"]["spec"]["containers"][0]["securityContext"] =
-        json!({"readOnlyRootFilesystem": true});
+        json!({"readOnlyRootFilesystem": true, "runAsUser": 1000, "runAsGroup": 1000});
     sandboxes.create(&PostParams::default(), &object).await?;
     until("the Sandbox to be Ready", || async {
         sandboxes.get("pc-ro").await.is_ok_and(|s| ready(&s))
@@ -2485,7 +2485,7 @@ async fn isolated_pods_see_their_own_filesystem_with_a_read_only_root() -> TestR
     let root = emulator.pod_root(NS, "pc-ro").ok_or("no pod root")?;
     // The host's temp dir (where the pod root lives) is not the pod's /tmp.
     let script = format!(
-        "cd /workspace && pwd && echo w > f && cat f; mkdir /srv 2>&1; {{ echo e > /etc/pc-emulator-probe; }} 2>&1; test -e '{}' || echo own-tmp",
+        "cd /workspace && pwd && echo w > f && cat f; mkdir /srv 2>&1; {{ echo e > /etc/pc-emulator-probe; }} 2>&1; test -e '{}' || echo own-tmp; id -u",
         root.display()
     );
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
@@ -2508,6 +2508,13 @@ async fn isolated_pods_see_their_own_filesystem_with_a_read_only_root() -> TestR
     assert!(lines[3].contains("Read-only file system"), "{stdout}");
     assert!(!std::path::Path::new("/etc/pc-emulator-probe").exists());
     assert_eq!(lines.get(4).copied(), Some("own-tmp"), "{stdout}");
+    // runAsUser is applied when the emulator can (it runs as root).
+    let emulator_is_root = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    };
+    let expected_uid = if emulator_is_root { "1000" } else { "0" };
+    assert_eq!(lines.get(5).copied(), Some(expected_uid), "{stdout}");
     assert_eq!(std::fs::read_to_string(root.join("workspace/f"))?, "w\n");
     Ok(())
 }

@@ -719,6 +719,7 @@ fn kubelet(shared: &Arc<Shared>) {
                     isolated: shared.opts.isolate_pods && exec::isolation_available(),
                     read_only_root: container.pointer("/securityContext/readOnlyRootFilesystem")
                         == Some(&json!(true)),
+                    user: exec::run_as(&pod, &container),
                 }
             });
             let main = *runtime.main.lock().unwrap_or_else(|p| p.into_inner());
@@ -814,12 +815,12 @@ fn kubelet(shared: &Arc<Shared>) {
                     continue;
                 };
                 let _ = std::fs::create_dir_all(&runtime.root);
-                if runtime.isolated {
-                    exec::prepare_isolated_root(&runtime.root);
-                }
                 for mount in &runtime.mounts {
                     let _ =
                         std::fs::create_dir_all(runtime.root.join(mount.trim_start_matches('/')));
+                }
+                if runtime.isolated {
+                    exec::prepare_isolated_root(&runtime.root, &runtime.mounts);
                 }
                 runtime.started = true;
                 (
@@ -832,6 +833,7 @@ fn kubelet(shared: &Arc<Shared>) {
                         pgids: runtime.pgids.clone(),
                         isolated: runtime.isolated,
                         read_only_root: runtime.read_only_root,
+                        user: runtime.user.clone(),
                     },
                     runtime.log.clone(),
                     runtime.main.clone(),

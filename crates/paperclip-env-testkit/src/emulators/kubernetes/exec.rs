@@ -133,8 +133,9 @@ const HOST_DIRS: [&str; 13] = [
 /// root read-only when the container asks for `readOnlyRootFilesystem`,
 /// then runs the command chrooted there in its in-pod working directory.
 /// `$1` root, `$2` cwd, `$3` `1` for a read-only root, `$4` the volume
-/// paths (space-separated, parents first).
-const ISOLATE_SCRIPT: &str = r#"r=$1; d=$2; ro=$3; vols=$4; shift 4
+/// paths (space-separated, parents first), `$5` `uid:gid` to run as and
+/// `$6` its groups (empty: the namespace's root).
+const ISOLATE_SCRIPT: &str = r#"r=$1; d=$2; ro=$3; vols=$4; u=$5; g=$6; shift 6
 fail() { echo "kube emulator: cannot $1" >&2; exit 125; }
 mount --bind "$r" "$r" || fail "make the pod root a mount"
 for v in $vols; do mount --bind "$r$v" "$r$v" || fail "mount the volume $v"; done
@@ -145,39 +146,83 @@ for m in usr etc dev proc sys opt var bin sbin lib lib32 lib64 libx32; do
   fi
 done
 if [ "$ro" = 1 ]; then mount -o remount,bind,ro "$r" || fail "make the root read-only"; fi
+if [ -n "$u" ]; then
+  exec chroot --userspec="$u" --groups="$g" "$r" /bin/sh -c 'cd "$1" || exit 1; shift; exec "$@"' sh "$d" "$@"
+fi
 exec chroot "$r" /bin/sh -c 'cd "$1" || exit 1; shift; exec "$@"' sh "$d" "$@""#;
 
-/// Whether pod processes can run in their own user and mount namespace
-/// (`unshare --user --map-root-user --mount`), checked once per process.
-pub(crate) fn isolation_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        std::process::Command::new("unshare")
-            .args([
+/// How pod processes are isolated on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    /// The emulator runs as root: a private mount namespace, and the
+    /// container's `runAsUser`/`runAsGroup` are applied.
+    Root,
+    /// A user namespace mapping the emulator's user to root, and a mount
+    /// namespace: processes run as that namespace's root.
+    UserNamespace,
+    /// Neither: in-pod paths are rewritten instead.
+    Unavailable,
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// This host's [`Isolation`], checked once per process.
+pub(crate) fn isolation() -> Isolation {
+    static MODE: std::sync::OnceLock<Isolation> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        if !succeeds("chroot", &["--version"]) {
+            return Isolation::Unavailable;
+        }
+        // `/proc/self` belongs to the process's effective user.
+        let root = {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+        };
+        if root && succeeds("unshare", &["--mount", "--propagation", "private", "true"]) {
+            return Isolation::Root;
+        }
+        if succeeds(
+            "unshare",
+            &[
                 "--user",
                 "--map-root-user",
                 "--mount",
                 "--propagation",
                 "private",
                 "true",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-            && std::process::Command::new("chroot")
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
+            ],
+        ) {
+            return Isolation::UserNamespace;
+        }
+        Isolation::Unavailable
     })
 }
 
+/// Whether pod processes can run in their own mount namespace and root.
+pub(crate) fn isolation_available() -> bool {
+    isolation() != Isolation::Unavailable
+}
+
 /// Lays out an isolated pod root: mount points (or the host's symlinks)
-/// for [`HOST_DIRS`] next to the pod's own volume directories.
-pub(crate) fn prepare_isolated_root(root: &Path) {
+/// for [`HOST_DIRS`] next to the pod's own volume directories, which are
+/// world-writable as the kubelet makes `emptyDir`s.
+pub(crate) fn prepare_isolated_root(root: &Path, volumes: &[String]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755));
+    for volume in volumes {
+        let _ = std::fs::set_permissions(
+            root.join(volume.trim_start_matches('/')),
+            std::fs::Permissions::from_mode(0o777),
+        );
+    }
     for dir in HOST_DIRS {
         let host = Path::new("/").join(dir);
         let inside = root.join(dir);
@@ -233,6 +278,50 @@ pub(crate) struct PodContext {
     pub isolated: bool,
     /// The container's `readOnlyRootFilesystem` (enforced when isolated).
     pub read_only_root: bool,
+    /// The container's user (`runAsUser`, applied when the emulator is root).
+    pub user: Option<RunAs>,
+}
+
+/// Who a container's processes run as (its or its pod's `securityContext`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// `runAsGroup` plus `fsGroup` and `supplementalGroups`.
+    pub groups: Vec<u32>,
+}
+
+/// The `runAsUser` of a pod's container, with its groups; `None` when
+/// neither the container nor the pod sets one.
+pub(crate) fn run_as(pod: &Value, container: &Value) -> Option<RunAs> {
+    let pick = |key: &str| {
+        container
+            .pointer(&format!("/securityContext/{key}"))
+            .or_else(|| pod.pointer(&format!("/spec/securityContext/{key}")))
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let uid = pick("runAsUser")?;
+    let gid = pick("runAsGroup").unwrap_or(0);
+    let mut groups = vec![gid];
+    if let Some(fs) = pod
+        .pointer("/spec/securityContext/fsGroup")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+    {
+        groups.push(fs);
+    }
+    for g in pod
+        .pointer("/spec/securityContext/supplementalGroups")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+    {
+        groups.push(g);
+    }
+    groups.dedup();
+    Some(RunAs { uid, gid, groups })
 }
 
 /// The container of `pod` named `container` (the first when `None`).
@@ -477,10 +566,23 @@ fn isolated_command(ctx: &PodContext, argv: &[String]) -> Option<tokio::process:
         .collect();
     volumes.sort_by_key(|m| m.len());
     let mut command = tokio::process::Command::new("unshare");
+    let as_root = isolation() == Isolation::Root;
+    if !as_root {
+        command.args(["--user", "--map-root-user"]);
+    }
+    let (user, groups) = match (as_root, &ctx.user) {
+        (true, Some(user)) => (
+            format!("{}:{}", user.uid, user.gid),
+            user.groups
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        _ => (String::new(), String::new()),
+    };
     command
         .args([
-            "--user",
-            "--map-root-user",
             "--mount",
             "--propagation",
             "private",
@@ -494,6 +596,8 @@ fn isolated_command(ctx: &PodContext, argv: &[String]) -> Option<tokio::process:
         .arg(ctx.working_dir.as_deref().unwrap_or("/"))
         .arg(if ctx.read_only_root { "1" } else { "0" })
         .arg(volumes.join(" "))
+        .arg(user)
+        .arg(groups)
         .args(argv)
         .env_clear()
         .env("PATH", DEFAULT_PATH);
@@ -599,6 +703,7 @@ fn pod_context(
         pgids: runtime.pgids.clone(),
         isolated: runtime.isolated,
         read_only_root: runtime.read_only_root,
+        user: runtime.user.clone(),
     };
     Ok((pod, container, ctx))
 }

@@ -96,7 +96,8 @@
 //! commands.
 //!
 //! **Isolated pods (the default where the host allows user namespaces).**
-//! Each process runs through `unshare --user --map-root-user --mount`: in
+//! Each process runs through `unshare --mount` (with `--user
+//! --map-root-user` unless the emulator is root): in
 //! its own mount namespace the host's system directories (`/usr`, `/etc`,
 //! `/dev`, `/proc`, `/sys`, `/opt`, `/var` and the `/bin`-style links) are
 //! bound into the root, then the command is chrooted there, in its in-pod
@@ -108,10 +109,14 @@
 //! its pid, so process-group kills still reach it. The bound host
 //! directories are read-only (but `/dev`, `/proc`, `/sys`), and with the
 //! container's `readOnlyRootFilesystem` so is everything but its volumes,
-//! as in a real pod ("Read-only file system"). Limit: the process runs as
-//! the namespace's root (uid 0 inside, the emulator's user outside), so
-//! `runAsUser` is not enforced. Why not a namespace-free scheme (symlinks, `PWD`): `getcwd()` and
-//! a shell's `pwd` resolve the real directory, so only a changed root makes
+//! as in a real pod ("Read-only file system"). When the emulator runs as
+//! root, no user namespace is needed and processes run as the container's
+//! `runAsUser`/`runAsGroup` (with `fsGroup` and `supplementalGroups`), on
+//! world-writable volumes as the kubelet makes `emptyDir`s; otherwise they
+//! run as the user namespace's root (the emulator's user outside) and
+//! `runAsUser` is not enforced. Why not a namespace-free scheme (symlinks,
+//! `PWD`): `getcwd()` and a shell's `pwd` resolve the real directory, so
+//! only a changed root makes
 //! `/workspace` print as `/workspace` without rewriting output.
 //!
 //! **Fallback ([`KubeEmulatorOptions::isolate_pods`] `false`, or no user
@@ -326,6 +331,7 @@ pub(crate) struct PodRuntime {
     pub started: bool,
     pub isolated: bool,
     pub read_only_root: bool,
+    pub user: Option<exec::RunAs>,
 }
 
 impl PodRuntime {
