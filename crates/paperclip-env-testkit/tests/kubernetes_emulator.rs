@@ -2552,3 +2552,47 @@ async fn without_isolation_in_pod_paths_are_rewritten_instead() -> TestResult {
     assert_eq!(std::fs::read_to_string(root.join("workspace/f"))?, "hi\n");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_sandbox_whose_pod_is_refused_reports_a_reconciler_error() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let (code, _) = post(
+        &emulator,
+        &format!("/api/v1/namespaces/{NS}/resourcequotas"),
+        json!({"metadata": {"name": "none"}, "spec": {"hard": {"pods": "0"}}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    sandboxes
+        .create(&PostParams::default(), &sandbox("pc-refused", "v1beta1")?)
+        .await?;
+    until("a ReconcilerError", || async {
+        sandboxes.get("pc-refused").await.is_ok_and(|s| {
+            condition(&s, "Ready")
+                .is_some_and(|(status, reason)| status == "False" && reason == "ReconcilerError")
+        })
+    })
+    .await?;
+    let object = sandboxes.get("pc-refused").await?;
+    let message = object.data["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        message,
+        "failed to create pod: pods \"pc-refused\" is forbidden: exceeded quota: none, requested: pods=1, used: pods=0, limited: pods=0"
+    );
+    assert!(emulator.objects("v1", "pods", Some(NS)).is_empty());
+    let events = emulator.objects("v1", "events", Some(NS));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "FailedCreate" && e["involvedObject"]["kind"] == "Sandbox"),
+        "{events:?}"
+    );
+    Ok(())
+}
