@@ -239,3 +239,106 @@ fn d4_config_types_redact_in_debug() {
         .stdin(SECRET);
     assert!(!format!("{request:?}").contains(SECRET));
 }
+
+/// An API key given inline (not as a reference) is moved into the secret
+/// store on first use: the stored environment, the lease, `Debug` of every
+/// type holding the config and the logs carry only the reference, and the
+/// later calls (execute, release, the reaper's) still authenticate.
+#[tokio::test]
+async fn d6_inline_plaintext_becomes_a_reference_on_first_use() {
+    let (capture, _guard) = paperclip_env_testkit::logs::LogCapture::start();
+    let s = setup(false);
+    let env = Environment::new(
+        "env-inline",
+        "Inline",
+        "sandbox",
+        json!({"provider": "fake-secret", "apiKey": SECRET}),
+    );
+    let input = AcquireRunLease::for_run(env.clone(), "run-1");
+    assert!(!format!("{input:?}").contains(SECRET), "{input:?}");
+    let record = s.runtime.acquire_run_lease(input).await.unwrap();
+    assert!(!format!("{record:?}").contains(SECRET));
+
+    // The environment is stored with a reference to a new secret.
+    let stored = s
+        .runtime
+        .environment_store()
+        .get("env-inline")
+        .await
+        .unwrap()
+        .unwrap();
+    let id = stored.config["apiKey"].as_str().unwrap().to_owned();
+    assert!(is_secret_id(&id), "{}", stored.config);
+    let value = s.secrets.resolve(&SecretRef::latest(&id)).await.unwrap();
+    assert_eq!(value.expose_secret(), SECRET);
+    assert_eq!(record.environment.config["apiKey"], json!(id));
+    assert_eq!(record.lease.metadata.as_ref().unwrap()["apiKey"], json!(id));
+
+    // Later calls rebuild the config from the lease and still get the key,
+    // even with the caller's original (plaintext) environment.
+    s.runtime
+        .execute(&env, &record.lease, &ExecuteRequest::new("true"))
+        .await
+        .unwrap();
+    let seen = s.fake.last_config().unwrap();
+    assert_eq!(seen.secret("apiKey").unwrap().expose_secret(), SECRET);
+    s.runtime
+        .release_run_leases("run-1", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(s.fake.live_leases(), 0, "the release authenticated");
+    assert_eq!(
+        s.fake
+            .last_config()
+            .unwrap()
+            .secret("apiKey")
+            .unwrap()
+            .expose_secret(),
+        SECRET
+    );
+    assert!(!capture.text().contains(SECRET), "{}", capture.text());
+}
+
+/// A resolver that cannot store secrets refuses an inline secret with an
+/// error naming the field, before anything is created.
+#[tokio::test]
+async fn d6_inline_plaintext_is_refused_when_it_cannot_be_stored() {
+    let root = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::builder()
+        .temp_root(root.path())
+        .key("fake-secret")
+        .secret_field("apiKey")
+        .build();
+    let runtime = EnvironmentRuntime::builder()
+        .provider(Arc::new(fake.clone()))
+        .secrets(Arc::new(
+            paperclip_env::core::secret::EnvSecretResolver::new(),
+        ))
+        .build();
+    let env = Environment::new(
+        "env-inline",
+        "Inline",
+        "sandbox",
+        json!({"provider": "fake-secret", "apiKey": SECRET}),
+    );
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env, "run-1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err:?}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("apiKey") && !shown.contains(SECRET),
+        "{shown}"
+    );
+    assert_eq!(fake.live_leases(), 0);
+    assert!(
+        runtime
+            .environment_store()
+            .get("env-inline")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

@@ -33,6 +33,10 @@ pub struct RuntimeOptions {
     /// [`DEFAULT_MAX_LEASE_LIFETIME`], 24 h; `None`: no expiry). The reaper
     /// releases leases past their expiry, so no sandbox bills forever.
     pub max_lease_lifetime: Option<Duration>,
+    /// How often an acquisition in flight touches its row (10 s). The reaper
+    /// treats a row silent for three beats as left by a dead process and
+    /// sweeps the provider for what it may have created.
+    pub acquisition_heartbeat: Duration,
 }
 
 /// Default lifetime of a lease whose provider reports no expiry: 24 hours,
@@ -49,6 +53,7 @@ impl Default for RuntimeOptions {
             provider_ready_timeout: Duration::from_secs(5),
             provider_ready_poll: Duration::from_millis(100),
             max_lease_lifetime: Some(DEFAULT_MAX_LEASE_LIFETIME),
+            acquisition_heartbeat: Duration::from_secs(10),
         }
     }
 }
@@ -183,6 +188,21 @@ pub trait EnvironmentRuntimeDriver: Send + Sync + 'static {
         _lease: &EnvironmentLease,
     ) -> Result<crate::workspace::WorkspaceAccess> {
         Ok(crate::workspace::WorkspaceAccess::default())
+    }
+
+    /// Called by the runtime before an environment is stored or leased: the
+    /// environment's config with every plaintext value at a secret field
+    /// moved into `ctx.secrets` and replaced by its reference, or `None`
+    /// when nothing needs moving. Plaintext must never be persisted, and
+    /// later calls on a lease only see references (spec 00 §4); a driver
+    /// whose secret resolver cannot create secrets refuses the config with
+    /// an error naming the field. Default: `None` (no secret fields).
+    async fn secure_config(
+        &self,
+        _ctx: &DriverContext,
+        _environment: &Environment,
+    ) -> Result<Option<Value>> {
+        Ok(None)
     }
 
     /// Validates and normalizes a config of this driver.

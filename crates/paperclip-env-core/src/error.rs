@@ -37,6 +37,8 @@ pub enum Operation {
     Execute,
     /// Workspace upload or download.
     WorkspaceSync,
+    /// Lookup of the resources labelled with a run (orphan sweeps).
+    ListRunResources,
 }
 
 impl Operation {
@@ -52,6 +54,7 @@ impl Operation {
             Operation::RealizeWorkspace => "workspace realization",
             Operation::Execute => "command execution",
             Operation::WorkspaceSync => "workspace sync",
+            Operation::ListRunResources => "lookup of resources by run",
         }
     }
 
@@ -67,6 +70,7 @@ impl Operation {
             Operation::RealizeWorkspace => "environmentRealizeWorkspace",
             Operation::Execute => "environmentExecute",
             Operation::WorkspaceSync => "environmentSync",
+            Operation::ListRunResources => "environmentListRunResources",
         }
     }
 }

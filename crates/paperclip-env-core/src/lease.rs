@@ -146,7 +146,19 @@ fn default_config() -> Value {
 }
 
 /// Saved configuration of a place where runs execute (spec 00 §2.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `Debug` redacts every string at a key that names a credential (`apiKey`,
+/// `token`, `password`, `kubeconfig`, `privateKey`, …) in `config` and
+/// `metadata`, so a config given with a plaintext secret never reaches a log
+/// through `{:?}`:
+///
+/// ```
+/// use paperclip_env_core::Environment;
+/// let env = Environment::new("env-1", "E2B", "sandbox", serde_json::json!({"provider": "e2b", "apiKey": "e2b_live_123"}));
+/// let shown = format!("{env:?}");
+/// assert!(!shown.contains("e2b_live_123") && shown.contains("[redacted]"));
+/// ```
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Environment {
     /// Identifier (a UUID in Paperclip).
@@ -177,6 +189,71 @@ pub struct Environment {
     /// Last update time.
     #[serde(with = "time::iso", default = "time::now")]
     pub updated_at: Timestamp,
+}
+
+/// Key fragments (lower case, `_`/`-` removed) that mark a credential.
+const CREDENTIAL_KEY_PARTS: [&str; 10] = [
+    "apikey",
+    "token",
+    "secret",
+    "password",
+    "passphrase",
+    "credential",
+    "kubeconfig",
+    "privatekey",
+    "accesskey",
+    "authorization",
+];
+
+/// Whether a config key names a credential.
+pub(crate) fn is_credential_key(key: &str) -> bool {
+    let folded: String = key
+        .chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect();
+    CREDENTIAL_KEY_PARTS
+        .iter()
+        .any(|part| folded.contains(part))
+}
+
+/// `value` with every string under a credential key replaced by
+/// `"[redacted]"` (secret ids, which are not secret, are kept).
+pub(crate) fn redact_credentials(value: &Value) -> Value {
+    fn walk(value: &Value, under_credential: bool) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), walk(v, under_credential || is_credential_key(k))))
+                    .collect(),
+            ),
+            Value::Array(items) => {
+                Value::Array(items.iter().map(|v| walk(v, under_credential)).collect())
+            }
+            Value::String(s) if under_credential && !crate::secret::is_secret_id(s) => {
+                Value::String("[redacted]".into())
+            }
+            other => other.clone(),
+        }
+    }
+    walk(value, false)
+}
+
+impl fmt::Debug for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Environment")
+            .field("id", &self.id)
+            .field("company_id", &self.company_id)
+            .field("name", &self.name)
+            .field("description", &self.description)
+            .field("driver", &self.driver)
+            .field("status", &self.status)
+            .field("config", &redact_credentials(&self.config))
+            .field("metadata", &self.metadata.as_ref().map(redact_credentials))
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
 }
 
 impl Environment {

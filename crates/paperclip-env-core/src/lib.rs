@@ -26,6 +26,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod acquisition;
 pub mod config;
 pub mod deadline;
 pub mod driver;

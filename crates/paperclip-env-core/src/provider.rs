@@ -54,6 +54,9 @@ pub struct Capabilities {
     pub native_sync: bool,
     /// Reports the terminating signal of killed commands.
     pub signals: bool,
+    /// Lists its resources by run label ([`SandboxProvider::list_run_resources`]),
+    /// so the reaper can sweep acquisitions whose process died mid-create.
+    pub run_lookup: bool,
 }
 
 impl Capabilities {
@@ -67,6 +70,7 @@ impl Capabilities {
             Operation::Destroy => self.destroy,
             Operation::Probe => self.probe,
             Operation::WorkspaceSync => self.native_sync,
+            Operation::ListRunResources => self.run_lookup,
             Operation::ValidateConfig | Operation::Acquire | Operation::Release => true,
         }
     }
@@ -393,6 +397,22 @@ pub trait SandboxProvider: Send + Sync + 'static {
         _lease: &LeaseHandle,
     ) -> Result<Option<std::sync::Arc<dyn crate::workspace::WorkspaceTransport>>> {
         Ok(None)
+    }
+
+    /// The live resources labelled with `run_id` (the [`AcquireRequest::run_id`]
+    /// `acquire` labelled them with), as handles `destroy` accepts. The
+    /// reaper calls it for an acquisition whose process died before the
+    /// provider's answer was recorded, and destroys what no lease row
+    /// records; declare [`Capabilities::run_lookup`] with it.
+    async fn list_run_resources(
+        &self,
+        _ctx: &CallContext,
+        _run_id: &str,
+    ) -> Result<Vec<LeaseHandle>> {
+        Err(Error::provider_unsupported(
+            self.key(),
+            Operation::ListRunResources,
+        ))
     }
 
     /// Runs a command, pushing output into `output` as it arrives.

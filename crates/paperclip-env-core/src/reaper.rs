@@ -9,14 +9,25 @@
 //!    than [`ReaperOptions::max_active_age`]) through their driver with status
 //!    `expired` (reusable leases are destroyed, since a plain release would
 //!    keep their resource for the next run);
-//! 2. retries **failed cleanups** ([`LeaseStore::list_failed_cleanups`]) with
+//! 2. sweeps **orphaned acquisitions**: in-flight rows
+//!    ([`crate::acquisition`]) whose heartbeat stopped for three beats of
+//!    [`RuntimeOptions::acquisition_heartbeat`] belong to a process that died
+//!    between writing the row and recording the provider's answer; the
+//!    provider is asked for the resources labelled with the row's run and
+//!    each one no lease records is destroyed;
+//! 3. retries **failed cleanups** ([`LeaseStore::list_failed_cleanups`]) with
 //!    exponential backoff on `cleanupAttempts`, counted from `updatedAt`.
+//!
+//! While a release runs, the reaper renews its claim every third of
+//! [`ReaperOptions::claim_ttl`], so a release that takes longer than the TTL
+//! (a slow provider, a long deadline) is never started twice.
 //!
 //! Every lease is claimed with [`LeaseStore::try_claim`] before it is acted
 //! on, so reapers on several hosts sharing one durable store never release
 //! the same lease twice; running a pass again is harmless.
 //!
 //! [`LeaseStore::list_failed_cleanups`]: crate::LeaseStore::list_failed_cleanups
+//! [`RuntimeOptions::acquisition_heartbeat`]: crate::RuntimeOptions::acquisition_heartbeat
 //! [`LeaseStore::try_claim`]: crate::LeaseStore::try_claim
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +39,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::acquisition;
 use crate::lease::{CleanupStatus, EnvironmentLease, LeasePolicy, LeaseStatus};
 use crate::runtime::EnvironmentRuntime;
 use crate::time::{self, Timestamp};
@@ -46,8 +58,9 @@ pub struct ReaperOptions {
     /// After this many attempts a failed cleanup is left alone and reported
     /// as abandoned (default `None`: retry forever, at `max_backoff`).
     pub max_cleanup_attempts: Option<u32>,
-    /// How long a claim on a lease keeps other reapers away (2 min); longer
-    /// than one provider release call.
+    /// How long a claim on a lease keeps other reapers away (2 min); renewed
+    /// every third of it while a release runs, so a claim outlives the
+    /// longest release it covers.
     pub claim_ttl: Duration,
 }
 
@@ -93,6 +106,9 @@ pub struct ReapReport {
     pub stranded: Vec<String>,
     /// Released leases whose provider cleanup failed (now or on a retry); kept for the next pass.
     pub cleanup_failed: Vec<String>,
+    /// In-flight acquisitions of dead processes, swept (their unrecorded
+    /// resources destroyed); a sweep that failed is in `cleanup_failed`.
+    pub orphaned: Vec<String>,
     /// Failed cleanups retried successfully.
     pub cleaned_up: Vec<String>,
     /// Failed cleanups whose backoff has not elapsed yet.
@@ -108,7 +124,10 @@ pub struct ReapReport {
 impl ReapReport {
     /// Whether the pass released or cleaned anything.
     pub fn acted(&self) -> bool {
-        !(self.expired.is_empty() && self.stranded.is_empty() && self.cleaned_up.is_empty())
+        !(self.expired.is_empty()
+            && self.stranded.is_empty()
+            && self.orphaned.is_empty()
+            && self.cleaned_up.is_empty())
     }
 
     fn fail(&mut self, lease_id: &str, message: impl Into<String>) {
@@ -280,6 +299,29 @@ impl Reaper {
         }
     }
 
+    /// Runs `work` while renewing this reaper's claim on lease `id` every
+    /// third of the claim TTL, so the claim outlives the work.
+    async fn holding_claim<T>(&self, id: &str, work: impl std::future::Future<Output = T>) -> T {
+        let ttl = self.options.claim_ttl;
+        let mut ticker = tokio::time::interval((ttl / 3).max(Duration::from_millis(10)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = ticker.tick() => {
+                    let store = self.runtime.lease_store();
+                    match store.try_claim(id, &self.claimant, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => warn!(lease = %id, "another reaper took over a claim this reaper was renewing"),
+                        Err(e) => warn!(lease = %id, error = %e, "could not renew the reaper's claim"),
+                    }
+                }
+            }
+        }
+    }
+
     /// One pass; see the [module docs](self). Errors are collected in the
     /// report, never raised, so one bad lease does not stop the others.
     pub async fn run_once(&self) -> ReapReport {
@@ -305,13 +347,16 @@ impl Reaper {
                     };
                     // A reusable lease is kept alive by a plain release (it
                     // waits for the next run); past its end it must go.
-                    let outcome = if current.lease_policy == LeasePolicy::ReuseByEnvironment {
-                        self.runtime.destroy_run_lease(&env, &current).await
-                    } else {
-                        self.runtime
-                            .release_lease(&env, &current, LeaseStatus::Expired)
-                            .await
+                    let release = async {
+                        if current.lease_policy == LeasePolicy::ReuseByEnvironment {
+                            self.runtime.destroy_run_lease(&env, &current).await
+                        } else {
+                            self.runtime
+                                .release_lease(&env, &current, LeaseStatus::Expired)
+                                .await
+                        }
                     };
+                    let outcome = self.holding_claim(&current.id, release).await;
                     match outcome {
                         Ok(released) => {
                             info!(lease = %current.id, expired, "reaper released lease");
@@ -326,6 +371,43 @@ impl Reaper {
                                 report.cleanup_failed.push(current.id.clone());
                             }
                         }
+                        Err(e) => report.fail(&current.id, e.to_string()),
+                    }
+                }
+            }
+            Err(e) => report.fail("*", e.to_string()),
+        }
+
+        let heartbeat = self.runtime.context().options.acquisition_heartbeat;
+        match store.list_pending_cleanups().await {
+            Ok(pending) => {
+                for lease in pending {
+                    // A sweep that failed is retried with backoff below.
+                    if lease.cleanup_status == Some(CleanupStatus::Failed)
+                        || !acquisition::is_stale(&lease, heartbeat, now)
+                    {
+                        continue;
+                    }
+                    let Some(current) = self
+                        .claim(&lease, &mut report, |l| {
+                            acquisition::is_stale(l, heartbeat, time::now())
+                        })
+                        .await
+                    else {
+                        continue;
+                    };
+                    let Some(env) = self.environment_of(&current, &mut report).await else {
+                        continue;
+                    };
+                    let sweep = self.runtime.destroy_run_lease(&env, &current);
+                    match self.holding_claim(&current.id, sweep).await {
+                        Ok(Some(record))
+                            if record.lease.cleanup_status == Some(CleanupStatus::Success) =>
+                        {
+                            info!(lease = %current.id, "reaper swept an orphaned acquisition");
+                            report.orphaned.push(current.id.clone());
+                        }
+                        Ok(_) => report.cleanup_failed.push(current.id.clone()),
                         Err(e) => report.fail(&current.id, e.to_string()),
                     }
                 }
@@ -368,7 +450,10 @@ impl Reaper {
                     let Some(env) = self.environment_of(&current, &mut report).await else {
                         continue;
                     };
-                    match self.runtime.retry_cleanup(&env, &current).await {
+                    match self
+                        .holding_claim(&current.id, self.runtime.retry_cleanup(&env, &current))
+                        .await
+                    {
                         Ok(Some(record))
                             if record.lease.cleanup_status == Some(CleanupStatus::Success) =>
                         {

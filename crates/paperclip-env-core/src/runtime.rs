@@ -286,6 +286,12 @@ impl EnvironmentRuntime {
             });
         }
         let driver = self.driver_or_err(&environment.driver)?;
+        let mut environment = environment;
+        if let Some(config) = driver.secure_config(&self.inner.ctx, &environment).await? {
+            // Plaintext secrets became references: the stored environment
+            // and everything recorded from now on hold references only.
+            environment.config = config;
+        }
         self.inner.environments.put(environment.clone()).await?;
         let lease_context = LeaseContext::from_workspace(input.execution_workspace.as_ref());
         let span = info_span!("acquire_run_lease", environment = %environment.id, driver = %environment.driver);

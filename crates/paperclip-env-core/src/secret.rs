@@ -393,7 +393,7 @@ fn walk_schema(schema: &Value, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
-fn get_path<'a>(map: &'a JsonObject, path: &str) -> Option<&'a Value> {
+pub(crate) fn get_path<'a>(map: &'a JsonObject, path: &str) -> Option<&'a Value> {
     let mut parts = path.split('.');
     let mut current = map.get(parts.next()?)?;
     for part in parts {

@@ -43,7 +43,10 @@ use async_trait::async_trait;
 use paperclip_env_core::lease::{
     CleanupStatus, Environment, EnvironmentLease, JsonObject, LeasePolicy, LeaseStatus,
 };
-use paperclip_env_core::store::{EnvironmentStore, LeaseStore, NewLease, ReleaseUpdate};
+use paperclip_env_core::store::{
+    ACQUIRE_IN_PROGRESS_REASON, AcquiredLease, EnvironmentStore, LeaseStore, NewLease,
+    ReleaseUpdate,
+};
 use paperclip_env_core::time::{self, Timestamp};
 use paperclip_env_core::{Error, Result};
 use serde_json::Value;
@@ -296,19 +299,26 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl LeaseStore for PostgresStore {
-    async fn insert(&self, new: NewLease) -> Result<EnvironmentLease> {
+impl PostgresStore {
+    /// Inserts a row with `status`, `failure_reason` and `cleanup_status`.
+    async fn insert_row(
+        &self,
+        new: NewLease,
+        status: LeaseStatus,
+        failure_reason: Option<&'static str>,
+        cleanup_status: Option<CleanupStatus>,
+    ) -> Result<EnvironmentLease> {
         let now = time::now();
         let id = uuid::Uuid::new_v4().to_string();
         let policy = new.lease_policy.unwrap_or(LeasePolicy::Ephemeral).as_str();
         let metadata = new.metadata.map(Value::Object);
+        let cleanup = cleanup_status.map(|c| c.as_str());
         let sql = format!(
             "INSERT INTO environment_leases (id, company_id, environment_id, \
              execution_workspace_id, issue_id, heartbeat_run_id, status, lease_policy, provider, \
              provider_lease_id, acquired_at, last_used_at, created_at, updated_at, expires_at, \
-             metadata) VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10, $10, $10, $10, \
-             $11, $12) RETURNING {LEASE_COLUMNS}"
+             metadata, failure_reason, cleanup_status) VALUES ($1, $2, $3, $4, $5, $6, $13, $7, \
+             $8, $9, $10, $10, $10, $10, $11, $12, $14, $15) RETURNING {LEASE_COLUMNS}"
         );
         self.one(
             "insert lease",
@@ -326,10 +336,66 @@ impl LeaseStore for PostgresStore {
                 &now,
                 &new.expires_at,
                 &metadata,
+                &status.as_str(),
+                &failure_reason,
+                &cleanup,
             ],
         )
         .await?
         .ok_or_else(|| Error::store("postgres: insert returned no row"))
+    }
+}
+
+#[async_trait]
+impl LeaseStore for PostgresStore {
+    async fn insert(&self, new: NewLease) -> Result<EnvironmentLease> {
+        self.insert_row(new, LeaseStatus::Active, None, None).await
+    }
+
+    async fn insert_acquiring(&self, new: NewLease) -> Result<EnvironmentLease> {
+        self.insert_row(
+            new,
+            LeaseStatus::PendingCleanup,
+            Some(ACQUIRE_IN_PROGRESS_REASON),
+            Some(CleanupStatus::Pending),
+        )
+        .await
+    }
+
+    async fn complete_acquisition(
+        &self,
+        id: &str,
+        acquired: AcquiredLease,
+    ) -> Result<Option<EnvironmentLease>> {
+        let now = time::now();
+        let policy = acquired
+            .lease_policy
+            .unwrap_or(LeasePolicy::Ephemeral)
+            .as_str();
+        let metadata = acquired.metadata.map(Value::Object);
+        // One conditional UPDATE under the row lock: a reaper that took the
+        // row over first wins.
+        let sql = format!(
+            "UPDATE environment_leases SET status = 'active', failure_reason = NULL, \
+             cleanup_status = NULL, lease_policy = $1, provider_lease_id = $2, expires_at = $3, \
+             metadata = $4, last_used_at = $5, updated_at = $5 \
+             WHERE id = $6 AND status = 'pending_cleanup' AND failure_reason = $7 \
+             RETURNING {LEASE_COLUMNS}"
+        );
+        self.one(
+            "complete acquisition",
+            &sql,
+            &[
+                &policy,
+                &acquired.provider_lease_id,
+                &acquired.expires_at,
+                &metadata,
+                &now,
+                &id,
+                &ACQUIRE_IN_PROGRESS_REASON,
+            ],
+        )
+        .await
     }
 
     async fn release(
@@ -443,6 +509,15 @@ impl LeaseStore for PostgresStore {
         self.select(
             "list active leases",
             "WHERE status = 'active' ORDER BY created_at ASC, seq ASC",
+            &[],
+        )
+        .await
+    }
+
+    async fn list_pending_cleanups(&self) -> Result<Vec<EnvironmentLease>> {
+        self.select(
+            "list pending cleanups",
+            "WHERE status = 'pending_cleanup' ORDER BY created_at ASC, seq ASC",
             &[],
         )
         .await

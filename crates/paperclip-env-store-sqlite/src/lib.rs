@@ -48,7 +48,10 @@ use async_trait::async_trait;
 use paperclip_env_core::lease::{
     CleanupStatus, Environment, EnvironmentLease, JsonObject, LeasePolicy, LeaseStatus,
 };
-use paperclip_env_core::store::{EnvironmentStore, LeaseStore, NewLease, ReleaseUpdate};
+use paperclip_env_core::store::{
+    ACQUIRE_IN_PROGRESS_REASON, AcquiredLease, EnvironmentStore, LeaseStore, NewLease,
+    ReleaseUpdate,
+};
 use paperclip_env_core::time::{self, Timestamp};
 use paperclip_env_core::{Error, Result};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -401,9 +404,15 @@ impl SqliteStore {
     }
 }
 
-#[async_trait]
-impl LeaseStore for SqliteStore {
-    async fn insert(&self, new: NewLease) -> Result<EnvironmentLease> {
+impl SqliteStore {
+    /// Inserts a row with `status`, `failure_reason` and `cleanup_status` (SQL literals or NULL).
+    async fn insert_row(
+        &self,
+        new: NewLease,
+        status: LeaseStatus,
+        failure_reason: Option<&'static str>,
+        cleanup_status: Option<CleanupStatus>,
+    ) -> Result<EnvironmentLease> {
         let now = time::to_iso(&time::now());
         let values: Vec<Option<String>> = vec![
             Some(uuid::Uuid::new_v4().to_string()),
@@ -423,17 +432,70 @@ impl LeaseStore for SqliteStore {
             Some(now),
             new.expires_at.as_ref().map(time::to_iso),
             metadata_text(&new.metadata)?,
+            Some(status.as_str().to_owned()),
+            failure_reason.map(str::to_owned),
+            cleanup_status.map(|c| c.as_str().to_owned()),
         ];
         let sql = format!(
             "INSERT INTO environment_leases (id, company_id, environment_id, \
              execution_workspace_id, issue_id, heartbeat_run_id, status, lease_policy, provider, \
              provider_lease_id, acquired_at, last_used_at, created_at, updated_at, expires_at, \
-             metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7, ?8, ?9, ?10, ?10, ?10, ?10, \
-             ?11, ?12) RETURNING {LEASE_COLUMNS}"
+             metadata, failure_reason, cleanup_status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?13, ?7, \
+             ?8, ?9, ?10, ?10, ?10, ?10, ?11, ?12, ?14, ?15) RETURNING {LEASE_COLUMNS}"
         );
         self.update_returning("insert lease", sql, values)
             .await?
             .ok_or_else(|| Error::store("sqlite: insert returned no row"))
+    }
+}
+
+#[async_trait]
+impl LeaseStore for SqliteStore {
+    async fn insert(&self, new: NewLease) -> Result<EnvironmentLease> {
+        self.insert_row(new, LeaseStatus::Active, None, None).await
+    }
+
+    async fn insert_acquiring(&self, new: NewLease) -> Result<EnvironmentLease> {
+        self.insert_row(
+            new,
+            LeaseStatus::PendingCleanup,
+            Some(ACQUIRE_IN_PROGRESS_REASON),
+            Some(CleanupStatus::Pending),
+        )
+        .await
+    }
+
+    async fn complete_acquisition(
+        &self,
+        id: &str,
+        acquired: AcquiredLease,
+    ) -> Result<Option<EnvironmentLease>> {
+        let now = time::to_iso(&time::now());
+        let values = vec![
+            Some(
+                acquired
+                    .lease_policy
+                    .unwrap_or(LeasePolicy::Ephemeral)
+                    .as_str()
+                    .to_owned(),
+            ),
+            acquired.provider_lease_id,
+            acquired.expires_at.as_ref().map(time::to_iso),
+            metadata_text(&acquired.metadata)?,
+            Some(now),
+            Some(id.to_owned()),
+            Some(ACQUIRE_IN_PROGRESS_REASON.to_owned()),
+        ];
+        // One conditional UPDATE: a reaper that took the row over first wins.
+        let sql = format!(
+            "UPDATE environment_leases SET status = 'active', failure_reason = NULL, \
+             cleanup_status = NULL, lease_policy = ?1, provider_lease_id = ?2, expires_at = ?3, \
+             metadata = ?4, last_used_at = ?5, updated_at = ?5 \
+             WHERE id = ?6 AND status = 'pending_cleanup' AND failure_reason = ?7 \
+             RETURNING {LEASE_COLUMNS}"
+        );
+        self.update_returning("complete acquisition", sql, values)
+            .await
     }
 
     async fn release(
@@ -554,6 +616,15 @@ impl LeaseStore for SqliteStore {
         self.select(
             "list active leases",
             "WHERE status = 'active' ORDER BY created_at ASC, rowid ASC",
+            Vec::new(),
+        )
+        .await
+    }
+
+    async fn list_pending_cleanups(&self) -> Result<Vec<EnvironmentLease>> {
+        self.select(
+            "list pending cleanups",
+            "WHERE status = 'pending_cleanup' ORDER BY created_at ASC, rowid ASC",
             Vec::new(),
         )
         .await

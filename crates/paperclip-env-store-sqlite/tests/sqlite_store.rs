@@ -20,7 +20,7 @@ async fn file_store_conforms() {
         .unwrap();
     let report = run(&StoreFixture::new(&store).exclusive_claims(true)).await;
     report.assert_passed();
-    assert_eq!(report.passed.len(), 11);
+    assert_eq!(report.passed.len(), 13);
 }
 
 #[tokio::test]

@@ -186,6 +186,14 @@ impl<W: AsyncWrite + Unpin + Send> Server<W> {
         let Some(dir) = &self.faults.control_dir else {
             return;
         };
+        // `stall-after-create-ms`: every fresh sandbox answers that much
+        // later than it is created (a slow provider, for deadline tests).
+        if let Ok(ms) = std::fs::read_to_string(dir.join("stall-after-create-ms")) {
+            let ms = ms.trim().parse::<u64>().unwrap_or(0);
+            self.fake
+                .faults()
+                .stall_after_create(std::time::Duration::from_millis(ms));
+        }
         let flag = dir.join(format!("fail-next-{method}"));
         if std::fs::remove_file(&flag).is_ok() {
             self.fake.faults().fail_next(op, || {

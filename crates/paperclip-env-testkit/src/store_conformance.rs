@@ -19,7 +19,9 @@
 use std::time::Duration;
 
 use paperclip_env_core::lease::{CleanupStatus, EnvironmentLease, LeasePolicy, LeaseStatus};
-use paperclip_env_core::store::{LeaseStore, NewLease, ReleaseUpdate};
+use paperclip_env_core::store::{
+    ACQUIRE_IN_PROGRESS_REASON, AcquiredLease, LeaseStore, NewLease, ReleaseUpdate,
+};
 use paperclip_env_core::time;
 use serde_json::json;
 
@@ -601,6 +603,145 @@ pub async fn claims(f: &StoreFixture<'_>) -> StoreCheck {
     Ok(())
 }
 
+/// insertAcquiring writes an in-flight row (`pending_cleanup`, cleanup
+/// `pending`, reason `acquire_in_progress`) that is neither active nor a
+/// failed cleanup, and is listed by listPendingCleanups.
+pub async fn acquiring_row_is_pending(f: &StoreFixture<'_>) -> StoreCheck {
+    let env = fresh("env");
+    let run = fresh("run");
+    let mut new = new_lease(&env, Some(&run));
+    new.provider = Some("e2b".into());
+    new.metadata = json!({"acquisition": {"state": "acquiring"}})
+        .as_object()
+        .cloned();
+    let row = f
+        .store
+        .insert_acquiring(new)
+        .await
+        .map_err(|e| err("insert_acquiring", e))?;
+    ensure!(
+        row.status == LeaseStatus::PendingCleanup
+            && row.cleanup_status == Some(CleanupStatus::Pending)
+            && row.failure_reason.as_deref() == Some(ACQUIRE_IN_PROGRESS_REASON)
+            && row.provider_lease_id.is_none()
+            && row.heartbeat_run_id.as_deref() == Some(run.as_str()),
+        "in-flight row: {row:?}"
+    );
+    let active = f
+        .store
+        .list_active()
+        .await
+        .map_err(|e| err("list_active", e))?;
+    ensure!(
+        !active.iter().any(|l| l.id == row.id),
+        "an in-flight row is listed as active"
+    );
+    let failed = f
+        .store
+        .list_failed_cleanups()
+        .await
+        .map_err(|e| err("list_failed_cleanups", e))?;
+    ensure!(
+        !failed.iter().any(|l| l.id == row.id),
+        "an in-flight row is listed as a failed cleanup"
+    );
+    let pending = f
+        .store
+        .list_pending_cleanups()
+        .await
+        .map_err(|e| err("list_pending_cleanups", e))?;
+    ensure!(
+        pending.iter().any(|l| l.id == row.id),
+        "listPendingCleanups misses the in-flight row"
+    );
+    Ok(())
+}
+
+/// completeAcquisition turns an in-flight row active with the provider's
+/// answer, once; a row something else took over is left alone (`None`).
+pub async fn complete_acquisition_is_conditional(f: &StoreFixture<'_>) -> StoreCheck {
+    let env = fresh("env");
+    let row = f
+        .store
+        .insert_acquiring(new_lease(&env, Some(&fresh("run"))))
+        .await
+        .map_err(|e| err("insert_acquiring", e))?;
+    pause().await;
+    let expires = time::now() + chrono::Duration::minutes(30);
+    let acquired = AcquiredLease {
+        lease_policy: Some(LeasePolicy::ReuseByEnvironment),
+        provider_lease_id: Some("sbx-1".into()),
+        expires_at: Some(expires),
+        metadata: json!({"remoteCwd": "/w"}).as_object().cloned(),
+    };
+    let done = f
+        .store
+        .complete_acquisition(&row.id, acquired.clone())
+        .await
+        .map_err(|e| err("complete_acquisition", e))?
+        .ok_or("completing an in-flight row returned None")?;
+    ensure!(
+        done.status == LeaseStatus::Active
+            && done.failure_reason.is_none()
+            && done.cleanup_status.is_none()
+            && done.provider_lease_id.as_deref() == Some("sbx-1")
+            && done.lease_policy == LeasePolicy::ReuseByEnvironment
+            && done.metadata == acquired.metadata
+            && done.expires_at.map(|t| t.timestamp_millis()) == Some(expires.timestamp_millis())
+            && done.last_used_at > row.last_used_at,
+        "completed row: {done:?}"
+    );
+    let again = f
+        .store
+        .complete_acquisition(&row.id, acquired.clone())
+        .await
+        .map_err(|e| err("complete_acquisition", e))?;
+    ensure!(again.is_none(), "an active row was completed a second time");
+
+    let taken = f
+        .store
+        .insert_acquiring(new_lease(&env, None))
+        .await
+        .map_err(|e| err("insert_acquiring", e))?;
+    f.store
+        .release(
+            &taken.id,
+            LeaseStatus::Expired,
+            ReleaseUpdate {
+                failure_reason: Some("acquire_orphaned".into()),
+                cleanup_status: Some(CleanupStatus::Success),
+                cleanup_error: None,
+            },
+        )
+        .await
+        .map_err(|e| err("release", e))?;
+    let late = f
+        .store
+        .complete_acquisition(&taken.id, acquired)
+        .await
+        .map_err(|e| err("complete_acquisition", e))?;
+    ensure!(late.is_none(), "a swept row was completed");
+    let stored = f
+        .store
+        .get(&taken.id)
+        .await
+        .map_err(|e| err("get", e))?
+        .ok_or("swept row vanished")?;
+    ensure!(
+        stored.status == LeaseStatus::Expired,
+        "a late completion changed a swept row: {stored:?}"
+    );
+    ensure!(
+        f.store
+            .complete_acquisition(&fresh("missing"), AcquiredLease::default())
+            .await
+            .map_err(|e| err("complete_acquisition", e))?
+            .is_none(),
+        "completing an unknown row returned a lease"
+    );
+    Ok(())
+}
+
 /// Outcome of [`run`]: failed checks by name.
 #[derive(Debug, Default)]
 pub struct StoreReport {
@@ -648,6 +789,8 @@ pub async fn run(f: &StoreFixture<'_>) -> StoreReport {
         list_failed_cleanups_only_failed,
         list_active_only_active,
         claims,
+        acquiring_row_is_pending,
+        complete_acquisition_is_conditional,
     );
     report
 }

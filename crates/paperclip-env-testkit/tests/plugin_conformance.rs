@@ -886,3 +886,58 @@ async fn plugin_driver_resolves_secret_refs_and_keeps_them_out_of_errors_logs_an
     assert!(text.contains("[REDACTED]"), "{text}");
     assert!(!text.contains(SECRET), "secret in logs:\n{text}");
 }
+
+/// The plugin driver records its acquisition before the worker is asked and
+/// never lets the caller's deadline cancel the worker's call: a lease that
+/// arrives after the caller gave up is released through the worker, and
+/// the row says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_driver_acquire_that_outlives_its_caller_leaves_nothing() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    worker.start().await.unwrap();
+    let options = RuntimeOptions {
+        default_call_deadline: Duration::from_millis(400),
+        ..short_deadlines()
+    };
+    let runtime = plugin_runtime(&worker, options);
+    std::fs::write(dirs.control.path().join("stall-after-create-ms"), "600").unwrap();
+    let err = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(plugin_env(), "run-slow"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    let rows = runtime
+        .lease_store()
+        .list_by_run("run-slow", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        1,
+        "the acquisition was recorded before the call"
+    );
+
+    let mut settled = None;
+    for _ in 0..200 {
+        let row = runtime
+            .lease_store()
+            .get(&rows[0].id)
+            .await
+            .unwrap()
+            .unwrap();
+        if row.status == LeaseStatus::Expired && live(dirs.control.path()) == 0 {
+            settled = Some(row);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let row = settled.expect("the late lease was released and recorded");
+    assert_eq!(row.failure_reason.as_deref(), Some("acquire_abandoned"));
+    assert_eq!(row.cleanup_status, Some(CleanupStatus::Success));
+    assert!(
+        worker.is_running(),
+        "the worker was not killed for a slow call"
+    );
+    worker.shutdown().await;
+}

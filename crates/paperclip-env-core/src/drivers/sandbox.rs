@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{base_metadata, builtin_fake};
+use crate::acquisition::{self, AcquireTiming, Acquirer, acquire_recorded};
 use crate::config::{SandboxConfig, TIMEOUT_MS_MAX};
 use crate::deadline::{execute_deadline, lease_operation_deadline, with_deadline};
 use crate::driver::{AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver};
@@ -28,11 +29,21 @@ use crate::secret::{
     ProviderConfig, collect_secret_ref_paths, persist_secret_refs, positive_ms,
     resolve_provider_config, stored_config_for_metadata, strip_secret_paths,
 };
+use crate::store::AcquiredLease;
 use crate::store::{NewLease, ReleaseUpdate};
 use crate::{Error, Operation, Result, Unsupported, time};
 
+/// Host metadata key recording the call budgets the user configured
+/// (`timeoutMs`, `bridgeRequestTimeoutMs`) at acquire. Later calls on the
+/// lease derive their deadlines from it, never from a `timeoutMs` a provider
+/// wrote into its metadata (a provider default such as E2B's one hour is the
+/// sandbox lifetime, not a call budget).
+pub const HOST_BUDGETS_KEY: &str = "hostBudgets";
+
 /// Metadata keys the host owns; provider metadata never overrides them (spec 00 §2.9 Decision).
-pub const HOST_METADATA_KEYS: [&str; 6] = [
+pub const HOST_METADATA_KEYS: [&str; 8] = [
+    "acquisition",
+    HOST_BUDGETS_KEY,
     "driver",
     "executionWorkspaceMode",
     "pluginId",
@@ -42,7 +53,9 @@ pub const HOST_METADATA_KEYS: [&str; 6] = [
 ];
 
 /// Keys dropped when lease metadata is turned back into provider config (spec 00 §5.4.6 Decision).
-pub const INTERNAL_METADATA_KEYS: [&str; 8] = [
+pub const INTERNAL_METADATA_KEYS: [&str; 10] = [
+    "acquisition",
+    HOST_BUDGETS_KEY,
     "driver",
     "executionWorkspaceMode",
     "pluginId",
@@ -106,6 +119,39 @@ fn release_outcome(status: LeaseStatus, policy: LeasePolicy) -> (LeaseStatus, Op
         (stored, Some(RUN_FAILURE_REASON.to_owned()))
     } else {
         (status, None)
+    }
+}
+
+/// `{timeoutMs, bridgeRequestTimeoutMs}` as the user configured them (absent keys omitted).
+fn host_budgets(stored: &JsonObject) -> Value {
+    let mut budgets = JsonObject::new();
+    for key in ["timeoutMs", "bridgeRequestTimeoutMs"] {
+        if let Some(v) = stored.get(key).filter(|v| positive_ms(Some(v)).is_some()) {
+            budgets.insert(key.into(), v.clone());
+        }
+    }
+    Value::Object(budgets)
+}
+
+/// The budgets later calls on `lease` use: those recorded at acquire, else
+/// (rows written before budgets were recorded) the rebuilt config's.
+fn lease_budgets<'a>(
+    lease: &'a EnvironmentLease,
+    config: &'a ProviderConfig,
+) -> (Option<&'a Value>, Option<&'a Value>) {
+    match lease
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get(HOST_BUDGETS_KEY))
+    {
+        Some(recorded) => (
+            recorded.get("timeoutMs"),
+            recorded.get("bridgeRequestTimeoutMs"),
+        ),
+        None => (
+            config.get("timeoutMs"),
+            config.get("bridgeRequestTimeoutMs"),
+        ),
     }
 }
 
@@ -306,14 +352,10 @@ impl SandboxDriver {
     }
 
     fn lease_deadline(
-        config: &ProviderConfig,
+        (timeout, bridge): (Option<&Value>, Option<&Value>),
         ctx: &DriverContext,
         provider: &dyn SandboxProvider,
     ) -> Duration {
-        let (timeout, bridge) = (
-            config.get("timeoutMs"),
-            config.get("bridgeRequestTimeoutMs"),
-        );
         if positive_ms(timeout).is_none()
             && positive_ms(bridge).is_none()
             && let Some(own) = provider.default_lease_deadline()
@@ -325,10 +367,10 @@ impl SandboxDriver {
 
     fn expiry(
         provider_expiry: Option<time::Timestamp>,
-        options: &crate::driver::RuntimeOptions,
+        max_lease_lifetime: Option<Duration>,
     ) -> Option<time::Timestamp> {
         provider_expiry.or_else(|| {
-            let max = options.max_lease_lifetime?;
+            let max = max_lease_lifetime?;
             chrono::Duration::from_std(max)
                 .ok()
                 .map(|d| time::now() + d)
@@ -386,7 +428,7 @@ impl SandboxDriver {
                 lease_policy: Some(policy),
                 provider: Some("fake".into()),
                 provider_lease_id: handle.provider_lease_id,
-                expires_at: Self::expiry(None, &ctx.options),
+                expires_at: Self::expiry(None, ctx.options.max_lease_lifetime),
                 metadata: Some(metadata),
             })
             .await
@@ -412,147 +454,85 @@ impl SandboxDriver {
             issue_id: input.issue_id.clone(),
             config,
         };
-        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
+        let deadline = Self::lease_deadline(
+            (
+                call.config.get("timeoutMs"),
+                call.config.get("bridgeRequestTimeoutMs"),
+            ),
+            ctx,
+            provider.as_ref(),
+        );
         let run_id = input.heartbeat_run_id.clone();
         let reusable = envelope.reuse_lease && run_id.is_some();
+        // Resources are labelled with the run id (a random one for ad-hoc
+        // leases); the in-flight row keeps it so a sweep can find them.
+        let run_label = run_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
-        // From here on a provider resource may be created or revived: finish
-        // in a task of its own, so a caller that gives up (drops this future,
-        // times out) cannot strand it between the provider call and the lease
-        // row. The row then exists and release, resume and the reaper see it.
-        let store = ctx.store.clone();
-        let options = ctx.options.clone();
-        let environment = environment.clone();
-        let provider_key = envelope.provider.clone();
-        let lease_context = input.lease_context.clone();
-        let (company_id, issue_id) = (input.company_id, input.issue_id);
-        let task = async move {
-            let mut handle: Option<ProviderLease> = None;
-            if reusable && provider.capabilities().resume {
-                let run = run_id.as_deref().unwrap_or_default();
-                let candidate = store
-                    .list_by_environment(&environment.id, None)
-                    .await?
-                    .into_iter()
-                    .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata));
-                if let Some(candidate) = candidate {
-                    let resumed = with_deadline(
-                        "environmentResumeLease",
-                        deadline,
-                        provider.resume(&call, &lease_handle(&candidate)),
-                    )
-                    .await;
-                    match resumed {
-                        Ok(lease) if lease.id().is_some() => handle = Some(lease),
-                        Ok(_) => debug!(
-                            provider = provider.key(),
-                            "resume returned no lease id; acquiring fresh"
-                        ),
-                        Err(error) => {
-                            warn!(provider = provider.key(), %error, "resume failed; acquiring fresh")
-                        }
-                    }
-                }
-            }
-            let handle = match handle {
-                Some(h) => h,
-                None => {
-                    let request = AcquireRequest {
-                        run_id: run_id
-                            .clone()
-                            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-                        workspace_mode: lease_context.execution_workspace_mode.clone(),
-                    };
-                    with_deadline(
-                        "environmentAcquireLease",
-                        deadline,
-                        provider.acquire(&call, &request),
-                    )
-                    .await
-                    .map_err(|e| call.config.scrub_error(provider.key(), e))?
-                }
-            };
-
-            let mut provider_metadata = handle.metadata.clone().unwrap_or_default();
-            strip_secret_paths(&mut provider_metadata, &paths);
-            let scrubbed = call.config.scrub_metadata(&mut provider_metadata);
-            if scrubbed > 0 {
-                warn!(
-                    provider = provider.key(),
-                    scrubbed, "provider metadata echoed a secret; removed"
-                );
-            }
-            let mut metadata = stored_for_metadata;
-            for (k, v) in provider_metadata {
-                if !HOST_METADATA_KEYS.contains(&k.as_str()) {
-                    metadata.insert(k, v);
-                }
-            }
-            metadata.extend(base_metadata(&environment, &lease_context));
-            metadata.insert("pluginKey".into(), json!(provider.plugin_key()));
-            metadata.insert("sandboxProviderPlugin".into(), json!(true));
-
-            let inserted = store
-                .insert(NewLease {
-                    company_id,
-                    environment_id: environment.id.clone(),
-                    execution_workspace_id: lease_context.execution_workspace_id.clone(),
-                    issue_id,
-                    heartbeat_run_id: run_id,
-                    lease_policy: Some(if reusable {
-                        LeasePolicy::ReuseByEnvironment
-                    } else {
-                        LeasePolicy::Ephemeral
-                    }),
-                    provider: Some(provider_key),
-                    provider_lease_id: handle.provider_lease_id.clone(),
-                    expires_at: Self::expiry(handle.expires_at, &options),
-                    metadata: Some(metadata),
-                })
-                .await;
-            if let Err(error) = &inserted {
-                // The resource exists but no row records it: tear it down so nothing leaks.
-                warn!(provider = provider.key(), %error, "recording the lease failed; releasing the provider resource");
-                let lease = LeaseHandle {
-                    provider_lease_id: handle.provider_lease_id.clone(),
-                    metadata: handle.metadata.clone(),
-                    expires_at: handle.expires_at,
-                };
-                let cleanup = if provider.capabilities().destroy {
-                    with_deadline(
-                        "environmentDestroyLease",
-                        deadline,
-                        provider.destroy(&call, &lease),
-                    )
-                    .await
-                } else {
-                    with_deadline(
-                        "environmentReleaseLease",
-                        deadline,
-                        provider.release(&call, &lease, LeaseStatus::Failed),
-                    )
-                    .await
-                };
-                if let Err(cleanup_error) = cleanup {
-                    // Nothing records the resource now: say so in the error.
-                    let id = handle.provider_lease_id.as_deref().unwrap_or("(no id)");
-                    return Err(Error::Store {
-                        message: format!(
-                            "recording the lease failed ({error}); releasing provider resource {id} also failed: {}",
-                            call.config.scrub(&cleanup_error.to_string())
-                        ),
-                        source: None,
-                    });
-                }
-            }
-            inserted
-        };
-        match tokio::spawn(task.in_current_span()).await {
-            Ok(result) => result,
-            Err(join) => Err(Error::Contract(format!(
-                "the lease acquisition task ended abnormally: {join}"
-            ))),
+        let mut candidate = None;
+        if reusable && provider.capabilities().resume {
+            let run = run_id.as_deref().unwrap_or_default();
+            candidate = ctx
+                .store
+                .list_by_environment(&environment.id, None)
+                .await?
+                .into_iter()
+                .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata));
         }
+
+        let mut host_metadata = base_metadata(environment, &input.lease_context);
+        host_metadata.insert("pluginKey".into(), json!(provider.plugin_key()));
+        host_metadata.insert("sandboxProviderPlugin".into(), json!(true));
+        host_metadata.insert(HOST_BUDGETS_KEY.into(), host_budgets(&worker_stored));
+        let mut pending_metadata = stored_for_metadata.clone();
+        pending_metadata.extend(host_metadata.clone());
+        crate::acquisition::mark_in_flight(&mut pending_metadata, &run_label);
+
+        let policy = if reusable {
+            LeasePolicy::ReuseByEnvironment
+        } else {
+            LeasePolicy::Ephemeral
+        };
+        let pending = NewLease {
+            company_id: input.company_id,
+            environment_id: environment.id.clone(),
+            execution_workspace_id: input.lease_context.execution_workspace_id.clone(),
+            issue_id: input.issue_id,
+            heartbeat_run_id: run_id,
+            lease_policy: Some(policy),
+            provider: Some(envelope.provider.clone()),
+            provider_lease_id: None,
+            expires_at: None,
+            metadata: Some(pending_metadata),
+        };
+        let own_bound = provider.default_lease_deadline().unwrap_or_default();
+        let timing = AcquireTiming {
+            caller_deadline: deadline,
+            hard_deadline: deadline.max(own_bound).saturating_mul(2),
+            heartbeat: ctx.options.acquisition_heartbeat,
+        };
+        let acquirer = Arc::new(SandboxAcquirer {
+            provider,
+            call,
+            deadline,
+            paths,
+            stored_metadata: stored_for_metadata,
+            host_metadata,
+            candidate,
+            run_label,
+            workspace_mode: input.lease_context.execution_workspace_mode.clone(),
+            policy,
+            max_lease_lifetime: ctx.options.max_lease_lifetime,
+        });
+        acquire_recorded(
+            ctx.store.clone(),
+            pending,
+            timing,
+            "environmentAcquireLease",
+            acquirer,
+        )
+        .await
     }
 
     async fn provider_cleanup(
@@ -572,7 +552,8 @@ impl SandboxDriver {
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref())
             .await
             .map_err(|e| e.to_string())?;
-        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
+        let deadline =
+            Self::lease_deadline(lease_budgets(lease, &call.config), ctx, provider.as_ref());
         let handle = lease_handle(lease);
         let result = if destroy && provider.lease_capabilities(&handle).destroy {
             with_deadline(
@@ -582,18 +563,7 @@ impl SandboxDriver {
             )
             .await
         } else if destroy {
-            let mut values = call.config.values().clone();
-            values.insert("reuseLease".into(), json!(false));
-            let mut forced = ProviderConfig::new(values);
-            for path in call.config.secret_paths() {
-                if let Some(secret) = call.config.secret(path) {
-                    forced = forced.with_secret(path, secret.clone());
-                }
-            }
-            let call = CallContext {
-                config: forced,
-                ..call.clone()
-            };
+            let call = forced_ephemeral(&call);
             with_deadline(
                 "environmentReleaseLease",
                 deadline,
@@ -611,12 +581,245 @@ impl SandboxDriver {
         result.map_err(|e| call.config.scrub(&e.to_string()))
     }
 
+    /// Sweeps the provider for what an acquisition that never completed may
+    /// have created: every live resource labelled with its run that no lease
+    /// row records is destroyed. Deferred (an error) while another
+    /// acquisition of the same run is still alive, whose resource would look
+    /// the same.
+    async fn sweep_in_flight(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+        provider_key: &str,
+    ) -> std::result::Result<(), String> {
+        let Some(label) = acquisition::run_label(lease).map(str::to_owned) else {
+            return Err("the in-flight lease records no run label to sweep by".into());
+        };
+        let Some(provider) = self.provider_ready_now(provider_key).await else {
+            return Err(format!(
+                "Sandbox provider \"{provider_key}\" is not registered or not running; the sweep was not attempted."
+            ));
+        };
+        let handle = lease_handle(lease);
+        if !provider.lease_capabilities(&handle).run_lookup {
+            return Err(format!(
+                "Sandbox provider \"{provider_key}\" cannot list its resources by run; resources labelled with run \"{label}\" must be checked by hand."
+            ));
+        }
+        let mut recorded = std::collections::HashSet::new();
+        if let Some(run) = lease.heartbeat_run_id.as_deref() {
+            let rows = ctx
+                .store
+                .list_by_run(run, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            let now = time::now();
+            for row in rows.iter().filter(|r| r.id != lease.id) {
+                if acquisition::is_in_flight(row)
+                    && !acquisition::is_stale(row, ctx.options.acquisition_heartbeat, now)
+                {
+                    return Err(format!(
+                        "another acquisition of run \"{run}\" is in flight (lease {}); the sweep is deferred",
+                        row.id
+                    ));
+                }
+                if let Some(id) = row.provider_lease_id.as_deref() {
+                    recorded.insert(id.to_owned());
+                }
+            }
+        }
+        let call = Self::lease_call(ctx, environment, lease, provider.as_ref())
+            .await
+            .map_err(|e| e.to_string())?;
+        let deadline =
+            Self::lease_deadline(lease_budgets(lease, &call.config), ctx, provider.as_ref());
+        let found = with_deadline(
+            "environmentListRunResources",
+            deadline,
+            provider.list_run_resources(&call, &label),
+        )
+        .await
+        .map_err(|e| call.config.scrub(&e.to_string()))?;
+        let mut failures = Vec::new();
+        for resource in found {
+            let Some(id) = resource.id().map(str::to_owned) else {
+                continue;
+            };
+            if recorded.contains(&id) {
+                continue;
+            }
+            let outcome = if provider.lease_capabilities(&resource).destroy {
+                with_deadline(
+                    "environmentDestroyLease",
+                    deadline,
+                    provider.destroy(&call, &resource),
+                )
+                .await
+            } else {
+                let forced = forced_ephemeral(&call);
+                with_deadline(
+                    "environmentReleaseLease",
+                    deadline,
+                    provider.release(&forced, &resource, LeaseStatus::Expired),
+                )
+                .await
+            };
+            match outcome {
+                Ok(()) => {
+                    warn!(provider = provider_key, resource = %id, run = %label, "destroyed a resource no lease recorded")
+                }
+                Err(e) => failures.push(format!("{id}: {}", call.config.scrub(&e.to_string()))),
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "destroying unrecorded resources of run \"{label}\" failed: {}",
+                failures.join("; ")
+            ))
+        }
+    }
+
     async fn realize_fallback(
         environment: &Environment,
         lease: &EnvironmentLease,
         workspace: &WorkspaceSpec,
     ) -> RealizeWorkspaceResult {
         build_realization_record(environment, lease, workspace)
+    }
+}
+
+/// The provider side of one recorded acquisition (see [`crate::acquisition`]).
+struct SandboxAcquirer {
+    provider: Arc<dyn SandboxProvider>,
+    call: CallContext,
+    /// Bound of each teardown call.
+    deadline: Duration,
+    paths: Vec<String>,
+    /// The stored (secret-id) provider config, with `provider`.
+    stored_metadata: JsonObject,
+    /// Host-owned keys (driver, workspace mode, plugin key, budgets).
+    host_metadata: JsonObject,
+    /// A kept lease of this environment to resume instead of creating one.
+    candidate: Option<EnvironmentLease>,
+    run_label: String,
+    workspace_mode: Option<String>,
+    policy: LeasePolicy,
+    max_lease_lifetime: Option<Duration>,
+}
+
+impl SandboxAcquirer {
+    fn key(&self) -> &str {
+        self.provider.key()
+    }
+}
+
+#[async_trait]
+impl Acquirer for SandboxAcquirer {
+    async fn acquire(&self) -> Result<AcquiredLease> {
+        let mut handle: Option<ProviderLease> = None;
+        if let Some(candidate) = &self.candidate {
+            match self
+                .provider
+                .resume(&self.call, &lease_handle(candidate))
+                .await
+            {
+                Ok(lease) if lease.id().is_some() => handle = Some(lease),
+                Ok(_) => debug!(
+                    provider = self.key(),
+                    "resume returned no lease id; acquiring fresh"
+                ),
+                Err(error) => {
+                    let error = self.call.config.scrub(&error.to_string());
+                    warn!(provider = self.key(), %error, "resume failed; acquiring fresh")
+                }
+            }
+        }
+        let handle = match handle {
+            Some(h) => h,
+            None => {
+                let request = AcquireRequest {
+                    run_id: self.run_label.clone(),
+                    workspace_mode: self.workspace_mode.clone(),
+                };
+                self.provider
+                    .acquire(&self.call, &request)
+                    .await
+                    .map_err(|e| self.call.config.scrub_error(self.key(), e))?
+            }
+        };
+
+        let mut provider_metadata = handle.metadata.clone().unwrap_or_default();
+        strip_secret_paths(&mut provider_metadata, &self.paths);
+        let scrubbed = self.call.config.scrub_metadata(&mut provider_metadata);
+        if scrubbed > 0 {
+            warn!(
+                provider = self.key(),
+                scrubbed, "provider metadata echoed a secret; removed"
+            );
+        }
+        // Stored config first, provider metadata over it (never over host
+        // keys), then the host keys.
+        let mut metadata = self.stored_metadata.clone();
+        for (k, v) in provider_metadata {
+            if !HOST_METADATA_KEYS.contains(&k.as_str()) {
+                metadata.insert(k, v);
+            }
+        }
+        metadata.extend(self.host_metadata.clone());
+        Ok(AcquiredLease {
+            lease_policy: Some(self.policy),
+            provider_lease_id: handle.provider_lease_id.clone(),
+            expires_at: SandboxDriver::expiry(handle.expires_at, self.max_lease_lifetime),
+            metadata: Some(metadata),
+        })
+    }
+
+    async fn teardown(&self, acquired: &AcquiredLease) -> Result<()> {
+        let lease = LeaseHandle {
+            provider_lease_id: acquired.provider_lease_id.clone(),
+            metadata: acquired.metadata.clone(),
+            expires_at: acquired.expires_at,
+        };
+        if self.provider.lease_capabilities(&lease).destroy {
+            with_deadline(
+                "environmentDestroyLease",
+                self.deadline,
+                self.provider.destroy(&self.call, &lease),
+            )
+            .await
+        } else {
+            let call = forced_ephemeral(&self.call);
+            with_deadline(
+                "environmentReleaseLease",
+                self.deadline,
+                self.provider.release(&call, &lease, LeaseStatus::Failed),
+            )
+            .await
+        }
+    }
+
+    fn scrub(&self, message: &str) -> String {
+        self.call.config.scrub(message)
+    }
+}
+
+/// `call` with `reuseLease: false`, so a provider without `destroy` tears
+/// the resource down on release instead of keeping it.
+fn forced_ephemeral(call: &CallContext) -> CallContext {
+    let mut values = call.config.values().clone();
+    values.insert("reuseLease".into(), json!(false));
+    let mut forced = ProviderConfig::new(values);
+    for path in call.config.secret_paths() {
+        if let Some(secret) = call.config.secret(path) {
+            forced = forced.with_secret(path, secret.clone());
+        }
+    }
+    CallContext {
+        config: forced,
+        ..call.clone()
     }
 }
 
@@ -730,7 +933,8 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             ));
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
-        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
+        let deadline =
+            Self::lease_deadline(lease_budgets(lease, &call.config), ctx, provider.as_ref());
         let resumed = with_deadline(
             "environmentResumeLease",
             deadline,
@@ -753,6 +957,30 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         environment: &Environment,
         lease: &EnvironmentLease,
     ) -> Result<Option<EnvironmentLease>> {
+        if acquisition::is_in_flight(lease)
+            && let Some(key) = provider_key_of(lease)
+        {
+            let key = key.to_owned();
+            let swept = self
+                .sweep_in_flight(ctx, environment, lease, &key)
+                .instrument(info_span!("sandbox.sweep", provider = %key, lease = %lease.id))
+                .await;
+            let (status, cleanup_status, cleanup_error) = match swept {
+                Ok(()) => (LeaseStatus::Expired, CleanupStatus::Success, None),
+                // The marker stays, so the next sweep looks again.
+                Err(message) => (
+                    LeaseStatus::PendingCleanup,
+                    CleanupStatus::Failed,
+                    Some(message),
+                ),
+            };
+            let update = ReleaseUpdate {
+                failure_reason: Some(acquisition::ACQUIRE_ORPHANED_REASON.into()),
+                cleanup_status: Some(cleanup_status),
+                cleanup_error,
+            };
+            return ctx.store.release(&lease.id, status, update).await;
+        }
         let cleanup = match provider_key_of(lease) {
             Some(key) => {
                 let key = key.to_owned();
@@ -798,7 +1026,8 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             return Ok(Self::realize_fallback(environment, lease, workspace).await);
         }
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
-        let deadline = Self::lease_deadline(&call.config, ctx, provider.as_ref());
+        let deadline =
+            Self::lease_deadline(lease_budgets(lease, &call.config), ctx, provider.as_ref());
         with_deadline(
             "environmentRealizeWorkspace",
             deadline,
@@ -860,7 +1089,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
         let call = Self::lease_call(ctx, environment, lease, provider.as_ref()).await?;
         let deadline = execute_deadline(
             request.timeout_ms,
-            call.config.get("timeoutMs"),
+            lease_budgets(lease, &call.config).0,
             &ctx.options,
         );
         with_deadline("environmentExecute", deadline, provider.execute(&call, &handle, request, output))
@@ -914,20 +1143,88 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                 let verdict = if probe.ok { "passed" } else { "failed" };
                 let mut metadata = probe.metadata.unwrap_or_default();
                 call.config.scrub_metadata(&mut metadata);
+                // Diagnostics quote the provider's answers, which may echo a
+                // credential: scrubbed like metadata.
+                let diagnostics: Vec<crate::provider::Diagnostic> = probe
+                    .diagnostics
+                    .into_iter()
+                    .map(|mut d| {
+                        d.message = call.config.scrub(&d.message);
+                        if let Some(details) = d.details.take() {
+                            let mut wrapper = JsonObject::new();
+                            wrapper.insert("d".into(), details);
+                            call.config.scrub_metadata(&mut wrapper);
+                            d.details = wrapper.remove("d");
+                        }
+                        d
+                    })
+                    .collect();
+                let summary = probe.summary.map(|s| call.config.scrub(&s));
                 Ok(ProbeResult {
                     ok: probe.ok,
                     driver: driver_keys::SANDBOX.into(),
-                    summary: probe
-                        .summary
+                    summary: summary
                         .unwrap_or_else(|| format!("Sandbox provider \"{key}\" probe {verdict}.")),
                     details: Some(json!({
                         "provider": key,
                         "pluginKey": provider.plugin_key(),
-                        "diagnostics": probe.diagnostics,
+                        "diagnostics": diagnostics,
                         "metadata": metadata,
                     })),
                 })
             }
+        }
+    }
+
+    async fn secure_config(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+    ) -> Result<Option<Value>> {
+        let Ok(SandboxConfig::Provider(envelope)) = Self::parse_sandbox_config(environment) else {
+            return Ok(None);
+        };
+        let Some(provider) = self.provider(&envelope.provider) else {
+            return Ok(None);
+        };
+        let paths = collect_secret_ref_paths(&provider.config_schema());
+        let Value::Object(mut config) = environment.config.clone() else {
+            return Ok(None);
+        };
+        let plaintext: Vec<&String> = paths
+            .iter()
+            .filter(|path| {
+                crate::secret::get_path(&config, path).is_some_and(|v| {
+                    v.as_str()
+                        .is_some_and(|s| !s.trim().is_empty() && !crate::secret::is_secret_id(s))
+                })
+            })
+            .collect();
+        if plaintext.is_empty() {
+            return Ok(None);
+        }
+        let fields: Vec<String> = plaintext.into_iter().cloned().collect();
+        match persist_secret_refs(
+            &mut config,
+            &fields,
+            ctx.secrets.as_ref(),
+            &environment.name,
+            driver_keys::SANDBOX,
+        )
+        .await
+        {
+            Ok(()) => {
+                debug!(environment = %environment.id, fields = ?fields, "inline secrets moved to the secret store");
+                Ok(Some(Value::Object(config)))
+            }
+            Err(Error::Secret { .. }) => Err(Error::invalid_field(
+                &fields[0],
+                format!(
+                    "{} holds a plaintext secret; this runtime's secret resolver cannot store it, so give a secret reference instead.",
+                    fields[0]
+                ),
+            )),
+            Err(e) => Err(e),
         }
     }
 

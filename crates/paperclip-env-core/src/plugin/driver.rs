@@ -13,6 +13,7 @@ use super::protocol::{self, ValidationResult};
 use super::provider::deliver;
 use super::worker::PluginWorker;
 use crate::Unsupported;
+use crate::acquisition::{self, AcquireTiming, Acquirer};
 use crate::config::PluginDriverConfig;
 use crate::deadline::execute_deadline;
 use crate::driver::{AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver};
@@ -26,7 +27,7 @@ use crate::realize::{RealizeWorkspaceResult, WorkspaceSpec};
 use crate::secret::{
     ProviderConfig, collect_secret_ref_paths, resolve_provider_config, strip_secret_paths,
 };
-use crate::store::{NewLease, ReleaseUpdate};
+use crate::store::{AcquiredLease, NewLease, ReleaseUpdate};
 use crate::{Error, Operation, Result, time};
 
 /// `failureReason` written when a plugin lease is destroyed.
@@ -354,6 +355,84 @@ impl PluginDriver {
     }
 }
 
+/// The worker side of one recorded acquisition (see [`crate::acquisition`]):
+/// the run-lease row exists before `environmentAcquireLease` is sent, and
+/// a lease the host cannot record is released through the worker, with a
+/// failed release kept on the row for the reaper instead of only logged.
+struct PluginAcquirer {
+    resolved: Resolved,
+    params: JsonObject,
+    company_id: Option<String>,
+    environment_id: String,
+    issue_id: Option<String>,
+    host_metadata: JsonObject,
+    /// Bound of the worker's acquire call: the hard bound, not the
+    /// caller's deadline (a caller that gives up must not kill the call).
+    acquire_deadline: std::time::Duration,
+    /// Bound of the teardown call.
+    deadline: std::time::Duration,
+    max_lease_lifetime: Option<std::time::Duration>,
+}
+
+#[async_trait]
+impl Acquirer for PluginAcquirer {
+    async fn acquire(&self) -> Result<AcquiredLease> {
+        let r = &self.resolved;
+        let value = r
+            .call(
+                Operation::Acquire,
+                self.params.clone(),
+                self.company_id.as_deref(),
+                self.acquire_deadline,
+            )
+            .await?;
+        let provider_lease =
+            protocol::parse_lease(value).map_err(|e| r.malformed(Operation::Acquire, e))?;
+        let mut provider_metadata = provider_lease.metadata.clone().unwrap_or_default();
+        strip_secret_paths(&mut provider_metadata, &r.secret_paths);
+        r.config.scrub_metadata(&mut provider_metadata);
+        let mut metadata = JsonObject::new();
+        metadata.insert("providerMetadata".into(), Value::Object(provider_metadata));
+        metadata.extend(self.host_metadata.clone());
+        let expires_at = provider_lease.expires_at.or_else(|| {
+            let max = self.max_lease_lifetime?;
+            chrono::Duration::from_std(max)
+                .ok()
+                .map(|d| time::now() + d)
+        });
+        Ok(AcquiredLease {
+            lease_policy: Some(LeasePolicy::Ephemeral),
+            provider_lease_id: provider_lease.provider_lease_id,
+            expires_at,
+            metadata: Some(metadata),
+        })
+    }
+
+    async fn teardown(&self, acquired: &AcquiredLease) -> Result<()> {
+        let r = &self.resolved;
+        let mut params = r.base(
+            self.company_id.as_ref(),
+            &self.environment_id,
+            self.issue_id.as_ref(),
+        );
+        params.insert("providerLeaseId".into(), json!(acquired.provider_lease_id));
+        r.call(
+            Operation::Release,
+            params,
+            self.company_id.as_deref(),
+            self.deadline,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    fn scrub(&self, message: &str) -> String {
+        self.resolved
+            .worker
+            .scrub(&self.resolved.config.scrub(message))
+    }
+}
+
 #[async_trait]
 impl EnvironmentRuntimeDriver for PluginDriver {
     fn key(&self) -> &str {
@@ -380,79 +459,54 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         if let Some(mode) = &input.lease_context.execution_workspace_mode {
             params.insert("workspaceMode".into(), json!(mode));
         }
-        let value = r
-            .call(
-                Operation::Acquire,
-                params,
-                input.company_id.as_deref(),
-                ctx.options.default_call_deadline,
-            )
-            .await?;
-        let provider_lease =
-            protocol::parse_lease(value).map_err(|e| r.malformed(Operation::Acquire, e))?;
-        let mut provider_metadata = provider_lease.metadata.clone().unwrap_or_default();
-        strip_secret_paths(&mut provider_metadata, &r.secret_paths);
-        r.config.scrub_metadata(&mut provider_metadata);
-        let mut metadata = JsonObject::new();
-        metadata.insert("providerMetadata".into(), Value::Object(provider_metadata));
-        metadata.insert("driver".into(), json!(environment.driver));
-        metadata.insert(
+        let mut host_metadata = JsonObject::new();
+        host_metadata.insert("driver".into(), json!(environment.driver));
+        host_metadata.insert(
             "executionWorkspaceMode".into(),
             json!(input.lease_context.execution_workspace_mode),
         );
-        metadata.insert("pluginId".into(), json!(r.plugin_key));
-        metadata.insert("pluginKey".into(), json!(r.plugin_key));
-        metadata.insert("driverKey".into(), json!(r.driver_key));
-        let expires_at = provider_lease.expires_at.or_else(|| {
-            let max = ctx.options.max_lease_lifetime?;
-            chrono::Duration::from_std(max)
-                .ok()
-                .map(|d| time::now() + d)
+        host_metadata.insert("pluginId".into(), json!(r.plugin_key));
+        host_metadata.insert("pluginKey".into(), json!(r.plugin_key));
+        host_metadata.insert("driverKey".into(), json!(r.driver_key));
+        let mut pending_metadata = host_metadata.clone();
+        acquisition::mark_in_flight(&mut pending_metadata, &run_id);
+        let pending = NewLease {
+            company_id: input.company_id.clone(),
+            environment_id: environment.id.clone(),
+            execution_workspace_id: input.lease_context.execution_workspace_id.clone(),
+            issue_id: input.issue_id.clone(),
+            heartbeat_run_id: input.heartbeat_run_id.clone(),
+            lease_policy: Some(LeasePolicy::Ephemeral),
+            provider: Some(r.label()),
+            provider_lease_id: None,
+            expires_at: None,
+            metadata: Some(pending_metadata),
+        };
+        let deadline = ctx.options.default_call_deadline;
+        let timing = AcquireTiming {
+            caller_deadline: deadline,
+            hard_deadline: deadline.saturating_mul(2),
+            heartbeat: ctx.options.acquisition_heartbeat,
+        };
+        let acquirer = std::sync::Arc::new(PluginAcquirer {
+            resolved: r,
+            params,
+            company_id: input.company_id.clone(),
+            environment_id: environment.id.clone(),
+            issue_id: input.issue_id.clone(),
+            host_metadata,
+            acquire_deadline: timing.hard_deadline,
+            deadline,
+            max_lease_lifetime: ctx.options.max_lease_lifetime,
         });
-        let inserted = ctx
-            .store
-            .insert(NewLease {
-                company_id: input.company_id.clone(),
-                environment_id: environment.id.clone(),
-                execution_workspace_id: input.lease_context.execution_workspace_id.clone(),
-                issue_id: input.issue_id.clone(),
-                heartbeat_run_id: input.heartbeat_run_id.clone(),
-                lease_policy: Some(LeasePolicy::Ephemeral),
-                provider: Some(r.label()),
-                provider_lease_id: provider_lease.provider_lease_id.clone(),
-                expires_at,
-                metadata: Some(metadata),
-            })
-            .await;
-        match inserted {
-            Ok(lease) => Ok(lease),
-            Err(e) => {
-                // The row never existed: give the resource back rather than leak it.
-                let handle = LeaseHandle {
-                    provider_lease_id: provider_lease.provider_lease_id,
-                    metadata: provider_lease.metadata,
-                    expires_at: provider_lease.expires_at,
-                };
-                let mut params = r.base(
-                    input.company_id.as_ref(),
-                    &environment.id,
-                    input.issue_id.as_ref(),
-                );
-                params.insert("providerLeaseId".into(), json!(handle.provider_lease_id));
-                if let Err(cleanup) = r
-                    .call(
-                        Operation::Release,
-                        params,
-                        input.company_id.as_deref(),
-                        ctx.options.default_call_deadline,
-                    )
-                    .await
-                {
-                    warn!(target: "paperclip_env::plugin", provider = %r.label(), "releasing an unrecorded lease failed: {cleanup}");
-                }
-                Err(e)
-            }
-        }
+        acquisition::acquire_recorded(
+            ctx.store.clone(),
+            pending,
+            timing,
+            "environmentAcquireLease",
+            acquirer,
+        )
+        .await
     }
 
     /// Calls `environmentReleaseLease`, then records the release. Decision

@@ -49,6 +49,7 @@ pub fn capabilities_from_methods(methods: Option<&[String]>, reusable: bool) -> 
         multi_command_exec: execute,
         native_sync: false,
         signals: false,
+        run_lookup: false,
     }
 }
 

@@ -217,6 +217,28 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// Longest error message a worker can put into an SDK error (4 KiB): a
+/// plugin that answers with a whole log or response body must not flood
+/// the caller's logs and the lease row.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 4096;
+
+/// `message` cut at [`MAX_ERROR_MESSAGE_BYTES`] on a character boundary,
+/// saying how much was cut.
+fn cap_message(message: String) -> String {
+    if message.len() <= MAX_ERROR_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_ERROR_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} more bytes cut)",
+        &message[..end],
+        message.len() - end
+    )
+}
+
 impl CallError {
     /// The SDK error for this failure of `operation`; `by` names who refuses
     /// unimplemented methods and `label` is the provider label in messages.
@@ -229,13 +251,13 @@ impl CallError {
             },
             CallError::Unavailable(message) => Error::Provider {
                 provider: label.to_owned(),
-                message,
+                message: cap_message(message),
                 retryable: true,
                 source: None,
             },
             CallError::Protocol(message) => Error::Provider {
                 provider: label.to_owned(),
-                message: format!("plugin worker protocol error: {message}"),
+                message: format!("plugin worker protocol error: {}", cap_message(message)),
                 retryable: true,
                 source: None,
             },
@@ -263,6 +285,8 @@ pub fn rpc_error_to_error(
     by: Unsupported,
     operation: Operation,
 ) -> Error {
+    let mut e = e;
+    e.message = cap_message(std::mem::take(&mut e.message));
     let hint = e.data.as_ref().and_then(|d| d.get("paperclipEnv"));
     let kind = hint.and_then(|h| h.get("kind")).and_then(Value::as_str);
     let retryable = hint
@@ -1180,6 +1204,21 @@ impl WeakWorker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn worker_error_messages_are_capped_on_a_char_boundary() {
+        let long = "é".repeat(5000);
+        let capped = super::cap_message(long.clone());
+        assert!(capped.len() < 4200, "{}", capped.len());
+        assert!(capped.ends_with("more bytes cut)"));
+        assert_eq!(super::cap_message("short".into()), "short");
+        let e = super::rpc_error_to_error(
+            super::protocol::RpcError::new(-32000, long),
+            "acme",
+            crate::Unsupported::Provider("acme".into()),
+            crate::Operation::Execute,
+        );
+        assert!(e.to_string().len() < 4300);
+    }
     #[test]
     fn scrubber_is_bounded_and_keeps_recent_secrets() {
         let scrubber = super::Scrubber::default();

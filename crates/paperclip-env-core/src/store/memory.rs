@@ -5,7 +5,10 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
-use super::{EnvironmentStore, LeaseStore, NewLease, ReleaseUpdate};
+use super::{
+    ACQUIRE_IN_PROGRESS_REASON, AcquiredLease, EnvironmentStore, LeaseStore, NewLease,
+    ReleaseUpdate,
+};
 use crate::lease::{
     CleanupStatus, Environment, EnvironmentLease, JsonObject, LeasePolicy, LeaseStatus,
 };
@@ -89,11 +92,14 @@ impl InMemoryLeaseStore {
             lease.clone()
         }))
     }
-}
 
-#[async_trait]
-impl LeaseStore for InMemoryLeaseStore {
-    async fn insert(&self, new: NewLease) -> Result<EnvironmentLease> {
+    fn insert_row(
+        &self,
+        new: NewLease,
+        status: LeaseStatus,
+        failure_reason: Option<String>,
+        cleanup_status: Option<CleanupStatus>,
+    ) -> Result<EnvironmentLease> {
         let now = time::now();
         let lease = EnvironmentLease {
             id: uuid::Uuid::new_v4().to_string(),
@@ -102,7 +108,7 @@ impl LeaseStore for InMemoryLeaseStore {
             execution_workspace_id: new.execution_workspace_id,
             issue_id: new.issue_id,
             heartbeat_run_id: new.heartbeat_run_id,
-            status: LeaseStatus::Active,
+            status,
             lease_policy: new.lease_policy.unwrap_or(LeasePolicy::Ephemeral),
             provider: new.provider,
             provider_lease_id: new.provider_lease_id,
@@ -110,8 +116,8 @@ impl LeaseStore for InMemoryLeaseStore {
             last_used_at: now,
             expires_at: new.expires_at,
             released_at: None,
-            failure_reason: None,
-            cleanup_status: None,
+            failure_reason,
+            cleanup_status,
             metadata: new.metadata,
             cleanup_attempts: 0,
             cleanup_error: None,
@@ -133,6 +139,49 @@ impl LeaseStore for InMemoryLeaseStore {
         }
         tables.leases.insert(lease.id.clone(), lease.clone());
         Ok(lease)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for InMemoryLeaseStore {
+    async fn insert(&self, new: NewLease) -> Result<EnvironmentLease> {
+        self.insert_row(new, LeaseStatus::Active, None, None)
+    }
+
+    async fn insert_acquiring(&self, new: NewLease) -> Result<EnvironmentLease> {
+        self.insert_row(
+            new,
+            LeaseStatus::PendingCleanup,
+            Some(ACQUIRE_IN_PROGRESS_REASON.to_owned()),
+            Some(CleanupStatus::Pending),
+        )
+    }
+
+    async fn complete_acquisition(
+        &self,
+        id: &str,
+        acquired: AcquiredLease,
+    ) -> Result<Option<EnvironmentLease>> {
+        let now = time::now();
+        let mut tables = self.write()?;
+        let Some(lease) = tables.leases.get_mut(id) else {
+            return Ok(None);
+        };
+        if lease.status != LeaseStatus::PendingCleanup
+            || lease.failure_reason.as_deref() != Some(ACQUIRE_IN_PROGRESS_REASON)
+        {
+            return Ok(None);
+        }
+        lease.status = LeaseStatus::Active;
+        lease.failure_reason = None;
+        lease.cleanup_status = None;
+        lease.lease_policy = acquired.lease_policy.unwrap_or(LeasePolicy::Ephemeral);
+        lease.provider_lease_id = acquired.provider_lease_id;
+        lease.expires_at = acquired.expires_at;
+        lease.metadata = acquired.metadata;
+        lease.last_used_at = now;
+        lease.updated_at = now;
+        Ok(Some(lease.clone()))
     }
 
     async fn release(
@@ -254,6 +303,18 @@ impl LeaseStore for InMemoryLeaseStore {
             .leases
             .values()
             .filter(|l| l.status == LeaseStatus::Active)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn list_pending_cleanups(&self) -> Result<Vec<EnvironmentLease>> {
+        let tables = self.read()?;
+        let mut out: Vec<_> = tables
+            .leases
+            .values()
+            .filter(|l| l.status == LeaseStatus::PendingCleanup)
             .cloned()
             .collect();
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));

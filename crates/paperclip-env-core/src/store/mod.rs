@@ -39,6 +39,27 @@ pub struct NewLease {
     pub metadata: Option<JsonObject>,
 }
 
+/// `failureReason` of a row written before the provider is asked to create
+/// anything (status `pending_cleanup`, `cleanupStatus: pending`). Such a row
+/// is the record of an acquisition in flight: if the process dies before the
+/// provider answers, the reaper finds it and sweeps the provider for
+/// resources labelled with its run.
+pub const ACQUIRE_IN_PROGRESS_REASON: &str = "acquire_in_progress";
+
+/// What the provider answered for an acquisition: written onto its
+/// in-flight row by [`LeaseStore::complete_acquisition`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AcquiredLease {
+    /// Policy (default `ephemeral`).
+    pub lease_policy: Option<LeasePolicy>,
+    /// Provider handle.
+    pub provider_lease_id: Option<String>,
+    /// Lifetime end.
+    pub expires_at: Option<Timestamp>,
+    /// Metadata (replaces the in-flight row's).
+    pub metadata: Option<JsonObject>,
+}
+
 /// Optional fields written by a release; `None` keeps the previous value.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReleaseUpdate {
@@ -56,6 +77,25 @@ pub struct ReleaseUpdate {
 pub trait LeaseStore: Send + Sync + 'static {
     /// Inserts a new `active` lease (`acquiredAt = lastUsedAt = now`).
     async fn insert(&self, lease: NewLease) -> Result<EnvironmentLease>;
+
+    /// Inserts the record of an acquisition in flight, before any provider
+    /// call: status `pending_cleanup`, `cleanupStatus: pending`,
+    /// `failureReason` [`ACQUIRE_IN_PROGRESS_REASON`]
+    /// (`acquiredAt = lastUsedAt = now`). `lease_policy` and
+    /// `provider_lease_id` of `lease` are stored as given (normally unset).
+    async fn insert_acquiring(&self, lease: NewLease) -> Result<EnvironmentLease>;
+
+    /// Turns an in-flight row into an `active` lease with the provider's
+    /// answer, clearing `failureReason` and `cleanupStatus` and touching
+    /// `lastUsedAt`, **only if** the row is still in flight (`pending_cleanup`
+    /// with [`ACQUIRE_IN_PROGRESS_REASON`]); atomic in durable stores. `None`
+    /// when the row is gone or something else (a reaper's sweep) took it
+    /// over: the caller must then tear its resource down itself.
+    async fn complete_acquisition(
+        &self,
+        id: &str,
+        acquired: AcquiredLease,
+    ) -> Result<Option<EnvironmentLease>>;
 
     /// Sets `status` (any but `active`), `releasedAt` (null for `retained`),
     /// touches `lastUsedAt`, and writes the update's fields when given.
@@ -103,6 +143,15 @@ pub trait LeaseStore: Send + Sync + 'static {
     async fn list_active(&self) -> Result<Vec<EnvironmentLease>> {
         Err(crate::Error::store(
             "this lease store cannot list active leases for the reaper",
+        ))
+    }
+
+    /// Every `pending_cleanup` row, oldest first: in-flight acquisitions and
+    /// resources whose teardown is still owed. Stores that cannot enumerate
+    /// return an error, which the reaper reports.
+    async fn list_pending_cleanups(&self) -> Result<Vec<EnvironmentLease>> {
+        Err(crate::Error::store(
+            "this lease store cannot list pending cleanups for the reaper",
         ))
     }
 

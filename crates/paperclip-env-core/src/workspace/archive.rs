@@ -131,7 +131,13 @@ pub(crate) fn clean_archive_path(raw: &[u8]) -> Result<Option<String>> {
             ),
         )
     })?;
-    if text.starts_with('/') || text.contains('\0') {
+    if text.contains('\0') {
+        return Err(sync_error(
+            SyncErrorKind::InvalidName,
+            format!("archive entry {text:?} contains a NUL byte"),
+        ));
+    }
+    if text.starts_with('/') {
         return Err(sync_error(
             SyncErrorKind::PathTraversal,
             format!("archive entry {text:?} is an absolute path"),
@@ -431,5 +437,10 @@ mod tests {
         assert!(clean_archive_path(b"/etc/passwd").is_err());
         assert!(clean_archive_path(b"a/../../x").is_err());
         assert!(clean_archive_path(b"\xff").is_err());
+        let nul = clean_archive_path(b"a\0b").unwrap_err().to_string();
+        assert!(
+            nul.contains("NUL byte") && !nul.contains("absolute"),
+            "{nul}"
+        );
     }
 }

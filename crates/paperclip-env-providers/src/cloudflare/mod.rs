@@ -638,6 +638,11 @@ impl SandboxProvider for CloudflareProvider {
         KEY
     }
 
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        // A bridge call may take the default bridge request budget (5 min).
+        Some(Duration::from_millis(DEFAULT_TIMEOUT_MS as u64) + Duration::from_secs(30))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             execute: true,
@@ -653,6 +658,7 @@ impl SandboxProvider for CloudflareProvider {
             multi_command_exec: true,
             native_sync: false,
             signals: false,
+            run_lookup: false,
         }
     }
 

@@ -922,6 +922,7 @@ impl SandboxProvider for DaytonaProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: false,
+            run_lookup: false,
         }
     }
 

@@ -597,6 +597,7 @@ impl SandboxProvider for E2bProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: true,
+            run_lookup: false,
         }
     }
 

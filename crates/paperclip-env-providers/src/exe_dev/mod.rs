@@ -392,6 +392,29 @@ struct Settings {
     api_key: SecretString,
 }
 
+/// An error as it may be logged by the provider itself.
+fn self_scrub(settings: &Settings, error: &Error) -> String {
+    settings.scrub(&error.to_string())
+}
+
+impl Settings {
+    /// `text` with the API key and the SSH private key (and each of its
+    /// lines) replaced, for log lines written before the host scrubs.
+    fn scrub(&self, text: &str) -> String {
+        use secrecy::ExposeSecret;
+        let mut needles: Vec<&str> = vec![self.api_key.expose_secret()];
+        if let Some(key) = &self.config.ssh_private_key {
+            needles.push(key.expose_secret());
+            needles.extend(key.expose_secret().lines().filter(|l| l.len() >= 16));
+        }
+        let mut out = text.to_owned();
+        for needle in needles.into_iter().filter(|n| !n.is_empty()) {
+            out = out.replace(needle, "[REDACTED]");
+        }
+        out
+    }
+}
+
 impl ExeDevProvider {
     /// A builder with exe.dev's defaults.
     pub fn builder() -> ExeDevProviderBuilder {
@@ -664,7 +687,8 @@ impl ExeDevProvider {
                         return Err(error);
                     }
                     let wait = self.inner.ssh_retry_backoff * 2u32.saturating_pow(attempt);
-                    debug!(vm = %vm.name, %error, wait_ms = wait.as_millis() as u64, "SSH not reachable yet; retrying");
+                    let shown = self_scrub(s, &error);
+                    debug!(vm = %vm.name, error = %shown, wait_ms = wait.as_millis() as u64, "SSH not reachable yet; retrying");
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -748,7 +772,8 @@ impl ExeDevProvider {
             Ok(lease) => Ok(lease),
             Err(error) => {
                 if let Err(rm) = self.remove(s, &vm.name).await {
-                    warn!(vm = %vm.name, error = %rm, "removing the VM after a failed acquire failed");
+                    let shown = self_scrub(s, &rm);
+                    warn!(vm = %vm.name, error = %shown, "removing the VM after a failed acquire failed");
                 }
                 Err(error)
             }
@@ -768,6 +793,17 @@ impl SandboxProvider for ExeDevProvider {
         KEY
     }
 
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        // Create (one API call), then SSH readiness with its retries, then setup.
+        Some(
+            API_MAX_TIMEOUT * 2
+                + (SSH_CONNECT_TIMEOUT
+                    + self.inner.ssh_retry_backoff
+                        * 2u32.saturating_pow(self.inner.ssh_connect_retries))
+                    * (self.inner.ssh_connect_retries + 1),
+        )
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             execute: true,
@@ -783,6 +819,7 @@ impl SandboxProvider for ExeDevProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: true,
+            run_lookup: false,
         }
     }
 
@@ -834,7 +871,8 @@ impl SandboxProvider for ExeDevProvider {
         if created.is_ok()
             && let Err(error) = self.remove(&settings, &name).await
         {
-            warn!(vm = %name, %error, "removing the probe VM failed");
+            let shown = self_scrub(&settings, &error);
+            warn!(vm = %name, error = %shown, "removing the probe VM failed");
         }
         match created {
             Ok(lease) => Ok(ProviderProbe {
@@ -844,7 +882,8 @@ impl SandboxProvider for ExeDevProvider {
                 metadata: Some(base(None, lease.metadata)),
             }),
             Err(error) => {
-                debug!(%error, "exe.dev probe failed");
+                let shown = self_scrub(&settings, &error);
+                debug!(error = %shown, "exe.dev probe failed");
                 Ok(ProviderProbe {
                     ok: false,
                     summary: Some("exe.dev environment probe failed.".into()),

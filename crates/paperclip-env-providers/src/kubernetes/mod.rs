@@ -336,6 +336,7 @@ fn backend_capabilities(backend: Backend) -> Capabilities {
         multi_command_exec: sandbox,
         native_sync: sandbox,
         signals: false,
+        run_lookup: false,
     }
 }
 

@@ -834,6 +834,7 @@ impl SandboxProvider for ModalProvider {
             multi_command_exec: true,
             native_sync: false,
             signals: true,
+            run_lookup: false,
         }
     }
 

@@ -22,6 +22,7 @@ type ErrorFactory = Box<dyn Fn() -> Error + Send + Sync>;
 pub struct Faults {
     failures: Mutex<HashMap<Operation, VecDeque<ErrorFactory>>>,
     delays: Mutex<HashMap<Operation, Duration>>,
+    after_create: Mutex<Option<Duration>>,
 }
 
 impl std::fmt::Debug for Faults {
@@ -73,8 +74,23 @@ impl Faults {
         }
     }
 
+    /// Every fresh sandbox is created first and the acquire then waits
+    /// `delay` before answering (a provider waiting for readiness), so a
+    /// deadline or a crash lands while a resource exists that no lease row
+    /// records yet. Zero removes the stall.
+    pub fn stall_after_create(&self, delay: Duration) {
+        *self.after_create.lock().unwrap_or_else(|p| p.into_inner()) =
+            (!delay.is_zero()).then_some(delay);
+    }
+
+    /// The stall set by [`Faults::stall_after_create`].
+    pub fn after_create_stall(&self) -> Option<Duration> {
+        *self.after_create.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Removes every queued failure and delay.
     pub fn clear(&self) {
+        *self.after_create.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())

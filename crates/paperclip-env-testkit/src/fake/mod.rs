@@ -387,6 +387,10 @@ impl FakeProvider {
         );
         md.insert("resumedLease".into(), json!(resumed));
         md.insert("sandboxId".into(), json!(id));
+        // Like cloud providers that write their lifetime default here: the
+        // host must not take it for a call budget.
+        let timeout = FakeConfig::from_values(ctx.config.values()).timeout_ms;
+        md.insert("timeoutMs".into(), json!(timeout.round() as i64));
         if self.inner.echo_secrets {
             for path in ctx.config.secret_paths() {
                 if let Some(secret) = ctx.config.secret(path) {
@@ -434,6 +438,7 @@ impl SandboxProvider for FakeProvider {
             multi_command_exec: true,
             native_sync: false,
             signals: true,
+            run_lookup: true,
         }
     }
 
@@ -505,6 +510,9 @@ impl SandboxProvider for FakeProvider {
             Some(state) => (state, true),
             None => (self.create_sandbox(&id, &config)?, false),
         };
+        if !resumed && let Some(stall) = self.inner.faults.after_create_stall() {
+            tokio::time::sleep(stall).await;
+        }
         Ok(ProviderLease::new(
             id.clone(),
             self.metadata(&id, &state, resumed, ctx),
@@ -544,6 +552,34 @@ impl SandboxProvider for FakeProvider {
             self.remove_orphan(lease);
         }
         Ok(())
+    }
+
+    async fn list_run_resources(
+        &self,
+        ctx: &CallContext,
+        run_id: &str,
+    ) -> Result<Vec<LeaseHandle>> {
+        self.inner
+            .faults
+            .inject(Operation::ListRunResources)
+            .await?;
+        self.remember(ctx);
+        // Fresh sandboxes are named `<key>://<run>/<uuid>`: the run is the label.
+        let prefix = format!("{}://{}/", self.inner.key, run_id);
+        let mut ids: Vec<String> = self
+            .lock_leases()
+            .keys()
+            .filter(|id| id.starts_with(&prefix))
+            .cloned()
+            .collect();
+        ids.sort();
+        Ok(ids
+            .into_iter()
+            .map(|id| LeaseHandle {
+                provider_lease_id: Some(id),
+                ..Default::default()
+            })
+            .collect())
     }
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
