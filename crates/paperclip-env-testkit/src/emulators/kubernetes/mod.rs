@@ -201,7 +201,9 @@ pub struct KubeEmulatorOptions {
     /// In-pod executables replaced by a local argv prefix (the original
     /// arguments follow). Default: `/usr/local/bin/paperclip-agent-shim`
     /// prints `paperclip-agent-shim: run <PAPERCLIP_RUN_ID>` and exits with
-    /// `$PAPERCLIP_SHIM_EXIT` (default 0).
+    /// `$PAPERCLIP_SHIM_EXIT` (default 0). In isolated pods the replacement
+    /// runs inside the pod, so it must live under the host's system
+    /// directories (`/usr`, `/bin`, `/opt`, …), not in a host temp dir.
     pub programs: Vec<(String, Vec<String>)>,
     /// Keep an exec'd process running when its client goes away (as a real
     /// node does; it still dies with its pod or the emulator). Default
@@ -395,7 +397,7 @@ impl Shared {
 
     /// After a write: an object waiting for deletion whose finalizers were
     /// just removed goes now.
-    pub fn after_update(&self, _rt: &ResourceType, _key: &Key) {
+    pub fn after_update(&self) {
         let removed = self.store().finish_deletions();
         self.after_delete(&removed);
     }

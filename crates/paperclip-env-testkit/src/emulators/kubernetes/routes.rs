@@ -765,7 +765,7 @@ fn replace(
     }
     let updated = store.update(rt, key, object, expected.as_deref())?;
     drop(store);
-    shared.after_update(rt, key);
+    shared.after_update();
     Ok(typed(rt, version, updated))
 }
 
@@ -826,7 +826,7 @@ fn patch(
     let updated = shared
         .store()
         .update(rt, key, object, expected.as_deref())?;
-    shared.after_update(rt, key);
+    shared.after_update();
     Ok(json_response(StatusCode::OK, &typed(rt, version, updated)))
 }
 
