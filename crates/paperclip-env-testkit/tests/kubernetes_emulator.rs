@@ -2596,3 +2596,58 @@ async fn a_sandbox_whose_pod_is_refused_reports_a_reconciler_error() -> TestResu
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn sandbox_crd_schemas_prune_unknown_fields_and_fill_defaults() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    for version in ["v1beta1", "v1alpha1"] {
+        let mut object = serde_json::to_value(sandbox(&format!("pc-{version}"), version)?)?;
+        object["spec"]["bogus"] = json!(true);
+        object["spec"]["podTemplate"]["extra"] = json!(1);
+        let (code, created) = post(
+            &emulator,
+            &format!("/apis/agents.x-k8s.io/{version}/namespaces/{NS}/sandboxes"),
+            object,
+        )
+        .await;
+        assert_eq!(code, 201, "{created}");
+        let spec = &created["spec"];
+        assert!(spec.get("bogus").is_none() && spec["podTemplate"].get("extra").is_none());
+        assert_eq!(spec["shutdownPolicy"], "Retain");
+        if version == "v1beta1" {
+            assert_eq!(spec["operatingMode"], "Running");
+            assert!(spec.get("replicas").is_none());
+        } else {
+            assert_eq!(spec["replicas"], 1);
+            assert!(spec.get("operatingMode").is_none());
+        }
+    }
+    let mut bad = serde_json::to_value(sandbox("pc-bad", "v1beta1")?)?;
+    bad["spec"]["operatingMode"] = json!("Paused");
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/agents.x-k8s.io/v1beta1/namespaces/{NS}/sandboxes"),
+        bad,
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(
+        causes(&status),
+        [(
+            "spec.operatingMode".to_owned(),
+            "Unsupported value: \"Paused\": supported values: \"Running\", \"Suspended\""
+                .to_owned()
+        )]
+    );
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/agents.x-k8s.io/v1beta1/namespaces/{NS}/sandboxes"),
+        json!({"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox", "metadata": {"name": "pc-nospec"}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(causes(&status)[0].0, "spec");
+    Ok(())
+}

@@ -36,7 +36,10 @@
 //!   subdomain otherwise), label keys and values, annotation keys, Secret
 //!   keys, pod specs (containers, images, env names, quantities, requests ≤
 //!   limits, volume mounts, restart policy), Job specs, NetworkPolicies,
-//!   and the `Sandbox` and `CiliumNetworkPolicy` CRD schemas; a quantity a
+//!   and the `Sandbox` and `CiliumNetworkPolicy` CRD schemas (`Sandbox`:
+//!   `spec` and `podTemplate` required, enums, unknown fields pruned,
+//!   defaults `operatingMode: Running` at `v1beta1`, `replicas: 1` at
+//!   `v1alpha1`, `shutdownPolicy: Retain`); a quantity a
 //!   built-in type cannot decode is a 400, as the server's decoder answers.
 //!   New Jobs get the server's defaults (selector on the controller uid,
 //!   `completions`/`parallelism` 1, `backoffLimit` 6, template labels).

@@ -74,6 +74,16 @@ pub(crate) fn typed(rt: &ResourceType, version: &str, mut object: Value) -> Valu
             "replicas"
         });
     }
+    // Likewise the spec: `replicas` is v1alpha1's, `operatingMode` v1beta1's.
+    if rt.group == "agents.x-k8s.io"
+        && let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.remove(if version == "v1alpha1" {
+            "operatingMode"
+        } else {
+            "replicas"
+        });
+    }
     object
 }
 
@@ -679,6 +689,9 @@ fn create(
     if rt.group.is_empty() && rt.plural == "pods" {
         super::admission::default_pod(&store, namespace, &mut object);
     }
+    if rt.group == "agents.x-k8s.io" && rt.plural == "sandboxes" {
+        super::validation::prune_and_default_sandbox(version, &mut object);
+    }
     super::validation::validate(rt, &object)?;
     if rt.group.is_empty() && rt.plural == "pods" {
         super::admission::admit_pod(&store, namespace, &mut object)?;
@@ -758,7 +771,10 @@ fn replace(
         .pointer("/metadata/resourceVersion")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let object = restrict(rt, &current, object, status_only);
+    let mut object = restrict(rt, &current, object, status_only);
+    if rt.group == "agents.x-k8s.io" && rt.plural == "sandboxes" && !status_only {
+        super::validation::prune_and_default_sandbox(version, &mut object);
+    }
     super::validation::validate(rt, &object)?;
     if dry_run {
         return Ok(typed(rt, version, object));
@@ -818,7 +834,10 @@ fn patch(
         .and_then(Value::as_str)
         .map(str::to_owned);
     patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-    let object = restrict(rt, &current, patched, status_only);
+    let mut object = restrict(rt, &current, patched, status_only);
+    if rt.group == "agents.x-k8s.io" && rt.plural == "sandboxes" && !status_only {
+        super::validation::prune_and_default_sandbox(version, &mut object);
+    }
     super::validation::validate(rt, &object)?;
     if dry_run {
         return Ok(json_response(StatusCode::OK, &typed(rt, version, object)));

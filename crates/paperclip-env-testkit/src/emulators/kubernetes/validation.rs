@@ -827,7 +827,41 @@ pub(crate) fn validate(rt: &ResourceType, object: &Value) -> Result<(), ApiError
         ("networking.k8s.io", "networkpolicies") => check_network_policy(&mut errors, object),
         ("cilium.io", "ciliumnetworkpolicies") => check_cilium_policy(&mut errors, object),
         ("agents.x-k8s.io", "sandboxes") => match object.pointer("/spec/podTemplate") {
+            _ if !object.get("spec").is_some_and(Value::is_object) => errors.required("spec", ""),
             Some(template) if template.is_object() => {
+                if !template.get("spec").is_some_and(Value::is_object) {
+                    errors.required("spec.podTemplate.spec", "");
+                }
+                for (key, supported) in [
+                    ("operatingMode", &["Running", "Suspended"][..]),
+                    ("shutdownPolicy", &["Delete", "Retain"][..]),
+                ] {
+                    if let Some(value) = object.pointer(&format!("/spec/{key}"))
+                        && !value.as_str().is_some_and(|v| supported.contains(&v))
+                    {
+                        errors.not_supported(format!("spec.{key}"), value, supported);
+                    }
+                }
+                if let Some(replicas) = object.pointer("/spec/replicas") {
+                    match replicas.as_i64() {
+                        Some(n) if n > 1 => errors.invalid(
+                            "spec.replicas",
+                            replicas,
+                            "spec.replicas in body should be less than or equal to 1",
+                        ),
+                        Some(n) if n < 0 => errors.invalid(
+                            "spec.replicas",
+                            replicas,
+                            "spec.replicas in body should be greater than or equal to 0",
+                        ),
+                        Some(_) => {}
+                        None => errors.invalid(
+                            "spec.replicas",
+                            replicas,
+                            "spec.replicas in body must be of type integer",
+                        ),
+                    }
+                }
                 check_labels(
                     &mut errors,
                     template.pointer("/metadata/labels"),
@@ -845,6 +879,53 @@ pub(crate) fn validate(rt: &ResourceType, object: &Value) -> Result<(), ApiError
         _ => {}
     }
     errors.into_result(rt, &name)
+}
+
+/// The `Sandbox` CRD's structural schema at `version`: unknown fields of
+/// `spec`, `spec.podTemplate` and its `metadata` are pruned, and the
+/// schema's defaults filled in (`v1beta1`: `operatingMode: Running`;
+/// `v1alpha1`: `replicas: 1`; both: `shutdownPolicy: Retain`).
+pub(crate) fn prune_and_default_sandbox(version: &str, object: &mut Value) {
+    let known: &[&str] = if version == "v1alpha1" {
+        &[
+            "podTemplate",
+            "replicas",
+            "service",
+            "shutdownPolicy",
+            "shutdownTime",
+            "volumeClaimTemplates",
+        ]
+    } else {
+        &[
+            "operatingMode",
+            "podTemplate",
+            "service",
+            "shutdownPolicy",
+            "shutdownTime",
+            "volumeClaimTemplates",
+        ]
+    };
+    let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    spec.retain(|k, _| known.contains(&k.as_str()));
+    let defaults: &[(&str, Value)] = if version == "v1alpha1" {
+        &[("replicas", json!(1)), ("shutdownPolicy", json!("Retain"))]
+    } else {
+        &[
+            ("operatingMode", json!("Running")),
+            ("shutdownPolicy", json!("Retain")),
+        ]
+    };
+    for (key, value) in defaults {
+        spec.entry(*key).or_insert_with(|| value.clone());
+    }
+    if let Some(template) = spec.get_mut("podTemplate").and_then(Value::as_object_mut) {
+        template.retain(|k, _| k == "metadata" || k == "spec");
+        if let Some(metadata) = template.get_mut("metadata").and_then(Value::as_object_mut) {
+            metadata.retain(|k, _| k == "labels" || k == "annotations");
+        }
+    }
 }
 
 /// The defaults the API server fills into a new Job, given its uid: the
