@@ -1303,8 +1303,13 @@ async fn tenant_objects_of_the_checklist_round_trip() -> TestResult {
         } else {
             format!("{group}/{version}")
         };
+        // One of this name (a namespace also has its `default` ServiceAccount).
         assert_eq!(
-            emulator.objects(&api_version, plural, Some(NS)).len(),
+            emulator
+                .objects(&api_version, plural, Some(NS))
+                .iter()
+                .filter(|o| o["metadata"]["name"] == *name)
+                .count(),
             1,
             "{kind}"
         );
@@ -2237,6 +2242,17 @@ async fn limit_ranges_default_and_bound_containers_and_quotas_are_enforced() -> 
     )
     .await;
     assert_eq!(code, 201);
+    // ServiceAccount admission: the namespace has `default`, not `ghost`.
+    let mut ghost = pod("g", json!({}));
+    ghost["spec"]["serviceAccountName"] = json!("ghost");
+    let (code, status) = post(&emulator, &in_ns("pods"), ghost).await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        status["message"],
+        format!(
+            "pods \"g\" is forbidden: error looking up service account {NS}/ghost: serviceaccount \"ghost\" not found"
+        )
+    );
     // Defaults filled in.
     let (code, created) = post(&emulator, &in_ns("pods"), pod("a", json!({}))).await;
     assert_eq!(code, 201, "{created}");

@@ -8,8 +8,9 @@
 //! Not checked: AppArmor, SELinux options, `procMount`, sysctls, and the
 //! `baseline` profile on its own.
 //!
-//! Also here, the other admission plugins a pod meets: ServiceAccount (a
-//! named account must exist), RuntimeClass (must exist), LimitRanger
+//! Also here, the other admission plugins a pod meets: ServiceAccount (its
+//! account, `default` unless named, must exist; every namespace gets its
+//! `default` account when it is created), RuntimeClass (must exist), LimitRanger
 //! (defaults, then `min`/`max` per container) and ResourceQuota (every
 //! quota in the namespace; tracked compute resources must be stated; the
 //! live pods' usage plus the new pod's may not exceed `hard`), each refusal
@@ -553,22 +554,25 @@ fn check_quotas(store: &Store, namespace: &str, pod: &Value) -> Result<(), Strin
 }
 
 /// Admits or refuses a pod about to be created in `namespace`, in the API
-/// server's order: ServiceAccount (a named account must exist), Pod
+/// server's order: ServiceAccount (its account must exist), Pod
 /// Security, RuntimeClass (must exist), LimitRanger bounds, ResourceQuota.
 /// Defaults ([`default_pod`]) must have been applied.
 pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &mut Value) -> Result<(), ApiError> {
-    if let Some(account) = pod
+    let account = pod
         .pointer("/spec/serviceAccountName")
+        .or_else(|| pod.pointer("/spec/serviceAccount"))
         .and_then(Value::as_str)
-        .filter(|a| !a.is_empty() && *a != "default")
-        && store
-            .get(&(
-                String::new(),
-                "serviceaccounts".into(),
-                namespace.into(),
-                account.into(),
-            ))
-            .is_none()
+        .filter(|a| !a.is_empty())
+        .unwrap_or("default")
+        .to_owned();
+    if store
+        .get(&(
+            String::new(),
+            "serviceaccounts".into(),
+            namespace.into(),
+            account.clone(),
+        ))
+        .is_none()
     {
         return Err(forbidden(
             pod,

@@ -67,7 +67,7 @@
 //!   `Running` after [`KubeEmulatorOptions::ready_delay`] (waiting with
 //!   `CreateContainerConfigError` while an `envFrom` Secret is missing).
 //! - Admission of pods (created directly or by a controller), in the
-//!   server's wording: ServiceAccount (a named account must exist), Pod
+//!   server's wording: ServiceAccount (its account, `default` unless named, must exist; a new namespace gets `default`), Pod
 //!   Security (`restricted` in a namespace labelled
 //!   `pod-security.kubernetes.io/enforce: restricted`), RuntimeClass (must
 //!   exist), LimitRanger (defaults, then `min`/`max`), ResourceQuota

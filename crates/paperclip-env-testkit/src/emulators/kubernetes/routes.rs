@@ -33,6 +33,15 @@ pub(crate) fn seed(shared: &Shared) {
             "",
             prepare_namespace(json!({"metadata": {"name": name}})),
         );
+        default_service_account(shared, &mut store, name);
+    }
+}
+
+/// The ServiceAccount controller's `default` account of a new namespace
+/// (created with the namespace, so a pod right after it is admitted).
+fn default_service_account(shared: &Shared, store: &mut store::Store, namespace: &str) {
+    if let Some(sa) = shared.resource("", "serviceaccounts") {
+        let _ = store.create(sa, namespace, json!({"metadata": {"name": "default"}}));
     }
 }
 
@@ -710,6 +719,12 @@ fn create(
         ));
     }
     let created = store.create_with(rt, namespace, object, finish)?;
+    if rt.group.is_empty()
+        && rt.plural == "namespaces"
+        && let Some(name) = created.pointer("/metadata/name").and_then(Value::as_str)
+    {
+        default_service_account(shared, &mut store, name);
+    }
     Ok(typed(rt, version, created))
 }
 
