@@ -2142,6 +2142,29 @@ async fn each_invalid_object_is_rejected_as_the_api_server_does() -> TestResult 
         [("spec.podTemplate".to_owned(), "Required value".to_owned())]
     );
     assert_eq!(status["details"]["group"], "agents.x-k8s.io");
+    // LimitRange bounds in order, quota quantities decoded.
+    let (code, status) = post(
+        &emulator,
+        &in_ns("limitranges"),
+        json!({"metadata": {"name": "lr"}, "spec": {"limits": [{"type": "Container",
+            "max": {"cpu": "1"}, "default": {"cpu": "2"}, "defaultRequest": {"cpu": "250m"}}]}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(
+        causes(&status),
+        [(
+            "spec.limits[0].default[cpu]".to_owned(),
+            "Invalid value: \"2\": default value 2 is greater than max value 1".to_owned()
+        )]
+    );
+    let (code, _) = post(
+        &emulator,
+        &in_ns("resourcequotas"),
+        json!({"metadata": {"name": "q"}, "spec": {"hard": {"pods": "many"}}}),
+    )
+    .await;
+    assert_eq!(code, 400);
     // Protobuf bodies are answered 415; JSON is what the emulator speaks.
     let (code, _, status) = raw(
         &emulator,

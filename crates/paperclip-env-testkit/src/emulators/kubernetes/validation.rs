@@ -1,7 +1,8 @@
 //! Object validation as the API server does it for the kinds the
 //! Kubernetes provider writes, with the apimachinery messages: object names
 //! (DNS-1123 label for namespaces, subdomain otherwise), label keys and
-//! values, annotation keys, Secret data keys, pod specs (container names,
+//! values, annotation keys, Secret data keys, quota and LimitRange
+//! quantities (min ≤ default request ≤ default ≤ max), pod specs (container names,
 //! images, env names, resource quantities and requests ≤ limits, volume
 //! mounts, restart policy), Job specs, NetworkPolicies, and the CRD schemas
 //! of `Sandbox` (`spec.podTemplate` required, quantity pattern) and
@@ -596,6 +597,86 @@ fn check_pod_spec(errors: &mut Errors, spec: Option<&Value>, path: &str, mode: P
     }
 }
 
+/// `LimitRange` items: quantities decode, and min ≤ default request ≤
+/// default ≤ max per resource, in the API server's words.
+fn check_limit_range(errors: &mut Errors, object: &Value) {
+    for (i, item) in object
+        .pointer("/spec/limits")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = format!("spec.limits[{i}]");
+        let mut parsed: std::collections::BTreeMap<(&str, String), (i128, String)> =
+            std::collections::BTreeMap::new();
+        for section in [
+            "max",
+            "min",
+            "default",
+            "defaultRequest",
+            "maxLimitRequestRatio",
+        ] {
+            for (resource, value) in item
+                .get(section)
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                let field = format!("{at}.{section}[{resource}]");
+                if let Some(v) = check_quantity(errors, &field, value, PodSpecIn::BuiltIn) {
+                    let text = value
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| value.to_string());
+                    parsed.insert((section, resource.clone()), (v, text));
+                }
+            }
+        }
+        let get =
+            |section: &str, resource: &str| parsed.get(&(section, resource.to_owned())).cloned();
+        let resources: std::collections::BTreeSet<String> =
+            parsed.keys().map(|(_, r)| r.clone()).collect();
+        for resource in resources {
+            let pairs = [
+                ("min", "max", "min value {a} is greater than max value {b}"),
+                (
+                    "default",
+                    "max",
+                    "default value {a} is greater than max value {b}",
+                ),
+                (
+                    "defaultRequest",
+                    "max",
+                    "default request value {a} is greater than max value {b}",
+                ),
+                (
+                    "min",
+                    "defaultRequest",
+                    "min value {a} is greater than default request value {b}",
+                ),
+                (
+                    "defaultRequest",
+                    "default",
+                    "default request value {a} is greater than default limit value {b}",
+                ),
+            ];
+            for (lower, upper, template) in pairs {
+                if let (Some((a, a_text)), Some((b, b_text))) =
+                    (get(lower, &resource), get(upper, &resource))
+                    && a > b
+                {
+                    errors.invalid(
+                        format!("{at}.{lower}[{resource}]"),
+                        &json!(a_text),
+                        &template.replace("{a}", &a_text).replace("{b}", &b_text),
+                    );
+                }
+            }
+        }
+    }
+}
+
 fn non_negative(errors: &mut Errors, object: &Value, pointer: &str, field: &str) {
     if let Some(v) = object.pointer(pointer)
         && v.as_i64().is_none_or(|n| n < 0)
@@ -824,6 +905,22 @@ pub(crate) fn validate(rt: &ResourceType, object: &Value) -> Result<(), ApiError
                 non_negative(&mut errors, object, pointer, field);
             }
         }
+        ("", "resourcequotas") => {
+            for (resource, value) in object
+                .pointer("/spec/hard")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+            {
+                check_quantity(
+                    &mut errors,
+                    &format!("spec.hard[{resource}]"),
+                    value,
+                    PodSpecIn::BuiltIn,
+                );
+            }
+        }
+        ("", "limitranges") => check_limit_range(&mut errors, object),
         ("networking.k8s.io", "networkpolicies") => check_network_policy(&mut errors, object),
         ("cilium.io", "ciliumnetworkpolicies") => check_cilium_policy(&mut errors, object),
         ("agents.x-k8s.io", "sandboxes") => match object.pointer("/spec/podTemplate") {
