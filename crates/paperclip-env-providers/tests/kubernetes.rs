@@ -1653,6 +1653,47 @@ async fn a_deleting_sandbox_is_reported_as_expired() {
 }
 
 #[tokio::test]
+async fn a_sandbox_whose_pod_is_terminating_is_not_ready() {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        pod_termination: Duration::from_secs(30),
+        ..KubeEmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-pod-deleting").await.unwrap();
+    let pod = lease.metadata_str("podName").unwrap().to_owned();
+    let out = OutputCollector::buffered();
+    p.execute(&c, &lease, &ExecuteRequest::new("true"), &out)
+        .await
+        .unwrap();
+    // The node is draining the pod: it stays, with a deletionTimestamp.
+    api(
+        &emulator,
+        http::Method::DELETE,
+        &format!("/api/v1/namespaces/{NS}/pods/{pod}?gracePeriodSeconds=30"),
+        "application/json",
+        None,
+    )
+    .await;
+    assert!(
+        one(&emulator, "v1", "pods", Some(NS), &pod)["metadata"]["deletionTimestamp"].is_string()
+    );
+    let err = p
+        .execute(&c, &lease, &ExecuteRequest::new("true"), &out)
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_not_found() && err.to_string().contains("being deleted"),
+        "{err}"
+    );
+    let md = p.resume(&c, &lease).await.unwrap().metadata.unwrap();
+    assert_eq!(md["expired"], true, "{md:?}");
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test]
 async fn binary_files_round_trip_through_exec_unchanged() {
     let emulator = KubeEmulator::start().await.unwrap();
     let p = provider(Backend::SandboxCr);
