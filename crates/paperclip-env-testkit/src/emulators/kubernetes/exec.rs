@@ -140,11 +140,15 @@ fail() { echo "kube emulator: cannot $1" >&2; exit 125; }
 mount --bind "$r" "$r" || fail "make the pod root a mount"
 for v in $vols; do mount --bind "$r$v" "$r$v" || fail "mount the volume $v"; done
 for m in usr etc dev proc sys opt var bin sbin lib lib32 lib64 libx32; do
+  if [ ! -e "$r/$m" ] && [ ! -L "$r/$m" ]; then
+    if [ -L "/$m" ]; then ln -s "$(readlink "/$m")" "$r/$m"; elif [ -d "/$m" ]; then mkdir "$r/$m"; fi
+  fi
   if [ -d "$r/$m" ] && [ ! -L "$r/$m" ]; then
     mount --rbind "/$m" "$r/$m" || fail "bind /$m into the pod root"
     case $m in dev|proc|sys) ;; *) mount -o remount,bind,ro "$r/$m" || fail "make /$m read-only" ;; esac
   fi
 done
+[ -x "$r/bin/sh" ] || fail "find /bin/sh in the pod root ($(ls -la "$r" 2>&1 | tr '\n' ' '))"
 if [ "$ro" = 1 ]; then mount -o remount,bind,ro "$r" || fail "make the root read-only"; fi
 if [ -n "$u" ]; then
   exec chroot --userspec="$u" --groups="$g" "$r" /bin/sh -c 'cd "$1" || exit 1; shift; exec "$@"' sh "$d" "$@"
