@@ -2098,3 +2098,51 @@ impl WorkspaceTransport for ExecFiles {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    #[test]
+    fn the_scrubber_knows_every_credential_inside_the_kubeconfig() {
+        let pem_line = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7canary";
+        let key_pem =
+            format!("-----BEGIN PRIVATE KEY-----\n{pem_line}\n-----END PRIVATE KEY-----\n");
+        let key_data = base64::engine::general_purpose::STANDARD.encode(&key_pem);
+        let cert_data = base64::engine::general_purpose::STANDARD
+            .encode("-----BEGIN CERTIFICATE-----\nMIIDcanarycertificatebody0123456789\n-----END CERTIFICATE-----\n");
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: tok-canary-123456\n    password: pw-canary-123456\n    client-key-data: {key_data}\n    client-certificate-data: {cert_data}\n"
+        );
+        for config in [
+            ProviderConfig::new(JsonObject::new())
+                .with_secret("kubeconfig", SecretString::from(yaml.clone())),
+            ProviderConfig::new(
+                json!({"kubeconfig": yaml})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        ] {
+            let ctx = CallContext {
+                company_id: None,
+                environment_id: "env".into(),
+                issue_id: None,
+                config,
+            };
+            let scrub = scrubber(&ctx);
+            for leaked in [
+                "tok-canary-123456",
+                "pw-canary-123456",
+                key_data.as_str(),
+                pem_line,
+                cert_data.as_str(),
+                "MIIDcanarycertificatebody0123456789",
+            ] {
+                let text = scrub.scrub(&format!("error: saw {leaked} here"));
+                assert!(!text.contains(leaked), "{leaked} survived: {text}");
+            }
+        }
+    }
+}
