@@ -13,7 +13,7 @@ use paperclip_env_core::{
     ProviderLease, SandboxProvider,
 };
 use paperclip_env_providers::kubernetes::{Backend, KubernetesProvider};
-use paperclip_env_testkit::emulators::kubernetes::KubeEmulator;
+use paperclip_env_testkit::emulators::kubernetes::{KubeEmulator, KubeEmulatorOptions};
 use secrecy::SecretString;
 use serde_json::json;
 
@@ -38,7 +38,15 @@ fn kubernetes(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let emulator = Arc::new(rt.block_on(KubeEmulator::start()).expect("emulator"));
+    // Path rewriting instead of per-process namespaces: the figures measure
+    // the provider and the wire, not the emulator's `unshare` + mounts.
+    let emulator = Arc::new(
+        rt.block_on(KubeEmulator::start_with(KubeEmulatorOptions {
+            isolate_pods: false,
+            ..KubeEmulatorOptions::default()
+        }))
+        .expect("emulator"),
+    );
     let provider = KubernetesProvider::builder()
         .backend(Backend::SandboxCr)
         .poll_interval(Duration::from_millis(10))

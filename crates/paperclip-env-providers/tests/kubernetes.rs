@@ -432,6 +432,21 @@ async fn pod_security_baseline_on_the_run_pod_and_release_deletes_everything() {
     let emulator = KubeEmulator::start().await.unwrap();
     let p = provider(Backend::SandboxCr);
     let c = ctx(&emulator, json!({"runtimeClassName": "kata-fc"}));
+    // RuntimeClass admission: the class must exist before a pod names it.
+    let err = acquire(&p, &c, "run-psa").await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("pod rejected: RuntimeClass \"kata-fc\" not found"),
+        "{err}"
+    );
+    api(
+        &emulator,
+        http::Method::POST,
+        "/apis/node.k8s.io/v1/runtimeclasses",
+        "application/json",
+        Some(json!({"metadata": {"name": "kata-fc"}, "handler": "kata"})),
+    )
+    .await;
     let lease = acquire(&p, &c, "run-psa").await.unwrap();
     let name = lease.id().unwrap().to_owned();
     let md = lease.metadata.clone().unwrap();
@@ -685,7 +700,7 @@ async fn conflicts_and_server_errors() {
     let p = provider(Backend::SandboxCr);
     let c = ctx(&emulator, json!({}));
     // 409 on a tenant create is a race with another acquire: tolerated.
-    emulator.faults().conflict_on_next_create("serviceaccounts");
+    emulator.faults().conflict_on_next_create("roles");
     let lease = acquire(&p, &c, "run-1").await.unwrap();
     p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
     // 409 on the workload create is an error, typed, and nothing is left.
@@ -1353,4 +1368,431 @@ async fn kubeconfig_token_never_reaches_logs_errors_or_metadata() {
         !logs.contains("sk-ant-host-value"),
         "an adapter key reached a log line"
     );
+}
+
+fn ctx_for_company(emulator: &KubeEmulator, company: &str, config: Value) -> CallContext {
+    CallContext {
+        company_id: Some(company.into()),
+        ..ctx(emulator, config)
+    }
+}
+
+/// A raw JSON request to the emulator through the `kube` client.
+async fn api(
+    emulator: &KubeEmulator,
+    method: http::Method,
+    path: &str,
+    content_type: &str,
+    body: Option<Value>,
+) -> Value {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&emulator.kubeconfig_yaml()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", content_type)
+        .body(body.map(|b| b.to_string().into_bytes()).unwrap_or_default())
+        .unwrap();
+    client.request::<Value>(request).await.unwrap()
+}
+
+/// Creates the tenant namespace and a `paperclip-quota` allowing no pods
+/// before the provider does, so the provider leaves them as they are.
+async fn namespace_without_pod_quota(emulator: &KubeEmulator, ns: &str) {
+    api(
+        emulator,
+        http::Method::POST,
+        "/api/v1/namespaces",
+        "application/json",
+        Some(json!({"metadata": {"name": ns}})),
+    )
+    .await;
+    api(
+        emulator,
+        http::Method::POST,
+        &format!("/api/v1/namespaces/{ns}/resourcequotas"),
+        "application/json",
+        Some(json!({"metadata": {"name": "paperclip-quota"}, "spec": {"hard": {"pods": "0"}}})),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_company_whose_id_is_no_label_value_still_gets_a_tenant() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = provider(Backend::SandboxCr);
+    let long = format!("acme-{}", "x".repeat(80));
+    for company in ["Acme, Inc.", long.as_str()] {
+        let c = ctx_for_company(&emulator, company, json!({}));
+        let lease = acquire(&p, &c, "run 1 / Acme").await.unwrap();
+        let ns = lease.metadata_str("namespace").unwrap().to_owned();
+        let namespace = one(&emulator, "v1", "namespaces", None, &ns);
+        let label = namespace["metadata"]["labels"]["paperclip.io/company-id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(label.len() <= 63 && label != company, "{label}");
+        assert_eq!(
+            namespace["metadata"]["annotations"]["paperclip.io/company-id"],
+            company
+        );
+        let sandbox = one(
+            &emulator,
+            "agents.x-k8s.io/v1beta1",
+            "sandboxes",
+            Some(&ns),
+            lease.id().unwrap(),
+        );
+        assert_eq!(
+            sandbox["metadata"]["labels"]["paperclip.io/company-id"],
+            label
+        );
+        assert_eq!(
+            sandbox["metadata"]["annotations"]["paperclip.io/run-id"],
+            "run 1 / Acme"
+        );
+        let out = OutputCollector::buffered();
+        let exit = p
+            .execute(&c, &lease, &ExecuteRequest::new("echo").arg("ok"), &out)
+            .await
+            .unwrap();
+        assert_eq!(out.finish(exit).stdout, "ok\n");
+        p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn config_values_a_cluster_would_refuse_fail_validation_naming_the_field() {
+    let p = provider(Backend::SandboxCr);
+    let validation = p
+        .validate_config(
+            json!({"inCluster": true, "egressAllowFqdns": ["*.example.com"],
+                "serviceAccountAnnotations": {"bad key!": "x"},
+                "defaultResources": {"requests": {"cpu": "3"}, "limits": {"cpu": "1"}}})
+            .as_object()
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let fields: Vec<String> = validation.errors.iter().map(|i| i.field.clone()).collect();
+    assert_eq!(
+        fields,
+        [
+            "egressAllowFqdns.0",
+            "defaultResources.requests.cpu",
+            "serviceAccountAnnotations.bad key!"
+        ],
+        "{:?}",
+        validation.errors
+    );
+}
+
+#[tokio::test]
+async fn a_quota_refused_run_fails_fast_with_the_quota_message() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    namespace_without_pod_quota(&emulator, NS).await;
+    // The ready budget is a minute: only a fast failure ends within the deadline.
+    let slow = |backend| {
+        KubernetesProvider::builder()
+            .backend(backend)
+            .poll_interval(Duration::from_millis(50))
+            .ready_timeout(Duration::from_secs(60))
+            .build()
+    };
+    let c = ctx(&emulator, json!({}));
+    for backend in [Backend::SandboxCr, Backend::Job] {
+        let p = slow(backend);
+        let err = tokio::time::timeout(Duration::from_secs(10), acquire(&p, &c, "run-quota"))
+            .await
+            .expect("a quota refusal must not wait for the ready budget")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "exceeded quota: paperclip-quota, requested: pods=1, used: pods=0, limited: pods=0"
+            ),
+            "{backend:?}: {text}"
+        );
+    }
+    assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+}
+
+#[tokio::test]
+async fn an_image_that_cannot_be_pulled_fails_fast() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = KubernetesProvider::builder()
+        .poll_interval(Duration::from_millis(50))
+        .ready_timeout(Duration::from_secs(60))
+        .build();
+    let c = ctx(
+        &emulator,
+        json!({"imageRegistry": "registry.invalid/paperclip"}),
+    );
+    let err = tokio::time::timeout(Duration::from_secs(10), acquire(&p, &c, "run-pull"))
+        .await
+        .expect("an image pull failure must not wait for the ready budget")
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        (text.contains("ErrImagePull") || text.contains("ImagePullBackOff"))
+            && text.contains("registry.invalid"),
+        "{text}"
+    );
+    assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+    // The job backend: the acquire returns with the pod, the wait fails fast.
+    let jobs = KubernetesProvider::builder()
+        .backend(Backend::Job)
+        .poll_interval(Duration::from_millis(50))
+        .ready_timeout(Duration::from_secs(60))
+        .build();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let lease = acquire(&jobs, &c, "run-pull-job").await?;
+        let waited = jobs.wait_for_job(&c, &lease, Duration::from_secs(60)).await;
+        jobs.destroy(&c, &lease).await?;
+        waited
+    })
+    .await
+    .expect("an image pull failure must not wait for the Job deadline");
+    let text = outcome.unwrap_err().to_string();
+    assert!(text.contains("registry.invalid"), "{text}");
+}
+
+#[tokio::test]
+async fn realize_refuses_a_path_on_the_read_only_root_filesystem() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-ro").await.unwrap();
+    let mut without_cwd = lease.clone();
+    if let Some(md) = without_cwd.metadata.as_mut() {
+        md.remove("remoteCwd");
+    }
+    for path in ["/srv/work", "/workspace/../etc"] {
+        let ws = paperclip_env_core::WorkspaceSpec {
+            remote_path: Some(path.into()),
+            ..Default::default()
+        };
+        let err = p
+            .realize_workspace(&c, &without_cwd, &ws)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, Error::InvalidInput { .. }) && text.contains("read-only"),
+            "{path}: {text}"
+        );
+    }
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleting_sandbox_is_reported_as_expired() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-deleting").await.unwrap();
+    let id = lease.id().unwrap().to_owned();
+    let path = format!("/apis/agents.x-k8s.io/v1beta1/namespaces/{NS}/sandboxes/{id}");
+    let merge = "application/merge-patch+json";
+    // A finalizer holds the Sandbox in deletion, as a controller's would.
+    api(
+        &emulator,
+        http::Method::PATCH,
+        &path,
+        merge,
+        Some(json!({"metadata": {"finalizers": ["example.com/hold"]}})),
+    )
+    .await;
+    api(
+        &emulator,
+        http::Method::DELETE,
+        &path,
+        "application/json",
+        None,
+    )
+    .await;
+    let sandbox = one(
+        &emulator,
+        "agents.x-k8s.io/v1beta1",
+        "sandboxes",
+        Some(NS),
+        &id,
+    );
+    assert!(sandbox["metadata"]["deletionTimestamp"].is_string());
+    let out = OutputCollector::buffered();
+    let err = p
+        .execute(&c, &lease, &ExecuteRequest::new("true"), &out)
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_not_found() && err.to_string().contains("being deleted"),
+        "{err}"
+    );
+    assert!(p.workspace_transport(&c, &lease).await.is_err());
+    let resumed = p.resume(&c, &lease).await.unwrap();
+    let md = resumed.metadata.unwrap();
+    assert_eq!(md["expired"], true, "{md:?}");
+    // Dropping the finalizer lets the deletion finish.
+    api(
+        &emulator,
+        http::Method::PATCH,
+        &path,
+        merge,
+        Some(json!({"metadata": {"finalizers": null}})),
+    )
+    .await;
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+    let start = Instant::now();
+    while !run_objects(&emulator).is_empty() && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(run_objects(&emulator), Vec::<Value>::new());
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_pod_is_terminating_is_not_ready() {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        pod_termination: Duration::from_secs(30),
+        ..KubeEmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-pod-deleting").await.unwrap();
+    let pod = lease.metadata_str("podName").unwrap().to_owned();
+    let out = OutputCollector::buffered();
+    p.execute(&c, &lease, &ExecuteRequest::new("true"), &out)
+        .await
+        .unwrap();
+    // The node is draining the pod: it stays, with a deletionTimestamp.
+    api(
+        &emulator,
+        http::Method::DELETE,
+        &format!("/api/v1/namespaces/{NS}/pods/{pod}?gracePeriodSeconds=30"),
+        "application/json",
+        None,
+    )
+    .await;
+    assert!(
+        one(&emulator, "v1", "pods", Some(NS), &pod)["metadata"]["deletionTimestamp"].is_string()
+    );
+    let err = p
+        .execute(&c, &lease, &ExecuteRequest::new("true"), &out)
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_not_found() && err.to_string().contains("being deleted"),
+        "{err}"
+    );
+    let md = p.resume(&c, &lease).await.unwrap().metadata.unwrap();
+    assert_eq!(md["expired"], true, "{md:?}");
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test]
+async fn binary_files_round_trip_through_exec_unchanged() {
+    let emulator = KubeEmulator::start().await.unwrap();
+    let p = provider(Backend::SandboxCr);
+    let c = ctx(&emulator, json!({}));
+    let lease = acquire(&p, &c, "run-binary").await.unwrap();
+    let transport = p.workspace_transport(&c, &lease).await.unwrap().unwrap();
+    let root = emulator
+        .pod_root(NS, lease.metadata_str("podName").unwrap())
+        .unwrap();
+    // Every byte value, and the pod's own host path inside the data: a
+    // byte-for-byte pipe must not rewrite any of it.
+    let mut bytes: Vec<u8> = (0..=255u8).collect();
+    bytes.extend_from_slice(root.to_string_lossy().as_bytes());
+    bytes.extend_from_slice(b"/workspace\n\x00\xff");
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("blob.bin");
+    std::fs::write(&local, &bytes).unwrap();
+    transport
+        .put_file(&local, "/workspace/blob.bin", 10_000)
+        .await
+        .unwrap();
+    let back = dir.path().join("back.bin");
+    transport
+        .get_file("/workspace/blob.bin", &back, 10_000)
+        .await
+        .unwrap();
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), bytes.len());
+    assert!(got == bytes, "binary content changed in transit");
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_kubeconfig_given_inline_keeps_its_inner_token_out_of_errors_and_logs() {
+    let (capture, _guard) = paperclip_env_testkit::logs::LogCapture::start();
+    let emulator = KubeEmulator::start().await.unwrap();
+    let canary = "canary-token-9f3b2a71c4d8e6f0";
+    let yaml = emulator.kubeconfig_yaml().replace(emulator.token(), canary);
+    // Inline (not a resolved secret), so the host scrubber knows nothing of it.
+    let c = CallContext {
+        config: ProviderConfig::new(
+            json!({"kubeconfig": yaml})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        ..ctx(&emulator, json!({}))
+    };
+    let p = provider(Backend::SandboxCr);
+    let err = acquire(&p, &c, "run-canary").await.unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
+    let probe = p.probe(&c).await.unwrap();
+    let lease = LeaseHandle {
+        provider_lease_id: Some("pc-missing".into()),
+        metadata: Some(
+            json!({"namespace": NS, "podName": "pc-missing", "sandboxApiVersion": "v1beta1"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        expires_at: None,
+    };
+    let release = p.release(&c, &lease, LeaseStatus::Released).await;
+    let mut shown = format!("{err} {err:?} {probe:?} {release:?}");
+    // And a whole run against a cluster that accepts the canary.
+    let accepting = KubeEmulator::start_with(KubeEmulatorOptions {
+        token: canary.to_owned(),
+        ..KubeEmulatorOptions::default()
+    })
+    .await
+    .unwrap();
+    let c = CallContext {
+        config: ProviderConfig::new(
+            json!({"kubeconfig": accepting.kubeconfig_yaml()})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        ..ctx(&accepting, json!({}))
+    };
+    let lease = acquire(&p, &c, "run-canary-ok").await.unwrap();
+    let out = OutputCollector::buffered();
+    let exit = p
+        .execute(&c, &lease, &ExecuteRequest::shell("echo ran; exit 3"), &out)
+        .await
+        .unwrap();
+    let result = out.finish(exit);
+    assert_eq!(
+        (result.stdout.as_str(), result.exit_code),
+        ("ran\n", Some(3))
+    );
+    shown.push_str(&format!("{lease:?} {result:?}"));
+    p.release(&c, &lease, LeaseStatus::Released).await.unwrap();
+    assert!(!shown.contains(canary), "{shown}");
+    let logs = capture.text();
+    assert!(!logs.is_empty(), "TRACE logs were captured");
+    assert!(
+        logs.contains("kube_client") && logs.contains("hyper_util"),
+        "the kube and hyper client logs were captured"
+    );
+    assert!(!logs.contains(canary), "the inner token reached a log line");
 }

@@ -1303,8 +1303,13 @@ async fn tenant_objects_of_the_checklist_round_trip() -> TestResult {
         } else {
             format!("{group}/{version}")
         };
+        // One of this name (a namespace also has its `default` ServiceAccount).
         assert_eq!(
-            emulator.objects(&api_version, plural, Some(NS)).len(),
+            emulator
+                .objects(&api_version, plural, Some(NS))
+                .iter()
+                .filter(|o| o["metadata"]["name"] == *name)
+                .count(),
             1,
             "{kind}"
         );
@@ -1927,5 +1932,761 @@ async fn debug_output_never_shows_the_token() -> TestResult {
             .all(|r| !format!("{r:?}").contains("very-secret-token")),
         "the request log kept the bearer token"
     );
+    Ok(())
+}
+
+/// POSTs `body` to `path` and returns (code, status or object).
+async fn post(emulator: &KubeEmulator, path: &str, body: Value) -> (u16, Value) {
+    let (code, _, value) = raw(
+        emulator,
+        reqwest::Method::POST,
+        path,
+        Some("application/json"),
+        Some(body),
+    )
+    .await
+    .unwrap_or_else(|e| (0, Default::default(), json!(e.to_string())));
+    (code, value)
+}
+
+fn causes(status: &Value) -> Vec<(String, String)> {
+    status["details"]["causes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            (
+                c["field"].as_str().unwrap_or_default().to_owned(),
+                c["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pod(name: &str, resources: Value) -> Value {
+    json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "agent", "image": "agent:1",
+        "resources": resources}]}})
+}
+
+#[tokio::test]
+async fn each_invalid_object_is_rejected_as_the_api_server_does() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let ns_path = "/api/v1/namespaces";
+    let in_ns = |plural: &str| format!("/api/v1/namespaces/{NS}/{plural}");
+    // Label values: "Acme, Inc." and 64 characters.
+    let (code, status) = post(
+        &emulator,
+        ns_path,
+        json!({"metadata": {"name": "paperclip-x", "labels": {"paperclip.io/company-id": "Acme, Inc."}}}),
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (422, Some("Invalid")));
+    assert_eq!(status["details"]["kind"], "Namespace");
+    assert_eq!(
+        status["message"],
+        "Namespace \"paperclip-x\" is invalid: metadata.labels: Invalid value: \"Acme, Inc.\": a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+    );
+    assert_eq!(causes(&status)[0].0, "metadata.labels", "{status}");
+    assert_eq!(
+        status["details"]["causes"][0]["reason"],
+        "FieldValueInvalid"
+    );
+    let (code, status) = post(
+        &emulator,
+        ns_path,
+        json!({"metadata": {"name": "paperclip-y", "labels": {"a": "v".repeat(64)}}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert!(
+        causes(&status)[0]
+            .1
+            .ends_with("must be no more than 63 characters")
+    );
+    // Names: a namespace is a DNS label (no dots); other objects subdomains.
+    let (code, status) = post(&emulator, ns_path, json!({"metadata": {"name": "a.b"}})).await;
+    assert_eq!(code, 422, "{status}");
+    assert_eq!(causes(&status)[0].0, "metadata.name");
+    let (code, _) = post(
+        &emulator,
+        &in_ns("configmaps"),
+        json!({"metadata": {"name": "a.b"}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    // Annotation keys and label keys.
+    let (code, status) = post(
+        &emulator,
+        &in_ns("serviceaccounts"),
+        json!({"metadata": {"name": "sa", "annotations": {"bad key!": "x"}, "labels": {"a/b/c": "x"}}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    let fields: Vec<String> = causes(&status).into_iter().map(|c| c.0).collect();
+    assert_eq!(
+        fields,
+        ["metadata.labels", "metadata.annotations"],
+        "{status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is invalid: [")
+    );
+    // Secret keys, including those given as stringData.
+    let (code, status) = post(
+        &emulator,
+        &in_ns("secrets"),
+        json!({"metadata": {"name": "s"}, "stringData": {"BAD KEY": "v", "GOOD_KEY": "v"}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(causes(&status)[0].0, "data[BAD KEY]");
+    // Quantities: a built-in type cannot even decode a bad one (400).
+    let (code, status) = post(
+        &emulator,
+        &in_ns("pods"),
+        pod("p1", json!({"limits": {"cpu": "two"}})),
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (400, Some("BadRequest")));
+    assert_eq!(
+        status["message"],
+        "Pod in version \"v1\" cannot be handled as a Pod: quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+    );
+    // Requests above limits, a missing image, an unknown volume.
+    let mut bad = pod(
+        "p2",
+        json!({"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}),
+    );
+    bad["spec"]["containers"][0]["image"] = json!("");
+    bad["spec"]["containers"][0]["volumeMounts"] = json!([{"name": "nope", "mountPath": "/x"}]);
+    let (code, status) = post(&emulator, &in_ns("pods"), bad).await;
+    assert_eq!(code, 422);
+    assert_eq!(
+        causes(&status),
+        [
+            (
+                "spec.containers[0].image".to_owned(),
+                "Required value".to_owned()
+            ),
+            (
+                "spec.containers[0].volumeMounts[0].name".to_owned(),
+                "Not found: \"nope\"".to_owned()
+            ),
+            (
+                "spec.containers[0].resources.requests".to_owned(),
+                "Invalid value: \"2\": must be less than or equal to cpu limit of 1".to_owned()
+            ),
+        ]
+    );
+    // Job basics.
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/batch/v1/namespaces/{NS}/jobs"),
+        json!({"metadata": {"name": "j"}, "spec": {"backoffLimit": -1, "template": {"spec": {
+            "restartPolicy": "Always", "containers": [{"name": "agent", "image": "x"}]}}}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    let fields: Vec<String> = causes(&status).into_iter().map(|c| c.0).collect();
+    assert_eq!(
+        fields,
+        ["spec.template.spec.restartPolicy", "spec.backoffLimit"],
+        "{status}"
+    );
+    // NetworkPolicy basics.
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies"),
+        json!({"metadata": {"name": "np"}, "spec": {"podSelector": {}, "policyTypes": ["Egres"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "999.0.0.0/8"}}], "ports": [{"protocol": "ICMP", "port": 70000}]}]}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    let fields: Vec<String> = causes(&status).into_iter().map(|c| c.0).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.policyTypes[0]",
+            "spec.egress[0].ports[0].protocol",
+            "spec.egress[0].ports[0].port",
+            "spec.egress[0].to[0].ipBlock.cidr"
+        ]
+    );
+    // CRD schemas: Cilium's matchName pattern, the Sandbox's podTemplate.
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/cilium.io/v2/namespaces/{NS}/ciliumnetworkpolicies"),
+        json!({"metadata": {"name": "cnp"}, "spec": {"endpointSelector": {},
+            "egress": [{"toFQDNs": [{"matchName": "*.example.com"}]}]}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(
+        causes(&status)[0].1,
+        "Invalid value: \"*.example.com\": spec.egress[0].toFQDNs[0].matchName in body should match '^([-a-zA-Z0-9_]+[.]?)+$'"
+    );
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/agents.x-k8s.io/v1beta1/namespaces/{NS}/sandboxes"),
+        json!({"metadata": {"name": "sb"}, "spec": {}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(
+        causes(&status),
+        [("spec.podTemplate".to_owned(), "Required value".to_owned())]
+    );
+    assert_eq!(status["details"]["group"], "agents.x-k8s.io");
+    // LimitRange bounds in order, quota quantities decoded.
+    let (code, status) = post(
+        &emulator,
+        &in_ns("limitranges"),
+        json!({"metadata": {"name": "lr"}, "spec": {"limits": [{"type": "Container",
+            "max": {"cpu": "1"}, "default": {"cpu": "2"}, "defaultRequest": {"cpu": "250m"}}]}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(
+        causes(&status),
+        [(
+            "spec.limits[0].default[cpu]".to_owned(),
+            "Invalid value: \"2\": default value 2 is greater than max value 1".to_owned()
+        )]
+    );
+    let (code, _) = post(
+        &emulator,
+        &in_ns("resourcequotas"),
+        json!({"metadata": {"name": "q"}, "spec": {"hard": {"pods": "many"}}}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    // Protobuf bodies are answered 415; JSON is what the emulator speaks.
+    let (code, _, status) = raw(
+        &emulator,
+        reqwest::Method::POST,
+        &in_ns("configmaps"),
+        Some("application/vnd.kubernetes.protobuf"),
+        Some(json!({"metadata": {"name": "pb"}})),
+    )
+    .await?;
+    assert_eq!(
+        (code, status["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    // Nothing refused was stored.
+    assert!(emulator.objects("v1", "secrets", Some(NS)).is_empty());
+    assert!(emulator.objects("v1", "pods", Some(NS)).is_empty());
+    assert!(emulator.objects("batch/v1", "jobs", Some(NS)).is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn dry_run_answers_without_persisting_and_jobs_get_their_defaults() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let maps = format!("/api/v1/namespaces/{NS}/configmaps");
+    let (code, object) = post(
+        &emulator,
+        &format!("{maps}?dryRun=All"),
+        json!({"metadata": {"name": "dry"}, "data": {"a": "b"}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    assert!(object["metadata"]["uid"].is_string());
+    assert!(emulator.objects("v1", "configmaps", Some(NS)).is_empty());
+    let (code, _) = post(&emulator, &maps, json!({"metadata": {"name": "wet"}})).await;
+    assert_eq!(code, 201);
+    let (code, _, _) = raw(
+        &emulator,
+        reqwest::Method::DELETE,
+        &format!("{maps}/wet?dryRun=All"),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    assert_eq!(emulator.objects("v1", "configmaps", Some(NS)).len(), 1);
+    // Job defaulting.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    let job = jobs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "j"}, "spec": {"template": {"spec": {
+                "restartPolicy": "Never", "containers": [{"name": "agent", "image": "x", "command": ["true"]}]}}}}))?,
+        )
+        .await?;
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let spec = job.spec.ok_or("no spec")?;
+    assert_eq!(
+        (spec.completions, spec.parallelism, spec.backoff_limit),
+        (Some(1), Some(1), Some(6))
+    );
+    assert_eq!(spec.completion_mode.as_deref(), Some("NonIndexed"));
+    let selector = spec
+        .selector
+        .and_then(|s| s.match_labels)
+        .unwrap_or_default();
+    assert_eq!(selector["batch.kubernetes.io/controller-uid"], uid);
+    let labels = spec
+        .template
+        .metadata
+        .and_then(|m| m.labels)
+        .unwrap_or_default();
+    assert_eq!(labels["job-name"], "j");
+    assert_eq!(labels["batch.kubernetes.io/controller-uid"], uid);
+    Ok(())
+}
+
+#[tokio::test]
+async fn limit_ranges_default_and_bound_containers_and_quotas_are_enforced() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let in_ns = |plural: &str| format!("/api/v1/namespaces/{NS}/{plural}");
+    let (code, _) = post(
+        &emulator,
+        &in_ns("limitranges"),
+        json!({"metadata": {"name": "limits"}, "spec": {"limits": [{"type": "Container",
+            "max": {"cpu": "4", "memory": "8Gi"}, "min": {"cpu": "100m", "memory": "128Mi"},
+            "default": {"cpu": "1", "memory": "2Gi"}, "defaultRequest": {"cpu": "250m", "memory": "512Mi"}}]}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, _) = post(
+        &emulator,
+        &in_ns("resourcequotas"),
+        json!({"metadata": {"name": "quota"}, "spec": {"hard": {"pods": "2", "limits.cpu": "2"}}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    // ServiceAccount admission: the namespace has `default`, not `ghost`.
+    let mut ghost = pod("g", json!({}));
+    ghost["spec"]["serviceAccountName"] = json!("ghost");
+    let (code, status) = post(&emulator, &in_ns("pods"), ghost).await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        status["message"],
+        format!(
+            "pods \"g\" is forbidden: error looking up service account {NS}/ghost: serviceaccount \"ghost\" not found"
+        )
+    );
+    // Defaults filled in.
+    let (code, created) = post(&emulator, &in_ns("pods"), pod("a", json!({}))).await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(
+        created["spec"]["containers"][0]["resources"],
+        json!({"limits": {"cpu": "1", "memory": "2Gi"}, "requests": {"cpu": "250m", "memory": "512Mi"}})
+    );
+    // min / max.
+    let (code, status) = post(
+        &emulator,
+        &in_ns("pods"),
+        pod(
+            "b",
+            json!({"requests": {"cpu": "50m"}, "limits": {"cpu": "8"}}),
+        ),
+    )
+    .await;
+    assert_eq!((code, status["reason"].as_str()), (403, Some("Forbidden")));
+    assert_eq!(
+        status["message"],
+        "pods \"b\" is forbidden: [minimum cpu usage per Container is 100m, but request is 50m, maximum cpu usage per Container is 4, but limit is 8]"
+    );
+    // The quota: one more CPU fits, the next does not.
+    let (code, _) = post(&emulator, &in_ns("pods"), pod("c", json!({}))).await;
+    assert_eq!(code, 201);
+    let (code, status) = post(&emulator, &in_ns("pods"), pod("d", json!({}))).await;
+    assert_eq!((code, status["reason"].as_str()), (403, Some("Forbidden")));
+    assert_eq!(
+        status["message"],
+        "pods \"d\" is forbidden: exceeded quota: quota, requested: limits.cpu=1,pods=1, used: limits.cpu=2,pods=2, limited: limits.cpu=2,pods=2"
+    );
+    until("the quota status to show usage", || async {
+        emulator
+            .objects("v1", "resourcequotas", Some(NS))
+            .first()
+            .is_some_and(|q| q["status"]["used"] == json!({"limits.cpu": "2", "pods": "2"}))
+    })
+    .await?;
+    // A Job whose pod is refused records the refusal as an event.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), NS);
+    jobs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "j"}, "spec": {"template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "agent", "image": "x", "command": ["true"]}]}}}}))?,
+    )
+    .await?;
+    until("a FailedCreate event", || async {
+        emulator.objects("v1", "events", Some(NS)).iter().any(|e| {
+            e["reason"] == "FailedCreate"
+                && e["involvedObject"]["name"] == "j"
+                && e["message"].as_str().is_some_and(|m| {
+                    m.starts_with("Error creating: pods \"j-")
+                        && m.contains("exceeded quota: quota")
+                })
+        })
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn images_from_unknown_registries_fail_to_pull() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let mut unpullable = pod("p", json!({}));
+    unpullable["spec"]["containers"][0]["image"] = json!("registry.invalid/team/agent:v1");
+    let (code, _) = post(
+        &emulator,
+        &format!("/api/v1/namespaces/{NS}/pods"),
+        unpullable,
+    )
+    .await;
+    assert_eq!(code, 201);
+    let waiting = |reason: &'static str| {
+        let emulator = &emulator;
+        move || async move {
+            emulator
+                .objects("v1", "pods", Some(NS))
+                .first()
+                .is_some_and(|p| {
+                    p["status"]["phase"] == "Pending"
+                        && p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                            == reason
+                })
+        }
+    };
+    until("ErrImagePull", waiting("ErrImagePull")).await?;
+    let pods = emulator.objects("v1", "pods", Some(NS));
+    assert_eq!(
+        pods[0]["status"]["containerStatuses"][0]["state"]["waiting"]["message"],
+        "failed to pull and unpack image \"registry.invalid/team/agent:v1\": failed to resolve reference \"registry.invalid/team/agent:v1\": failed to do request: Head \"https://registry.invalid/v2/team/agent/manifests/v1\": dial tcp: lookup registry.invalid: no such host"
+    );
+    until("ImagePullBackOff", waiting("ImagePullBackOff")).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn deletion_is_graceful_finalizers_hold_and_namespaces_terminate() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        pod_termination: Duration::from_millis(500),
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-del", "v1beta1").await?;
+    // Foreground: the Sandbox waits for its terminating pod.
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    sandboxes
+        .delete("pc-del", &DeleteParams::foreground())
+        .await?;
+    let sandbox = sandboxes.get("pc-del").await?;
+    assert!(sandbox.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        sandbox.metadata.finalizers,
+        Some(vec!["foregroundDeletion".to_owned()])
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let terminating = pods.get("pc-del").await?;
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert!(terminating.metadata.deletion_grace_period_seconds.is_some());
+    until("the pod and its Sandbox to go", || async {
+        pods.get_opt("pc-del").await.is_ok_and(|p| p.is_none())
+            && sandboxes.get_opt("pc-del").await.is_ok_and(|s| s.is_none())
+    })
+    .await?;
+    // A finalizer holds an object until it is removed.
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    maps.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "held", "finalizers": ["example.com/hold"]}}),
+        )?,
+    )
+    .await?;
+    maps.delete("held", &DeleteParams::default()).await?;
+    assert!(
+        maps.get("held")
+            .await?
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    maps.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await?;
+    assert!(maps.get_opt("held").await?.is_none());
+    // A namespace with held content is Terminating and refuses new content.
+    maps.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "held2", "finalizers": ["example.com/hold"]}}),
+        )?,
+    )
+    .await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces.delete(NS, &DeleteParams::default()).await?;
+    let ns = namespaces.get(NS).await?;
+    assert_eq!(
+        ns.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    let refused = maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "late"}}))?,
+        )
+        .await
+        .err()
+        .ok_or("a terminating namespace accepted new content")?;
+    assert_eq!(api_error(&refused), Some((403, "Forbidden".to_owned())));
+    maps.patch(
+        "held2",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await?;
+    until("the namespace to go", || async {
+        namespaces.get_opt(NS).await.is_ok_and(|n| n.is_none())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn exec_takes_stdin_in_text_frames_and_passes_bytes_through() -> TestResult {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-text", "v1beta1").await?;
+    // `head -c 5` then every byte value from printf, then pwd.
+    let url = format!(
+        "{}/api/v1/namespaces/{NS}/pods/pc-text/exec?command=/bin/sh&command=-c&command=head%20-c%205%3B%20printf%20%27%5C000%5C377%5C200%27%3B%20cd%20/workspace%20%26%26%20pwd&container=agent&stdin=true&stdout=true&stderr=true&tty=false",
+        emulator.url().replacen("http", "ws", 1)
+    );
+    let mut request = url.into_client_request()?;
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", emulator.token()).parse()?,
+    );
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "v4.channel.k8s.io".parse()?);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    socket.send(Message::Text("\u{0}hello".into())).await?;
+    let mut stdout = Vec::new();
+    while let Some(message) = socket.next().await {
+        if let Message::Binary(frame) = message?
+            && frame.first() == Some(&1)
+        {
+            stdout.extend_from_slice(&frame[1..]);
+        }
+    }
+    assert_eq!(stdout, b"hello\x00\xff\x80/workspace\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn isolated_pods_see_their_own_filesystem_with_a_read_only_root() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    if !emulator.isolates_pods() {
+        eprintln!("user namespaces unavailable: the path-rewriting fallback is tested elsewhere");
+        return Ok(());
+    }
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    let mut object = sandbox("pc-ro", "v1beta1")?;
+    object.data["spec"]["podTemplate"]["spec"]["containers"][0]["securityContext"] =
+        json!({"readOnlyRootFilesystem": true, "runAsUser": 1000, "runAsGroup": 1000});
+    sandboxes.create(&PostParams::default(), &object).await?;
+    until("the Sandbox to be Ready", || async {
+        sandboxes.get("pc-ro").await.is_ok_and(|s| ready(&s))
+    })
+    .await?;
+    let root = emulator.pod_root(NS, "pc-ro").ok_or("no pod root")?;
+    // The host's temp dir (where the pod root lives) is not the pod's /tmp.
+    let script = format!(
+        "cd /workspace && pwd && echo w > f && cat f; mkdir /srv 2>&1; {{ echo e > /etc/pc-emulator-probe; }} 2>&1; test -e '{}' || echo own-tmp; id -u",
+        root.display()
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut attached = pods
+        .exec(
+            "pc-ro",
+            vec!["/bin/sh", "-c", script.as_str()],
+            &AttachParams::default().stderr(false),
+        )
+        .await?;
+    let mut stdout = String::new();
+    if let Some(mut reader) = attached.stdout() {
+        reader.read_to_string(&mut stdout).await?;
+    }
+    attached.join().await?;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "/workspace");
+    assert_eq!(lines[1], "w");
+    assert!(lines[2].contains("Read-only file system"), "{stdout}");
+    assert!(lines[3].contains("Read-only file system"), "{stdout}");
+    assert!(!std::path::Path::new("/etc/pc-emulator-probe").exists());
+    assert_eq!(lines.get(4).copied(), Some("own-tmp"), "{stdout}");
+    // runAsUser is applied when the emulator can (it runs as root).
+    let emulator_is_root = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    };
+    let expected_uid = if emulator_is_root { "1000" } else { "0" };
+    assert_eq!(lines.get(5).copied(), Some(expected_uid), "{stdout}");
+    assert_eq!(std::fs::read_to_string(root.join("workspace/f"))?, "w\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_isolation_in_pod_paths_are_rewritten_instead() -> TestResult {
+    let emulator = KubeEmulator::start_with(KubeEmulatorOptions {
+        isolate_pods: false,
+        ..KubeEmulatorOptions::default()
+    })
+    .await?;
+    assert!(!emulator.isolates_pods());
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    ready_sandbox(&client, "pc-map", "v1beta1").await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let mut attached = pods
+        .exec(
+            "pc-map",
+            vec![
+                "/bin/sh",
+                "-c",
+                "cd /workspace && pwd && echo hi > /workspace/f",
+            ],
+            &AttachParams::default().stderr(false),
+        )
+        .await?;
+    let mut stdout = String::new();
+    if let Some(mut reader) = attached.stdout() {
+        reader.read_to_string(&mut stdout).await?;
+    }
+    attached.join().await?;
+    assert_eq!(stdout, "/workspace\n");
+    let root = emulator.pod_root(NS, "pc-map").ok_or("no pod root")?;
+    assert_eq!(std::fs::read_to_string(root.join("workspace/f"))?, "hi\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_pod_is_refused_reports_a_reconciler_error() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    let (code, _) = post(
+        &emulator,
+        &format!("/api/v1/namespaces/{NS}/resourcequotas"),
+        json!({"metadata": {"name": "none"}, "spec": {"hard": {"pods": "0"}}}),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let sandboxes: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), NS, &sandbox_resource("v1beta1"));
+    sandboxes
+        .create(&PostParams::default(), &sandbox("pc-refused", "v1beta1")?)
+        .await?;
+    until("a ReconcilerError", || async {
+        sandboxes.get("pc-refused").await.is_ok_and(|s| {
+            condition(&s, "Ready")
+                .is_some_and(|(status, reason)| status == "False" && reason == "ReconcilerError")
+        })
+    })
+    .await?;
+    let object = sandboxes.get("pc-refused").await?;
+    let message = object.data["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        message,
+        "failed to create pod: pods \"pc-refused\" is forbidden: exceeded quota: none, requested: pods=1, used: pods=0, limited: pods=0"
+    );
+    assert!(emulator.objects("v1", "pods", Some(NS)).is_empty());
+    let events = emulator.objects("v1", "events", Some(NS));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "FailedCreate" && e["involvedObject"]["kind"] == "Sandbox"),
+        "{events:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sandbox_crd_schemas_prune_unknown_fields_and_fill_defaults() -> TestResult {
+    let emulator = KubeEmulator::start().await?;
+    let client = client(&emulator).await?;
+    namespace(&client, NS).await?;
+    for version in ["v1beta1", "v1alpha1"] {
+        let mut object = serde_json::to_value(sandbox(&format!("pc-{version}"), version)?)?;
+        object["spec"]["bogus"] = json!(true);
+        object["spec"]["podTemplate"]["extra"] = json!(1);
+        let (code, created) = post(
+            &emulator,
+            &format!("/apis/agents.x-k8s.io/{version}/namespaces/{NS}/sandboxes"),
+            object,
+        )
+        .await;
+        assert_eq!(code, 201, "{created}");
+        let spec = &created["spec"];
+        assert!(spec.get("bogus").is_none() && spec["podTemplate"].get("extra").is_none());
+        assert_eq!(spec["shutdownPolicy"], "Retain");
+        if version == "v1beta1" {
+            assert_eq!(spec["operatingMode"], "Running");
+            assert!(spec.get("replicas").is_none());
+        } else {
+            assert_eq!(spec["replicas"], 1);
+            assert!(spec.get("operatingMode").is_none());
+        }
+    }
+    let mut bad = serde_json::to_value(sandbox("pc-bad", "v1beta1")?)?;
+    bad["spec"]["operatingMode"] = json!("Paused");
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/agents.x-k8s.io/v1beta1/namespaces/{NS}/sandboxes"),
+        bad,
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(
+        causes(&status),
+        [(
+            "spec.operatingMode".to_owned(),
+            "Unsupported value: \"Paused\": supported values: \"Running\", \"Suspended\""
+                .to_owned()
+        )]
+    );
+    let (code, status) = post(
+        &emulator,
+        &format!("/apis/agents.x-k8s.io/v1beta1/namespaces/{NS}/sandboxes"),
+        json!({"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox", "metadata": {"name": "pc-nospec"}}),
+    )
+    .await;
+    assert_eq!(code, 422);
+    assert_eq!(causes(&status)[0].0, "spec");
     Ok(())
 }

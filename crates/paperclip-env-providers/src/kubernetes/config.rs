@@ -335,28 +335,128 @@ impl Parser<'_> {
     }
 }
 
-fn label_name_ok(s: &str) -> bool {
-    (1..=63).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
-        && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
+use super::validation::{
+    is_config_map_key, is_dns1123_subdomain, is_env_var_name, is_fqdn_match_name, is_label_value,
+    is_qualified_name, parse_quantity,
+};
+
+/// The tenant LimitRange's per-container bounds (`paperclip-limits`, §5.3)
+/// in nano-units: a `defaultResources` outside them is refused by every
+/// cluster the driver provisions, so config validation refuses it first.
+const CONTAINER_MIN: [(&str, &str); 2] = [("cpu", "100m"), ("memory", "128Mi")];
+const CONTAINER_MAX: [(&str, &str); 2] = [("cpu", "4"), ("memory", "8Gi")];
+/// The built-in container resources (§6.2) a partial `defaultResources` keeps.
+pub(crate) const BUILTIN_REQUESTS: [(&str, &str); 2] = [("cpu", "250m"), ("memory", "512Mi")];
+/// See [`BUILTIN_REQUESTS`].
+pub(crate) const BUILTIN_LIMITS: [(&str, &str); 2] = [("cpu", "2"), ("memory", "4Gi")];
+
+fn bound(
+    table: &'static [(&'static str, &'static str)],
+    resource: &str,
+) -> Option<(&'static str, i128)> {
+    let (_, text) = table.iter().find(|(r, _)| *r == resource)?;
+    Some((text, parse_quantity(text)?))
 }
 
-fn label_value_ok(s: &str) -> bool {
-    s.is_empty() || label_name_ok(s)
-}
-
-fn label_key_ok(key: &str) -> bool {
-    match key.rsplit_once('/') {
-        Some((prefix, name)) => {
-            !prefix.is_empty()
-                && prefix.len() <= 253
-                && prefix.split('.').all(super::naming::is_rfc1123_label)
-                && label_name_ok(name)
+fn check_resources(p: &mut Parser<'_>, r: &Resources) {
+    let table = |m: &Option<BTreeMap<String, String>>, builtin: &[(&str, &str)]| {
+        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        match m {
+            Some(m) => out.extend(m.clone()),
+            None => out.extend(
+                builtin
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+            ),
         }
-        None => label_name_ok(key),
+        out
+    };
+    let requests = table(&r.requests, &BUILTIN_REQUESTS);
+    let limits = table(&r.limits, &BUILTIN_LIMITS);
+    let mut parsed = BTreeMap::new();
+    for (kind, values, given) in [
+        ("requests", &requests, r.requests.is_some()),
+        ("limits", &limits, r.limits.is_some()),
+    ] {
+        for (resource, text) in values {
+            let field = format!("defaultResources.{kind}.{resource}");
+            match parse_quantity(text) {
+                Some(v) if v >= 0 => {
+                    parsed.insert((kind, resource.clone()), v);
+                }
+                _ if given => p.issue(
+                    field,
+                    format!("defaultResources.{kind}.{resource} must be a Kubernetes quantity such as \"500m\" or \"2Gi\" (got {text:?})"),
+                ),
+                _ => {}
+            }
+        }
     }
+    for resource in ["cpu", "memory"] {
+        let request = parsed.get(&("requests", resource.to_owned())).copied();
+        let limit = parsed.get(&("limits", resource.to_owned())).copied();
+        if let (Some(req), Some(lim)) = (request, limit)
+            && req > lim
+        {
+            p.issue(
+                format!("defaultResources.requests.{resource}"),
+                format!(
+                    "defaultResources.requests.{resource} ({}) must be less than or equal to the {resource} limit ({})",
+                    requests[resource], limits[resource]
+                ),
+            );
+        }
+        if let (Some(req), Some((min_text, min))) = (request, bound(&CONTAINER_MIN, resource))
+            && req < min
+        {
+            p.issue(
+                format!("defaultResources.requests.{resource}"),
+                format!("defaultResources.requests.{resource} ({}) is below the tenant LimitRange minimum {min_text}", requests[resource]),
+            );
+        }
+        if let (Some(lim), Some((max_text, max))) = (limit, bound(&CONTAINER_MAX, resource))
+            && lim > max
+        {
+            p.issue(
+                format!("defaultResources.limits.{resource}"),
+                format!("defaultResources.limits.{resource} ({}) is above the tenant LimitRange maximum {max_text}", limits[resource]),
+            );
+        }
+    }
+}
+
+fn fqdn_message(field: &str, fqdn: &str) -> String {
+    format!(
+        "{field} entry {fqdn:?} is not a DNS name Cilium accepts (toFQDNs matchName must match ^([-a-zA-Z0-9_]+[.]?)+$; no wildcards, schemes, ports or paths)"
+    )
+}
+
+/// Problems of a declared adapter the API server would refuse: env keys
+/// that are not Secret keys and environment variable names, FQDNs Cilium's
+/// CRD rejects. `(field within the entry, message)`.
+fn adapter_issues(entry: &AdapterEntry) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let env_ok = |k: &str| is_env_var_name(k) && is_config_map_key(k);
+    for (i, key) in entry.env_keys.iter().enumerate() {
+        if !env_ok(key) {
+            out.push((
+                format!("envKeys.{i}"),
+                format!("envKeys entry {key:?} must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*) usable as a Secret key"),
+            ));
+        }
+    }
+    for key in entry.default_env.keys().filter(|k| !env_ok(k)) {
+        out.push((
+            format!("defaultEnv.{key}"),
+            format!("defaultEnv key {key:?} must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*) usable as a Secret key"),
+        ));
+    }
+    for (i, fqdn) in entry.allow_fqdns.iter().enumerate() {
+        if !is_fqdn_match_name(fqdn) {
+            out.push((format!("allowFqdns.{i}"), fqdn_message("allowFqdns", fqdn)));
+        }
+    }
+    out
 }
 
 fn slug_ok(s: &str) -> bool {
@@ -542,6 +642,32 @@ impl KubernetesConfig {
         for i in bad_cidrs {
             p.issue(format!("egressAllowCidrs.{i}"), "Invalid CIDR");
         }
+        let bad_fqdns: Vec<(usize, String)> = c
+            .egress_allow_fqdns
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !is_fqdn_match_name(f))
+            .map(|(i, f)| (i, f.clone()))
+            .collect();
+        for (i, fqdn) in bad_fqdns {
+            p.issue(
+                format!("egressAllowFqdns.{i}"),
+                fqdn_message("egressAllowFqdns", &fqdn),
+            );
+        }
+        let bad_pull: Vec<usize> = c
+            .image_pull_secrets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !is_dns1123_subdomain(n))
+            .map(|(i, _)| i)
+            .collect();
+        for i in bad_pull {
+            p.issue(
+                format!("imagePullSecrets.{i}"),
+                "imagePullSecrets entries must be Secret names (lowercase RFC 1123 subdomains)",
+            );
+        }
         if let Some(mode) = p.string("egressMode") {
             match mode.as_str() {
                 "standard" => c.egress_mode = EgressMode::Standard,
@@ -553,10 +679,33 @@ impl KubernetesConfig {
             }
         }
         c.default_resources = parse_resources(&mut p);
+        if let Some(r) = c.default_resources.clone() {
+            check_resources(&mut p, &r);
+        }
         c.runtime_class_name = p
             .string("runtimeClassName")
             .filter(|s| !s.trim().is_empty());
+        if let Some(rc) = &c.runtime_class_name
+            && !is_dns1123_subdomain(rc)
+        {
+            p.issue(
+                "runtimeClassName",
+                "runtimeClassName must be a lowercase RFC 1123 subdomain (a RuntimeClass name)",
+            );
+        }
         c.service_account_annotations = p.string_map("serviceAccountAnnotations");
+        let bad_keys: Vec<String> = c
+            .service_account_annotations
+            .keys()
+            .filter(|k| !is_qualified_name(&k.to_lowercase()))
+            .cloned()
+            .collect();
+        for key in bad_keys {
+            p.issue(
+                format!("serviceAccountAnnotations.{key}"),
+                format!("serviceAccountAnnotations key {key:?} is not a valid annotation key: an optional DNS subdomain prefix and '/', then at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric"),
+            );
+        }
         c.job_ttl_seconds_after_finished =
             p.integer("jobTtlSecondsAfterFinished", 0, DEFAULT_JOB_TTL_SECONDS);
         c.pod_activity_deadline_sec = p.integer(
@@ -580,7 +729,12 @@ impl KubernetesConfig {
                 let items = items.clone();
                 for (i, item) in items.iter().enumerate() {
                     match AdapterEntry::parse(item) {
-                        Ok(entry) => c.adapters.push(entry),
+                        Ok(entry) => {
+                            for (field, message) in adapter_issues(&entry) {
+                                p.issue(format!("adapters.{i}.{field}"), message);
+                            }
+                            c.adapters.push(entry)
+                        }
                         Err((field, message)) => p.issue(
                             if field.is_empty() {
                                 format!("adapters.{i}")
@@ -615,7 +769,7 @@ impl KubernetesConfig {
             if selector.is_empty()
                 || !selector
                     .iter()
-                    .all(|(k, v)| label_key_ok(k) && label_value_ok(v))
+                    .all(|(k, v)| is_qualified_name(k) && is_label_value(v))
             {
                 p.issue(
                     "paperclipServerPodSelector",
@@ -866,6 +1020,65 @@ mod tests {
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].0, "companySlug");
         assert!(got[0].1.contains("63 characters"));
+    }
+
+    #[test]
+    fn values_the_api_server_would_refuse_are_refused_naming_the_field() {
+        let got = messages(json!({
+            "inCluster": true,
+            "egressAllowFqdns": ["api.example.com", "*.example.com", "https://x.io/"],
+            "imagePullSecrets": ["regcred", "Bad_Name"],
+            "defaultResources": {"requests": {"cpu": "two", "memory": "8Gi"},
+                "limits": {"cpu": "1", "memory": "4Gi"}},
+            "runtimeClassName": "Kata FC",
+            "serviceAccountAnnotations": {"eks.amazonaws.com/role-arn": "arn", "bad key!": "x"},
+            "adapters": [{"adapterType": "custom", "runtimeImage": "img:1",
+                "envKeys": ["OK_KEY", "BAD-KEY"], "defaultEnv": {"A B": "1", "FINE": "2"},
+                "allowFqdns": ["a..b"]}],
+        }));
+        let fields: Vec<&str> = got.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "egressAllowFqdns.1",
+                "egressAllowFqdns.2",
+                "imagePullSecrets.1",
+                "defaultResources.requests.cpu",
+                "defaultResources.requests.memory",
+                "runtimeClassName",
+                "serviceAccountAnnotations.bad key!",
+                "adapters.0.envKeys.1",
+                "adapters.0.defaultEnv.A B",
+                "adapters.0.allowFqdns.0",
+            ],
+            "{got:?}"
+        );
+        assert!(
+            got[4]
+                .1
+                .contains("less than or equal to the memory limit (4Gi)"),
+            "{}",
+            got[4].1
+        );
+        // requests over the built-in limits when only requests are given.
+        let got = messages(json!({"inCluster": true,
+            "defaultResources": {"requests": {"cpu": "3"}}}));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].1.contains("cpu limit (2)"), "{}", got[0].1);
+        // The tenant LimitRange bounds.
+        let got = messages(json!({"inCluster": true,
+            "defaultResources": {"requests": {"cpu": "50m", "memory": "1Gi"}, "limits": {"cpu": "8", "memory": "2Gi"}}}));
+        let fields: Vec<&str> = got.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "defaultResources.requests.cpu",
+                "defaultResources.limits.cpu"
+            ]
+        );
+        assert!(KubernetesConfig::parse(&obj(json!({"inCluster": true,
+            "defaultResources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1.5", "memory": "2Gi"}}})))
+        .is_ok());
     }
 
     #[test]

@@ -147,11 +147,14 @@ pub(crate) fn probe_script(pid_file: &str) -> Vec<String> {
 /// The script that kills the process group recorded in `pid_file`.
 pub(crate) fn kill_script(pid_file: &str) -> Vec<String> {
     let f = sh_quote(pid_file);
+    // No pkill (minimal images lack procps): the descendants of the
+    // recorded pid are found through /proc/<pid>/status `PPid`, breadth
+    // first, then the group and every one of them get SIGKILL.
     vec![
         "/bin/sh".into(),
         "-c".into(),
         format!(
-            "p=$(cat {f} 2>/dev/null) && [ -n \"$p\" ] && {{ kill -KILL -- -\"$p\" 2>/dev/null; pkill -KILL -P \"$p\" 2>/dev/null; kill -KILL \"$p\" 2>/dev/null; }}; rm -f {f}; true"
+            "p=$(cat {f} 2>/dev/null) && [ -n \"$p\" ] && {{ all=\"$p\"; front=\"$p\"; while [ -n \"$front\" ]; do next=''; for d in /proc/[0-9]*; do pp=''; while IFS=':	' read -r k v; do if [ \"$k\" = PPid ]; then pp=$v; break; fi; done 2>/dev/null < \"$d/status\"; for q in $front; do if [ \"$pp\" = \"$q\" ]; then next=\"$next ${{d#/proc/}}\"; fi; done; done; all=\"$all $next\"; front=$next; done; kill -KILL -- -\"$p\" 2>/dev/null; kill -KILL $all 2>/dev/null; }}; rm -f {f}; true"
         ),
     ]
 }
@@ -484,6 +487,20 @@ mod tests {
             build_argv("cat", &["-".into()], &none, None, Some("héllo".len())),
             ["/bin/sh", "-c", "head -c 6 | 'cat' '-'"]
         );
+    }
+
+    #[test]
+    fn the_kill_script_needs_no_procps() {
+        let script = kill_script("/tmp/.p.pid").join(" ");
+        assert!(!script.contains("pkill") && !script.contains("pgrep"));
+        assert!(script.contains("/proc/[0-9]*") && script.contains("kill -KILL -- -"));
+        let status = std::process::Command::new("/bin/sh")
+            .arg("-n")
+            .arg("-c")
+            .arg(&kill_script("/tmp/.p.pid")[2])
+            .status()
+            .unwrap();
+        assert!(status.success(), "the kill script does not parse");
     }
 
     #[test]

@@ -35,6 +35,21 @@ pub const CONTAINER: &str = "agent";
 /// The agent's home directory.
 pub const HOME: &str = "/home/paperclip";
 
+/// The pod's writable mounts (emptyDirs); everything else is on the
+/// read-only root filesystem.
+pub const WRITABLE_MOUNTS: [&str; 3] = ["/workspace", HOME, "/tmp"];
+
+/// Whether an absolute in-pod path lies on one of [`WRITABLE_MOUNTS`].
+pub fn is_writable_in_pod(path: &str) -> bool {
+    let normalized = path.trim_end_matches('/');
+    WRITABLE_MOUNTS.iter().any(|m| {
+        normalized == *m
+            || normalized
+                .strip_prefix(m)
+                .is_some_and(|rest| rest.starts_with('/') && !rest.split('/').any(|s| s == ".."))
+    })
+}
+
 /// Private, link-local, loopback and multicast ranges excluded from the public fallback.
 pub const PUBLIC_FALLBACK_EXCEPT: [&str; 8] = [
     "0.0.0.0/8",
@@ -51,14 +66,36 @@ fn managed_labels() -> Value {
     json!({"paperclip.io/managed-by": MANAGED_BY})
 }
 
-/// The tenant Namespace (§5.2).
+/// The tenant Namespace (§5.2). The company label is a valid label value
+/// (hashed when the id is not one, e.g. `Acme, Inc.` or over 63
+/// characters); then the raw id is kept in the annotation of the same name.
 pub fn namespace(name: &str, company_id: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
-        "paperclip.io/company-id": company_id,
+    let label = super::naming::label_value(company_id);
+    let mut ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
+        "paperclip.io/company-id": label,
         "paperclip.io/managed-by": MANAGED_BY,
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/audit": "restricted",
-        "pod-security.kubernetes.io/warn": "restricted"}}})
+        "pod-security.kubernetes.io/warn": "restricted"}}});
+    if label != company_id {
+        ns["metadata"]["annotations"] = json!({"paperclip.io/company-id": company_id});
+    }
+    ns
+}
+
+/// Annotations keeping the raw run and company ids of a workload whose
+/// labels had to hash them; empty when the labels are the raw values.
+pub fn raw_id_annotations(run_id: &str, company_id: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (key, raw) in [
+        ("paperclip.io/run-id", run_id),
+        ("paperclip.io/company-id", company_id),
+    ] {
+        if super::naming::label_value(raw) != raw {
+            out.insert(key.to_owned(), raw.to_owned());
+        }
+    }
+    out
 }
 
 /// `paperclip-tenant-sa`.
@@ -224,6 +261,8 @@ pub struct PodInputs<'a> {
     pub secret_name: &'a str,
     /// Run labels (the pod template adds `paperclip.io/role: agent`).
     pub labels: &'a BTreeMap<String, String>,
+    /// Workload annotations (raw ids the labels had to hash); may be empty.
+    pub annotations: &'a BTreeMap<String, String>,
     /// Config (pull secrets, runtime class, resources).
     pub config: &'a KubernetesConfig,
 }
@@ -302,18 +341,28 @@ fn pod_template(inputs: &PodInputs<'_>, job: bool) -> Value {
 
 /// The `Sandbox` CR (§6.1); no ownerReferences.
 pub fn sandbox(api_version: &str, name: &str, ns: &str, inputs: &PodInputs<'_>) -> Value {
-    json!({"apiVersion": format!("agents.x-k8s.io/{api_version}"), "kind": "Sandbox",
+    let mut sb = json!({"apiVersion": format!("agents.x-k8s.io/{api_version}"), "kind": "Sandbox",
         "metadata": {"name": name, "namespace": ns, "labels": inputs.labels},
-        "spec": {"podTemplate": pod_template(inputs, false)}})
+        "spec": {"podTemplate": pod_template(inputs, false)}});
+    annotate(&mut sb, inputs.annotations);
+    sb
+}
+
+fn annotate(object: &mut Value, annotations: &BTreeMap<String, String>) {
+    if !annotations.is_empty() {
+        object["metadata"]["annotations"] = json!(annotations);
+    }
 }
 
 /// The `batch/v1` Job (§6.3).
 pub fn job(name: &str, ns: &str, inputs: &PodInputs<'_>) -> Value {
-    json!({"apiVersion": "batch/v1", "kind": "Job",
+    let mut job = json!({"apiVersion": "batch/v1", "kind": "Job",
         "metadata": {"name": name, "namespace": ns, "labels": inputs.labels},
         "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": inputs.config.job_ttl_seconds_after_finished,
             "activeDeadlineSeconds": inputs.config.pod_activity_deadline_sec,
-            "template": pod_template(inputs, true)}})
+            "template": pod_template(inputs, true)}});
+    annotate(&mut job, inputs.annotations);
+    job
 }
 
 /// An owner reference to the workload.
@@ -363,6 +412,19 @@ mod tests {
                 "paperclip.io/company-id": "co-1", "paperclip.io/managed-by": "paperclip-k8s-plugin",
                 "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/audit": "restricted",
                 "pod-security.kubernetes.io/warn": "restricted"}}})
+        );
+        let acme = namespace("paperclip-acme", "Acme, Inc.");
+        let label = acme["metadata"]["labels"]["paperclip.io/company-id"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(super::super::validation::is_label_value(label), "{label}");
+        assert_eq!(
+            acme["metadata"]["annotations"]["paperclip.io/company-id"],
+            "Acme, Inc."
+        );
+        assert!(
+            raw_id_annotations("run-1", "co-1").is_empty()
+                && raw_id_annotations("run 1", "co-1").len() == 1
         );
         assert_eq!(
             role("ns")["rules"],
@@ -482,6 +544,7 @@ mod tests {
             image: "img:v1",
             secret_name: "pc-x-env",
             labels: &labels,
+            annotations: &BTreeMap::new(),
             config: &c,
         };
         let s = sandbox("v1beta1", "pc-x", "ns", &inputs);

@@ -30,6 +30,7 @@ mod config;
 mod exec;
 mod manifests;
 mod naming;
+pub mod validation;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use paperclip_env_core::secret::ProviderConfig;
 use paperclip_env_core::workspace::WorkspaceTransport;
 use paperclip_env_core::{
     AcquireRequest, CallContext, Capabilities, CommandExit, ConfigValidation, Error,
@@ -248,6 +250,67 @@ fn core_collection(ns: &str, plural: &str) -> String {
     format!("/api/v1/namespaces/{ns}/{plural}")
 }
 
+/// The call's secrets plus the credentials inside its kubeconfig (bearer
+/// token, password, client key and certificate data, raw and decoded): an
+/// error or metadata text containing any of them is scrubbed, not only one
+/// that quotes the whole kubeconfig.
+fn scrubber(ctx: &CallContext) -> ProviderConfig {
+    use base64::Engine as _;
+    let mut scrub = ctx.config.clone();
+    let yaml = ctx
+        .config
+        .secret("kubeconfig")
+        .or_else(|| ctx.config.secret("kubeconfigSecretRef"))
+        .map(|s| s.expose_secret().to_owned())
+        .or_else(|| {
+            ["kubeconfig", "kubeconfigSecretRef"]
+                .iter()
+                .find_map(|k| ctx.config.get(k).and_then(Value::as_str).map(str::to_owned))
+        });
+    let Some(parsed) = yaml.and_then(|y| Kubeconfig::from_yaml(&y).ok()) else {
+        return scrub;
+    };
+    let mut values: Vec<String> = Vec::new();
+    for (i, user) in parsed.auth_infos.iter().enumerate() {
+        let Some(auth) = &user.auth_info else {
+            continue;
+        };
+        let encoded = [
+            auth.token.as_ref().map(|t| t.expose_secret().to_owned()),
+            auth.password.as_ref().map(|t| t.expose_secret().to_owned()),
+            auth.client_key_data
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned()),
+            auth.client_certificate_data.clone(),
+        ];
+        for value in encoded.into_iter().flatten() {
+            let value = value.trim().to_owned();
+            if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(&value)
+                && let Ok(text) = String::from_utf8(decoded)
+            {
+                // A PEM's body lines may be quoted one by one.
+                values.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+                        .map(str::to_owned),
+                );
+                values.push(text);
+            }
+            values.push(value);
+        }
+        for (j, value) in values.drain(..).enumerate() {
+            if value.len() >= 8 {
+                scrub = scrub.with_secret(
+                    format!("kubeconfig#users.{i}.{j}"),
+                    SecretString::from(value),
+                );
+            }
+        }
+    }
+    scrub
+}
+
 fn company_of(ctx: &CallContext) -> &str {
     ctx.company_id
         .as_deref()
@@ -304,18 +367,35 @@ enum SandboxState {
     Waiting,
 }
 
+fn deleting(object: &Value) -> bool {
+    object
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|v| !v.is_null())
+}
+
+/// A `ReconcilerError` is the controller failing to create what the
+/// Sandbox needs (the API server refused its pod: quota, LimitRange,
+/// admission, validation); a write conflict is the one retried shape.
+fn permanent_reconciler_error(message: &str) -> bool {
+    !(message.contains("the object has been modified")
+        || message.contains("Operation cannot be fulfilled"))
+}
+
 /// Readiness classification of a Sandbox (spec 26 §8.1, condition-aware).
+/// A Sandbox being deleted is never Ready, whatever its conditions say.
 fn classify_sandbox(sb: &Value) -> SandboxState {
     let phase = str_at(sb, "/status/phase");
+    if phase == Some("Terminating") || deleting(sb) {
+        return SandboxState::Terminating;
+    }
     if phase == Some("Ready") || has_condition(sb, "Ready", "True").is_some() {
         return SandboxState::Ready;
     }
-    if phase == Some("Terminating")
-        || sb
-            .pointer("/metadata/deletionTimestamp")
-            .is_some_and(|v| !v.is_null())
+    if let Some((reason, message)) = has_condition(sb, "Ready", "False")
+        && reason == "ReconcilerError"
+        && permanent_reconciler_error(&message)
     {
-        return SandboxState::Terminating;
+        return SandboxState::Failed(reason, message);
     }
     if phase == Some("Failed") {
         return SandboxState::Failed(
@@ -337,12 +417,38 @@ fn classify_sandbox(sb: &Value) -> SandboxState {
     SandboxState::Waiting
 }
 
-/// Why a pod can never become ready (unschedulable, failed), if it cannot.
+/// Container waiting reasons no amount of waiting fixes.
+const FATAL_WAITING: [&str; 5] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerError",
+];
+
+/// Why a pod can never become ready (unschedulable, failed, its image
+/// cannot be pulled), if it cannot.
 fn pod_failure(pod: &Value) -> Option<(String, String)> {
     if let Some((reason, message)) = has_condition(pod, "PodScheduled", "False")
         && reason == "Unschedulable"
     {
         return Some((reason, message));
+    }
+    for status in ["initContainerStatuses", "containerStatuses"] {
+        for c in pod
+            .pointer(&format!("/status/{status}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(reason) = str_at(c, "/state/waiting/reason")
+                && FATAL_WAITING.contains(&reason)
+            {
+                let name = str_at(c, "/name").unwrap_or_default();
+                let message = str_at(c, "/state/waiting/message").unwrap_or_default();
+                return Some((reason.to_owned(), format!("container {name}: {message}")));
+            }
+        }
     }
     if str_at(pod, "/status/phase") == Some("Failed") {
         return Some((
@@ -453,7 +559,7 @@ impl KubernetesProvider {
                 .map_err(|e| {
                     Error::invalid_field(
                         "kubeconfig",
-                        ctx.config.scrub(&format!("kubeconfig cannot be used: {e}")),
+                        scrubber(ctx).scrub(&format!("kubeconfig cannot be used: {e}")),
                     )
                 })?
         };
@@ -464,8 +570,7 @@ impl KubernetesProvider {
         let client = kube::Client::try_from(kube_config).map_err(|e| {
             Error::provider(
                 KEY,
-                ctx.config
-                    .scrub(&format!("building the Kubernetes client failed: {e}")),
+                scrubber(ctx).scrub(&format!("building the Kubernetes client failed: {e}")),
             )
         })?;
         lock(&self.inner.clients).insert(key.clone(), client.clone());
@@ -741,8 +846,14 @@ impl KubernetesProvider {
             match classify_sandbox(&sandbox) {
                 SandboxState::Ready => {
                     let pod = self.sandbox_pod(t, &sandbox, name).await?;
-                    return match pod.as_ref().and_then(|p| str_at(p, "/metadata/name")) {
-                        Some(pod) => Ok(pod.to_owned()),
+                    return match pod.as_ref() {
+                        Some(p) if deleting(p) => Err(Error::not_found(format!(
+                            "the pod of Sandbox {ns}/{name} is being deleted: the lease has expired"
+                        ))),
+                        Some(p) => match str_at(p, "/metadata/name") {
+                            Some(pod) => Ok(pod.to_owned()),
+                            None => Err(Error::provider(KEY, "Sandbox pod has no name")),
+                        },
                         None => Err(Error::provider(
                             KEY,
                             "Sandbox is Ready but no backing pod was found",
@@ -761,10 +872,9 @@ impl KubernetesProvider {
                     ));
                 }
                 SandboxState::Terminating => {
-                    return Err(Error::provider(
-                        KEY,
-                        format!("Sandbox {ns}/{name} is Terminating — cannot wait for Ready"),
-                    ));
+                    return Err(Error::not_found(format!(
+                        "Sandbox {ns}/{name} is being deleted (Terminating): the lease has expired"
+                    )));
                 }
                 SandboxState::Waiting => {
                     if let Some(pod) = self.sandbox_pod(t, &sandbox, name).await?
@@ -789,6 +899,35 @@ impl KubernetesProvider {
             )
             .await;
         }
+    }
+
+    /// The Job controller's refusal to create the Job's pod (a `Warning`
+    /// `FailedCreate` event: quota, LimitRange, RuntimeClass, ServiceAccount,
+    /// Pod Security), in the cluster's words.
+    async fn job_refusal(&self, t: &Target, name: &str) -> Result<Option<String>> {
+        let selector = client::encode(&format!(
+            "involvedObject.name={name},involvedObject.kind=Job"
+        ));
+        let events = t
+            .kube
+            .list(
+                &format!(
+                    "{}?fieldSelector={selector}",
+                    core_collection(&t.namespace, "events")
+                ),
+                "",
+            )
+            .await?;
+        Ok(events
+            .iter()
+            .rev()
+            .filter(|e| {
+                str_at(e, "/reason") == Some("FailedCreate")
+                    && str_at(e, "/involvedObject/name") == Some(name)
+            })
+            .filter_map(|e| str_at(e, "/message"))
+            .next()
+            .map(str::to_owned))
     }
 
     async fn job_pod(&self, t: &Target, name: &str) -> Result<Option<Value>> {
@@ -982,6 +1121,15 @@ impl KubernetesProvider {
                     if let Some(pod) = self.job_pod(t, name).await? {
                         break pod;
                     }
+                    if let Some(message) = self.job_refusal(t, name).await? {
+                        return Err(Error::provider(
+                            KEY,
+                            format!(
+                                "Job {}/{name} cannot create its pod: {message}",
+                                t.namespace
+                            ),
+                        ));
+                    }
                     if start.elapsed() >= budget {
                         return Err(Error::Timeout {
                             operation: format!(
@@ -993,6 +1141,12 @@ impl KubernetesProvider {
                     }
                     tokio::time::sleep(self.inner.opts.poll_interval).await;
                 };
+                if let Some((reason, message)) = pod_failure(&pod) {
+                    return Err(Error::provider(
+                        KEY,
+                        format!("Job {}/{name} failed: {reason} — {message}", t.namespace),
+                    ));
+                }
                 let pod = Some(pod);
                 let phase = match pod.as_ref().and_then(|p| str_at(p, "/status/phase")) {
                     Some("Running") => "Running",
@@ -1057,7 +1211,31 @@ impl KubernetesProvider {
         };
         let cached = lock(&self.inner.ready).contains(id);
         if cached && let Some(pod) = md_str(lease, "podName") {
-            return Ok(pod.to_owned());
+            // Seen Ready before, but a Sandbox or pod being deleted is never
+            // Ready again: one look at each before running anything.
+            let sandbox_path = format!("{}/{id}", sandbox_collection(&version, &t.namespace));
+            let pod_path = format!("{}/{pod}", core_collection(&t.namespace, "pods"));
+            let (sandbox, pod_object) =
+                tokio::try_join!(t.kube.get(&sandbox_path), t.kube.get(&pod_path))?;
+            let gone = match (&sandbox, &pod_object) {
+                (None, _) => Some(format!("Sandbox {}/{id} no longer exists", t.namespace)),
+                (Some(sb), _) if deleting(sb) => Some(format!(
+                    "Sandbox {}/{id} is being deleted (Terminating): the lease has expired",
+                    t.namespace
+                )),
+                (_, Some(p)) if deleting(p) => Some(format!(
+                    "the pod {pod} of Sandbox {}/{id} is being deleted: the lease has expired",
+                    t.namespace
+                )),
+                _ => None,
+            };
+            if let Some(message) = gone {
+                lock(&self.inner.ready).remove(id);
+                return Err(Error::not_found(message));
+            }
+            if pod_object.is_some() {
+                return Ok(pod.to_owned());
+            }
         }
         let pod = self
             .wait_sandbox_ready(t, &version, id, budget, self.inner.opts.poll_interval)
@@ -1199,6 +1377,25 @@ impl KubernetesProvider {
             if phase == "Succeeded" || phase == "Failed" || start.elapsed() >= timeout {
                 break phase;
             }
+            // A pod that can never start, or none at all, fails now, not at the deadline.
+            match self.job_pod(&t, id).await? {
+                Some(pod) => {
+                    if let Some((reason, message)) = pod_failure(&pod) {
+                        return Err(Error::provider(
+                            KEY,
+                            format!("Job {}/{id} failed: {reason} — {message}", t.namespace),
+                        ));
+                    }
+                }
+                None => {
+                    if let Some(message) = self.job_refusal(&t, id).await? {
+                        return Err(Error::provider(
+                            KEY,
+                            format!("Job {}/{id} cannot create its pod: {message}", t.namespace),
+                        ));
+                    }
+                }
+            }
             tokio::time::sleep(
                 self.inner
                     .opts
@@ -1282,62 +1479,67 @@ impl SandboxProvider for KubernetesProvider {
     }
 
     async fn probe(&self, ctx: &CallContext) -> Result<ProviderProbe> {
-        let t = match self.target(ctx, None).await {
-            Ok(t) => t,
-            Err(Error::InvalidConfig { issues, .. }) => {
-                let mut md = JsonObject::new();
-                md.insert(
-                    "errors".into(),
-                    json!(issues.iter().map(ToString::to_string).collect::<Vec<_>>()),
-                );
-                return Ok(ProviderProbe {
-                    ok: false,
-                    summary: Some("Invalid Kubernetes provider configuration.".into()),
+        let result: Result<ProviderProbe> = async {
+            let t = match self.target(ctx, None).await {
+                Ok(t) => t,
+                Err(Error::InvalidConfig { issues, .. }) => {
+                    let mut md = JsonObject::new();
+                    md.insert(
+                        "errors".into(),
+                        json!(issues.iter().map(ToString::to_string).collect::<Vec<_>>()),
+                    );
+                    return Ok(ProviderProbe {
+                        ok: false,
+                        summary: Some("Invalid Kubernetes provider configuration.".into()),
+                        metadata: Some(md),
+                        ..Default::default()
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            let mut md = JsonObject::new();
+            md.insert("namespace".into(), json!(t.namespace));
+            md.insert("provider".into(), json!(KEY));
+            match t
+                .kube
+                .list(&core_collection(&t.namespace, "pods"), "")
+                .await
+            {
+                Ok(_) => Ok(ProviderProbe {
+                    ok: true,
+                    summary: Some(format!(
+                        "Kubernetes cluster reachable. Tenant namespace: {}.",
+                        t.namespace
+                    )),
                     metadata: Some(md),
                     ..Default::default()
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let mut md = JsonObject::new();
-        md.insert("namespace".into(), json!(t.namespace));
-        md.insert("provider".into(), json!(KEY));
-        match t
-            .kube
-            .list(&core_collection(&t.namespace, "pods"), "")
-            .await
-        {
-            Ok(_) => Ok(ProviderProbe {
-                ok: true,
-                summary: Some(format!(
-                    "Kubernetes cluster reachable. Tenant namespace: {}.",
-                    t.namespace
-                )),
-                metadata: Some(md),
-                ..Default::default()
-            }),
-            Err(e) if e.is_not_found() => Ok(ProviderProbe {
-                ok: true,
-                summary: Some(format!(
-                    "Kubernetes cluster reachable. Tenant namespace: {}.",
-                    t.namespace
-                )),
-                metadata: Some(md),
-                ..Default::default()
-            }),
-            Err(e) => {
-                md.insert("error".into(), json!(ctx.config.scrub(&e.to_string())));
-                Ok(ProviderProbe {
-                    ok: false,
-                    summary: Some("Kubernetes cluster probe failed.".into()),
+                }),
+                Err(e) if e.is_not_found() => Ok(ProviderProbe {
+                    ok: true,
+                    summary: Some(format!(
+                        "Kubernetes cluster reachable. Tenant namespace: {}.",
+                        t.namespace
+                    )),
                     metadata: Some(md),
                     ..Default::default()
-                })
+                }),
+                Err(e) => {
+                    md.insert("error".into(), json!(scrubber(ctx).scrub(&e.to_string())));
+                    Ok(ProviderProbe {
+                        ok: false,
+                        summary: Some("Kubernetes cluster probe failed.".into()),
+                        metadata: Some(md),
+                        ..Default::default()
+                    })
+                }
             }
         }
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 
     async fn acquire(&self, ctx: &CallContext, request: &AcquireRequest) -> Result<ProviderLease> {
+        let result: Result<ProviderLease> = async {
         let t = self.target(ctx, None).await?;
         let company = company_of(ctx).to_owned();
         let adapter = adapters::resolve(&t.config, None)
@@ -1359,11 +1561,8 @@ impl SandboxProvider for KubernetesProvider {
         self.ensure_tenant(&t, &company, &fqdns).await?;
         let name = workload_name();
         let run_label = naming::label_value(&request.run_id);
-        let labels = naming::run_labels(
-            &run_label,
-            &naming::label_value(&company),
-            &adapter.adapter_type,
-        );
+        let labels = naming::run_labels(&request.run_id, &company, &adapter.adapter_type);
+        let annotations = manifests::raw_id_annotations(&request.run_id, &company);
         let image = resolve_image(&t.config, &adapter.runtime_image, None)
             .map_err(|m| Error::invalid_field("imageAllowList", m))?;
         let secret_name = child_name(&name, "-env");
@@ -1371,6 +1570,7 @@ impl SandboxProvider for KubernetesProvider {
             image: &image,
             secret_name: &secret_name,
             labels: &labels,
+            annotations: &annotations,
             config: &t.config,
         };
         let (collection, manifest) = match (backend, &version) {
@@ -1399,7 +1599,7 @@ impl SandboxProvider for KubernetesProvider {
                     )
                     .await;
                 }
-                return Err(ctx.config.scrub_error(KEY, e));
+                return Err(scrubber(ctx).scrub_error(KEY, e));
             }
         };
         info!(namespace = %t.namespace, workload = %name, backend = backend.as_str(), "created the run workload");
@@ -1431,7 +1631,7 @@ impl SandboxProvider for KubernetesProvider {
                 Ok(ProviderLease::new(name, md))
             }
             Err(e) => {
-                let e = ctx.config.scrub_error(KEY, e);
+                let e = scrubber(ctx).scrub_error(KEY, e);
                 match self
                     .delete_workload(&t, backend, version.as_deref(), &name)
                     .await
@@ -1452,104 +1652,116 @@ impl SandboxProvider for KubernetesProvider {
                 }
             }
         }
+        }
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 
     async fn resume(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<ProviderLease> {
-        let Some(id) = lease.id() else {
-            return Ok(expired("No provider lease ID to resume"));
-        };
-        let t = self.target(ctx, Some(lease)).await?;
-        let backend = self.lease_backend(&t, lease);
-        lock(&self.inner.ready).remove(id);
-        match backend {
-            Backend::SandboxCr => {
-                let version = match md_str(lease, "sandboxApiVersion") {
-                    Some(v) => v.to_owned(),
-                    None => self.sandbox_version(&t).await?,
-                };
-                let pod = match self
-                    .wait_sandbox_ready(
-                        &t,
-                        &version,
-                        id,
-                        self.inner.opts.resume_timeout,
-                        self.inner.opts.resume_poll_interval,
-                    )
-                    .await
-                {
-                    Ok(pod) => pod,
-                    Err(e) if e.is_not_found() => {
-                        return Ok(expired("Sandbox CR no longer exists"));
-                    }
-                    Err(e) => return Ok(expired(e.to_string())),
-                };
-                let Some(p) = t
-                    .kube
-                    .get(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
-                    .await?
-                else {
-                    return Ok(expired(format!("Pod {pod} no longer exists")));
-                };
-                let phase = str_at(&p, "/status/phase").unwrap_or("");
-                if p.pointer("/metadata/deletionTimestamp")
-                    .is_some_and(|v| !v.is_null())
-                    || phase != "Running"
-                {
-                    let state = if p
-                        .pointer("/metadata/deletionTimestamp")
-                        .is_some_and(|v| !v.is_null())
-                    {
-                        "terminating"
-                    } else if phase.is_empty() {
-                        "in an unknown phase"
-                    } else {
-                        phase
+        let result: Result<ProviderLease> = async {
+            let Some(id) = lease.id() else {
+                return Ok(expired("No provider lease ID to resume"));
+            };
+            let t = self.target(ctx, Some(lease)).await?;
+            let backend = self.lease_backend(&t, lease);
+            lock(&self.inner.ready).remove(id);
+            match backend {
+                Backend::SandboxCr => {
+                    let version = match md_str(lease, "sandboxApiVersion") {
+                        Some(v) => v.to_owned(),
+                        None => self.sandbox_version(&t).await?,
                     };
-                    return Ok(expired(format!("Pod {pod} is {state}")));
+                    let pod = match self
+                        .wait_sandbox_ready(
+                            &t,
+                            &version,
+                            id,
+                            self.inner.opts.resume_timeout,
+                            self.inner.opts.resume_poll_interval,
+                        )
+                        .await
+                    {
+                        Ok(pod) => pod,
+                        Err(e) if e.is_not_found() => {
+                            let message = e.to_string();
+                            return Ok(expired(if message.contains("no longer exists") {
+                                "Sandbox CR no longer exists".to_owned()
+                            } else {
+                                message
+                            }));
+                        }
+                        Err(e) => return Ok(expired(e.to_string())),
+                    };
+                    let Some(p) = t
+                        .kube
+                        .get(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
+                        .await?
+                    else {
+                        return Ok(expired(format!("Pod {pod} no longer exists")));
+                    };
+                    let phase = str_at(&p, "/status/phase").unwrap_or("");
+                    if p.pointer("/metadata/deletionTimestamp")
+                        .is_some_and(|v| !v.is_null())
+                        || phase != "Running"
+                    {
+                        let state = if p
+                            .pointer("/metadata/deletionTimestamp")
+                            .is_some_and(|v| !v.is_null())
+                        {
+                            "terminating"
+                        } else if phase.is_empty() {
+                            "in an unknown phase"
+                        } else {
+                            phase
+                        };
+                        return Ok(expired(format!("Pod {pod} is {state}")));
+                    }
+                    lock(&self.inner.ready).insert(id.to_owned());
+                    let mut md = Self::metadata(
+                        &t,
+                        backend,
+                        id,
+                        Some(&pod),
+                        "Running",
+                        Some(&version),
+                        md_str(lease, "paperclipRunId"),
+                    );
+                    if let Some(cwd) = md_str(lease, "remoteCwd") {
+                        md.insert("remoteCwd".into(), json!(cwd));
+                    }
+                    md.insert("resumedLease".into(), json!(true));
+                    Ok(ProviderLease::new(id, md))
                 }
-                lock(&self.inner.ready).insert(id.to_owned());
-                let mut md = Self::metadata(
-                    &t,
-                    backend,
-                    id,
-                    Some(&pod),
-                    "Running",
-                    Some(&version),
-                    md_str(lease, "paperclipRunId"),
-                );
-                if let Some(cwd) = md_str(lease, "remoteCwd") {
-                    md.insert("remoteCwd".into(), json!(cwd));
+                Backend::Job => {
+                    let Some(job) = t
+                        .kube
+                        .get(&format!("{}/{id}/status", job_collection(&t.namespace)))
+                        .await?
+                    else {
+                        return Ok(expired("Job no longer exists"));
+                    };
+                    let phase = job_phase(&job);
+                    if phase == "Succeeded" || phase == "Failed" {
+                        return Ok(expired(format!("Job is {phase}")));
+                    }
+                    let pod = self.job_pod(&t, id).await?;
+                    let pod_name = pod.as_ref().and_then(|p| str_at(p, "/metadata/name"));
+                    let mut md = Self::metadata(
+                        &t,
+                        backend,
+                        id,
+                        pod_name,
+                        phase,
+                        None,
+                        md_str(lease, "paperclipRunId"),
+                    );
+                    md.insert("resumedLease".into(), json!(true));
+                    Ok(ProviderLease::new(id, md))
                 }
-                md.insert("resumedLease".into(), json!(true));
-                Ok(ProviderLease::new(id, md))
-            }
-            Backend::Job => {
-                let Some(job) = t
-                    .kube
-                    .get(&format!("{}/{id}/status", job_collection(&t.namespace)))
-                    .await?
-                else {
-                    return Ok(expired("Job no longer exists"));
-                };
-                let phase = job_phase(&job);
-                if phase == "Succeeded" || phase == "Failed" {
-                    return Ok(expired(format!("Job is {phase}")));
-                }
-                let pod = self.job_pod(&t, id).await?;
-                let pod_name = pod.as_ref().and_then(|p| str_at(p, "/metadata/name"));
-                let mut md = Self::metadata(
-                    &t,
-                    backend,
-                    id,
-                    pod_name,
-                    phase,
-                    None,
-                    md_str(lease, "paperclipRunId"),
-                );
-                md.insert("resumedLease".into(), json!(true));
-                Ok(ProviderLease::new(id, md))
             }
         }
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 
     async fn release(
@@ -1558,58 +1770,66 @@ impl SandboxProvider for KubernetesProvider {
         lease: &LeaseHandle,
         _status: LeaseStatus,
     ) -> Result<()> {
-        let Some(id) = lease.id() else { return Ok(()) };
-        lock(&self.inner.ready).remove(id);
-        let t = self.target(ctx, Some(lease)).await?;
-        let backend = self.lease_backend(&t, lease);
-        let deleted = self
-            .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
-            .await
-            .map_err(|e| ctx.config.scrub_error(KEY, e))?;
-        if !deleted {
-            debug!(workload = id, "the workload was already gone at release");
+        let result: Result<()> = async {
+            let Some(id) = lease.id() else { return Ok(()) };
+            lock(&self.inner.ready).remove(id);
+            let t = self.target(ctx, Some(lease)).await?;
+            let backend = self.lease_backend(&t, lease);
+            let deleted = self
+                .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
+                .await
+                .map_err(|e| scrubber(ctx).scrub_error(KEY, e))?;
+            if !deleted {
+                debug!(workload = id, "the workload was already gone at release");
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
-        let Some(id) = lease.id() else { return Ok(()) };
-        lock(&self.inner.ready).remove(id);
-        let t = self.target(ctx, Some(lease)).await?;
-        let backend = self.lease_backend(&t, lease);
-        let mut failures: Vec<(String, Error)> = Vec::new();
-        if let Err(e) = self
-            .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
-            .await
-        {
-            failures.push((id.to_owned(), e));
-        }
-        if let Some(pod) = md_str(lease, "podName")
-            && let Err(e) = t
-                .kube
-                .delete(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
+        let result: Result<()> = async {
+            let Some(id) = lease.id() else { return Ok(()) };
+            lock(&self.inner.ready).remove(id);
+            let t = self.target(ctx, Some(lease)).await?;
+            let backend = self.lease_backend(&t, lease);
+            let mut failures: Vec<(String, Error)> = Vec::new();
+            if let Err(e) = self
+                .delete_workload(&t, backend, md_str(lease, "sandboxApiVersion"), id)
                 .await
-        {
-            failures.push((pod.to_owned(), e));
+            {
+                failures.push((id.to_owned(), e));
+            }
+            if let Some(pod) = md_str(lease, "podName")
+                && let Err(e) = t
+                    .kube
+                    .delete(&format!("{}/{pod}", core_collection(&t.namespace, "pods")))
+                    .await
+            {
+                failures.push((pod.to_owned(), e));
+            }
+            let secret = md_str(lease, "secretName")
+                .map(str::to_owned)
+                .unwrap_or_else(|| child_name(id, "-env"));
+            if let Err(e) = t
+                .kube
+                .delete(&format!(
+                    "{}/{secret}",
+                    core_collection(&t.namespace, "secrets")
+                ))
+                .await
+            {
+                failures.push((secret, e));
+            }
+            match failures.len() {
+                0 => Ok(()),
+                1 => Err(failures.remove(0).1),
+                _ => Err(Error::ReleaseFailed { failures }),
+            }
         }
-        let secret = md_str(lease, "secretName")
-            .map(str::to_owned)
-            .unwrap_or_else(|| child_name(id, "-env"));
-        if let Err(e) = t
-            .kube
-            .delete(&format!(
-                "{}/{secret}",
-                core_collection(&t.namespace, "secrets")
-            ))
-            .await
-        {
-            failures.push((secret, e));
-        }
-        match failures.len() {
-            0 => Ok(()),
-            1 => Err(failures.remove(0).1),
-            _ => Err(Error::ReleaseFailed { failures }),
-        }
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 
     async fn realize_workspace(
@@ -1618,11 +1838,21 @@ impl SandboxProvider for KubernetesProvider {
         lease: &LeaseHandle,
         workspace: &WorkspaceSpec,
     ) -> Result<RealizeWorkspaceResult> {
+        let result: Result<RealizeWorkspaceResult> = async {
         let cwd = lease
             .preferred_cwd(workspace)
             .map(|c| c.trim().to_owned())
             .filter(|c| c.starts_with('/'))
             .unwrap_or_else(|| DEFAULT_CWD.to_owned());
+        if !manifests::is_writable_in_pod(&cwd) {
+            return Err(Error::InvalidInput {
+                what: "workspace cwd",
+                message: format!(
+                    "cannot realize the workspace at {cwd}: the pod's root filesystem is read-only (readOnlyRootFilesystem); only {} are writable",
+                    manifests::WRITABLE_MOUNTS.join(", ")
+                ),
+            });
+        }
         if let Some(id) = lease.id() {
             let t = self.target(ctx, Some(lease)).await?;
             if self.lease_backend(&t, lease) == Backend::SandboxCr && cwd != DEFAULT_CWD {
@@ -1648,6 +1878,9 @@ impl SandboxProvider for KubernetesProvider {
             cwd,
             metadata: Some(md),
         })
+        }
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 
     async fn workspace_transport(
@@ -1655,21 +1888,26 @@ impl SandboxProvider for KubernetesProvider {
         ctx: &CallContext,
         lease: &LeaseHandle,
     ) -> Result<Option<Arc<dyn WorkspaceTransport>>> {
-        let Some(id) = lease.id() else {
-            return Ok(None);
-        };
-        let t = self.target(ctx, Some(lease)).await?;
-        if self.lease_backend(&t, lease) != Backend::SandboxCr {
-            return Ok(None);
+        let result: Result<Option<Arc<dyn WorkspaceTransport>>> = async {
+            let Some(id) = lease.id() else {
+                return Ok(None);
+            };
+            let t = self.target(ctx, Some(lease)).await?;
+            if self.lease_backend(&t, lease) != Backend::SandboxCr {
+                return Ok(None);
+            }
+            let pod = self
+                .ready_pod(&t, lease, id, self.ready_budget(&t.config))
+                .await?;
+            let transport: Arc<dyn WorkspaceTransport> = Arc::new(ExecFiles {
+                provider: self.clone(),
+                target: Arc::new(t),
+                pod,
+            });
+            Ok(Some(transport))
         }
-        let pod = self
-            .ready_pod(&t, lease, id, self.ready_budget(&t.config))
-            .await?;
-        Ok(Some(Arc::new(ExecFiles {
-            provider: self.clone(),
-            target: Arc::new(t),
-            pod,
-        })))
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 
     async fn execute(
@@ -1679,6 +1917,7 @@ impl SandboxProvider for KubernetesProvider {
         request: &ExecuteRequest,
         output: &OutputCollector,
     ) -> Result<CommandExit> {
+        let result: Result<CommandExit> = async {
         let job_refusal =
             || Error::provider_unsupported(self.lease_label(lease), Operation::Execute);
         // A Job runs its command once; it cannot run commands on demand.
@@ -1714,7 +1953,7 @@ impl SandboxProvider for KubernetesProvider {
                 );
                 return Ok(exec::to_exit(Ended::TimedOut));
             }
-            Err(e) => return Err(ctx.config.scrub_error(KEY, e)),
+            Err(e) => return Err(scrubber(ctx).scrub_error(KEY, e)),
         };
         let stdin = request.stdin.as_deref().filter(|s| !s.is_empty());
         let argv = build_argv(
@@ -1739,7 +1978,7 @@ impl SandboxProvider for KubernetesProvider {
             ended = exec::run(&pods, &pod, argv, input, Sink::Collector(output, &mut stderr_tail), remaining) => ended,
             lost = self.watch_exec(&t, &pod, &pid_file, &cmd0) => Err(lost),
         }
-        .map_err(|e| ctx.config.scrub_error(KEY, e))?;
+        .map_err(|e| scrubber(ctx).scrub_error(KEY, e))?;
         if matches!(ended, Ended::Exited(code) if code != 0)
             && let Some(hint) = network_denial_hint(&stderr_tail)
         {
@@ -1770,6 +2009,9 @@ impl SandboxProvider for KubernetesProvider {
         md.insert("podName".into(), json!(pod));
         exit.metadata = Some(md);
         Ok(exit)
+        }
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
     }
 }
 
@@ -1853,6 +2095,54 @@ impl WorkspaceTransport for ExecFiles {
                 ),
             )),
             Ended::TimedOut => Err(exec::timeout_error(&self.pod, "cat", budget)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    #[test]
+    fn the_scrubber_knows_every_credential_inside_the_kubeconfig() {
+        let pem_line = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7canary";
+        let key_pem =
+            format!("-----BEGIN PRIVATE KEY-----\n{pem_line}\n-----END PRIVATE KEY-----\n");
+        let key_data = base64::engine::general_purpose::STANDARD.encode(&key_pem);
+        let cert_data = base64::engine::general_purpose::STANDARD
+            .encode("-----BEGIN CERTIFICATE-----\nMIIDcanarycertificatebody0123456789\n-----END CERTIFICATE-----\n");
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: tok-canary-123456\n    password: pw-canary-123456\n    client-key-data: {key_data}\n    client-certificate-data: {cert_data}\n"
+        );
+        for config in [
+            ProviderConfig::new(JsonObject::new())
+                .with_secret("kubeconfig", SecretString::from(yaml.clone())),
+            ProviderConfig::new(
+                json!({"kubeconfig": yaml})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            ),
+        ] {
+            let ctx = CallContext {
+                company_id: None,
+                environment_id: "env".into(),
+                issue_id: None,
+                config,
+            };
+            let scrub = scrubber(&ctx);
+            for leaked in [
+                "tok-canary-123456",
+                "pw-canary-123456",
+                key_data.as_str(),
+                pem_line,
+                cert_data.as_str(),
+                "MIIDcanarycertificatebody0123456789",
+            ] {
+                let text = scrub.scrub(&format!("error: saw {leaked} here"));
+                assert!(!text.contains(leaked), "{leaked} survived: {text}");
+            }
         }
     }
 }

@@ -40,12 +40,7 @@ pub fn workload_name() -> String {
 
 /// Whether `s` is an RFC 1123 DNS label (namespace names).
 pub fn is_rfc1123_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    super::validation::is_dns1123_label(s)
 }
 
 /// `deriveCompanySlug` (spec 26 §2.1, RECOMMENDED variant): lowercase, runs of
@@ -121,32 +116,24 @@ pub fn child_name(workload: &str, suffix: &str) -> String {
     format!("{head}-{tail}{suffix}")
 }
 
-/// Run labels (spec 26 §2.3).
+/// Run labels (spec 26 §2.3), each value made a valid label value (a raw
+/// value that is not one keeps a hashed form; see [`label_value`]).
 pub fn run_labels(run_id: &str, company_id: &str, adapter: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("paperclip.io/run-id".to_owned(), run_id.to_owned()),
-        ("paperclip.io/agent-id".to_owned(), run_id.to_owned()),
-        ("paperclip.io/company-id".to_owned(), company_id.to_owned()),
-        ("paperclip.io/adapter".to_owned(), adapter.to_owned()),
+        ("paperclip.io/run-id".to_owned(), label_value(run_id)),
+        ("paperclip.io/agent-id".to_owned(), label_value(run_id)),
+        (
+            "paperclip.io/company-id".to_owned(),
+            label_value(company_id),
+        ),
+        ("paperclip.io/adapter".to_owned(), label_value(adapter)),
         ("paperclip.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
     ])
 }
 
-/// Makes a label value valid (≤ 63 chars, alphanumeric ends, `[-_.A-Za-z0-9]`).
+/// Makes a label value valid and unique (see [`super::validation::label_value`]).
 pub fn label_value(value: &str) -> String {
-    let cleaned: String = value
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let cut: String = cleaned.chars().take(63).collect();
-    cut.trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_owned()
+    super::validation::label_value(value)
 }
 
 /// 32 random bytes as 64 lowercase hex chars.
@@ -199,7 +186,12 @@ mod tests {
         let labels = run_labels("run-1", "co", "claude_local");
         assert_eq!(labels["paperclip.io/agent-id"], "run-1");
         assert_eq!(labels["paperclip.io/managed-by"], MANAGED_BY);
-        assert_eq!(label_value("conformance run/1!"), "conformance-run-1");
+        let cleaned = label_value("conformance run/1!");
+        assert!(cleaned.starts_with("conformance-run-1-") && cleaned.len() == 26);
+        assert_eq!(
+            run_labels("Acme, Inc.", "x", "a")["paperclip.io/run-id"].len(),
+            18
+        );
         let t = bootstrap_token();
         assert!(
             t.len() == 64

@@ -7,10 +7,19 @@
 //! `runAsNonRoot`, `runAsUser: 0`, seccomp (`RuntimeDefault`/`Localhost`).
 //! Not checked: AppArmor, SELinux options, `procMount`, sysctls, and the
 //! `baseline` profile on its own.
+//!
+//! Also here, the other admission plugins a pod meets: ServiceAccount (its
+//! account, `default` unless named, must exist; every namespace gets its
+//! `default` account when it is created), RuntimeClass (must exist), LimitRanger
+//! (defaults, then `min`/`max` per container) and ResourceQuota (every
+//! quota in the namespace; tracked compute resources must be stated; the
+//! live pods' usage plus the new pod's may not exceed `hard`), each refusal
+//! a 403 `Forbidden` in the API server's wording.
 
 use serde_json::Value;
 
 use super::store::{ApiError, Store};
+use super::validation::{format_quantity, quantity};
 
 const ENFORCE: &str = "pod-security.kubernetes.io/enforce";
 const ALLOWED_VOLUMES: &[&str] = &[
@@ -254,8 +263,350 @@ pub(crate) fn restricted_violations(spec: &Value) -> Vec<String> {
     out.into_iter().map(|(_, message)| message).collect()
 }
 
-/// Admits or refuses a pod about to be created in `namespace`.
-pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &Value) -> Result<(), ApiError> {
+fn forbidden(pod: &Value, message: String) -> ApiError {
+    let name = pod
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    ApiError {
+        code: 403,
+        reason: "Forbidden",
+        message: format!("pods \"{name}\" is forbidden: {message}"),
+        details: serde_json::json!({"name": name, "kind": "pods"}),
+    }
+}
+
+fn in_namespace(store: &Store, plural: &str, namespace: &str) -> Vec<Value> {
+    store.list("", plural, Some(namespace))
+}
+
+fn container_list(pod: &Value) -> Vec<Value> {
+    pod.pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// LimitRanger's mutation: each container without a limit or request of
+/// a resource a `Container` LimitRange item defaults gets the default
+/// (`default` for limits, `defaultRequest`, else the limit, for requests).
+pub(crate) fn default_pod(store: &Store, namespace: &str, pod: &mut Value) {
+    for range in in_namespace(store, "limitranges", namespace) {
+        for item in range
+            .pointer("/spec/limits")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|i| i.get("type").and_then(Value::as_str) == Some("Container"))
+        {
+            let Some(containers) = pod
+                .pointer_mut("/spec/containers")
+                .and_then(Value::as_array_mut)
+            else {
+                return;
+            };
+            for c in containers.iter_mut() {
+                if !c["resources"].is_object() {
+                    c["resources"] = serde_json::json!({});
+                }
+                for (kind, source) in [("limits", "default"), ("requests", "defaultRequest")] {
+                    let defaults = item.get(source).and_then(Value::as_object).cloned();
+                    for (resource, value) in defaults.into_iter().flatten() {
+                        if !c["resources"][kind].is_object() {
+                            c["resources"][kind] = serde_json::json!({});
+                        }
+                        if c["resources"][kind].get(&resource).is_none() {
+                            c["resources"][kind][&resource] = value;
+                        }
+                    }
+                }
+                // A request left unset defaults to the limit.
+                let limits = c["resources"]["limits"].as_object().cloned();
+                for (resource, value) in limits.into_iter().flatten() {
+                    if !c["resources"]["requests"].is_object() {
+                        c["resources"]["requests"] = serde_json::json!({});
+                    }
+                    if c["resources"]["requests"].get(&resource).is_none() {
+                        c["resources"]["requests"][&resource] = value;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn amount(c: &Value, kind: &str, resource: &str) -> Option<(i128, String)> {
+    let v = c.pointer(&format!("/resources/{kind}/{resource}"))?;
+    let text = v
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string());
+    Some((quantity(&text)?, text))
+}
+
+/// LimitRanger's validation: `min`/`max` of each `Container` item.
+fn check_limit_ranges(store: &Store, namespace: &str, pod: &Value) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for range in in_namespace(store, "limitranges", namespace) {
+        for item in range
+            .pointer("/spec/limits")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|i| i.get("type").and_then(Value::as_str) == Some("Container"))
+        {
+            for c in container_list(pod) {
+                for (resource, bound) in item
+                    .get("min")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    let bound_text = bound.as_str().unwrap_or_default();
+                    let Some(min) = quantity(bound_text) else {
+                        continue;
+                    };
+                    match amount(&c, "requests", resource) {
+                        Some((req, text)) if req < min => problems.push(format!(
+                            "minimum {resource} usage per Container is {bound_text}, but request is {text}"
+                        )),
+                        None => problems.push(format!(
+                            "minimum {resource} usage per Container is {bound_text}.  No request is specified"
+                        )),
+                        _ => {}
+                    }
+                }
+                for (resource, bound) in item
+                    .get("max")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    let bound_text = bound.as_str().unwrap_or_default();
+                    let Some(max) = quantity(bound_text) else {
+                        continue;
+                    };
+                    match amount(&c, "limits", resource) {
+                        Some((lim, text)) if lim > max => problems.push(format!(
+                            "maximum {resource} usage per Container is {bound_text}, but limit is {text}"
+                        )),
+                        None => problems.push(format!(
+                            "maximum {resource} usage per Container is {bound_text}.  No limit is specified"
+                        )),
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(problems.remove(0)),
+        _ => Err(format!("[{}]", problems.join(", "))),
+    }
+}
+
+/// What one pod counts against a quota, per quota resource name.
+fn pod_usage(pod: &Value) -> Vec<(String, i128)> {
+    let mut out = vec![("pods".to_owned(), 1_000_000_000i128)];
+    for (kind, short) in [("requests", true), ("limits", false)] {
+        for resource in ["cpu", "memory"] {
+            let total: i128 = container_list(pod)
+                .iter()
+                .filter_map(|c| amount(c, kind, resource).map(|(v, _)| v))
+                .sum();
+            out.push((format!("{kind}.{resource}"), total));
+            if short {
+                out.push((resource.to_owned(), total));
+            }
+        }
+    }
+    out
+}
+
+fn terminal(pod: &Value) -> bool {
+    matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// Current usage of `quota`'s resources by the namespace's live pods.
+pub(crate) fn quota_used(
+    store: &Store,
+    namespace: &str,
+    hard: &serde_json::Map<String, Value>,
+) -> Vec<(String, i128)> {
+    let pods: Vec<Value> = in_namespace(store, "pods", namespace)
+        .into_iter()
+        .filter(|p| !terminal(p))
+        .collect();
+    hard.keys()
+        .map(|resource| {
+            let used: i128 = pods
+                .iter()
+                .flat_map(pod_usage)
+                .filter(|(r, _)| r == resource)
+                .map(|(_, v)| v)
+                .sum();
+            (resource.clone(), used)
+        })
+        .collect()
+}
+
+fn pretty(items: &[(String, i128)]) -> String {
+    let mut items: Vec<&(String, i128)> = items.iter().collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    items
+        .iter()
+        .map(|(r, v)| format!("{r}={}", format_quantity(r, *v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// ResourceQuota admission for a new pod.
+fn check_quotas(store: &Store, namespace: &str, pod: &Value) -> Result<(), String> {
+    let usage = pod_usage(pod);
+    for quota in in_namespace(store, "resourcequotas", namespace) {
+        let name = quota
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let Some(hard) = quota.pointer("/spec/hard").and_then(Value::as_object) else {
+            continue;
+        };
+        // Compute resources a quota tracks must be stated by every container.
+        let mut missing: Vec<String> = Vec::new();
+        for resource in hard.keys() {
+            let (kind, res) = match resource.split_once('.') {
+                Some((k @ ("requests" | "limits"), r)) => (k, r),
+                None if matches!(resource.as_str(), "cpu" | "memory") => {
+                    ("requests", resource.as_str())
+                }
+                _ => continue,
+            };
+            let lacking: Vec<String> = container_list(pod)
+                .iter()
+                .filter(|c| amount(c, kind, res).is_none())
+                .map(|c| {
+                    c.get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .collect();
+            if !lacking.is_empty() {
+                missing.push(format!("{kind}.{res} for: {}", lacking.join(",")));
+            }
+        }
+        if !missing.is_empty() {
+            missing.sort();
+            return Err(format!(
+                "failed quota: {name}: must specify {}",
+                missing.join("; ")
+            ));
+        }
+        let used = quota_used(store, namespace, hard);
+        let mut exceeded = Vec::new();
+        for (resource, limit) in hard {
+            let Some(limit) = limit.as_str().and_then(quantity) else {
+                continue;
+            };
+            let requested = usage
+                .iter()
+                .find(|(r, _)| r == resource)
+                .map(|(_, v)| *v)
+                .unwrap_or(0);
+            if requested == 0 {
+                continue;
+            }
+            let now = used
+                .iter()
+                .find(|(r, _)| r == resource)
+                .map(|(_, v)| *v)
+                .unwrap_or(0);
+            if now + requested > limit {
+                exceeded.push((resource.clone(), requested, now, limit));
+            }
+        }
+        if !exceeded.is_empty() {
+            let requested: Vec<(String, i128)> = exceeded
+                .iter()
+                .map(|(r, v, _, _)| (r.clone(), *v))
+                .collect();
+            let used: Vec<(String, i128)> = exceeded
+                .iter()
+                .map(|(r, _, v, _)| (r.clone(), *v))
+                .collect();
+            let limited: Vec<(String, i128)> = exceeded
+                .iter()
+                .map(|(r, _, _, v)| (r.clone(), *v))
+                .collect();
+            return Err(format!(
+                "exceeded quota: {name}, requested: {}, used: {}, limited: {}",
+                pretty(&requested),
+                pretty(&used),
+                pretty(&limited)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Admits or refuses a pod about to be created in `namespace`, in the API
+/// server's order: ServiceAccount (its account must exist), Pod
+/// Security, RuntimeClass (must exist), LimitRanger bounds, ResourceQuota.
+/// Defaults ([`default_pod`]) must have been applied.
+pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &mut Value) -> Result<(), ApiError> {
+    let account = pod
+        .pointer("/spec/serviceAccountName")
+        .or_else(|| pod.pointer("/spec/serviceAccount"))
+        .and_then(Value::as_str)
+        .filter(|a| !a.is_empty())
+        .unwrap_or("default")
+        .to_owned();
+    if store
+        .get(&(
+            String::new(),
+            "serviceaccounts".into(),
+            namespace.into(),
+            account.clone(),
+        ))
+        .is_none()
+    {
+        return Err(forbidden(
+            pod,
+            format!(
+                "error looking up service account {namespace}/{account}: serviceaccount \"{account}\" not found"
+            ),
+        ));
+    }
+    admit_pod_security(store, namespace, pod)?;
+    if let Some(class) = pod
+        .pointer("/spec/runtimeClassName")
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty())
+        && store
+            .get(&(
+                "node.k8s.io".into(),
+                "runtimeclasses".into(),
+                String::new(),
+                class.into(),
+            ))
+            .is_none()
+    {
+        return Err(forbidden(
+            pod,
+            format!("pod rejected: RuntimeClass \"{class}\" not found"),
+        ));
+    }
+    check_limit_ranges(store, namespace, pod).map_err(|m| forbidden(pod, m))?;
+    check_quotas(store, namespace, pod).map_err(|m| forbidden(pod, m))?;
+    Ok(())
+}
+
+/// Pod Security admission alone.
+fn admit_pod_security(store: &Store, namespace: &str, pod: &Value) -> Result<(), ApiError> {
     let key = (
         String::new(),
         "namespaces".to_owned(),

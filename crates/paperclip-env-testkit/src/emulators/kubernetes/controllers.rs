@@ -36,9 +36,12 @@ fn reconcile(shared: &Arc<Shared>) {
     sandboxes(shared);
     jobs(shared);
     kubelet(shared);
+    quotas(shared);
 }
 
 fn collect_garbage(shared: &Shared) {
+    let finished = shared.store().finish_deletions();
+    shared.after_delete(&finished);
     loop {
         let deleted = {
             let mut store = shared.store();
@@ -101,6 +104,86 @@ fn condition(previous: &Value, kind: &str, status: &str, reason: &str, message: 
         "lastTransitionTime": since, "observedGeneration": 1})
 }
 
+/// What a controller's pod create meets: LimitRanger defaults, full pod
+/// validation, then admission.
+fn admit_new_pod(
+    shared: &Shared,
+    store: &store::Store,
+    namespace: &str,
+    pod: &mut Value,
+) -> Result<(), store::ApiError> {
+    super::admission::default_pod(store, namespace, pod);
+    if let Some(pods_rt) = shared.resource("", "pods") {
+        super::validation::validate(pods_rt, pod)?;
+    }
+    super::admission::admit_pod(store, namespace, pod)
+}
+
+/// A `Warning` Event about `object`, once per reason and message (as the
+/// event recorder's aggregation leaves one visible entry).
+#[allow(clippy::too_many_arguments)]
+fn record_event(
+    shared: &Shared,
+    store: &mut store::Store,
+    object: &Value,
+    api_version: &str,
+    kind: &str,
+    reason: &str,
+    message: &str,
+    component: &str,
+) {
+    let Some(rt) = shared.resource("", "events") else {
+        return;
+    };
+    let namespace = str_at(object, "/metadata/namespace");
+    let uid = str_at(object, "/metadata/uid");
+    let seen = store.list("", "events", Some(namespace)).iter().any(|e| {
+        str_at(e, "/involvedObject/uid") == uid
+            && str_at(e, "/reason") == reason
+            && str_at(e, "/message") == message
+    });
+    if seen {
+        return;
+    }
+    let now = timestamp();
+    let event = json!({"metadata": {"name": store::generated_name(&format!("{}.", str_at(object, "/metadata/name"))),
+            "namespace": namespace},
+        "involvedObject": {"apiVersion": api_version, "kind": kind, "name": str_at(object, "/metadata/name"),
+            "namespace": namespace, "uid": uid},
+        "reason": reason, "message": message, "type": "Warning", "count": 1,
+        "source": {"component": component}, "reportingComponent": component,
+        "firstTimestamp": now, "lastTimestamp": now});
+    let _ = store.create(rt, namespace, event);
+}
+
+/// The quota controller: `status.hard` and `status.used` of every quota.
+fn quotas(shared: &Shared) {
+    let mut store = shared.store();
+    for quota in store.list("", "resourcequotas", None) {
+        let namespace = str_at(&quota, "/metadata/namespace").to_owned();
+        let name = str_at(&quota, "/metadata/name").to_owned();
+        let Some(hard) = quota
+            .pointer("/spec/hard")
+            .and_then(Value::as_object)
+            .cloned()
+        else {
+            continue;
+        };
+        let used: serde_json::Map<String, Value> =
+            super::admission::quota_used(&store, &namespace, &hard)
+                .into_iter()
+                .map(|(r, v)| {
+                    let text = super::validation::format_quantity(&r, v);
+                    (r, json!(text))
+                })
+                .collect();
+        store.set_status(
+            &key("", "resourcequotas", &namespace, &name),
+            json!({"hard": hard, "used": used}),
+        );
+    }
+}
+
 fn sandboxes(shared: &Shared) {
     let Some(rt) = shared.resource(SANDBOX_GROUP, "sandboxes").cloned() else {
         return;
@@ -133,7 +216,9 @@ fn sandboxes(shared: &Shared) {
         let mut store = shared.store();
         // The list above is a snapshot: skip a Sandbox deleted (or replaced)
         // since, so no pod is created for an owner that is already gone.
-        if !still_current(&store, &sandbox_key, &uid) {
+        if !still_current(&store, &sandbox_key, &uid)
+            || sandbox.pointer("/metadata/deletionTimestamp").is_some()
+        {
             continue;
         }
         let pod = match store.get(&pod_key).cloned() {
@@ -179,15 +264,27 @@ fn sandboxes(shared: &Shared) {
                     "spec": template.get("spec").cloned().unwrap_or(json!({})),
                     "status": {"phase": "Pending", "qosClass": "Burstable"},
                 });
-                match super::admission::admit_pod(&store, &namespace, &pod) {
+                let mut pod = pod;
+                match admit_new_pod(shared, &store, &namespace, &mut pod) {
                     Ok(()) => shared
                         .resource("", "pods")
                         .and_then(|pods_rt| store.create(pods_rt, &namespace, pod).ok()),
                     Err(error) => {
                         let previous = sandbox.get("status").cloned().unwrap_or(json!({}));
+                        let message = format!("failed to create pod: {}", error.message);
                         let status = json!({"conditions": [condition(&previous, "Ready", "False",
-                            "ReconcilerError", &error.message)]});
+                            "ReconcilerError", &message)]});
                         store.set_status(&sandbox_key, status);
+                        record_event(
+                            shared,
+                            &mut store,
+                            &sandbox,
+                            &format!("{SANDBOX_GROUP}/{storage_version}"),
+                            "Sandbox",
+                            "FailedCreate",
+                            &format!("Error creating: {}", error.message),
+                            "sandbox-controller",
+                        );
                         continue;
                     }
                 }
@@ -213,7 +310,17 @@ fn sandboxes(shared: &Shared) {
             .map(|ips| ips.iter().filter_map(|i| i.get("ip").cloned()).collect())
             .unwrap_or_default();
         let mut conditions = Vec::new();
+        let pod_deleting = pod
+            .as_ref()
+            .is_some_and(|p| p.pointer("/metadata/deletionTimestamp").is_some());
         match phase.as_str() {
+            _ if pod_deleting => conditions.push(condition(
+                &previous,
+                "Ready",
+                "False",
+                "DependenciesNotReady",
+                &format!("Pod {pod_name} is being deleted"),
+            )),
             "Running" if pod_ready && !ips.is_empty() => {
                 conditions.push(condition(
                     &previous,
@@ -357,7 +464,9 @@ fn jobs(shared: &Shared) {
             continue;
         }
         let mut store = shared.store();
-        if !still_current(&store, &job_key, &uid) {
+        if !still_current(&store, &job_key, &uid)
+            || job.pointer("/metadata/deletionTimestamp").is_some()
+        {
             continue;
         }
         let pods: Vec<Value> = store
@@ -395,8 +504,19 @@ fn jobs(shared: &Shared) {
             });
             // A refused pod (Pod Security admission) is retried, as the Job
             // controller does; the Job stays without active pods.
-            if super::admission::admit_pod(&store, &namespace, &pod).is_err() {
+            let mut pod = pod;
+            if let Err(error) = admit_new_pod(shared, &store, &namespace, &mut pod) {
                 store.set_status(&job_key, status);
+                record_event(
+                    shared,
+                    &mut store,
+                    &job,
+                    "batch/v1",
+                    "Job",
+                    "FailedCreate",
+                    &format!("Error creating: {}", error.message),
+                    "job-controller",
+                );
                 continue;
             }
             if let Some(pods_rt) = shared.resource("", "pods") {
@@ -564,7 +684,9 @@ fn kubelet(shared: &Arc<Shared>) {
     });
     for pod in pods {
         let phase = str_at(&pod, "/status/phase").to_owned();
-        if matches!(phase.as_str(), "Succeeded" | "Failed") {
+        if matches!(phase.as_str(), "Succeeded" | "Failed")
+            || pod.pointer("/metadata/deletionTimestamp").is_some()
+        {
             continue;
         }
         let uid = str_at(&pod, "/metadata/uid").to_owned();
@@ -594,6 +716,10 @@ fn kubelet(shared: &Arc<Shared>) {
                     fault: shared.faults.take(&Hook::PodStart),
                     ip: format!("10.244.{}.{}", (n / 250) % 250, n % 250 + 2),
                     started: false,
+                    isolated: shared.opts.isolate_pods && exec::isolation_available(),
+                    read_only_root: container.pointer("/securityContext/readOnlyRootFilesystem")
+                        == Some(&json!(true)),
+                    user: exec::run_as(&pod, &container),
                 }
             });
             let main = *runtime.main.lock().unwrap_or_else(|p| p.into_inner());
@@ -629,6 +755,26 @@ fn kubelet(shared: &Arc<Shared>) {
             status["containerStatuses"] = container_statuses(
                 &pod,
                 &json!({"waiting": {"reason": "ContainerCreating"}}),
+                false,
+            );
+            shared.store().set_status(&pod_key, status);
+            continue;
+        }
+        if let Some(message) = image_pull_failure(shared, &container) {
+            let backoff = elapsed >= shared.opts.ready_delay * 2;
+            let (reason, message) = if backoff {
+                (
+                    "ImagePullBackOff",
+                    format!("Back-off pulling image {:?}", str_at(&container, "/image")),
+                )
+            } else {
+                ("ErrImagePull", message)
+            };
+            let mut status = base("Pending");
+            status["conditions"] = pod_conditions(false, &since);
+            status["containerStatuses"] = container_statuses(
+                &pod,
+                &json!({"waiting": {"reason": reason, "message": message}}),
                 false,
             );
             shared.store().set_status(&pod_key, status);
@@ -673,6 +819,9 @@ fn kubelet(shared: &Arc<Shared>) {
                     let _ =
                         std::fs::create_dir_all(runtime.root.join(mount.trim_start_matches('/')));
                 }
+                if runtime.isolated {
+                    exec::prepare_isolated_root(&runtime.root, &runtime.mounts);
+                }
                 runtime.started = true;
                 (
                     PodContext {
@@ -682,6 +831,9 @@ fn kubelet(shared: &Arc<Shared>) {
                         working_dir: runtime.working_dir.clone(),
                         env,
                         pgids: runtime.pgids.clone(),
+                        isolated: runtime.isolated,
+                        read_only_root: runtime.read_only_root,
+                        user: runtime.user.clone(),
                     },
                     runtime.log.clone(),
                     runtime.main.clone(),
@@ -749,4 +901,35 @@ fn bind(shared: &Shared, pod_key: &Key) {
     if let Some(rt) = shared.resource("", "pods").cloned() {
         let _ = store.update(&rt, pod_key, pod, None);
     }
+}
+
+/// Why the node cannot pull the container's image: its registry is not
+/// one of [`super::KubeEmulatorOptions::registries`] (the host does not
+/// resolve), in containerd's wording.
+fn image_pull_failure(shared: &Shared, container: &Value) -> Option<String> {
+    let image = str_at(container, "/image");
+    let (first, rest) = image.split_once('/').unwrap_or(("", image));
+    let explicit = first.contains('.') || first.contains(':') || first == "localhost";
+    let (host, path) = if explicit {
+        (first, rest)
+    } else {
+        ("docker.io", image)
+    };
+    let hostname = host.split(':').next().unwrap_or(host);
+    if shared
+        .opts
+        .registries
+        .iter()
+        .any(|r| r == host || r == hostname)
+    {
+        return None;
+    }
+    let (repo, tag) = match path.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+        _ => (path, "latest"),
+    };
+    let reference = format!("{host}/{repo}:{tag}");
+    Some(format!(
+        "failed to pull and unpack image \"{reference}\": failed to resolve reference \"{reference}\": failed to do request: Head \"https://{host}/v2/{repo}/manifests/{tag}\": dial tcp: lookup {hostname}: no such host"
+    ))
 }

@@ -79,9 +79,14 @@ pub(crate) struct Unmapper {
 }
 
 impl Unmapper {
-    pub(crate) fn new(root: &Path) -> Self {
+    /// `active: false` passes every byte through untouched (isolated pods).
+    pub(crate) fn new(root: &Path, active: bool) -> Self {
         Self {
-            root: root.to_string_lossy().into_owned().into_bytes(),
+            root: if active {
+                root.to_string_lossy().into_owned().into_bytes()
+            } else {
+                Vec::new()
+            },
             carry: Vec::new(),
         }
     }
@@ -115,6 +120,155 @@ impl Unmapper {
     }
 }
 
+/// Host directories a pod sees (bound read-through into its root when
+/// pods are isolated); everything else in the pod's filesystem is its own.
+const HOST_DIRS: [&str; 13] = [
+    "usr", "etc", "dev", "proc", "sys", "opt", "var", "bin", "sbin", "lib", "lib32", "lib64",
+    "libx32",
+];
+
+/// In the pod's mount namespace: makes the root and each volume a mount,
+/// binds the host's system directories in (read-only, except `/dev`,
+/// `/proc` and `/sys`, so no pod can change the host's files), makes the
+/// root read-only when the container asks for `readOnlyRootFilesystem`,
+/// then runs the command chrooted there in its in-pod working directory.
+/// `$1` root, `$2` cwd, `$3` `1` for a read-only root, `$4` the volume
+/// paths (space-separated, parents first), `$5` `uid:gid` to run as and
+/// `$6` its groups (empty: the namespace's root).
+const ISOLATE_SCRIPT: &str = r#"r=$1; d=$2; ro=$3; vols=$4; u=$5; g=$6; shift 6
+fail() { echo "kube emulator: cannot $1" >&2; exit 125; }
+mount --bind "$r" "$r" || fail "make the pod root a mount"
+for v in $vols; do mount --bind "$r$v" "$r$v" || fail "mount the volume $v"; done
+for m in usr etc dev proc sys opt var bin sbin lib lib32 lib64 libx32; do
+  if [ ! -e "$r/$m" ] && [ ! -L "$r/$m" ]; then
+    if [ -L "/$m" ]; then ln -s "$(readlink "/$m")" "$r/$m"; elif [ -d "/$m" ]; then mkdir "$r/$m"; fi
+  fi
+  if [ -d "$r/$m" ] && [ ! -L "$r/$m" ]; then
+    mount --rbind "/$m" "$r/$m" || fail "bind /$m into the pod root"
+    case $m in dev|proc|sys) ;; *) mount -o remount,bind,ro "$r/$m" || fail "make /$m read-only" ;; esac
+  fi
+done
+[ -x "$r/bin/sh" ] || fail "find /bin/sh in the pod root ($(ls -la "$r" 2>&1 | tr '\n' ' '))"
+if [ "$ro" = 1 ]; then mount -o remount,bind,ro "$r" || fail "make the root read-only"; fi
+if [ -n "$u" ]; then
+  exec chroot --userspec="$u" --groups="$g" "$r" /bin/sh -c 'cd "$1" || exit 1; shift; exec "$@"' sh "$d" "$@"
+fi
+exec chroot "$r" /bin/sh -c 'cd "$1" || exit 1; shift; exec "$@"' sh "$d" "$@""#;
+
+/// How pod processes are isolated on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isolation {
+    /// The emulator runs as root: a private mount namespace, and the
+    /// container's `runAsUser`/`runAsGroup` are applied.
+    Root,
+    /// A user namespace mapping the emulator's user to root, and a mount
+    /// namespace: processes run as that namespace's root.
+    UserNamespace,
+    /// Neither: in-pod paths are rewritten instead.
+    Unavailable,
+}
+
+fn succeeds(program: &str, args: &[&str]) -> bool {
+    std::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// This host's [`Isolation`], checked once per process.
+pub(crate) fn isolation() -> Isolation {
+    static MODE: std::sync::OnceLock<Isolation> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| {
+        if !succeeds("chroot", &["--version"]) {
+            return Isolation::Unavailable;
+        }
+        // `/proc/self` belongs to the process's effective user.
+        let root = {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+        };
+        if root && succeeds("unshare", &["--mount", "--propagation", "private", "true"]) {
+            return Isolation::Root;
+        }
+        if succeeds(
+            "unshare",
+            &[
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "--propagation",
+                "private",
+                "true",
+            ],
+        ) {
+            return Isolation::UserNamespace;
+        }
+        Isolation::Unavailable
+    })
+}
+
+/// Whether pod processes can run in their own mount namespace and root.
+pub(crate) fn isolation_available() -> bool {
+    isolation() != Isolation::Unavailable
+}
+
+/// Lays out an isolated pod root: mount points (or the host's symlinks)
+/// for [`HOST_DIRS`] next to the pod's own volume directories, which are
+/// world-writable as the kubelet makes `emptyDir`s.
+pub(crate) fn prepare_isolated_root(root: &Path, volumes: &[String]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755));
+    for volume in volumes {
+        let _ = std::fs::set_permissions(
+            root.join(volume.trim_start_matches('/')),
+            std::fs::Permissions::from_mode(0o777),
+        );
+    }
+    for dir in HOST_DIRS {
+        let host = Path::new("/").join(dir);
+        let inside = root.join(dir);
+        if inside.symlink_metadata().is_ok() {
+            continue;
+        }
+        match std::fs::symlink_metadata(&host) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(&host) {
+                    let _ = std::os::unix::fs::symlink(target, &inside);
+                }
+            }
+            Ok(meta) if meta.is_dir() => {
+                let _ = std::fs::create_dir_all(&inside);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether an in-pod executable exists: pod volumes are under the root,
+/// everything else is the host's (bound read-through).
+fn exists_in_pod(ctx: &PodContext, program: &str) -> bool {
+    let located = |path: &str| {
+        let own = ctx
+            .mounts
+            .iter()
+            .any(|m| path == m || path.starts_with(&format!("{m}/")));
+        if own {
+            ctx.root.join(path.trim_start_matches('/')).exists()
+        } else {
+            Path::new(path).exists()
+        }
+    };
+    if program.contains('/') {
+        return located(program);
+    }
+    DEFAULT_PATH
+        .split(':')
+        .any(|dir| located(&format!("{dir}/{program}")))
+}
+
 /// What a process of a pod needs.
 pub(crate) struct PodContext {
     pub name: String,
@@ -123,6 +277,55 @@ pub(crate) struct PodContext {
     pub working_dir: Option<String>,
     pub env: Vec<(String, String)>,
     pub pgids: Arc<Mutex<HashSet<i32>>>,
+    /// Run in the pod's own mount namespace, chrooted into its root: in-pod
+    /// paths are real, nothing is rewritten in or out.
+    pub isolated: bool,
+    /// The container's `readOnlyRootFilesystem` (enforced when isolated).
+    pub read_only_root: bool,
+    /// The container's user (`runAsUser`, applied when the emulator is root).
+    pub user: Option<RunAs>,
+}
+
+/// Who a container's processes run as (its or its pod's `securityContext`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// `runAsGroup` plus `fsGroup` and `supplementalGroups`.
+    pub groups: Vec<u32>,
+}
+
+/// The `runAsUser` of a pod's container, with its groups; `None` when
+/// neither the container nor the pod sets one.
+pub(crate) fn run_as(pod: &Value, container: &Value) -> Option<RunAs> {
+    let pick = |key: &str| {
+        container
+            .pointer(&format!("/securityContext/{key}"))
+            .or_else(|| pod.pointer(&format!("/spec/securityContext/{key}")))
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    };
+    let uid = pick("runAsUser")?;
+    let gid = pick("runAsGroup").unwrap_or(0);
+    let mut groups = vec![gid];
+    if let Some(fs) = pod
+        .pointer("/spec/securityContext/fsGroup")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+    {
+        groups.push(fs);
+    }
+    for g in pod
+        .pointer("/spec/securityContext/supplementalGroups")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+    {
+        groups.push(g);
+    }
+    groups.dedup();
+    Some(RunAs { uid, gid, groups })
 }
 
 /// The container of `pod` named `container` (the first when `None`).
@@ -311,6 +514,9 @@ pub(crate) fn command(
     {
         argv.splice(0..1, replacement.iter().cloned());
     }
+    if ctx.isolated {
+        return isolated_command(ctx, &argv);
+    }
     let argv: Vec<String> = argv
         .iter()
         .map(|a| rewrite(a, &ctx.root, &ctx.mounts))
@@ -338,6 +544,83 @@ pub(crate) fn command(
     };
     command
         .current_dir(cwd)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    Some(command)
+}
+
+/// The command of an isolated pod: `unshare` (user + mount namespace, the
+/// same pid, so process-group kills still reach it) binds the host's system
+/// directories into the pod root and chroots there; argv, env and output
+/// pass through untouched. `None` when the program does not exist in the
+/// pod (the caller answers as the runtime does).
+fn isolated_command(ctx: &PodContext, argv: &[String]) -> Option<tokio::process::Command> {
+    let program = argv.first()?;
+    if !exists_in_pod(ctx, program) {
+        return None;
+    }
+    // Parents before children, so a nested volume is mounted on top.
+    let mut volumes: Vec<&str> = ctx
+        .mounts
+        .iter()
+        .map(String::as_str)
+        .filter(|m| !m.contains(char::is_whitespace))
+        .collect();
+    volumes.sort_by_key(|m| m.len());
+    let mut command = tokio::process::Command::new("unshare");
+    let as_root = isolation() == Isolation::Root;
+    if !as_root {
+        command.args(["--user", "--map-root-user"]);
+    }
+    let (user, groups) = match (as_root, &ctx.user) {
+        (true, Some(user)) => (
+            format!("{}:{}", user.uid, user.gid),
+            user.groups
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        _ => (String::new(), String::new()),
+    };
+    command
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            ISOLATE_SCRIPT,
+            "sh",
+        ])
+        .arg(&ctx.root)
+        .arg(ctx.working_dir.as_deref().unwrap_or("/"))
+        .arg(if ctx.read_only_root { "1" } else { "0" })
+        .arg(volumes.join(" "))
+        .arg(user)
+        .arg(groups)
+        .args(argv)
+        .env_clear()
+        .env("PATH", DEFAULT_PATH);
+    let home = if ctx.mounts.iter().any(|m| m == "/home/paperclip") {
+        "/home/paperclip"
+    } else {
+        "/"
+    };
+    command.env("HOME", home).env("HOSTNAME", &ctx.name);
+    if ctx.mounts.iter().any(|m| m == "/tmp") {
+        command.env("TMPDIR", "/tmp");
+    }
+    for (k, v) in &ctx.env {
+        if k != "PATH" {
+            command.env(k, v);
+        }
+    }
+    command
+        .current_dir(&ctx.root)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -422,6 +705,9 @@ fn pod_context(
         working_dir: runtime.working_dir.clone(),
         env: Vec::new(),
         pgids: runtime.pgids.clone(),
+        isolated: runtime.isolated,
+        read_only_root: runtime.read_only_root,
+        user: runtime.user.clone(),
     };
     Ok((pod, container, ctx))
 }
@@ -576,6 +862,13 @@ async fn run(
         _ => None,
     };
     let Some(mut command) = command(&shared, &ctx, &argv) else {
+        let message = format!(
+            "OCI runtime exec failed: exec failed: unable to start container process: exec: {:?}: executable file not found in $PATH: unknown\r\n",
+            argv.first().map(String::as_str).unwrap_or_default()
+        );
+        let _ = socket.send(frame(STDERR, message.as_bytes())).await;
+        let _ = socket.send(status_frame(126, &argv)).await;
+        close(socket).await;
         return;
     };
     command.stdin(if streams.stdin {
@@ -622,7 +915,7 @@ async fn run(
     ] {
         let Some(mut reader) = reader else { continue };
         let tx = tx.clone();
-        let mut unmapper = Unmapper::new(&ctx.root);
+        let mut unmapper = Unmapper::new(&ctx.root, !ctx.isolated);
         tokio::spawn(async move {
             let mut buffer = vec![0u8; 32 * 1024];
             loop {
@@ -662,6 +955,16 @@ async fn run(
     loop {
         tokio::select! {
             message = socket.recv() => match message {
+                // Some clients (the Python client) send stdin as TEXT
+                // frames: the channel is the first character, as in binary.
+                Some(Ok(Message::Text(text))) => {
+                    let data = text.as_bytes();
+                    if data.first() == Some(&STDIN)
+                        && let Some(tx) = &stdin_tx
+                    {
+                        let _ = tx.send(data[1..].to_vec());
+                    }
+                }
                 Some(Ok(Message::Binary(data))) => match data.first() {
                     Some(&STDIN) => {
                         if let Some(tx) = &stdin_tx {
@@ -770,7 +1073,7 @@ pub(crate) fn start_main(
     {
         let log = log.clone();
         let mut reader = reader;
-        let mut unmapper = Unmapper::new(&ctx.root);
+        let mut unmapper = Unmapper::new(&ctx.root, !ctx.isolated);
         readers.push(tokio::spawn(async move {
             let mut buffer = vec![0u8; 16 * 1024];
             while let Ok(n) = reader.read(&mut buffer).await {
@@ -872,7 +1175,7 @@ mod tests {
         let root = Path::new("/tmp/emu/pods/ns/pc-1");
         let text = b"cwd=/tmp/emu/pods/ns/pc-1/workspace/paperclip\nx/tmp/emu/other\n";
         for split in 0..text.len() {
-            let mut u = Unmapper::new(root);
+            let mut u = Unmapper::new(root, true);
             let mut out = u.push(&text[..split]);
             out.extend(u.push(&text[split..]));
             out.extend(u.finish());

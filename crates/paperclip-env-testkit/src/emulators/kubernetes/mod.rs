@@ -25,14 +25,34 @@
 //!   patches), delete (`propagationPolicy` in the query or a
 //!   `DeleteOptions` body, preconditions), deletecollection, `status`
 //!   subresources, watch (`watch=true`, newline-delimited `WatchEvent`s, 410
-//!   `Expired` for a resourceVersion older than the kept history). Errors
+//!   `Expired` for a resourceVersion older than the kept history),
+//!   `dryRun=All` (validated and admitted, nothing stored). Errors
 //!   are `metav1.Status` objects (404 `NotFound`, 409 `AlreadyExists`/
-//!   `Conflict`, 422 `Invalid`, 401 `Unauthorized`). Secrets fold
-//!   `stringData` into base64 `data`.
-//! - Garbage collection: deleting an owner deletes every dependent whose
-//!   `ownerReferences` name its uid, transitively (`Orphan` strips the
-//!   references instead); objects whose owners are all gone are collected.
-//!   Deletion is immediate (no finalizers, no graceful termination); Jobs
+//!   `Conflict`, 422 `Invalid` with `details.causes`, 401 `Unauthorized`,
+//!   415 for protobuf bodies: JSON only). Secrets fold `stringData` into
+//!   base64 `data`.
+//! - Validation as the API server does it for the kinds the provider
+//!   writes (`validation.rs`): names (DNS-1123 label for namespaces,
+//!   subdomain otherwise), label keys and values, annotation keys, Secret
+//!   keys, pod specs (containers, images, env names, quantities, requests ≤
+//!   limits, volume mounts, restart policy), Job specs, NetworkPolicies,
+//!   and the `Sandbox` and `CiliumNetworkPolicy` CRD schemas (`Sandbox`:
+//!   `spec` and `podTemplate` required, enums, unknown fields pruned,
+//!   defaults `operatingMode: Running` at `v1beta1`, `replicas: 1` at
+//!   `v1alpha1`, `shutdownPolicy: Retain`); a quantity a
+//!   built-in type cannot decode is a 400, as the server's decoder answers.
+//!   New Jobs get the server's defaults (selector on the controller uid,
+//!   `completions`/`parallelism` 1, `backoffLimit` 6, template labels).
+//! - Garbage collection and graceful deletion: deleting an owner deletes
+//!   every dependent whose `ownerReferences` name its uid, transitively
+//!   (`Orphan` strips the references instead); objects whose owners are all
+//!   gone are collected. An object with `metadata.finalizers` gets a
+//!   `deletionTimestamp` and stays until they are removed; `Foreground`
+//!   keeps the owner (finalizer `foregroundDeletion`) while dependents are
+//!   still going; a deleted pod stays terminating for
+//!   [`KubeEmulatorOptions::pod_termination`] (default: gone at once); a
+//!   deleted namespace is `Terminating`, refuses new content (403) and goes
+//!   once empty. Anything nothing holds is removed within the request. Jobs
 //!   default to `Orphan` like the real API.
 //! - Controllers: the Sandbox controller (pod named like the Sandbox, labels
 //!   = podTemplate labels + `agents.x-k8s.io/sandbox-name-hash`, controller
@@ -46,44 +66,75 @@
 //!   deletes the finished Job), and a kubelet simulation that turns pods
 //!   `Running` after [`KubeEmulatorOptions::ready_delay`] (waiting with
 //!   `CreateContainerConfigError` while an `envFrom` Secret is missing).
-//! - Pod Security admission: in a namespace labelled
-//!   `pod-security.kubernetes.io/enforce: restricted`, a pod breaking the
-//!   `restricted` profile is refused (403, the API server's wording); the
-//!   controllers report such refusals. Quotas, LimitRange defaults and
-//!   network policies are stored, not enforced.
+//! - Admission of pods (created directly or by a controller), in the
+//!   server's wording: ServiceAccount (its account, `default` unless named, must exist; a new namespace gets `default`), Pod
+//!   Security (`restricted` in a namespace labelled
+//!   `pod-security.kubernetes.io/enforce: restricted`), RuntimeClass (must
+//!   exist), LimitRanger (defaults, then `min`/`max`), ResourceQuota
+//!   (`exceeded quota: …` / `must specify …`, 403; quota `status.used` kept
+//!   current). The Sandbox controller reports a refusal as `Ready=False
+//!   reason ReconcilerError`, the Job controller as a `Warning` event
+//!   `FailedCreate`. Network policies are stored, not enforced.
+//! - Image pulls: a container whose image is on a registry not in
+//!   [`KubeEmulatorOptions::registries`] waits with `ErrImagePull`, then
+//!   `ImagePullBackOff`, in containerd's wording.
 //! - Pod exec over WebSocket (`v5.channel.k8s.io` preferred,
 //!   `v4.channel.k8s.io`): channel 0 stdin, 1 stdout, 2 stderr, 3 the
 //!   `metav1.Status` (`Success`, or `Failure` reason `NonZeroExitCode` with
-//!   an `ExitCode` cause), 255 close-stdin (v5), pings answered; and
-//!   `pods/{name}/log`.
+//!   an `ExitCode` cause), 255 close-stdin (v5), pings answered; stdin
+//!   also in TEXT frames (channel as the first character, as the Python
+//!   client sends it); a missing executable answers the runtime's error
+//!   with exit 126; and `pods/{name}/log`.
 //!
 //! # The pod filesystem
 //!
 //! Pods are not containers: each pod gets a directory under the emulator's
-//! temp dir (its *root*), and every `volumeMounts[].mountPath` and the
-//! container's `workingDir` are created inside it. When the emulator runs
-//! a process for the pod (an exec, or a run-to-completion container) it
-//! rewrites every occurrence of one of those absolute paths in the argv —
-//! including inside `sh -c` scripts — and in env values to `<root><path>`
-//! (longest path first, only at path boundaries), so `tar -x -C /workspace`
-//! or `cd '/workspace' && …` land in the pod root and never on the host's
-//! real `/workspace`. `HOME` defaults to `<root>/home/paperclip`, `TMPDIR`
-//! to `<root>/tmp`, the working directory to the rewritten `workingDir`
-//! (else the root), `PATH` to a standard system path. Env comes from the
-//! container's `env` (`value`, `fieldRef` of `metadata.name`/`namespace`/
-//! `uid`) and `envFrom` Secrets/ConfigMaps, as in a real container.
-//! A leading `/usr/bin/tini --` is dropped, and executables listed in
-//! [`KubeEmulatorOptions::programs`] are replaced by local commands.
+//! temp dir (its *root*), holding every `volumeMounts[].mountPath` and the
+//! container's `workingDir`. Env comes from the container's `env`
+//! (`value`, `fieldRef` of `metadata.name`/`namespace`/`uid`) and `envFrom`
+//! Secrets/ConfigMaps, as in a real container; `HOME` is
+//! `/home/paperclip` (when mounted), `TMPDIR` `/tmp`, `PATH` a standard
+//! system path. A leading `/usr/bin/tini --` is dropped, and executables
+//! listed in [`KubeEmulatorOptions::programs`] are replaced by local
+//! commands.
 //!
-//! Limits: paths outside the mounts (`/etc`, `/usr`) are the host's, read
-//! only in practice; the pod root is stripped back out of stdout, stderr
-//! and pod logs, byte-wise across read boundaries, so `pwd` prints
-//! `/workspace/…` as in a real pod; relative paths resolve against the rewritten working directory;
-//! a path assembled at run time from pieces (`"/work""space"`) is not
-//! rewritten. Containers with `restartPolicy: Always` are simulated as
-//! running (their command, typically `sleep infinity`, is not run); with
-//! `Never`/`OnFailure` their command runs once as a local process whose
-//! combined output is the pod log.
+//! **Isolated pods (the default where the host allows user namespaces).**
+//! Each process runs through `unshare --mount` (with `--user
+//! --map-root-user` unless the emulator is root): in
+//! its own mount namespace the host's system directories (`/usr`, `/etc`,
+//! `/dev`, `/proc`, `/sys`, `/opt`, `/var` and the `/bin`-style links) are
+//! bound into the root, then the command is chrooted there, in its in-pod
+//! working directory. In-pod paths are therefore real (`pwd` prints
+//! `/workspace/…`, a path assembled at run time works), the host's `/tmp`,
+//! `/home` and `/workspace` are out of reach, and nothing is rewritten:
+//! argv, env, stdin, stdout, stderr and pod logs pass byte for byte. The
+//! mounts live only in that namespace and vanish with it; the process keeps
+//! its pid, so process-group kills still reach it. The bound host
+//! directories are read-only (but `/dev`, `/proc`, `/sys`), and with the
+//! container's `readOnlyRootFilesystem` so is everything but its volumes,
+//! as in a real pod ("Read-only file system"). When the emulator runs as
+//! root, no user namespace is needed and processes run as the container's
+//! `runAsUser`/`runAsGroup` (with `fsGroup` and `supplementalGroups`), on
+//! world-writable volumes as the kubelet makes `emptyDir`s; otherwise they
+//! run as the user namespace's root (the emulator's user outside) and
+//! `runAsUser` is not enforced. Why not a namespace-free scheme (symlinks,
+//! `PWD`): `getcwd()` and a shell's `pwd` resolve the real directory, so
+//! only a changed root makes
+//! `/workspace` print as `/workspace` without rewriting output.
+//!
+//! **Fallback ([`KubeEmulatorOptions::isolate_pods`] `false`, or no user
+//! namespaces).** Every occurrence of a mapped in-pod path in the argv
+//! (including inside `sh -c` scripts) and in env values is rewritten to
+//! `<root><path>` (longest path first, only at path boundaries), and the
+//! pod root is stripped back out of stdout, stderr and pod logs so `pwd`
+//! prints `/workspace/…`; output that happens to contain the root's host
+//! path is then altered, a path assembled at run time (`"/work""space"`) is
+//! not rewritten, and paths outside the mounts are the host's.
+//!
+//! Containers with `restartPolicy: Always` are simulated as running (their
+//! command, typically `sleep infinity`, is not run); with `Never`/
+//! `OnFailure` their command runs once as a local process whose combined
+//! output is the pod log.
 //!
 //! Every process runs in its own process group and is killed when its
 //! exec socket closes (unless [`KubeEmulatorOptions::keep_exec_processes`]),
@@ -121,6 +172,7 @@ mod routes;
 mod selectors;
 mod store;
 mod tls;
+mod validation;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -152,7 +204,9 @@ pub struct KubeEmulatorOptions {
     /// In-pod executables replaced by a local argv prefix (the original
     /// arguments follow). Default: `/usr/local/bin/paperclip-agent-shim`
     /// prints `paperclip-agent-shim: run <PAPERCLIP_RUN_ID>` and exits with
-    /// `$PAPERCLIP_SHIM_EXIT` (default 0).
+    /// `$PAPERCLIP_SHIM_EXIT` (default 0). In isolated pods the replacement
+    /// runs inside the pod, so it must live under the host's system
+    /// directories (`/usr`, `/bin`, `/opt`, …), not in a host temp dir.
     pub programs: Vec<(String, Vec<String>)>,
     /// Keep an exec'd process running when its client goes away (as a real
     /// node does; it still dies with its pod or the emulator). Default
@@ -161,6 +215,22 @@ pub struct KubeEmulatorOptions {
     /// Serve HTTPS with a throwaway CA ([`KubeEmulator::ca_pem`]); the
     /// kubeconfig then carries `certificate-authority-data`.
     pub tls: bool,
+    /// Run each pod's processes in their own user and mount namespace,
+    /// chrooted into the pod root with the host's system directories bound
+    /// in (see "The pod filesystem"), when the host allows it. Default
+    /// `true`; `false` (or a host without user namespaces) falls back to
+    /// rewriting in-pod paths.
+    pub isolate_pods: bool,
+    /// How long a deleted pod stays `Terminating` (with `deletionTimestamp`
+    /// and `deletionGracePeriodSeconds`; its processes are killed at once),
+    /// capped by the delete's `gracePeriodSeconds`. Default zero: a deleted
+    /// pod is gone at once.
+    pub pod_termination: Duration,
+    /// Registries the simulated kubelet can pull from (host names; an image
+    /// without a registry host is on `docker.io`). A pod whose image is on
+    /// any other registry stays `Pending` with `ErrImagePull`, then
+    /// `ImagePullBackOff`, as a node that cannot resolve the host does.
+    pub registries: Vec<String>,
 }
 
 impl std::fmt::Debug for KubeEmulatorOptions {
@@ -173,6 +243,9 @@ impl std::fmt::Debug for KubeEmulatorOptions {
             .field("programs", &self.programs)
             .field("keep_exec_processes", &self.keep_exec_processes)
             .field("tls", &self.tls)
+            .field("isolate_pods", &self.isolate_pods)
+            .field("pod_termination", &self.pod_termination)
+            .field("registries", &self.registries)
             .finish_non_exhaustive()
     }
 }
@@ -195,6 +268,21 @@ impl Default for KubeEmulatorOptions {
             )],
             keep_exec_processes: false,
             tls: false,
+            isolate_pods: true,
+            pod_termination: Duration::ZERO,
+            registries: [
+                "docker.io",
+                "ghcr.io",
+                "registry.k8s.io",
+                "quay.io",
+                "gcr.io",
+                "mcr.microsoft.com",
+                "public.ecr.aws",
+                "localhost",
+            ]
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect(),
         }
     }
 }
@@ -246,6 +334,9 @@ pub(crate) struct PodRuntime {
     pub fault: Option<faults::Fault>,
     pub ip: String,
     pub started: bool,
+    pub isolated: bool,
+    pub read_only_root: bool,
+    pub user: Option<exec::RunAs>,
 }
 
 impl PodRuntime {
@@ -291,6 +382,27 @@ impl Shared {
         self.types
             .iter()
             .find(|t| t.group == group && t.plural == plural)
+    }
+
+    /// Side effects of objects that began deleting: a terminating pod's
+    /// processes are killed (its object stays for the grace period).
+    pub fn after_mark(&self, marked: &[(Key, Value)]) {
+        for (key, object) in marked {
+            if key.0.is_empty()
+                && key.1 == "pods"
+                && let Some(uid) = object.pointer("/metadata/uid").and_then(Value::as_str)
+                && let Some(runtime) = self.pods().get(uid)
+            {
+                runtime.kill_all();
+            }
+        }
+    }
+
+    /// After a write: an object waiting for deletion whose finalizers were
+    /// just removed goes now.
+    pub fn after_update(&self) {
+        let removed = self.store().finish_deletions();
+        self.after_delete(&removed);
     }
 
     /// Side effects of deleted objects: a deleted pod's processes die and
@@ -531,6 +643,13 @@ impl KubeEmulator {
             .values()
             .find(|r| r.namespace == namespace && r.name == pod)
             .map(|r| r.root.clone())
+    }
+
+    /// Whether pod processes run isolated (their own mount namespace and
+    /// root, see "The pod filesystem"): [`KubeEmulatorOptions::isolate_pods`]
+    /// and a host that allows user namespaces.
+    pub fn isolates_pods(&self) -> bool {
+        self.shared.opts.isolate_pods && exec::isolation_available()
     }
 
     /// Drops the watch history: a watch from any earlier resourceVersion

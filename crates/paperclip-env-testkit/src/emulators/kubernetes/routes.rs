@@ -33,6 +33,15 @@ pub(crate) fn seed(shared: &Shared) {
             "",
             prepare_namespace(json!({"metadata": {"name": name}})),
         );
+        default_service_account(shared, &mut store, name);
+    }
+}
+
+/// The ServiceAccount controller's `default` account of a new namespace
+/// (created with the namespace, so a pod right after it is admitted).
+fn default_service_account(shared: &Shared, store: &mut store::Store, namespace: &str) {
+    if let Some(sa) = shared.resource("", "serviceaccounts") {
+        let _ = store.create(sa, namespace, json!({"metadata": {"name": "default"}}));
     }
 }
 
@@ -70,6 +79,16 @@ pub(crate) fn typed(rt: &ResourceType, version: &str, mut object: Value) -> Valu
     {
         status.remove(if version == "v1alpha1" {
             "nodeName"
+        } else {
+            "replicas"
+        });
+    }
+    // Likewise the spec: `replicas` is v1alpha1's, `operatingMode` v1beta1's.
+    if rt.group == "agents.x-k8s.io"
+        && let Some(spec) = object.get_mut("spec").and_then(Value::as_object_mut)
+    {
+        spec.remove(if version == "v1alpha1" {
+            "operatingMode"
         } else {
             "replicas"
         });
@@ -362,6 +381,21 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         Some(HttpAction::Delay(delay)) => tokio::time::sleep(delay).await,
         None => {}
     }
+    if !bytes.is_empty()
+        && content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("application/vnd.kubernetes.protobuf"))
+    {
+        return error_response(&ApiError {
+            code: 415,
+            reason: "UnsupportedMediaType",
+            message: format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {:?}; this emulator speaks JSON only)",
+                content_type.as_deref().unwrap_or_default()
+            ),
+            details: json!({}),
+        });
+    }
     let params = query_pairs(query.as_deref().unwrap_or_default());
     let target = match resolve(&shared, &path) {
         Ok(target) => target,
@@ -397,6 +431,11 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|token| token == shared.token)
+}
+
+/// `dryRun=All`: validate and admit, answer as if written, persist nothing.
+fn dry_run(params: &[(String, String)]) -> bool {
+    params.iter().any(|(k, v)| k == "dryRun" && v == "All")
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -447,7 +486,7 @@ async fn dispatch(
                     (true, None) => return Err(ApiError::method_not_allowed("POST")),
                 };
                 let object = parse_body(body)?;
-                create(shared, &rt, &version, &namespace, object)
+                create(shared, &rt, &version, &namespace, object, dry_run(params))
                     .map(|o| json_response(StatusCode::CREATED, &o))
             }
             Method::DELETE => {
@@ -487,8 +526,16 @@ async fn dispatch(
                 }
                 (Method::PUT, sub @ (None | Some("status"))) => {
                     let object = parse_body(body)?;
-                    replace(shared, &rt, &version, &key, object, sub.is_some())
-                        .map(|o| json_response(StatusCode::OK, &o))
+                    replace(
+                        shared,
+                        &rt,
+                        &version,
+                        &key,
+                        object,
+                        sub.is_some(),
+                        dry_run(params),
+                    )
+                    .map(|o| json_response(StatusCode::OK, &o))
                 }
                 (Method::PATCH, sub @ (None | Some("status"))) => patch(
                     shared,
@@ -498,6 +545,7 @@ async fn dispatch(
                     content_type.unwrap_or_default(),
                     body,
                     sub.is_some(),
+                    dry_run(params),
                 ),
                 (Method::DELETE, None) => {
                     let deleted = delete(shared, &rt, &key, params, body)?;
@@ -566,6 +614,7 @@ fn create(
     version: &str,
     namespace: &str,
     mut object: Value,
+    dry_run: bool,
 ) -> Result<Value, ApiError> {
     if let Some(kind) = object.get("kind").and_then(Value::as_str)
         && kind != rt.kind
@@ -610,20 +659,24 @@ fn create(
             }
         },
     };
-    if !valid_name(&name) {
-        return Err(ApiError::invalid(
-            rt,
-            &name,
-            "metadata.name",
-            "Invalid value: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
-        ));
-    }
     object["metadata"]["name"] = json!(name);
     if rt.namespaced
         && !shared.store().namespace_exists(namespace)
         && let Some(ns_rt) = shared.resource("", "namespaces")
     {
         return Err(ApiError::not_found(ns_rt, namespace));
+    }
+    if rt.namespaced && shared.store().namespace_terminating(namespace) {
+        return Err(ApiError {
+            code: 403,
+            reason: "Forbidden",
+            message: format!(
+                "{} \"{name}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated",
+                rt.qualified()
+            ),
+            details: json!({"name": name, "kind": rt.plural, "causes": [{"reason": "NamespaceTerminating",
+                "message": format!("namespace {namespace} is being terminated"), "field": "metadata.namespace"}]}),
+        });
     }
     if let Some(Fault::CreateConflict) = shared.faults.take(&Hook::Create(rt.plural.clone())) {
         return Err(ApiError::already_exists(rt, &name));
@@ -643,19 +696,36 @@ fn create(
     }
     let mut store = shared.store();
     if rt.group.is_empty() && rt.plural == "pods" {
-        super::admission::admit_pod(&store, namespace, &object)?;
+        super::admission::default_pod(&store, namespace, &mut object);
     }
-    let created = store.create(rt, namespace, object)?;
+    if rt.group == "agents.x-k8s.io" && rt.plural == "sandboxes" {
+        super::validation::prune_and_default_sandbox(version, &mut object);
+    }
+    super::validation::validate(rt, &object)?;
+    if rt.group.is_empty() && rt.plural == "pods" {
+        super::admission::admit_pod(&store, namespace, &mut object)?;
+    }
+    let is_job = rt.group == "batch" && rt.plural == "jobs";
+    let finish = |object: &mut Value, uid: &str| {
+        if is_job {
+            super::validation::default_job(object, uid);
+        }
+    };
+    if dry_run {
+        return Ok(typed(
+            rt,
+            version,
+            store.preview(rt, namespace, object, finish)?,
+        ));
+    }
+    let created = store.create_with(rt, namespace, object, finish)?;
+    if rt.group.is_empty()
+        && rt.plural == "namespaces"
+        && let Some(name) = created.pointer("/metadata/name").and_then(Value::as_str)
+    {
+        default_service_account(shared, &mut store, name);
+    }
     Ok(typed(rt, version, created))
-}
-
-fn valid_name(name: &str) -> bool {
-    name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// Keeps what a write may not change: the status for a main-resource write
@@ -694,6 +764,7 @@ fn replace(
     key: &Key,
     mut object: Value,
     status_only: bool,
+    dry_run: bool,
 ) -> Result<Value, ApiError> {
     if !object["metadata"].is_object() {
         object["metadata"] = json!({});
@@ -715,11 +786,21 @@ fn replace(
         .pointer("/metadata/resourceVersion")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let object = restrict(rt, &current, object, status_only);
+    let mut object = restrict(rt, &current, object, status_only);
+    if rt.group == "agents.x-k8s.io" && rt.plural == "sandboxes" && !status_only {
+        super::validation::prune_and_default_sandbox(version, &mut object);
+    }
+    super::validation::validate(rt, &object)?;
+    if dry_run {
+        return Ok(typed(rt, version, object));
+    }
     let updated = store.update(rt, key, object, expected.as_deref())?;
+    drop(store);
+    shared.after_update();
     Ok(typed(rt, version, updated))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn patch(
     shared: &Arc<Shared>,
     rt: &ResourceType,
@@ -728,6 +809,7 @@ fn patch(
     content_type: &str,
     body: &Bytes,
     status_only: bool,
+    dry_run: bool,
 ) -> Result<Response, ApiError> {
     let media = content_type.split(';').next().unwrap_or_default().trim();
     let document: Value = serde_json::from_slice(body).map_err(|e| {
@@ -738,7 +820,7 @@ fn patch(
     let current = shared.store().get(key).cloned();
     let Some(current) = current else {
         if media == "application/apply-patch+yaml" {
-            let object = create(shared, rt, version, &key.2, document)?;
+            let object = create(shared, rt, version, &key.2, document, dry_run)?;
             return Ok(json_response(StatusCode::CREATED, &object));
         }
         return Err(ApiError::not_found(rt, &key.3));
@@ -767,10 +849,18 @@ fn patch(
         .and_then(Value::as_str)
         .map(str::to_owned);
     patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-    let object = restrict(rt, &current, patched, status_only);
+    let mut object = restrict(rt, &current, patched, status_only);
+    if rt.group == "agents.x-k8s.io" && rt.plural == "sandboxes" && !status_only {
+        super::validation::prune_and_default_sandbox(version, &mut object);
+    }
+    super::validation::validate(rt, &object)?;
+    if dry_run {
+        return Ok(json_response(StatusCode::OK, &typed(rt, version, object)));
+    }
     let updated = shared
         .store()
         .update(rt, key, object, expected.as_deref())?;
+    shared.after_update();
     Ok(json_response(StatusCode::OK, &typed(rt, version, updated)))
 }
 
@@ -812,7 +902,10 @@ fn delete(
             .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
     };
     let orphan = orphans(rt, params, &options);
-    let deleted = {
+    let foreground = param(params, "propagationPolicy")
+        .or_else(|| options.get("propagationPolicy").and_then(Value::as_str))
+        == Some("Foreground");
+    let deletion = {
         let mut store = shared.store();
         let current = store
             .get(key)
@@ -830,14 +923,33 @@ fn delete(
                 return Err(ApiError::conflict(rt, &key.3));
             }
         }
-        store.delete_cascade(key, orphan)
+        if dry_run(params) {
+            return Ok(current);
+        }
+        let grace = param(params, "gracePeriodSeconds")
+            .and_then(|g| g.parse::<u64>().ok())
+            .or_else(|| options.get("gracePeriodSeconds").and_then(Value::as_u64));
+        let pod_grace = match grace {
+            Some(0) => Duration::ZERO,
+            Some(seconds) => shared
+                .opts
+                .pod_termination
+                .min(Duration::from_secs(seconds)),
+            None => shared.opts.pod_termination,
+        };
+        store.delete_graceful(
+            key,
+            store::DeleteMode {
+                orphan,
+                foreground,
+                pod_grace,
+            },
+        )
     };
-    shared.after_delete(&deleted);
-    deleted
-        .into_iter()
-        .next()
-        .map(|(_, object)| object)
-        .ok_or_else(|| ApiError::not_found(rt, &key.3))
+    let deletion = deletion.ok_or_else(|| ApiError::not_found(rt, &key.3))?;
+    shared.after_mark(&deletion.marked);
+    shared.after_delete(&deletion.removed);
+    Ok(deletion.answer)
 }
 
 fn delete_collection(

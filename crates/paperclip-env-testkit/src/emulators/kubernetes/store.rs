@@ -4,7 +4,8 @@
 //! `metav1.Status` errors, a bounded event history for watches, and
 //! ownerReference garbage collection.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
@@ -97,6 +98,13 @@ pub(crate) fn registry(sandbox_versions: &[String]) -> Vec<ResourceType> {
         ResourceType::new("", &["v1"], "limitranges", "LimitRange", true).short(&["limits"]),
         ResourceType::new("", &["v1"], "events", "Event", true).short(&["ev"]),
         ResourceType::new("batch", &["v1"], "jobs", "Job", true).sub(&["status"]),
+        ResourceType::new(
+            "node.k8s.io",
+            &["v1"],
+            "runtimeclasses",
+            "RuntimeClass",
+            false,
+        ),
         ResourceType::new("rbac.authorization.k8s.io", &["v1"], "roles", "Role", true),
         ResourceType::new(
             "rbac.authorization.k8s.io",
@@ -280,6 +288,27 @@ pub(crate) struct Store {
     /// Watches from a resourceVersion below this are expired.
     floor: u64,
     events: tokio::sync::broadcast::Sender<Event>,
+    /// When each gracefully deleted pod may go (its `deletionTimestamp`, precisely).
+    due: HashMap<Key, Instant>,
+}
+
+/// What a delete did: the object as answered, and what left the store.
+pub(crate) struct Deletion {
+    pub answer: Value,
+    pub removed: Vec<(Key, Value)>,
+    /// Objects that began deleting (pods among them lose their processes).
+    pub marked: Vec<(Key, Value)>,
+}
+
+/// How a delete treats what it reaches.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeleteMode {
+    /// Strip dependents' owner references instead of deleting them.
+    pub orphan: bool,
+    /// Keep the owner (finalizer `foregroundDeletion`) while dependents remain.
+    pub foreground: bool,
+    /// How long a deleted pod stays terminating (zero: removed at once).
+    pub pod_grace: Duration,
 }
 
 /// Now, as the API server formats timestamps.
@@ -300,6 +329,7 @@ impl Store {
             history: VecDeque::new(),
             floor: 0,
             events,
+            due: HashMap::new(),
         }
     }
 
@@ -385,12 +415,223 @@ impl Store {
         ))
     }
 
+    /// Whether `namespace` exists and is being deleted.
+    pub fn namespace_terminating(&self, namespace: &str) -> bool {
+        self.objects
+            .get(&(
+                String::new(),
+                "namespaces".to_owned(),
+                String::new(),
+                namespace.to_owned(),
+            ))
+            .is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some())
+    }
+
+    fn dependents_of(&self, uid: &str) -> Vec<Key> {
+        self.objects
+            .iter()
+            .filter(|(_, v)| owner_uids(v).iter().any(|u| u == uid))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn finalizers(object: &Value) -> Vec<String> {
+        object
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .map(|f| {
+                f.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Deletes as the API server does: an object with finalizers, a pod
+    /// with a grace period, a namespace with content, or (foreground) an
+    /// owner whose dependents are still going, gets `deletionTimestamp` and
+    /// stays until [`Self::finish_deletions`] sees it free; anything else is
+    /// removed at once. Dependents are deleted (or orphaned) the same way.
+    pub fn delete_graceful(&mut self, key: &Key, mode: DeleteMode) -> Option<Deletion> {
+        let current = self.objects.get(key)?.clone();
+        let mut out = Deletion {
+            answer: current.clone(),
+            removed: Vec::new(),
+            marked: Vec::new(),
+        };
+        if current.pointer("/metadata/deletionTimestamp").is_some() {
+            return Some(out);
+        }
+        let uid = str_at(&current, "/metadata/uid")
+            .unwrap_or_default()
+            .to_owned();
+        let is_pod = key.0.is_empty() && key.1 == "pods";
+        let is_namespace = key.0.is_empty() && key.1 == "namespaces";
+        let child_mode = DeleteMode {
+            orphan: false,
+            foreground: false,
+            ..mode
+        };
+        if is_namespace {
+            for inner in self.keys_in_namespace(&key.3) {
+                if let Some(d) = self.delete_graceful(&inner, child_mode) {
+                    out.removed.extend(d.removed);
+                    out.marked.extend(d.marked);
+                }
+            }
+        } else if !uid.is_empty() {
+            for dependent in self.dependents_of(&uid) {
+                if mode.orphan {
+                    self.drop_owner(&dependent, &uid);
+                } else if let Some(d) = self.delete_graceful(&dependent, child_mode) {
+                    out.removed.extend(d.removed);
+                    out.marked.extend(d.marked);
+                }
+            }
+        }
+        let mut finalizers = Self::finalizers(&current);
+        let waiting_dependents = !uid.is_empty() && !self.dependents_of(&uid).is_empty();
+        if mode.foreground
+            && waiting_dependents
+            && !finalizers.iter().any(|f| f == "foregroundDeletion")
+        {
+            finalizers.push("foregroundDeletion".into());
+        }
+        let namespace_busy = is_namespace && !self.keys_in_namespace(&key.3).is_empty();
+        let pod_grace = is_pod && !mode.pod_grace.is_zero();
+        if finalizers.is_empty() && !namespace_busy && !pod_grace {
+            if let Some(removed) = self.remove(key) {
+                out.answer = removed.clone();
+                out.removed.push((key.clone(), removed));
+            }
+            return Some(out);
+        }
+        let rv = self.next_rv();
+        let mut marked = current;
+        let due = chrono::Utc::now()
+            + chrono::Duration::from_std(if pod_grace {
+                mode.pod_grace
+            } else {
+                Duration::ZERO
+            })
+            .unwrap_or_default();
+        marked["metadata"]["deletionTimestamp"] =
+            json!(due.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+        marked["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if !finalizers.is_empty() {
+            marked["metadata"]["finalizers"] = json!(finalizers);
+        }
+        if is_pod {
+            marked["metadata"]["deletionGracePeriodSeconds"] = json!(mode.pod_grace.as_secs());
+            self.due
+                .insert(key.clone(), Instant::now() + mode.pod_grace);
+        }
+        if is_namespace {
+            marked["status"] = json!({"phase": "Terminating"});
+        }
+        self.objects.insert(key.clone(), marked.clone());
+        self.record("MODIFIED", key, &marked);
+        out.answer = marked.clone();
+        out.marked.push((key.clone(), marked));
+        Some(out)
+    }
+
+    /// Removes what graceful deletion was waiting for: owners whose
+    /// dependents are gone lose `foregroundDeletion`; pods past their grace
+    /// period, emptied namespaces and objects without finalizers go.
+    pub fn finish_deletions(&mut self) -> Vec<(Key, Value)> {
+        let deleting: Vec<(Key, Value)> = self
+            .objects
+            .iter()
+            .filter(|(_, v)| v.pointer("/metadata/deletionTimestamp").is_some())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut removed = Vec::new();
+        for (key, object) in deleting {
+            let uid = str_at(&object, "/metadata/uid")
+                .unwrap_or_default()
+                .to_owned();
+            let mut finalizers = Self::finalizers(&object);
+            if finalizers.iter().any(|f| f == "foregroundDeletion")
+                && self.dependents_of(&uid).is_empty()
+            {
+                finalizers.retain(|f| f != "foregroundDeletion");
+                let rv = self.next_rv();
+                if let Some(stored) = self.objects.get_mut(&key) {
+                    stored["metadata"]["finalizers"] = json!(finalizers);
+                    stored["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    let stored = stored.clone();
+                    self.record("MODIFIED", &key, &stored);
+                }
+            }
+            if !finalizers.is_empty() {
+                continue;
+            }
+            let is_namespace = key.0.is_empty() && key.1 == "namespaces";
+            if is_namespace && !self.keys_in_namespace(&key.3).is_empty() {
+                continue;
+            }
+            if self.due.get(&key).is_some_and(|due| Instant::now() < *due) {
+                continue;
+            }
+            self.due.remove(&key);
+            if let Some(object) = self.remove(&key) {
+                removed.push((key, object));
+            }
+        }
+        removed
+    }
+
     /// Creates `object` (its name already resolved), filling server metadata.
     pub fn create(
         &mut self,
         rt: &ResourceType,
         namespace: &str,
+        object: Value,
+    ) -> Result<Value, ApiError> {
+        self.create_with(rt, namespace, object, |_, _| {})
+    }
+
+    /// What [`Self::create_with`] would store, without storing it (dry run).
+    pub fn preview(
+        &mut self,
+        rt: &ResourceType,
+        namespace: &str,
         mut object: Value,
+        finish: impl FnOnce(&mut Value, &str),
+    ) -> Result<Value, ApiError> {
+        let name = str_at(&object, "/metadata/name")
+            .unwrap_or_default()
+            .to_owned();
+        let key: Key = (
+            rt.group.clone(),
+            rt.plural.clone(),
+            namespace.to_owned(),
+            name.clone(),
+        );
+        if self.objects.contains_key(&key) {
+            return Err(ApiError::already_exists(rt, &name));
+        }
+        let uid = uuid::Uuid::new_v4().to_string();
+        if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            metadata.insert("uid".into(), json!(uid));
+            metadata.insert("creationTimestamp".into(), json!(timestamp()));
+            metadata.insert("generation".into(), json!(1));
+            if rt.namespaced {
+                metadata.insert("namespace".into(), json!(namespace));
+            }
+        }
+        finish(&mut object, &uid);
+        Ok(object)
+    }
+
+    /// Creates `object`, then lets `finish` fill defaults that need the uid.
+    pub fn create_with(
+        &mut self,
+        rt: &ResourceType,
+        namespace: &str,
+        mut object: Value,
+        finish: impl FnOnce(&mut Value, &str),
     ) -> Result<Value, ApiError> {
         let name = str_at(&object, "/metadata/name")
             .unwrap_or_default()
@@ -408,16 +649,19 @@ impl Store {
         let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
             return Err(ApiError::bad_request("metadata must be an object"));
         };
-        metadata.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+        let uid = uuid::Uuid::new_v4().to_string();
+        metadata.insert("uid".into(), json!(uid));
         metadata.insert("resourceVersion".into(), json!(rv.to_string()));
         metadata.insert("creationTimestamp".into(), json!(timestamp()));
         metadata.insert("generation".into(), json!(1));
         metadata.remove("deletionTimestamp");
+        metadata.remove("deletionGracePeriodSeconds");
         if rt.namespaced {
             metadata.insert("namespace".into(), json!(namespace));
         } else {
             metadata.remove("namespace");
         }
+        finish(&mut object, &uid);
         self.objects.insert(key.clone(), object.clone());
         self.record("ADDED", &key, &object);
         Ok(object)
@@ -496,6 +740,7 @@ impl Store {
 
     /// Removes one object (no cascade).
     pub fn remove(&mut self, key: &Key) -> Option<Value> {
+        self.due.remove(key);
         let mut object = self.objects.remove(key)?;
         let rv = self.next_rv();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
