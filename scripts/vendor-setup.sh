@@ -4,7 +4,7 @@
 # run checks the pins and installs nothing.
 #
 #   ~/.cache/paperclip-env/vendor/venv-<suite>-<version>/  Python venv per pinned SDK
-#                                                        (`e2b`, `novita-sandbox`)
+#                                                        (`e2b`, `novita-sandbox`, `daytona`)
 #   ~/.cache/paperclip-env/vendor/node/                 npm packages (node_modules)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,11 @@ VENDOR="${PAPERCLIP_ENV_VENDOR_DIR:-$HOME/.cache/paperclip-env/vendor}"
 E2B_PY_VERSIONS=(2.50.0 2.63.0)
 # PyPI `novita-sandbox` (the E2B protocol with Novita's profile).
 NOVITA_PY_VERSIONS=(2.1.1)
-# npm: `e2b` and `novita-sandbox` (latest at pin time).
-NPM_PACKAGES=(e2b@2.51.0 novita-sandbox@2.1.1)
+# PyPI `daytona`: the newest checked and the one the Paperclip plugin was
+# written against.
+DAYTONA_PY_VERSIONS=(0.226.1 0.183.0)
+# npm: `e2b`, `novita-sandbox` and `@daytonaio/sdk`.
+NPM_PACKAGES=(e2b@2.51.0 novita-sandbox@2.1.1 @daytonaio/sdk@0.218.0)
 
 mkdir -p "$VENDOR"
 
@@ -37,6 +40,9 @@ for version in "${E2B_PY_VERSIONS[@]}"; do
 done
 for version in "${NOVITA_PY_VERSIONS[@]}"; do
     python_venv novita novita-sandbox "$version"
+done
+for version in "${DAYTONA_PY_VERSIONS[@]}"; do
+    python_venv daytona daytona "$version"
 done
 
 if command -v npm >/dev/null 2>&1; then

@@ -2,7 +2,7 @@
 # Runs the vendor-client suites against the emulators: for every
 # tests/vendor/<provider>_*.py (once per pinned venv of that provider's SDK;
 # files starting with `_` are shared modules)
-# and tests/vendor/<provider>_*.mjs, starts `paperclip-env emulate <provider>`,
+# and tests/vendor/<provider>_*.mjs / .cjs, starts `paperclip-env emulate <provider>`,
 # runs the suite with the emulator's `env` exported, and stops the emulator.
 # Each suite prints `N passed, N failed`; this script fails on any failure
 # (or a suite that prints no tally). Installs the clients first
@@ -55,7 +55,8 @@ run_suite() {
 for k, v in json.load(open(sys.argv[1]))["env"].items():
     print(f"{k}={v}")' "$line")
     local started=$SECONDS status=0
-    env "${envs[@]}" PAPERCLIP_VENDOR_NODE="$VENDOR/node" timeout 600 "$@" >"$log" 2>&1 || status=$?
+    env "${envs[@]}" PAPERCLIP_VENDOR_NODE="$VENDOR/node" NODE_PATH="$VENDOR/node/node_modules" \
+        timeout 600 "$@" >"$log" 2>&1 || status=$?
     kill -TERM "$emulator_pid" 2>/dev/null || true
     wait "$emulator_pid" 2>/dev/null || true
     emulator_pid=""
@@ -83,7 +84,7 @@ for suite in tests/vendor/[a-z]*_*.py; do
         run_suite "$provider" "$name ${venv##*/venv-}" "$venv/bin/python" "$suite"
     done
 done
-for suite in tests/vendor/[a-z]*_*.mjs; do
+for suite in tests/vendor/[a-z]*_*.mjs tests/vendor/[a-z]*_*.cjs; do
     name="$(basename "$suite")"
     if ! command -v node >/dev/null 2>&1; then
         report+=("$name: skipped (no node)")
