@@ -20,8 +20,9 @@ cargo clippy --quiet -p paperclip-env-core --features plugin -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --all-features --no-deps
 cargo nextest run --workspace --all-features --no-fail-fast
 cargo test --workspace --all-features --doc
-# The vendors' own clients (pinned e2b Python SDKs, e2b npm) against
-# `paperclip-env emulate` (about 10 s once installed; PAPERCLIP_ENV_VENDOR_SUITES=0 skips).
+# The vendors' own clients (pinned e2b, novita-sandbox and daytona SDKs,
+# Python and npm) against `paperclip-env emulate` (about 40 s once installed;
+# PAPERCLIP_ENV_VENDOR_SUITES=0 skips).
 if [ "${PAPERCLIP_ENV_VENDOR_SUITES:-1}" != "0" ]; then
   bash scripts/vendor-suites.sh
 fi

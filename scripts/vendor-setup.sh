@@ -15,9 +15,10 @@ VENDOR="${PAPERCLIP_ENV_VENDOR_DIR:-$HOME/.cache/paperclip-env/vendor}"
 E2B_PY_VERSIONS=(2.50.0 2.63.0)
 # PyPI `novita-sandbox` (the E2B protocol with Novita's profile).
 NOVITA_PY_VERSIONS=(2.1.1)
-# PyPI `daytona`: the newest seen, and the one Paperclip's plugin was written against.
+# PyPI `daytona`: the newest checked and the one the Paperclip plugin was
+# written against.
 DAYTONA_PY_VERSIONS=(0.226.1 0.183.0)
-# npm: `e2b`, `novita-sandbox` and `@daytonaio/sdk` (latest at pin time).
+# npm: `e2b`, `novita-sandbox` and `@daytonaio/sdk`.
 NPM_PACKAGES=(e2b@2.51.0 novita-sandbox@2.1.1 @daytonaio/sdk@0.218.0)
 
 mkdir -p "$VENDOR"
@@ -51,7 +52,6 @@ if command -v npm >/dev/null 2>&1; then
     missing=()
     for spec in "${NPM_PACKAGES[@]}"; do
         name="${spec%@*}"
-        [ -n "$name" ] || name="$spec"
         want="${spec##*@}"
         have="$(node -e "try{console.log(require('$node_dir/node_modules/$name/package.json').version)}catch(e){}" 2>/dev/null || true)"
         [ "$have" = "$want" ] || missing+=("$spec")

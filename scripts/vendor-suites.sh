@@ -55,7 +55,8 @@ run_suite() {
 for k, v in json.load(open(sys.argv[1]))["env"].items():
     print(f"{k}={v}")' "$line")
     local started=$SECONDS status=0
-    env "${envs[@]}" PAPERCLIP_VENDOR_NODE="$VENDOR/node" timeout 600 "$@" >"$log" 2>&1 || status=$?
+    env "${envs[@]}" PAPERCLIP_VENDOR_NODE="$VENDOR/node" NODE_PATH="$VENDOR/node/node_modules" \
+        timeout 600 "$@" >"$log" 2>&1 || status=$?
     kill -TERM "$emulator_pid" 2>/dev/null || true
     wait "$emulator_pid" 2>/dev/null || true
     emulator_pid=""
