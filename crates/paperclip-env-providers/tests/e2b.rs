@@ -1257,3 +1257,98 @@ async fn a_rate_limited_command_start_on_a_held_lease_is_retried_after_retry_aft
     assert_eq!(emulator.start_calls() - before, 1);
     provider.destroy(&ctx(json!({})), &lease).await.unwrap();
 }
+
+/// Issue 26: an E2B acquisition killed after the create, or answered after
+/// its caller's deadline, leaves no sandbox; the inline API key appears in
+/// no log, row or Debug output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_passes_the_leak_drills() {
+    use paperclip_env_testkit::leak_drills::{LeakDrill, crash_rounds, deadline_rounds};
+    let (emulator, provider) = e2b().await;
+    let emulator = Arc::new(emulator);
+    let (live, slow) = (emulator.clone(), emulator.clone());
+    let drill = LeakDrill::new(
+        Arc::new(provider),
+        json!({"provider": "e2b", "apiKey": KEY}),
+    )
+    .canary(KEY)
+    .call_deadline(Duration::from_secs(1))
+    .live(move || live.live_sandboxes())
+    // The sandbox exists once the create returns; its workspace
+    // directory is made afterwards, slowly.
+    .slow_create(move |d| match d {
+        Some(d) => slow.inject(Route::SetTimeout, Fault::Delay(d), 1000),
+        None => slow.clear_faults(),
+    });
+    crash_rounds(&drill, 3).await.unwrap();
+    deadline_rounds(&drill, 3).await.unwrap();
+    assert_eq!(emulator.live_sandboxes(), 0);
+}
+
+/// Issue 26: every call on a held E2B lease returns within the runtime's
+/// deadline when the service stops answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_calls_on_a_silent_service_return_within_their_deadline() {
+    use paperclip_env_testkit::fixtures::silent_proxy::SilentProxy;
+    use paperclip_env_testkit::leak_drills::{LeakDrill, silent_service_round};
+    let emulator = Arc::new(E2bEmulator::start(Profile::E2b, KEY).await.unwrap());
+    let upstream: std::net::SocketAddr = emulator
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = Arc::new(SilentProxy::start(upstream).await.unwrap());
+    let provider = E2bProvider::builder()
+        .api_url(proxy.url("http"))
+        .sandbox_url(proxy.url("http"))
+        .http_options(http_options())
+        .build()
+        .unwrap();
+    let (live, switch) = (emulator.clone(), proxy.clone());
+    let drill = LeakDrill::new(
+        Arc::new(provider),
+        json!({"provider": "e2b", "apiKey": KEY}),
+    )
+    .call_deadline(Duration::from_secs(1))
+    .live(move || live.live_sandboxes())
+    .silence(move |on| switch.silence(on));
+    silent_service_round(&drill).await.unwrap();
+    assert_eq!(emulator.live_sandboxes(), 0);
+}
+
+#[tokio::test]
+async fn run_resources_are_found_by_their_metadata_label() {
+    let (emulator, provider) = e2b().await;
+    let ctx = ctx(json!({}));
+    let request = |run: &str| AcquireRequest {
+        run_id: run.into(),
+        workspace_mode: None,
+    };
+    let a = provider.acquire(&ctx, &request("run-a")).await.unwrap();
+    let _b = provider.acquire(&ctx, &request("run-b")).await.unwrap();
+    let found = provider.list_run_resources(&ctx, "run-a").await.unwrap();
+    let ids: Vec<_> = found.iter().filter_map(|h| h.id()).collect();
+    assert_eq!(ids, vec![a.provider_lease_id.as_deref().unwrap()]);
+    for handle in provider.list_run_resources(&ctx, "run-b").await.unwrap() {
+        provider.destroy(&ctx, &handle).await.unwrap();
+    }
+    provider
+        .destroy(
+            &ctx,
+            &LeaseHandle {
+                provider_lease_id: a.provider_lease_id,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(emulator.live_sandboxes(), 0);
+    assert!(
+        provider
+            .list_run_resources(&ctx, "run-a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -1796,3 +1796,34 @@ async fn a_kubeconfig_given_inline_keeps_its_inner_token_out_of_errors_and_logs(
     );
     assert!(!logs.contains(canary), "the inner token reached a log line");
 }
+
+/// Issue 26: a Kubernetes acquisition killed after the create, or answered
+/// after its caller's deadline (a pod slow to start), leaves no Sandbox, pod
+/// or Secret; the kubeconfig, given inline, and its token appear in no log,
+/// row or Debug output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_passes_the_leak_drills() {
+    use paperclip_env_testkit::leak_drills::{LeakDrill, crash_rounds, deadline_rounds};
+    let emulator = Arc::new(
+        KubeEmulator::start_with(KubeEmulatorOptions {
+            ready_delay: Duration::from_millis(1500),
+            ..Default::default()
+        })
+        .await
+        .unwrap(),
+    );
+    let live = emulator.clone();
+    let drill = LeakDrill::new(
+        Arc::new(provider(Backend::SandboxCr)),
+        json!({"provider": "kubernetes", "kubeconfig": emulator.kubeconfig_yaml()}),
+    )
+    .canary(emulator.token().to_owned())
+    .call_deadline(Duration::from_secs(1))
+    .live(move || run_objects(&live).len())
+    // Pods already start 1.5 s late: later than the 1 s deadline, sooner
+    // than the 2 s hard bound.
+    .slow_create(|_| {});
+    crash_rounds(&drill, 2).await.unwrap();
+    deadline_rounds(&drill, 2).await.unwrap();
+    assert!(run_objects(&emulator).is_empty());
+}

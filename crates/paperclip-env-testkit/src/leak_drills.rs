@@ -380,11 +380,17 @@ pub async fn deadline_rounds(drill: &LeakDrill, rounds: usize) -> std::result::R
     .await;
     slow(None);
     outcome?;
-    let rows = rig.store.all();
-    if let Some(open) = rows
-        .iter()
-        .find(|l| !matches!(l.status, LeaseStatus::Expired | LeaseStatus::Failed))
+    // The row is closed just after the teardown it records.
+    let closed = |l: &paperclip_env_core::EnvironmentLease| {
+        matches!(l.status, LeaseStatus::Expired | LeaseStatus::Failed)
+    };
+    if until("every row is closed", Duration::from_secs(10), || {
+        rig.store.all().iter().all(closed)
+    })
+    .await
+    .is_err()
     {
+        let open: Vec<_> = rig.store.all().into_iter().filter(|l| !closed(l)).collect();
         return Err(format!("a deadline round left an open row: {open:?}"));
     }
     check_canary(drill, &rig, &logs, &shown)

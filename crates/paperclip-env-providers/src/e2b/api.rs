@@ -299,6 +299,92 @@ impl Api<'_> {
         })
     }
 
+    /// Ids of the live (running or paused) sandboxes whose metadata has
+    /// `key = value`: `GET /v2/sandboxes?metadata=…&state=running,paused`
+    /// page by page (`x-next-token`), or `GET /sandboxes?metadata=…` where
+    /// v2 is not served.
+    pub async fn list_ids_by_metadata(&self, key: &str, value: &str) -> Result<Vec<String>> {
+        let api_key = sensitive(&self.conn.api_key, "apiKey")?;
+        let filter = format!("{key}={value}");
+        let mut ids = Vec::new();
+        if self.generation() != GENERATION_V1 {
+            let url = self.url("/v2/sandboxes");
+            let mut token: Option<String> = None;
+            loop {
+                let mut query: Vec<(&str, String)> = vec![
+                    ("metadata", filter.clone()),
+                    ("state", "running,paused".into()),
+                    ("limit", "100".into()),
+                ];
+                if let Some(t) = &token {
+                    query.push(("nextToken", t.clone()));
+                }
+                let response = self
+                    .http
+                    .send(
+                        self.spec(RequestSpec::idempotent("list sandboxes").accept(&[404])),
+                        |c| {
+                            c.get(&url)
+                                .header("X-API-Key", api_key.clone())
+                                .query(&query)
+                        },
+                    )
+                    .await?;
+                if response.status().as_u16() == 404 {
+                    self.learn(GENERATION_V1);
+                    break;
+                }
+                self.learn(GENERATION_V2);
+                let next = response
+                    .headers()
+                    .get("x-next-token")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_owned);
+                ids.extend(self.sandbox_ids(response).await?);
+                match next {
+                    Some(t) if token.as_deref() != Some(t.as_str()) => token = Some(t),
+                    _ => return Ok(ids),
+                }
+            }
+        }
+        let url = self.url("/sandboxes");
+        let response = self
+            .http
+            .send(self.spec(RequestSpec::idempotent("list sandboxes")), |c| {
+                c.get(&url)
+                    .header("X-API-Key", api_key.clone())
+                    .query(&[("metadata", filter.as_str())])
+            })
+            .await?;
+        ids.extend(self.sandbox_ids(response).await?);
+        Ok(ids)
+    }
+
+    async fn sandbox_ids(&self, response: reqwest::Response) -> Result<Vec<String>> {
+        let body = response.text().await.map_err(|e| {
+            Error::provider_with_source(
+                self.http.provider(),
+                "list sandboxes: reading the response failed",
+                true,
+                e,
+            )
+        })?;
+        let listed: Vec<Value> = serde_json::from_str(&body).map_err(|e| {
+            Error::provider_with_source(
+                self.http.provider(),
+                format!("list sandboxes: unexpected response body ({e})"),
+                false,
+                e,
+            )
+        })?;
+        Ok(listed
+            .iter()
+            .filter_map(|s| s.get("sandboxID").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// `false` when the sandbox was already gone.
     pub async fn kill(&self, id: &str) -> Result<bool> {
         let key = sensitive(&self.conn.api_key, "apiKey")?;

@@ -589,6 +589,13 @@ impl SandboxProvider for E2bProvider {
         self.inner.flavor.key()
     }
 
+    /// Create (one control-plane call, up to a minute on a cold template),
+    /// envd readiness and the workspace directory: the host's 30 s default
+    /// must not cut a cold create short.
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        Some(Duration::from_secs(120))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             execute: true,
@@ -604,7 +611,7 @@ impl SandboxProvider for E2bProvider {
             multi_command_exec: true,
             native_sync: true,
             signals: true,
-            run_lookup: false,
+            run_lookup: true,
         }
     }
 
@@ -789,6 +796,31 @@ impl SandboxProvider for E2bProvider {
             }
         }
         api.kill(id).await.map(|_| ())
+    }
+
+    /// The live sandboxes whose metadata carries the run label the create
+    /// wrote (`paperclipRunId` on E2B, `paperclip-run-id` on Novita).
+    async fn list_run_resources(
+        &self,
+        ctx: &CallContext,
+        run_id: &str,
+    ) -> Result<Vec<LeaseHandle>> {
+        let settings = self.settings(ctx)?;
+        let key = match self.inner.flavor {
+            Flavor::E2b => "paperclipRunId",
+            Flavor::Novita => "paperclip-run-id",
+        };
+        let ids = self
+            .api(&settings.conn)
+            .list_ids_by_metadata(key, run_id)
+            .await?;
+        Ok(ids
+            .into_iter()
+            .map(|id| LeaseHandle {
+                provider_lease_id: Some(id),
+                ..Default::default()
+            })
+            .collect())
     }
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {

@@ -336,7 +336,7 @@ fn backend_capabilities(backend: Backend) -> Capabilities {
         multi_command_exec: sandbox,
         native_sync: sandbox,
         signals: false,
-        run_lookup: false,
+        run_lookup: true,
     }
 }
 
@@ -1455,6 +1455,16 @@ impl SandboxProvider for KubernetesProvider {
         backend_capabilities(self.recorded_backend(lease))
     }
 
+    /// Provisioning the tenant, creating the workload and waiting for its
+    /// pod (bounded by `podActivityDeadlineSec`, default one hour) plus a
+    /// margin: the host must not cut a slow schedule short.
+    fn default_lease_deadline(&self) -> Option<Duration> {
+        let ready = self.inner.opts.ready_timeout.unwrap_or(Duration::from_secs(
+            config::DEFAULT_POD_ACTIVITY_DEADLINE_SEC,
+        ));
+        Some(ready + self.inner.opts.request_timeout * 4 + Duration::from_secs(30))
+    }
+
     fn lease_label(&self, lease: &LeaseHandle) -> String {
         match self.recorded_backend(lease) {
             Backend::Job => format!("{KEY} (job backend)"),
@@ -1783,6 +1793,63 @@ impl SandboxProvider for KubernetesProvider {
                 debug!(workload = id, "the workload was already gone at release");
             }
             Ok(())
+        }
+        .await;
+        result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
+    }
+
+    /// The Sandboxes (every served version) and Jobs of the tenant
+    /// namespace labelled `paperclip.io/run-id=<run>`, as handles `destroy`
+    /// accepts (namespace, backend and API version in the metadata).
+    async fn list_run_resources(
+        &self,
+        ctx: &CallContext,
+        run_id: &str,
+    ) -> Result<Vec<LeaseHandle>> {
+        let result: Result<Vec<LeaseHandle>> = async {
+            let t = self.target(ctx, None).await?;
+            let selector = format!("paperclip.io/run-id={}", naming::label_value(run_id));
+            let handle = |name: &str, backend: Backend, version: Option<&str>| {
+                let mut md = JsonObject::new();
+                md.insert("namespace".into(), json!(t.namespace));
+                md.insert("backend".into(), json!(backend.as_str()));
+                if let Some(v) = version {
+                    md.insert("sandboxApiVersion".into(), json!(v));
+                }
+                LeaseHandle {
+                    provider_lease_id: Some(name.to_owned()),
+                    metadata: Some(md),
+                    expires_at: None,
+                }
+            };
+            let name_of = |item: &Value| {
+                item.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            };
+            let mut found = Vec::new();
+            // Sandboxes of whichever versions this cluster serves.
+            if let Ok(version) = self.sandbox_version(&t).await {
+                for item in t
+                    .kube
+                    .list(&sandbox_collection(&version, &t.namespace), &selector)
+                    .await?
+                {
+                    if let Some(name) = name_of(&item) {
+                        found.push(handle(&name, Backend::SandboxCr, Some(&version)));
+                    }
+                }
+            }
+            for item in t
+                .kube
+                .list(&job_collection(&t.namespace), &selector)
+                .await?
+            {
+                if let Some(name) = name_of(&item) {
+                    found.push(handle(&name, Backend::Job, None));
+                }
+            }
+            Ok(found)
         }
         .await;
         result.map_err(|e| scrubber(ctx).scrub_error(KEY, e))
