@@ -4,7 +4,7 @@
 //! windows used to allow it: the process dying between the provider's
 //! create and the row insert, a deadline dropping the provider's future
 //! mid-create (so the provider's own cleanup never ran), and a caller that
-//! gave up while the insert was under way. [`acquire_recorded`] closes all
+//! gave up while the insert was under way. `acquire_recorded` closes all
 //! three:
 //!
 //! 1. **Row first.** An in-flight row ([`LeaseStore::insert_acquiring`]:

@@ -1827,3 +1827,34 @@ async fn kubernetes_passes_the_leak_drills() {
     deadline_rounds(&drill, 2).await.unwrap();
     assert!(run_objects(&emulator).is_empty());
 }
+
+/// Issue 26: every call on a held Kubernetes lease (exec over WebSocket,
+/// release, probe) returns within the runtime's deadline when the API
+/// server stops answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_calls_on_a_silent_api_server_return_within_their_deadline() {
+    use paperclip_env_testkit::fixtures::silent_proxy::SilentProxy;
+    use paperclip_env_testkit::leak_drills::{LeakDrill, silent_service_round};
+    let emulator = Arc::new(KubeEmulator::start().await.unwrap());
+    let upstream: std::net::SocketAddr = emulator
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let proxy = Arc::new(SilentProxy::start(upstream).await.unwrap());
+    let kubeconfig = emulator
+        .kubeconfig_yaml()
+        .replace(emulator.url().trim_end_matches('/'), &proxy.url("http"));
+    assert!(kubeconfig.contains(&proxy.url("http")), "{kubeconfig}");
+    let (live, switch) = (emulator.clone(), proxy.clone());
+    let drill = LeakDrill::new(
+        Arc::new(provider(Backend::SandboxCr)),
+        json!({"provider": "kubernetes", "kubeconfig": kubeconfig}),
+    )
+    .call_deadline(Duration::from_secs(2))
+    .live(move || run_objects(&live).len())
+    .silence(move |on| switch.silence(on));
+    silent_service_round(&drill).await.unwrap();
+    assert!(run_objects(&emulator).is_empty());
+}

@@ -546,7 +546,7 @@ impl E2bProvider {
             Ok((cwd, shell)) => Ok((info, cwd, shell)),
             Err(error) => {
                 if let Err(kill_error) = api.kill(&info.sandbox_id).await {
-                    warn!(sandbox = %info.sandbox_id, error = %kill_error, "killing the half-prepared sandbox failed");
+                    warn!(sandbox = %info.sandbox_id, error = %ctx.config.scrub(&kill_error.to_string()), "killing the half-prepared sandbox failed");
                 }
                 Err(error)
             }
@@ -669,7 +669,7 @@ impl SandboxProvider for E2bProvider {
         match self.create_prepared(ctx, &settings, None).await {
             Ok((info, cwd, shell)) => {
                 if let Err(error) = self.api(&settings.conn).kill(&info.sandbox_id).await {
-                    warn!(sandbox = %info.sandbox_id, %error, "killing the probe sandbox failed");
+                    warn!(sandbox = %info.sandbox_id, error = %ctx.config.scrub(&error.to_string()), "killing the probe sandbox failed");
                 }
                 let summary = match self.inner.flavor {
                     Flavor::E2b => format!(
@@ -696,7 +696,7 @@ impl SandboxProvider for E2bProvider {
                 })
             }
             Err(error) => {
-                debug!(provider = key, %error, "probe failed");
+                debug!(provider = key, error = %ctx.config.scrub(&error.to_string()), "probe failed");
                 Ok(ProviderProbe {
                     ok: false,
                     summary: Some(self.probe_failed_summary(ctx)),
@@ -744,7 +744,7 @@ impl SandboxProvider for E2bProvider {
                 if self.inner.flavor == Flavor::E2b {
                     return Err(error);
                 }
-                debug!(%error, "lifetime refresh after resume failed");
+                debug!(error = %ctx.config.scrub(&error.to_string()), "lifetime refresh after resume failed");
             }
             let envd = self.envd(&settings, id, &info, true)?;
             self.prepare_workspace(
@@ -792,7 +792,9 @@ impl SandboxProvider for E2bProvider {
                 Ok(PauseOutcome::Done | PauseOutcome::AlreadyDone | PauseOutcome::Gone) => {
                     return Ok(());
                 }
-                Err(error) => warn!(sandbox = id, %error, "pausing failed; killing instead"),
+                Err(error) => {
+                    warn!(sandbox = id, error = %ctx.config.scrub(&error.to_string()), "pausing failed; killing instead")
+                }
             }
         }
         api.kill(id).await.map(|_| ())
@@ -899,7 +901,7 @@ impl SandboxProvider for E2bProvider {
             && let Err(error) = api.set_timeout(id, settings.timeout_ms).await
         {
             // Best effort: the connect above already extended the lifetime.
-            warn!(sandbox = id, %error, "refreshing the sandbox lifetime failed; running the command anyway");
+            warn!(sandbox = id, error = %ctx.config.scrub(&error.to_string()), "refreshing the sandbox lifetime failed; running the command anyway");
         }
         let envd = self.envd(&settings, id, &info, false)?;
         if let (Some(path), Some(stdin)) = (&stdin_path, &request.stdin)
