@@ -216,6 +216,9 @@ pub enum Error {
         provider: String,
         /// The spec's message.
         message: String,
+        /// `true` when waiting may help (a worker starting or restarting),
+        /// `false` when it cannot (no such provider, a disabled plugin).
+        retryable: bool,
     },
     /// Two writers raced for the same lease or resource.
     #[error("{message}")]
@@ -307,9 +310,12 @@ impl Error {
     /// Whether repeating the same call may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Timeout { .. } | Error::RateLimited { .. } | Error::Conflict { .. } => true,
+            // A call that may have created something (a sandbox, a running
+            // command) is not repeated blindly after a timeout.
+            Error::Timeout { operation, .. } => !is_creating_operation(operation),
+            Error::RateLimited { .. } | Error::Conflict { .. } => true,
             Error::Provider { retryable, .. } => *retryable,
-            Error::ProviderUnavailable { .. } => true,
+            Error::ProviderUnavailable { retryable, .. } => *retryable,
             Error::Store { .. } => true,
             Error::ReleaseFailed { failures } => failures.iter().any(|(_, e)| e.is_retryable()),
             _ => false,
@@ -473,5 +479,38 @@ mod tests {
             Error::invalid_field("host", "SSH environments require a host.").to_string(),
             "SSH environments require a host."
         );
+    }
+}
+
+/// Operations whose timeout leaves their effect unknown: acquiring (a
+/// sandbox may exist) and executing (the command may be running).
+fn is_creating_operation(operation: &str) -> bool {
+    matches!(
+        operation,
+        "environmentAcquireLease" | "environmentExecute" | "acquire" | "execute"
+    )
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn retryability_follows_idempotency() {
+        let timeout = |op: &str| Error::Timeout {
+            operation: op.into(),
+            after: Duration::from_secs(1),
+        };
+        assert!(!timeout("environmentAcquireLease").is_retryable());
+        assert!(!timeout("environmentExecute").is_retryable());
+        assert!(timeout("environmentReleaseLease").is_retryable());
+        assert!(timeout("environmentProbe").is_retryable());
+        let unavailable = |retryable| Error::ProviderUnavailable {
+            provider: "x".into(),
+            message: "m".into(),
+            retryable,
+        };
+        assert!(!unavailable(false).is_retryable());
+        assert!(unavailable(true).is_retryable());
     }
 }

@@ -430,7 +430,7 @@ async fn a_hanging_worker_times_out_at_the_call_deadline_and_is_killed() {
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
-    assert!(err.is_retryable());
+    assert!(!err.is_retryable(), "a timed-out execute is not idempotent");
     assert!(wait_gone(hung_pid).await, "the hung worker was not killed");
 
     let released = runtime

@@ -232,6 +232,7 @@ impl SandboxDriver {
             message: format!(
                 "Sandbox provider \"{key}\" is not registered as a built-in provider and no matching plugin is available."
             ),
+            retryable: false,
         }
     }
 
@@ -254,6 +255,7 @@ impl SandboxDriver {
                             "Sandbox provider \"{key}\" is installed via plugin \"{}\", but that plugin is currently {status}.",
                             provider.plugin_key()
                         ),
+                        retryable: false,
                     });
                 }
                 Readiness::WorkerUnavailable if tokio::time::Instant::now() >= deadline => {
@@ -263,6 +265,7 @@ impl SandboxDriver {
                             "Sandbox provider \"{key}\" is installed via plugin \"{}\", but its worker is not running.",
                             provider.plugin_key()
                         ),
+                        retryable: true,
                     });
                 }
                 Readiness::WorkerUnavailable => {
@@ -1252,6 +1255,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                 let provider = self.provider_ready_now(&key).await.ok_or_else(|| Error::ProviderUnavailable {
                     provider: key.clone(),
                     message: format!("Sandbox provider \"{key}\" is not installed or its plugin worker is not running."),
+                    retryable: false,
                 })?;
                 let validation = provider
                     .validate_config(&envelope.provider_config())

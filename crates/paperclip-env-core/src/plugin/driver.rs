@@ -239,6 +239,7 @@ impl PluginDriver {
             .ok_or_else(|| Error::ProviderUnavailable {
                 provider: format!("plugin:{label}"),
                 message: format!("Plugin environment driver \"{label}\" is not ready."),
+                retryable: false,
             })?;
         if worker.manifest().driver(driver_key).is_none() {
             return Err(Error::invalid_field(
@@ -253,6 +254,7 @@ impl PluginDriver {
             return Err(Error::ProviderUnavailable {
                 provider: format!("plugin:{label}"),
                 message: format!("Plugin environment driver \"{label}\" has no running worker."),
+                retryable: true,
             });
         }
         Ok(worker)

@@ -181,7 +181,8 @@ impl PluginWorkerConfig {
 /// use paperclip_env_core::{Error, Operation, Unsupported};
 /// let e = CallError::Timeout { method: "environmentExecute".into(), after: Duration::from_secs(31) }
 ///     .into_error("acme", Unsupported::Provider("acme".into()), Operation::Execute);
-/// assert!(matches!(e, Error::Timeout { .. }) && e.is_retryable());
+/// // The command may still be running: a timed-out execute is not retried blindly.
+/// assert!(matches!(e, Error::Timeout { .. }) && !e.is_retryable());
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallError {
@@ -696,6 +697,7 @@ impl PluginWorker {
             .map_err(|e| Error::ProviderUnavailable {
                 provider: self.label(),
                 message: e.to_string(),
+                retryable: true,
             })
     }
 
