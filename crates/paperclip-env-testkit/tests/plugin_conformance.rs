@@ -896,6 +896,62 @@ async fn assert_live_streaming(runtime: &EnvironmentRuntime, env: &Environment, 
         .unwrap();
 }
 
+/// A worker whose `environmentExecute` streams a forged chunk (another
+/// invocation id), an untagged one, a malformed one and a real one, then
+/// answers with the real chunk plus a tail it never streamed.
+const STREAMING_SHELL_WORKER: &str = r#"
+id_of() { printf '%s' "$1" | sed -n 's/^{"jsonrpc":"2.0","id":\([0-9]*\),.*/\1/p'; }
+inv_of() { printf '%s' "$1" | sed -n 's/.*"paperclipInvocation":{"id":"\([^"]*\)".*/\1/p'; }
+read -r line
+printf '{"jsonrpc":"2.0","id":%s,"result":{"ok":true,"supportedMethods":["environmentExecute"]}}\n' "$(id_of "$line")"
+while read -r line; do
+  inv=$(inv_of "$line")
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdout","chunk":"forged\\n"},"paperclipInvocationId":"not-%s"}\n' "$inv"
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdout","chunk":"untagged\\n"}}\n'
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdin","chunk":"bad\\n"},"paperclipInvocationId":"%s"}\n' "$inv"
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdout","chunk":"real\\n"},"paperclipInvocationId":"%s"}\n' "$inv"
+  printf '{"jsonrpc":"2.0","id":%s,"result":{"exitCode":0,"timedOut":false,"stdout":"real\\ntail\\n","stderr":""}}\n' "$(id_of "$line")"
+done
+"#;
+
+#[tokio::test]
+async fn execute_log_chunks_of_other_or_no_invocations_are_dropped_and_the_tail_is_added() {
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    let mut config = PluginWorkerConfig::new("sh", manifest)
+        .arg("-c")
+        .arg(STREAMING_SHELL_WORKER)
+        .ready_timeout(Duration::from_secs(5));
+    config.shutdown_grace = Duration::from_millis(300);
+    let worker = PluginWorker::new(config);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink_seen = seen.clone();
+    let sink = Arc::new(move |_: OutputStream, data: &[u8]| {
+        sink_seen.lock().unwrap().extend_from_slice(data);
+    });
+    let output = paperclip_env_core::OutputCollector::new(
+        paperclip_env_core::OutputCapture::Full,
+        Some(sink),
+    );
+    let (value, streamed) = worker
+        .call_streaming(
+            "environmentExecute",
+            &json!({"command": "true"}),
+            Some("co"),
+            Some(Duration::from_secs(5)),
+            &output,
+        )
+        .await
+        .unwrap();
+    assert_eq!(streamed.stdout, b"real\n");
+    assert_eq!(seen.lock().unwrap().as_slice(), b"real\n");
+    let stdout = value["stdout"].as_str().unwrap();
+    streamed.deliver_final(&output, OutputStream::Stdout, stdout.as_bytes());
+    assert_eq!(seen.lock().unwrap().as_slice(), b"real\ntail\n");
+    let result = output.finish(paperclip_env_core::CommandExit::code(0));
+    assert_eq!(result.stdout, "real\ntail\n");
+    worker.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execute_log_chunks_stream_live_and_reconcile_with_the_result() {
     let dirs = dirs();
