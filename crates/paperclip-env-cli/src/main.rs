@@ -383,6 +383,10 @@ mod plugins {
         env: std::collections::BTreeMap<String, String>,
         #[serde(default)]
         config: serde_json::Map<String, Value>,
+        /// A stdout line that is not JSON-RPC fails the calls and restarts
+        /// the worker, instead of being logged and skipped (the default).
+        #[serde(default, rename = "strictStdout")]
+        strict_stdout: bool,
     }
 
     fn read_json(path: &Path, what: &str) -> Result<Value, Error> {
@@ -419,8 +423,9 @@ mod plugins {
                 other => other,
             };
             let manifest = PluginManifest::from_json(manifest)?;
-            let mut config =
-                PluginWorkerConfig::new(spec.command, manifest.clone()).plugin_config(spec.config);
+            let mut config = PluginWorkerConfig::new(spec.command, manifest.clone())
+                .plugin_config(spec.config)
+                .strict_stdout(spec.strict_stdout);
             for arg in spec.args {
                 config = config.arg(arg);
             }

@@ -441,7 +441,7 @@ while read -r line; do
   echo "$method" >> "$CALLS"
   case "$method" in
     initialize) r='{"ok":true,"supportedMethods":["environmentProbe","environmentAcquireLease","environmentReleaseLease","environmentExecute"]}';;
-    environmentProbe) r='{"ok":true,"summary":"shell box is ready"}';;
+    environmentProbe) [ -n "$NOISY" ] && echo "npm notice: not JSON-RPC"; r='{"ok":true,"summary":"shell box is ready"}';;
     environmentAcquireLease) r='{"providerLeaseId":"box-1","metadata":{"remoteCwd":"/box"}}';;
     environmentExecute) r='{"exitCode":0,"timedOut":false,"stdout":"hello from the plugin\n","stderr":""}';;
     shutdown) printf '{"jsonrpc":"2.0","id":%s,"result":null}\n' "$id"; exit 0;;
@@ -450,6 +450,43 @@ while read -r line; do
   printf '{"jsonrpc":"2.0","id":%s,"result":%s}\n' "$id" "$r"
 done
 "#;
+
+/// A plugin that prints to stdout works by default (the line is logged and
+/// skipped); `"strictStdout": true` in the plugin file makes it an error.
+#[cfg(feature = "plugin")]
+#[test]
+fn plugin_files_choose_between_skipping_and_refusing_stdout_noise() {
+    let sb = Sandbox::new();
+    let manifest = json!({
+        "id": "acme.shell-box", "apiVersion": 1, "version": "0.0.1",
+        "capabilities": ["environment.drivers.register"],
+        "environmentDrivers": [{"driverKey": "shell-box", "kind": "sandbox_provider",
+            "configSchema": {"type": "object"}}]
+    });
+    let env = sb.env_file(json!({"provider": "shell-box"}));
+    let env = env.to_str().unwrap();
+    let calls = sb.dir.path().join("calls.log");
+    let file = |name: &str, strict: Option<bool>| {
+        let mut spec = json!({"manifest": manifest, "command": "sh", "args": ["-c", SHELL_PLUGIN],
+            "env": {"CALLS": calls.to_str().unwrap(), "NOISY": "1"}});
+        if let Some(strict) = strict {
+            spec["strictStdout"] = json!(strict);
+        }
+        let path = sb.dir.path().join(name);
+        std::fs::write(&path, spec.to_string()).unwrap();
+        path
+    };
+    let lenient = file("lenient.json", None);
+    let probe = sb.ok_json(&["--plugin", lenient.to_str().unwrap(), "probe", "--env", env]);
+    assert_eq!(probe["summary"], "shell box is ready", "{probe}");
+    let strict = file("strict.json", Some(true));
+    let out = sb.run(&["--plugin", strict.to_str().unwrap(), "probe", "--env", env]);
+    let shown = text(&out);
+    assert!(
+        shown.contains("not JSON-RPC 2.0") && !shown.contains("shell box is ready"),
+        "{shown}"
+    );
+}
 
 /// `--plugin FILE` serves a Paperclip provider plugin out of process: its
 /// `sandbox_provider` entry backs a `driver: "sandbox"` environment through

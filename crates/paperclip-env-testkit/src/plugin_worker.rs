@@ -17,7 +17,8 @@ use paperclip_env_core::secret::{
 };
 use paperclip_env_core::{
     AcquireRequest, CallContext, Error, ExecuteRequest, JsonObject, LeaseHandle, LeaseStatus,
-    Operation, OutputCollector, SandboxProvider, WorkspaceSpec,
+    Operation, OutputCapture, OutputCollector, OutputSink, OutputStream, SandboxProvider,
+    WorkspaceSpec,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -250,7 +251,12 @@ impl<W: AsyncWrite + Unpin + Send> Server<W> {
         }
     }
 
-    async fn environment(&self, method: &str, params: &Value) -> Result<Value, Error> {
+    async fn environment(
+        &self,
+        method: &str,
+        params: &Value,
+        invocation_id: Option<&str>,
+    ) -> Result<Value, Error> {
         let ctx = self
             .context(params)
             .await
@@ -335,10 +341,36 @@ impl<W: AsyncWrite + Unpin + Send> Server<W> {
             methods::EXECUTE => {
                 let request: ExecuteRequest = serde_json::from_value(params.clone())
                     .map_err(|e| Error::invalid_field("command", e.to_string()))?;
-                let output = OutputCollector::buffered();
-                let exit = fake
-                    .execute(&ctx, &lease_from("lease"), &request, &output)
-                    .await?;
+                // Output streams to the host as `execute.log` chunks while
+                // the command runs (as the SDK's `ctx.execute` log sink does),
+                // and the result carries it all again.
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+                let sink = invocation_id.map(|invocation| {
+                    let invocation = invocation.to_owned();
+                    Arc::new(move |stream: OutputStream, data: &[u8]| {
+                        let name = match stream {
+                            OutputStream::Stdout => "stdout",
+                            OutputStream::Stderr => "stderr",
+                        };
+                        let chunk = String::from_utf8_lossy(data);
+                        let _ = tx.send(protocol::execute_log_line(&invocation, name, &chunk));
+                    }) as Arc<dyn OutputSink>
+                });
+                let output = OutputCollector::new(OutputCapture::Full, sink);
+                let lease = lease_from("lease");
+                let run = fake.execute(&ctx, &lease, &request, &output);
+                tokio::pin!(run);
+                let exit = loop {
+                    tokio::select! {
+                        biased;
+                        Some(line) = rx.recv() => self.write(&line).await,
+                        exit = &mut run => break exit?,
+                    }
+                };
+                // Chunks pushed just before the exit go out before the answer.
+                while let Ok(line) = rx.try_recv() {
+                    self.write(&line).await;
+                }
                 json_of(serde_json::to_value(output.finish(exit)))
             }
             other => Err(Error::provider(
@@ -348,7 +380,12 @@ impl<W: AsyncWrite + Unpin + Send> Server<W> {
         }
     }
 
-    async fn dispatch(&self, method: &str, params: &Value) -> Result<Value, RpcError> {
+    async fn dispatch(
+        &self,
+        method: &str,
+        params: &Value,
+        invocation_id: Option<&str>,
+    ) -> Result<Value, RpcError> {
         match method {
             methods::INITIALIZE => {
                 let supported: Vec<&str> = ENVIRONMENT_METHODS
@@ -377,7 +414,7 @@ impl<W: AsyncWrite + Unpin + Send> Server<W> {
                 if let Some(op) = operation_of(m) {
                     self.arm_control_faults(m, op);
                 }
-                let result = self.environment(m, params).await;
+                let result = self.environment(m, params, invocation_id).await;
                 self.write_stats();
                 match result {
                     Ok(v) => Ok(v),
@@ -443,7 +480,13 @@ where
                 continue;
             }
         };
-        let Incoming::Request { id, method, params } = message else {
+        let Incoming::Request {
+            id,
+            method,
+            params,
+            invocation_id,
+        } = message
+        else {
             continue;
         };
         if server.faults.garbage_on.as_deref() == Some(method.as_str()) {
@@ -453,7 +496,10 @@ where
         let shutdown = method == methods::SHUTDOWN;
         let server = server.clone();
         let task = async move {
-            let line = match server.dispatch(&method, &params).await {
+            let line = match server
+                .dispatch(&method, &params, invocation_id.as_deref())
+                .await
+            {
                 Ok(result) => protocol::result_line(&id, &result),
                 Err(e) => protocol::error_line(&id, &e),
             };

@@ -13,7 +13,8 @@ use paperclip_env_core::plugin::{
 use paperclip_env_core::secret::InMemorySecretResolver;
 use paperclip_env_core::{
     AcquireRunLease, Capabilities, CleanupStatus, Environment, EnvironmentRuntime, Error,
-    ExecuteRequest, LeaseStatus, Operation, RuntimeOptions, Unsupported, WorkspaceSpec,
+    ExecuteRequest, LeaseStatus, Operation, OutputStream, RuntimeOptions, Unsupported,
+    WorkspaceSpec,
 };
 use paperclip_env_testkit::conformance::{self, Fixture};
 use paperclip_env_testkit::logs::LogCapture;
@@ -448,12 +449,12 @@ async fn a_hanging_worker_times_out_at_the_call_deadline_and_is_killed() {
 }
 
 #[tokio::test]
-async fn a_garbage_writing_worker_gives_a_protocol_error_and_no_stuck_lease() {
+async fn under_strict_stdout_a_garbage_writing_worker_gives_a_protocol_error_and_no_stuck_lease() {
     let dirs = dirs();
-    let worker = PluginWorker::new(worker_config(
-        &dirs,
-        &[(ENV_GARBAGE_ON, "environmentExecute")],
-    ));
+    // Strict stdout: the garbage fails the call at once instead of being skipped.
+    let worker = PluginWorker::new(
+        worker_config(&dirs, &[(ENV_GARBAGE_ON, "environmentExecute")]).strict_stdout(true),
+    );
     let runtime = sandbox_runtime(&worker, RuntimeOptions::default());
     let env = sandbox_env();
     let lease = runtime
@@ -699,14 +700,14 @@ while read -r line; do
 done
 "#;
 
-fn shell_worker(tolerate_noise: bool) -> PluginWorker {
+fn shell_worker(strict_stdout: bool) -> PluginWorker {
     let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
     let mut config = PluginWorkerConfig::new("sh", manifest)
         .arg("-c")
         .arg(SHELL_WORKER)
         .plugin_config(json!({"region": "eu-1"}).as_object().unwrap().clone())
         .ready_timeout(Duration::from_secs(5));
-    config.tolerate_stdout_noise = tolerate_noise;
+    config.strict_stdout = strict_stdout;
     config.shutdown_grace = Duration::from_millis(300);
     PluginWorker::new(config)
 }
@@ -714,7 +715,7 @@ fn shell_worker(tolerate_noise: bool) -> PluginWorker {
 #[tokio::test]
 async fn worker_notifications_and_worker_to_host_requests_are_served() {
     let (logs, _guard) = LogCapture::start();
-    let worker = shell_worker(true);
+    let worker = shell_worker(false);
     let result = worker
         .call(
             "environmentProbe",
@@ -748,9 +749,70 @@ async fn worker_notifications_and_worker_to_host_requests_are_served() {
     );
 }
 
+/// A worker whose stray `console.log`s carry a secret and run long: one
+/// before its handshake answer and one before every answer.
+const NOISY_WORKER: &str = r#"
+id_of() { printf '%s' "$1" | sed -n 's/^{"jsonrpc":"2.0","id":\([0-9]*\),.*/\1/p'; }
+pad=$(printf 'x%.0s' $(seq 1 600))
+read -r line
+echo "setup: connecting with $NOISY_TOKEN $pad"
+printf '{"jsonrpc":"2.0","id":%s,"result":{"ok":true,"supportedMethods":["environmentProbe"]}}\n' "$(id_of "$line")"
+while read -r line; do
+  echo "{\"handler\": \"probe\", \"token\": \"$NOISY_TOKEN\"}"
+  printf '{"jsonrpc":"2.0","id":%s,"result":{"ok":true,"summary":"noisy probe"}}\n' "$(id_of "$line")"
+done
+"#;
+
+fn noisy_worker(strict_stdout: bool) -> PluginWorker {
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    let mut config = PluginWorkerConfig::new("sh", manifest)
+        .arg("-c")
+        .arg(NOISY_WORKER)
+        .secret_env("NOISY_TOKEN", "noisy-secret-7f3a".to_owned().into())
+        .ready_timeout(Duration::from_secs(5))
+        .strict_stdout(strict_stdout);
+    config.shutdown_grace = Duration::from_millis(300);
+    PluginWorker::new(config)
+}
+
 #[tokio::test]
-async fn stdout_noise_is_a_protocol_error_by_default() {
-    let worker = shell_worker(false);
+async fn stdout_noise_is_logged_scrubbed_capped_and_skipped_by_default() {
+    let (logs, _guard) = LogCapture::start();
+    let worker = noisy_worker(false);
+    worker.start().await.unwrap();
+    for _ in 0..2 {
+        let result = worker
+            .call(
+                "environmentProbe",
+                &json!({}),
+                None,
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(result, json!({"ok": true, "summary": "noisy probe"}));
+    }
+    assert_eq!(worker.starts(), 1, "noise must not restart the worker");
+    worker.shutdown().await;
+    let text = logs.text();
+    assert!(
+        text.contains("unparseable message from worker, skipped: Invalid JSON: setup: connecting with [REDACTED] xxx"),
+        "{text}"
+    );
+    // Valid JSON that is not JSON-RPC is skipped the same way.
+    assert!(
+        text.contains(r#"Invalid or missing jsonrpc version"#)
+            && text.contains(r#"{"handler": "probe", "token": "[REDACTED]"}"#),
+        "{text}"
+    );
+    assert!(!text.contains("noisy-secret-7f3a"), "{text}");
+    // The 600-character line is cut to the excerpt bound.
+    assert!(!text.contains(&"x".repeat(300)), "{text}");
+}
+
+#[tokio::test]
+async fn strict_stdout_makes_noise_a_protocol_error() {
+    let worker = shell_worker(true);
     let err = worker.start().await.unwrap_err();
     let text = err.to_string();
     assert!(
@@ -758,6 +820,149 @@ async fn stdout_noise_is_a_protocol_error_by_default() {
         "{text}"
     );
     assert!(!worker.is_running());
+    let noisy = noisy_worker(true);
+    let text = noisy.start().await.unwrap_err().to_string();
+    assert!(
+        text.contains("[REDACTED]") && !text.contains("noisy-secret-7f3a"),
+        "{text}"
+    );
+}
+
+/// Runs a command that prints a line, waits for a gate file the test creates
+/// only after that line reached the sink, then prints more: the first chunk
+/// provably arrives before the command exits.
+async fn assert_live_streaming(runtime: &EnvironmentRuntime, env: &Environment, run: &str) {
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), run))
+        .await
+        .unwrap()
+        .lease;
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("gate");
+    let script = format!(
+        "echo first; echo warn-1 >&2; while [ ! -e '{}' ]; do sleep 0.02; done; echo second; echo warn-2 >&2",
+        gate.display()
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sink = Arc::new(move |stream: OutputStream, data: &[u8]| {
+        let _ = tx.send((stream, data.to_vec()));
+    });
+    let call = {
+        let (runtime, env, lease) = (runtime.clone(), env.clone(), lease.clone());
+        tokio::spawn(async move {
+            runtime
+                .execute_streaming(&env, &lease, &ExecuteRequest::shell(script), sink)
+                .await
+        })
+    };
+    let mut chunks = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("no chunk arrived while the command waits for its gate")
+        .unwrap();
+    assert!(
+        !call.is_finished(),
+        "the call answered before the gate opened"
+    );
+    chunks.push(first);
+    std::fs::write(&gate, b"").unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    while let Ok(chunk) = rx.try_recv() {
+        chunks.push(chunk);
+    }
+    let text_of = |s: OutputStream| {
+        String::from_utf8(
+            chunks
+                .iter()
+                .filter(|(st, _)| *st == s)
+                .flat_map(|(_, d)| d.clone())
+                .collect(),
+        )
+        .unwrap()
+    };
+    assert_eq!(result.stdout, "first\nsecond\n");
+    assert_eq!(result.stderr, "warn-1\nwarn-2\n");
+    // Neither lost nor duplicated: the sink saw exactly the final output.
+    assert_eq!(text_of(OutputStream::Stdout), result.stdout);
+    assert_eq!(text_of(OutputStream::Stderr), result.stderr);
+    runtime
+        .release_run_leases(run, LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+}
+
+/// A worker whose `environmentExecute` streams a forged chunk (another
+/// invocation id), an untagged one, a malformed one and a real one, then
+/// answers with the real chunk plus a tail it never streamed.
+const STREAMING_SHELL_WORKER: &str = r#"
+id_of() { printf '%s' "$1" | sed -n 's/^{"jsonrpc":"2.0","id":\([0-9]*\),.*/\1/p'; }
+inv_of() { printf '%s' "$1" | sed -n 's/.*"paperclipInvocation":{"id":"\([^"]*\)".*/\1/p'; }
+read -r line
+printf '{"jsonrpc":"2.0","id":%s,"result":{"ok":true,"supportedMethods":["environmentExecute"]}}\n' "$(id_of "$line")"
+while read -r line; do
+  inv=$(inv_of "$line")
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdout","chunk":"forged\\n"},"paperclipInvocationId":"not-%s"}\n' "$inv"
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdout","chunk":"untagged\\n"}}\n'
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdin","chunk":"bad\\n"},"paperclipInvocationId":"%s"}\n' "$inv"
+  printf '{"jsonrpc":"2.0","method":"execute.log","params":{"stream":"stdout","chunk":"real\\n"},"paperclipInvocationId":"%s"}\n' "$inv"
+  printf '{"jsonrpc":"2.0","id":%s,"result":{"exitCode":0,"timedOut":false,"stdout":"real\\ntail\\n","stderr":""}}\n' "$(id_of "$line")"
+done
+"#;
+
+#[tokio::test]
+async fn execute_log_chunks_of_other_or_no_invocations_are_dropped_and_the_tail_is_added() {
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    let mut config = PluginWorkerConfig::new("sh", manifest)
+        .arg("-c")
+        .arg(STREAMING_SHELL_WORKER)
+        .ready_timeout(Duration::from_secs(5));
+    config.shutdown_grace = Duration::from_millis(300);
+    let worker = PluginWorker::new(config);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink_seen = seen.clone();
+    let sink = Arc::new(move |_: OutputStream, data: &[u8]| {
+        sink_seen.lock().unwrap().extend_from_slice(data);
+    });
+    let output = paperclip_env_core::OutputCollector::new(
+        paperclip_env_core::OutputCapture::Full,
+        Some(sink),
+    );
+    let (value, streamed) = worker
+        .call_streaming(
+            "environmentExecute",
+            &json!({"command": "true"}),
+            Some("co"),
+            Some(Duration::from_secs(5)),
+            &output,
+        )
+        .await
+        .unwrap();
+    assert_eq!(streamed.stdout, b"real\n");
+    assert_eq!(seen.lock().unwrap().as_slice(), b"real\n");
+    let stdout = value["stdout"].as_str().unwrap();
+    streamed.deliver_final(&output, OutputStream::Stdout, stdout.as_bytes());
+    assert_eq!(seen.lock().unwrap().as_slice(), b"real\ntail\n");
+    let result = output.finish(paperclip_env_core::CommandExit::code(0));
+    assert_eq!(result.stdout, "real\ntail\n");
+    worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_log_chunks_stream_live_and_reconcile_with_the_result() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let sandbox = sandbox_runtime(&worker, RuntimeOptions::default());
+    assert_live_streaming(&sandbox, &sandbox_env(), "run-stream-sandbox").await;
+    let driver = plugin_runtime(&worker, RuntimeOptions::default());
+    assert_live_streaming(&driver, &plugin_env(), "run-stream-driver").await;
+    assert_eq!(worker.starts(), 1);
+    assert_eq!(live(dirs.control.path()), 0);
+    worker.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use tracing::warn;
 
 use super::protocol::{self, ValidationResult};
 use super::provider::deliver;
-use super::worker::PluginWorker;
+use super::worker::{PluginWorker, StreamedOutput};
 use crate::Unsupported;
 use crate::acquisition::{self, AcquireTiming, Acquirer};
 use crate::config::PluginDriverConfig;
@@ -121,24 +121,44 @@ impl Resolved {
         company_id: Option<&str>,
         deadline: std::time::Duration,
     ) -> Result<Value> {
+        self.call_with_output(operation, params, company_id, deadline, None)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// [`Self::call`], streaming `execute.log` chunks into `output` when given.
+    async fn call_with_output(
+        &self,
+        operation: Operation,
+        params: JsonObject,
+        company_id: Option<&str>,
+        deadline: std::time::Duration,
+        output: Option<&OutputCollector>,
+    ) -> Result<(Value, StreamedOutput)> {
         let label = self.label();
         self.worker.register_secrets(&self.config);
-        self.worker
-            .call(
-                operation.method_name(),
-                &Value::Object(params),
-                company_id,
-                Some(deadline),
-            )
-            .await
-            .map_err(|e| {
-                let e = e.into_error(
-                    &label,
-                    Unsupported::Driver(driver_keys::PLUGIN.to_owned()),
-                    operation,
-                );
-                self.config.scrub_error(&label, e)
-            })
+        let method = operation.method_name();
+        let params = Value::Object(params);
+        match output {
+            Some(output) => {
+                self.worker
+                    .call_streaming(method, &params, company_id, Some(deadline), output)
+                    .await
+            }
+            None => self
+                .worker
+                .call(method, &params, company_id, Some(deadline))
+                .await
+                .map(|value| (value, StreamedOutput::default())),
+        }
+        .map_err(|e| {
+            let e = e.into_error(
+                &label,
+                Unsupported::Driver(driver_keys::PLUGIN.to_owned()),
+                operation,
+            );
+            self.config.scrub_error(&label, e)
+        })
     }
 
     fn malformed(&self, operation: Operation, why: impl std::fmt::Display) -> Error {
@@ -652,17 +672,18 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         protocol::add_execute_fields(&mut params, request);
         let deadline =
             execute_deadline(request.timeout_ms, r.config.get("timeoutMs"), &ctx.options);
-        let value = r
-            .call(
+        let (value, streamed) = r
+            .call_with_output(
                 Operation::Execute,
                 params,
                 lease.company_id.as_deref(),
                 deadline,
+                Some(output),
             )
             .await?;
         let result = protocol::parse_execute_result(value)
             .map_err(|e| r.malformed(Operation::Execute, e))?;
-        Ok(deliver(result, output))
+        Ok(deliver(result, &streamed, output))
     }
 
     async fn probe(&self, ctx: &DriverContext, environment: &Environment) -> Result<ProbeResult> {

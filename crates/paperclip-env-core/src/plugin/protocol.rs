@@ -72,6 +72,10 @@ pub mod methods {
     pub const LOG: &str = "log";
     /// Worker → host: the plugin's bootstrap config.
     pub const CONFIG_GET: &str = "config.get";
+    /// Worker → host notification: one chunk of a running command's output
+    /// (`params: {stream: "stdout"|"stderr", chunk}`), tagged with the
+    /// `paperclipInvocationId` of the `environmentExecute` call it belongs to.
+    pub const EXECUTE_LOG: &str = "execute.log";
 }
 
 /// A JSON-RPC error object.
@@ -115,6 +119,8 @@ pub enum Incoming {
         method: String,
         /// Parameters (`null` when absent).
         params: Value,
+        /// The host-issued invocation it belongs to ([`invocation_id_of`]).
+        invocation_id: Option<String>,
     },
     /// A fire-and-forget notification.
     Notification {
@@ -122,6 +128,8 @@ pub enum Incoming {
         method: String,
         /// Parameters (`null` when absent).
         params: Value,
+        /// The host-issued invocation it belongs to ([`invocation_id_of`]).
+        invocation_id: Option<String>,
     },
 }
 
@@ -166,9 +174,19 @@ pub fn parse_line(line: &str) -> Result<Incoming, ParseError> {
     }
     let method = obj.get("method").and_then(Value::as_str).map(str::to_owned);
     let params = obj.remove("params").unwrap_or(Value::Null);
+    let invocation_id = invocation_id_of(&obj);
     match (method, obj.remove("id")) {
-        (Some(method), Some(id)) if !id.is_null() => Ok(Incoming::Request { id, method, params }),
-        (Some(method), None) => Ok(Incoming::Notification { method, params }),
+        (Some(method), Some(id)) if !id.is_null() => Ok(Incoming::Request {
+            id,
+            method,
+            params,
+            invocation_id,
+        }),
+        (Some(method), None) => Ok(Incoming::Notification {
+            method,
+            params,
+            invocation_id,
+        }),
         (None, Some(id)) => {
             if let Some(error) = obj.remove("error").filter(|e| !e.is_null()) {
                 let error: RpcError = serde_json::from_value(error)
@@ -190,8 +208,21 @@ pub fn parse_line(line: &str) -> Result<Incoming, ParseError> {
     }
 }
 
+/// The host-issued invocation a message belongs to: a worker echoes it as
+/// `paperclipInvocationId` on what it sends during a call; a host request
+/// carries it as `paperclipInvocation.id`.
+pub fn invocation_id_of(message: &serde_json::Map<String, Value>) -> Option<String> {
+    message
+        .get("paperclipInvocationId")
+        .or_else(|| message.get("paperclipInvocation").and_then(|i| i.get("id")))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
 /// A request line (`createRequest` + `serializeMessage`), newline included,
-/// with the host-issued `paperclipInvocation` scope upstream attaches.
+/// with the host-issued `paperclipInvocation` scope upstream attaches (a
+/// fresh invocation id; see [`request_line_for`]).
 ///
 /// ```
 /// use paperclip_env_core::plugin::protocol::request_line;
@@ -199,14 +230,54 @@ pub fn parse_line(line: &str) -> Result<Incoming, ParseError> {
 /// assert!(line.starts_with(r#"{"jsonrpc":"2.0","id":1,"method":"environmentProbe""#) && line.ends_with('\n'));
 /// ```
 pub fn request_line(id: u64, method: &str, params: &Value, company_id: Option<&str>) -> String {
+    request_line_for(
+        id,
+        method,
+        params,
+        company_id,
+        &uuid::Uuid::new_v4().to_string(),
+    )
+}
+
+/// [`request_line`] with a given invocation id, which the worker echoes as
+/// `paperclipInvocationId` on the `execute.log` notifications of that call.
+pub fn request_line_for(
+    id: u64,
+    method: &str,
+    params: &Value,
+    company_id: Option<&str>,
+    invocation_id: &str,
+) -> String {
     let mut msg = json!({"jsonrpc": JSONRPC_VERSION, "id": id, "method": method, "params": params});
     // Host-issued invocation scope, as upstream attaches to every call.
     let scope = match company_id {
         Some(c) => json!({"companyId": c}),
         None => json!({}),
     };
-    msg["paperclipInvocation"] = json!({"id": uuid::Uuid::new_v4().to_string(), "scope": scope});
+    msg["paperclipInvocation"] = json!({"id": invocation_id, "scope": scope});
     let mut line = msg.to_string();
+    line.push('\n');
+    line
+}
+
+/// An `execute.log` notification line (worker side): one output chunk of
+/// the `environmentExecute` call `invocation_id`.
+///
+/// ```
+/// use paperclip_env_core::plugin::protocol::{execute_log_line, parse_line, Incoming};
+/// let line = execute_log_line("inv-1", "stdout", "hello\n");
+/// let Ok(Incoming::Notification { method, params, invocation_id }) = parse_line(&line) else { panic!() };
+/// assert_eq!((method.as_str(), invocation_id.as_deref()), ("execute.log", Some("inv-1")));
+/// assert_eq!(params["chunk"], "hello\n");
+/// ```
+pub fn execute_log_line(invocation_id: &str, stream: &str, chunk: &str) -> String {
+    let mut line = json!({
+        "jsonrpc": JSONRPC_VERSION,
+        "method": methods::EXECUTE_LOG,
+        "params": {"stream": stream, "chunk": chunk},
+        "paperclipInvocationId": invocation_id,
+    })
+    .to_string();
     line.push('\n');
     line
 }
@@ -427,6 +498,24 @@ mod tests {
         assert!(parse_line(r#"{"jsonrpc":"2.0","id":1}"#).is_err());
         assert!(parse_line("[1,2]").is_err());
         assert!(parse_line("\u{1F600}".repeat(300).as_str()).is_err());
+    }
+
+    #[test]
+    fn invocation_ids_are_read_from_workers_and_hosts() {
+        let line = request_line_for(1, "environmentExecute", &json!({}), None, "inv-9");
+        assert!(matches!(
+            parse_line(&line),
+            Ok(Incoming::Request { invocation_id: Some(ref i), .. }) if i == "inv-9"
+        ));
+        assert!(matches!(
+            parse_line(
+                r#"{"jsonrpc":"2.0","method":"execute.log","params":{},"paperclipInvocationId":""}"#
+            ),
+            Ok(Incoming::Notification {
+                invocation_id: None,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -9,12 +9,12 @@ use serde_json::{Value, json};
 
 use super::manifest::{DriverDeclaration, DriverKind};
 use super::protocol::{self, BaseParams, ValidationResult, methods};
-use super::worker::PluginWorker;
+use super::worker::{PluginWorker, StreamedOutput};
 use crate::Unsupported;
 use crate::config::ConfigIssue;
 use crate::deadline::{execute_deadline, lease_operation_deadline};
 use crate::driver::RuntimeOptions;
-use crate::execute::{CommandExit, ExecuteRequest, OutputCollector};
+use crate::execute::{CommandExit, ExecuteRequest, OutputCollector, OutputStream};
 use crate::lease::{JsonObject, LeaseStatus};
 use crate::provider::{
     AcquireRequest, CallContext, Capabilities, ConfigValidation, LeaseHandle, ProviderLease,
@@ -25,7 +25,8 @@ use crate::{Error, Operation, Result};
 
 /// Capabilities implied by the optional methods a worker reported in
 /// `initialize` (`None`: not started yet, every environment method assumed).
-/// Plugin execute answers once, at exit, so `streaming` is never implied.
+/// `streaming` is never implied: a worker may send `execute.log` chunks
+/// (they reach the caller live) but nothing in `initialize` promises it.
 ///
 /// ```
 /// use paperclip_env_core::plugin::capabilities_from_methods;
@@ -147,18 +148,37 @@ impl PluginSandboxProvider {
         params: JsonObject,
         deadline: Duration,
     ) -> Result<Value> {
+        self.call_with_output(ctx, operation, params, deadline, None)
+            .await
+            .map(|(value, _)| value)
+    }
+
+    /// [`Self::call`], streaming `execute.log` chunks into `output` when given.
+    async fn call_with_output(
+        &self,
+        ctx: Option<&CallContext>,
+        operation: Operation,
+        params: JsonObject,
+        deadline: Duration,
+        output: Option<&OutputCollector>,
+    ) -> Result<(Value, StreamedOutput)> {
         let key = self.key();
         let company = ctx.and_then(|c| c.company_id.as_deref());
-        let result = self
-            .worker
-            .call(
-                operation.method_name(),
-                &Value::Object(params),
-                company,
-                Some(deadline),
-            )
-            .await
-            .map_err(|e| e.into_error(key, Unsupported::Provider(key.to_owned()), operation));
+        let method = operation.method_name();
+        let params = Value::Object(params);
+        let result = match output {
+            Some(output) => {
+                self.worker
+                    .call_streaming(method, &params, company, Some(deadline), output)
+                    .await
+            }
+            None => self
+                .worker
+                .call(method, &params, company, Some(deadline))
+                .await
+                .map(|value| (value, StreamedOutput::default())),
+        }
+        .map_err(|e| e.into_error(key, Unsupported::Provider(key.to_owned()), operation));
         match (result, ctx) {
             (Err(e), Some(ctx)) => Err(ctx.config.scrub_error(key, e)),
             (other, _) => other,
@@ -348,23 +368,24 @@ impl SandboxProvider for PluginSandboxProvider {
             &self.options,
         );
         let op = Operation::Execute;
-        let value = self.call(Some(ctx), op, params, deadline).await?;
+        let (value, streamed) = self
+            .call_with_output(Some(ctx), op, params, deadline, Some(output))
+            .await?;
         let result = protocol::parse_execute_result(value).map_err(|e| self.malformed(op, e))?;
-        Ok(deliver(result, output))
+        Ok(deliver(result, &streamed, output))
     }
 }
 
-/// Pushes a plugin execute result's output into `output` and returns its exit.
+/// Pushes the part of a plugin execute result's output that was not
+/// already streamed into `output` ([`StreamedOutput::deliver_final`]) and
+/// returns its exit.
 pub(crate) fn deliver(
     result: crate::execute::ExecuteResult,
+    streamed: &StreamedOutput,
     output: &OutputCollector,
 ) -> CommandExit {
-    if !result.stdout.is_empty() {
-        output.stdout(result.stdout.as_bytes());
-    }
-    if !result.stderr.is_empty() {
-        output.stderr(result.stderr.as_bytes());
-    }
+    streamed.deliver_final(output, OutputStream::Stdout, result.stdout.as_bytes());
+    streamed.deliver_final(output, OutputStream::Stderr, result.stderr.as_bytes());
     CommandExit {
         exit_code: result.exit_code,
         signal: result.signal,

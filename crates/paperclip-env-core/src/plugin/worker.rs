@@ -12,10 +12,20 @@
 //! - a call whose deadline passes (or whose caller gives up) kills the
 //!   worker: the B protocol has no cancel method, so a worker still busy with
 //!   an abandoned call cannot be told to stop. The next call restarts it;
-//! - a line on stdout that is not JSON-RPC 2.0 fails the pending calls with a
-//!   protocol error and restarts the worker (upstream logs and ignores it,
-//!   leaving callers to wait for their deadline); set
-//!   [`PluginWorkerConfig::tolerate_stdout_noise`] for upstream behaviour;
+//! - a line on stdout that is not JSON-RPC 2.0 (a stray `console.log` in a
+//!   plugin or its dependencies) is logged as a warning, scrubbed of secrets
+//!   and cut to [`NOISE_EXCERPT_BYTES`], and skipped, as upstream does;
+//!   [`PluginWorkerConfig::strict_stdout`] makes it a protocol error instead
+//!   (the pending calls fail at once and the worker restarts);
+//! - `execute.log` notifications feed the [`OutputCollector`] of the
+//!   `environmentExecute` call whose `paperclipInvocationId` they carry, live
+//!   and in order ([`PluginWorker::call_streaming`]); like upstream, a chunk
+//!   is dropped when it is not a non-empty string on `stdout`/`stderr`, is
+//!   over [`MAX_EXECUTE_LOG_CHUNK_CHARS`], names no active call, arrives
+//!   while calls of two companies overlap on the worker (the shared pipe
+//!   cannot prove which one wrote it), or would take the call past
+//!   [`MAX_EXECUTE_LOG_TOTAL_CHARS`]. The final result stays authoritative
+//!   (see `deliver` in the provider);
 //! - everything the worker writes to logs or errors is scrubbed of every
 //!   secret the SDK has handed it.
 //! - restart is lazy (the next call) instead of a timer; failed starts back
@@ -39,6 +49,7 @@ use tracing::{debug, error, info, warn};
 use super::manifest::PluginManifest;
 use super::protocol::{self, Incoming, InitializeResult, InstanceInfo, RpcError, codes, methods};
 use crate::Unsupported;
+use crate::execute::{OutputCollector, OutputStream};
 use crate::lease::JsonObject;
 use crate::secret::ProviderConfig;
 use crate::{Error, Operation, Result};
@@ -90,8 +101,10 @@ pub struct PluginWorkerConfig {
     /// Zero disables the back-off. A crash after a good start is not a
     /// failed start: the next call restarts at once.
     pub restart_backoff: Duration,
-    /// Log and skip stdout lines that are not JSON-RPC instead of failing (false).
-    pub tolerate_stdout_noise: bool,
+    /// Treat a stdout line that is not JSON-RPC as a protocol error that
+    /// fails the pending calls and restarts the worker (false: log it as a
+    /// warning and skip it, as upstream does).
+    pub strict_stdout: bool,
     /// Longest accepted stdout line (64 MiB); longer is a protocol error.
     pub max_line_bytes: usize,
 }
@@ -131,7 +144,7 @@ impl PluginWorkerConfig {
             default_call_deadline: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(2),
             restart_backoff: Duration::from_secs(1),
-            tolerate_stdout_noise: false,
+            strict_stdout: false,
             max_line_bytes: 64 * 1024 * 1024,
         }
     }
@@ -171,7 +184,71 @@ impl PluginWorkerConfig {
         self.default_call_deadline = deadline;
         self
     }
+
+    /// Sets [`PluginWorkerConfig::strict_stdout`].
+    pub fn strict_stdout(mut self, strict: bool) -> Self {
+        self.strict_stdout = strict;
+        self
+    }
 }
+
+/// Longest excerpt of a skipped non-JSON-RPC stdout line in the log.
+pub const NOISE_EXCERPT_BYTES: usize = 200;
+/// Longest accepted `execute.log` chunk, in characters (upstream's bound).
+pub const MAX_EXECUTE_LOG_CHUNK_CHARS: usize = 1_000_000;
+/// Most characters one execute call may stream (upstream's bound); later
+/// chunks are dropped, and the final result still carries the output.
+pub const MAX_EXECUTE_LOG_TOTAL_CHARS: usize = 128 * 1024 * 1024;
+
+/// What the worker streamed through `execute.log` during one call.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamedOutput {
+    /// Streamed stdout, in order.
+    pub stdout: Vec<u8>,
+    /// Streamed stderr, in order.
+    pub stderr: Vec<u8>,
+}
+
+impl StreamedOutput {
+    /// Whether nothing was streamed.
+    pub fn is_empty(&self) -> bool {
+        self.stdout.is_empty() && self.stderr.is_empty()
+    }
+
+    /// Delivers the final result's `text` for `stream` without repeating what
+    /// was streamed (upstream's `undeliveredSuffix`): nothing streamed, the
+    /// whole text; streamed a prefix of it, the rest; streamed something it
+    /// does not continue (a provider that fell back to another buffer), the
+    /// collector's buffer is replaced by the final text, which is
+    /// authoritative, and the sink keeps what it saw.
+    pub fn deliver_final(&self, output: &OutputCollector, stream: OutputStream, text: &[u8]) {
+        let streamed = match stream {
+            OutputStream::Stdout => &self.stdout,
+            OutputStream::Stderr => &self.stderr,
+        };
+        if streamed.is_empty() {
+            output.push(stream, text);
+        } else if let Some(rest) = text.strip_prefix(streamed.as_slice()) {
+            output.push(stream, rest);
+        } else {
+            warn!(target: "paperclip_env::plugin", stream = ?stream, "the final execute result does not continue the streamed output; keeping the final result");
+            output.reconcile(stream, text);
+        }
+    }
+}
+
+/// Where `execute.log` chunks of one in-flight `environmentExecute` go.
+struct ExecuteRoute {
+    invocation_id: String,
+    company_id: Option<String>,
+    output: OutputCollector,
+    streamed: Arc<Mutex<StreamedOutput>>,
+    delivered_chars: usize,
+    cross_company_blocked: bool,
+}
+
+/// The chunk sink of a streaming call: its collector and what was streamed.
+type RouteSink = (OutputCollector, Arc<Mutex<StreamedOutput>>);
 
 /// Why a call to the worker failed.
 ///
@@ -406,6 +483,8 @@ struct Process {
     pid: Option<u32>,
     stdin: tokio::sync::Mutex<Option<ChildStdin>>,
     pending: Mutex<Pending>,
+    /// In-flight streaming execute calls, by request id.
+    routes: Mutex<HashMap<u64, ExecuteRoute>>,
     alive: AtomicBool,
     exited: watch::Receiver<bool>,
 }
@@ -419,7 +498,12 @@ impl Process {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn lock_routes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ExecuteRoute>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn fail_all(&self, error: CallError) {
+        self.lock_routes().clear();
         let drained: Vec<_> = self.lock_pending().drain().collect();
         for (_, tx) in drained {
             let _ = tx.send(Err(error.clone()));
@@ -470,6 +554,7 @@ struct PendingGuard {
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
+        self.process.lock_routes().remove(&self.id);
         if self.armed && self.process.lock_pending().remove(&self.id).is_some() {
             self.process
                 .kill("a call was abandoned before the worker answered");
@@ -784,6 +869,7 @@ impl PluginWorker {
                 &params,
                 None,
                 cfg.ready_timeout,
+                None,
             )
             .await
             .and_then(|v| {
@@ -869,6 +955,7 @@ impl PluginWorker {
             pid: child.id(),
             stdin: tokio::sync::Mutex::new(Some(stdin)),
             pending: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             exited: exit_rx,
         });
@@ -888,7 +975,7 @@ impl PluginWorker {
         WeakWorker {
             shared: Arc::downgrade(&self.shared),
             plugin: self.plugin_key().to_owned(),
-            tolerate_noise: self.shared.config.tolerate_stdout_noise,
+            strict_stdout: self.shared.config.strict_stdout,
             max_line: self.shared.config.max_line_bytes,
         }
     }
@@ -900,16 +987,31 @@ impl PluginWorker {
         params: &Value,
         company_id: Option<&str>,
         deadline: Duration,
+        sink: Option<RouteSink>,
     ) -> std::result::Result<Value, CallError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let invocation_id = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
+        if let Some((output, streamed)) = sink {
+            process.lock_routes().insert(
+                id,
+                ExecuteRoute {
+                    invocation_id: invocation_id.clone(),
+                    company_id: company_id.map(str::to_owned),
+                    output,
+                    streamed,
+                    delivered_chars: 0,
+                    cross_company_blocked: false,
+                },
+            );
+        }
         process.lock_pending().insert(id, tx);
         let mut guard = PendingGuard {
             process: process.clone(),
             id,
             armed: true,
         };
-        let line = protocol::request_line(id, method, params, company_id);
+        let line = protocol::request_line_for(id, method, params, company_id, &invocation_id);
         if let Err(e) = process.write_line(&line).await {
             guard.armed = false;
             process.lock_pending().remove(&id);
@@ -955,8 +1057,33 @@ impl PluginWorker {
     ) -> std::result::Result<Value, CallError> {
         let process = self.ensure_running().await?;
         let deadline = deadline.unwrap_or(self.shared.config.default_call_deadline);
-        self.send(&process, method, params, company_id, deadline)
+        self.send(&process, method, params, company_id, deadline, None)
             .await
+    }
+
+    /// [`PluginWorker::call`] for a call whose worker may stream output
+    /// (`environmentExecute`): every `execute.log` notification carrying this
+    /// call's invocation id is pushed into `output` as it arrives, in order,
+    /// until the answer. Returns the answer and what was streamed, so the
+    /// caller can deliver only the part of the final result not yet seen
+    /// ([`StreamedOutput::deliver_final`]).
+    pub async fn call_streaming(
+        &self,
+        method: &str,
+        params: &Value,
+        company_id: Option<&str>,
+        deadline: Option<Duration>,
+        output: &OutputCollector,
+    ) -> std::result::Result<(Value, StreamedOutput), CallError> {
+        let process = self.ensure_running().await?;
+        let deadline = deadline.unwrap_or(self.shared.config.default_call_deadline);
+        let streamed = Arc::new(Mutex::new(StreamedOutput::default()));
+        let sink = (output.clone(), streamed.clone());
+        let value = self
+            .send(&process, method, params, company_id, deadline, Some(sink))
+            .await?;
+        let streamed = std::mem::take(&mut *streamed.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok((value, streamed))
     }
 
     /// Stops the worker: `shutdown`, then SIGTERM, then SIGKILL to its
@@ -1019,7 +1146,7 @@ impl PluginWorker {
 struct WeakWorker {
     shared: std::sync::Weak<Shared>,
     plugin: String,
-    tolerate_noise: bool,
+    strict_stdout: bool,
     max_line: usize,
 }
 
@@ -1030,6 +1157,88 @@ impl WeakWorker {
             // No handle left: nothing is known to scrub with, so say nothing.
             None => "[worker output withheld: handle dropped]".to_owned(),
         }
+    }
+
+    /// Why `line` is not JSON-RPC, with an excerpt: scrubbed first (so no
+    /// cut can leave part of a secret), then cut to [`NOISE_EXCERPT_BYTES`].
+    fn describe_noise(&self, line: &str) -> String {
+        let scrubbed = self.scrub(line.trim());
+        let why = match protocol::parse_line(&scrubbed) {
+            Err(e) if !e.0.starts_with("Invalid JSON") => e.0,
+            _ => "Invalid JSON".to_owned(),
+        };
+        let mut end = scrubbed.len().min(NOISE_EXCERPT_BYTES);
+        while !scrubbed.is_char_boundary(end) {
+            end -= 1;
+        }
+        let more = if end < scrubbed.len() { "…" } else { "" };
+        let mut why = why;
+        if why.len() > NOISE_EXCERPT_BYTES {
+            let mut cut = NOISE_EXCERPT_BYTES;
+            while !why.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            why.truncate(cut);
+        }
+        format!("{why}: {}{more}", &scrubbed[..end])
+    }
+
+    /// Routes one `execute.log` chunk to the call it names (module docs).
+    fn route_execute_log(&self, process: &Process, params: &Value, invocation_id: Option<&str>) {
+        let drop_chunk = |reason: &str| {
+            debug!(target: "paperclip_env::plugin", plugin = %self.plugin, reason, "dropping execute.log notification");
+        };
+        let stream = match params.get("stream").and_then(Value::as_str) {
+            Some("stdout") => OutputStream::Stdout,
+            Some("stderr") => OutputStream::Stderr,
+            _ => return drop_chunk("invalid-stream"),
+        };
+        let Some(chunk) = params.get("chunk").and_then(Value::as_str) else {
+            return drop_chunk("invalid-chunk");
+        };
+        let chars = chunk.chars().count();
+        if chars == 0 || chars > MAX_EXECUTE_LOG_CHUNK_CHARS {
+            return drop_chunk("invalid-chunk");
+        }
+        let Some(invocation_id) = invocation_id else {
+            return drop_chunk("missing-invocation");
+        };
+        let output = {
+            let mut routes = process.lock_routes();
+            let mut companies = routes.values().map(|r| r.company_id.as_deref());
+            let cross_company = companies
+                .next()
+                .is_some_and(|first| companies.any(|c| c != first));
+            if cross_company {
+                routes
+                    .values_mut()
+                    .for_each(|r| r.cross_company_blocked = true);
+            }
+            let Some(route) = routes
+                .values_mut()
+                .find(|r| r.invocation_id == invocation_id)
+            else {
+                return drop_chunk("no-active-route");
+            };
+            if route.cross_company_blocked {
+                return drop_chunk("cross-company-scope");
+            }
+            if route.delivered_chars + chars > MAX_EXECUTE_LOG_TOTAL_CHARS {
+                return drop_chunk("execute-output-cap");
+            }
+            route.delivered_chars += chars;
+            {
+                let mut streamed = route.streamed.lock().unwrap_or_else(|p| p.into_inner());
+                match stream {
+                    OutputStream::Stdout => streamed.stdout.extend_from_slice(chunk.as_bytes()),
+                    OutputStream::Stderr => streamed.stderr.extend_from_slice(chunk.as_bytes()),
+                }
+            }
+            route.output.clone()
+        };
+        // Outside the lock: the sink is the caller's code. This task reads
+        // stdout in order, so chunks reach it in order and before the answer.
+        output.push(stream, chunk.as_bytes());
     }
 
     async fn stderr_task(self, stderr: tokio::process::ChildStderr, excerpt: Arc<Mutex<String>>) {
@@ -1083,13 +1292,13 @@ impl WeakWorker {
                     }
                     match protocol::parse_line(&line) {
                         Ok(message) => self.handle(&process, message).await,
-                        Err(e) if self.tolerate_noise => {
-                            warn!(target: "paperclip_env::plugin", plugin = %self.plugin, "unparseable message from worker: {}", self.scrub(&e.0));
+                        Err(_) if !self.strict_stdout => {
+                            warn!(target: "paperclip_env::plugin", plugin = %self.plugin, "unparseable message from worker, skipped: {}", self.describe_noise(&line));
                         }
-                        Err(e) => {
+                        Err(_) => {
                             broken = Some(format!(
-                                "the worker wrote a line that is not JSON-RPC 2.0: {}",
-                                self.scrub(&e.0)
+                                "the worker wrote a line that is not JSON-RPC 2.0 (strict stdout): {}",
+                                self.describe_noise(&line)
                             ));
                             break;
                         }
@@ -1139,6 +1348,8 @@ impl WeakWorker {
                     warn!(target: "paperclip_env::plugin", plugin = %self.plugin, "worker response without a usable id: {}", self.scrub(&format!("{outcome:?}")));
                     return;
                 };
+                // No chunk after the answer: the caller reconciles from here on.
+                process.lock_routes().remove(&id);
                 let Some(tx) = process.lock_pending().remove(&id) else {
                     debug!(target: "paperclip_env::plugin", plugin = %self.plugin, id, "response for unknown or abandoned request id");
                     return;
@@ -1177,7 +1388,14 @@ impl WeakWorker {
                     let _ = process.write_line(&line).await;
                 });
             }
-            Incoming::Notification { method, params } if method == methods::LOG => {
+            Incoming::Notification {
+                method,
+                params,
+                invocation_id,
+            } if method == methods::EXECUTE_LOG => {
+                self.route_execute_log(process, &params, invocation_id.as_deref());
+            }
+            Incoming::Notification { method, params, .. } if method == methods::LOG => {
                 let level = params
                     .get("level")
                     .and_then(Value::as_str)
@@ -1206,6 +1424,38 @@ impl WeakWorker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn final_results_deliver_only_what_was_not_streamed() {
+        use super::StreamedOutput;
+        use crate::execute::{CommandExit, OutputCollector, OutputStream};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let sink_seen = seen.clone();
+        let sink = std::sync::Arc::new(move |s: OutputStream, d: &[u8]| {
+            if s == OutputStream::Stdout {
+                sink_seen.lock().unwrap().extend_from_slice(d);
+            }
+        });
+        let output = OutputCollector::new(crate::OutputCapture::Full, Some(sink));
+        // Streamed a prefix: only the rest is pushed.
+        output.stdout(b"one\n");
+        let streamed = StreamedOutput {
+            stdout: b"one\n".to_vec(),
+            stderr: b"diverged".to_vec(),
+        };
+        streamed.deliver_final(&output, OutputStream::Stdout, b"one\ntwo\n");
+        // Streamed something the final result does not continue: the final wins.
+        output.stderr(b"diverged");
+        streamed.deliver_final(&output, OutputStream::Stderr, b"authoritative");
+        let result = output.finish(CommandExit::code(0));
+        assert_eq!(result.stdout, "one\ntwo\n");
+        assert_eq!(result.stderr, "authoritative");
+        assert_eq!(seen.lock().unwrap().as_slice(), b"one\ntwo\n");
+        // Nothing streamed: everything is pushed.
+        let output = OutputCollector::buffered();
+        StreamedOutput::default().deliver_final(&output, OutputStream::Stdout, b"all");
+        assert_eq!(output.finish(CommandExit::code(0)).stdout, "all");
+    }
+
     #[test]
     fn worker_error_messages_are_capped_on_a_char_boundary() {
         let long = "é".repeat(5000);
