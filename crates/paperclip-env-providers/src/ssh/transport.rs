@@ -641,6 +641,12 @@ impl SshTransport {
                         self.transport_err(format!("connect failed: {e}"), true)
                     }
                 })?;
+            // `connect_stream` never applies `Config::nodelay` to a socket
+            // it did not dial; without it every small request waits out
+            // Nagle against the peer's delayed ACK (~40 ms per exec).
+            stream
+                .set_nodelay(true)
+                .map_err(|e| self.transport_err(format!("cannot set TCP_NODELAY: {e}"), true))?;
             let mut handle = client::connect_stream(config, stream, handler)
                 .await
                 .map_err(|e| self.transport_err(format!("handshake failed: {e}"), true))?;
