@@ -116,6 +116,13 @@ struct Cli {
     )]
     plugins: Vec<PathBuf>,
 
+    /// Log what happens inside on stderr: `-v` info, `-vv` debug, `-vvv`
+    /// trace (default: warnings). `RUST_LOG` (e.g.
+    /// `paperclip_env_core=debug`) overrides. Secrets are scrubbed before
+    /// they are logged.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -813,9 +820,32 @@ impl App {
     }
 }
 
+/// Logs to stderr (stdout carries results and `--json`): `RUST_LOG` when
+/// set, else warnings, raised by each `-v`.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true)
+        .try_init();
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     #[cfg(feature = "emulate")]
     if let Command::Emulate {
         provider,

@@ -249,6 +249,28 @@ fn a_process_killed_mid_acquire_leaves_a_row_and_reap_sweeps_its_sandbox() {
     assert_eq!(again["orphaned"], json!([]), "{again}");
 }
 
+/// `-v` shows what happens inside on stderr, stdout keeps the result, and
+/// an inline API key is in neither.
+#[test]
+fn verbose_logs_go_to_stderr_without_secrets() {
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let env = env.to_str().unwrap();
+    let lease = sb.ok_json(&["acquire", "--env", env, "--run", "noisy-run"]);
+    let out = sb.run(&["--json", "-v", "reap", "--max-age", "0s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["stranded"], json!([lease["id"]]), "{report}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reaper released lease"), "{stderr}");
+    let quiet = sb.run(&["--json", "reap"]);
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
+}
+
 #[test]
 fn stranded_leases_of_finished_runs_are_reaped() {
     let sb = Sandbox::new();

@@ -4,6 +4,8 @@
 //! composes lease metadata and applies per-call deadlines; a provider only
 //! talks to its service.
 
+pub mod support;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};

@@ -310,9 +310,7 @@ impl std::fmt::Debug for WorkspaceSync<'_> {
 }
 
 /// Single-quotes a value for `sh` (spec 00 §13.3).
-pub fn shell_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "'\"'\"'"))
-}
+pub use crate::provider::support::shell_quote;
 
 fn tmp_file() -> Result<std::fs::File> {
     tempfile::tempfile().map_err(|e| io_error("creating a temporary archive", e))
@@ -1129,6 +1127,6 @@ mod tests {
 
     #[test]
     fn quoting_survives_single_quotes() {
-        assert_eq!(shell_quote("a'b"), "'a'\"'\"'b'");
+        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
     }
 }

@@ -240,15 +240,8 @@ impl Settings {
 }
 
 /// Single-quotes a word for `sh`.
-pub fn quote(word: &str) -> String {
-    format!("'{}'", word.replace('\'', r#"'"'"'"#))
-}
-
-fn valid_env_key(key: &str) -> bool {
-    let mut chars = key.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+pub use paperclip_env_core::provider::support::shell_quote as quote;
+use paperclip_env_core::provider::support::valid_env_key;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

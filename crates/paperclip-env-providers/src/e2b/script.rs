@@ -6,10 +6,8 @@ use std::sync::OnceLock;
 use paperclip_env_core::{Error, Result};
 use regex::Regex;
 
-/// Single-quotes a word for `sh`, each `'` becoming `'"'"'`.
-pub fn quote(word: &str) -> String {
-    format!("'{}'", word.replace('\'', r#"'"'"'"#))
-}
+/// Single-quotes a word for `sh`, each `'` becoming `'\''`.
+pub use paperclip_env_core::provider::support::shell_quote as quote;
 
 fn env_key_pattern() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
@@ -99,7 +97,7 @@ mod tests {
 
     #[test]
     fn quoting_and_scripts() {
-        assert_eq!(quote("it's"), r#"'it'"'"'s'"#);
+        assert_eq!(quote("it's"), r"'it'\''s'");
         let env = BTreeMap::from([("FOO".to_owned(), "bar".to_owned())]);
         let s = e2b_script("printf", &["hello".into()], &env, None).unwrap();
         assert!(s.contains(".profile"));

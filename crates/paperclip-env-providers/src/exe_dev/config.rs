@@ -208,13 +208,7 @@ pub fn normalize_prefix(raw: Option<&str>) -> String {
     base.chars().take(24).collect()
 }
 
-fn valid_env_key(key: &str) -> bool {
-    let mut chars = key.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+use paperclip_env_core::provider::support::valid_env_key;
 
 impl ExeDevConfig {
     /// Lenient parse of plain values (spec 24 §3.1); never fails.

@@ -248,14 +248,12 @@ fn parse_vm(v: &Value, depth: u8) -> Option<Vm> {
     })
 }
 
-/// `--flag='value'` with `'` → `'"'"'`.
+/// `--flag='value'`, the value quoted for `sh`.
 fn flag(name: &str, value: &str) -> String {
-    format!("--{name}='{}'", value.replace('\'', "'\"'\"'"))
+    format!("--{name}={}", quoted(value))
 }
 
-fn quoted(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "'\"'\"'"))
-}
+use paperclip_env_core::provider::support::shell_quote as quoted;
 
 fn short_part(raw: &str) -> String {
     raw.chars()
@@ -1078,7 +1076,7 @@ mod tests {
         c.prompt = Some("secret prompt".into());
         let (real, shown) = create_command(&c, "vm1");
         assert!(real.starts_with("new --json --no-email --name='vm1'"));
-        assert!(real.contains("--env='K=it'\"'\"'s'"));
+        assert!(real.contains(r"--env='K=it'\''s'"));
         assert!(shown.contains("--env='K=[REDACTED]'") && shown.contains("--prompt='[REDACTED]'"));
         assert!(!shown.contains("secret prompt"));
         assert!(shown.contains("nodesource"));

@@ -21,16 +21,10 @@ use super::manifests::CONTAINER;
 /// assert_eq!(paperclip_env_providers::kubernetes::sh_quote("a'b"), r"'a'\''b'");
 /// ```
 pub fn sh_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
+    paperclip_env_core::provider::support::shell_quote(value)
 }
 
-fn valid_env_key(key: &str) -> bool {
-    let mut chars = key.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+use paperclip_env_core::provider::support::valid_env_key;
 
 /// `wrapCommandWithEnv` (spec 26 §9.2 step 3, with the RECOMMENDED cwd
 /// variant): unchanged without usable env or cwd; else

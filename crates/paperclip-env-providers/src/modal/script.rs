@@ -3,14 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use paperclip_env_core::workspace::shell_quote;
+use paperclip_env_core::provider::support::{shell_quote, valid_env_key};
 use paperclip_env_core::{Error, Result};
-
-fn valid_env_key(key: &str) -> bool {
-    let mut chars = key.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
 
 /// The `sh -lc` script for a command. Stdin is streamed by the router, so
 /// there is no redirect.

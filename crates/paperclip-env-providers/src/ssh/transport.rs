@@ -297,16 +297,9 @@ impl paperclip_env_core::execute::OutputSink for FileSink {
 }
 
 /// POSIX single-quoting: `'` becomes `'\''` (spec 27 §4.1).
-pub fn shell_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
-}
-
+pub use paperclip_env_core::provider::support::shell_quote;
 /// Whether `key` is a valid env name (`^[A-Za-z_][A-Za-z0-9_]*$`).
-pub fn valid_env_key(key: &str) -> bool {
-    let mut chars = key.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
+pub use paperclip_env_core::provider::support::valid_env_key;
 
 const PROFILE_LINES: [&str; 3] = [
     r#"if [ -f "$HOME/.profile" ]; then . "$HOME/.profile" >/dev/null 2>&1 || true; fi"#,
