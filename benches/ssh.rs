@@ -90,6 +90,18 @@ fn ssh(c: &mut Criterion) {
             })
         },
     );
+    latency.bench_function(
+        "driver: execute `true` with one env var (connection reused by the lease)",
+        |b| {
+            b.to_async(&rt).iter(|| async {
+                let r = runtime
+                    .execute(&env, &lease, &ExecuteRequest::new("true").env("BENCH", "1"))
+                    .await
+                    .expect("execute");
+                assert_eq!(r.exit_code, Some(0));
+            })
+        },
+    );
     latency.finish();
 
     let mut throughput = c.benchmark_group("ssh_1GiB_stdout");

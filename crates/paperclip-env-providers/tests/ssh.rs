@@ -537,7 +537,7 @@ async fn cwd_with_spaces_and_quotes() {
 }
 
 #[tokio::test]
-async fn env_values_arrive_verbatim_and_launcher_is_removed() {
+async fn env_values_arrive_verbatim_and_leave_no_file_behind() {
     let Some(r) = ready().await else { return };
     let tricky = "it's $HOME `x` \"q\"\nline2";
     let out = r
@@ -550,7 +550,8 @@ async fn env_values_arrive_verbatim_and_launcher_is_removed() {
         )
         .await;
     assert_eq!(out.stdout, format!("{tricky}|2"));
-    // The launcher deleted itself; allow a moment for parallel tests' launchers.
+    // The script travels over stdin: no launcher file is ever written
+    // (older builds left `/tmp/paperclip-ssh-command-*` for a moment).
     let start = Instant::now();
     loop {
         let left = std::fs::read_dir("/tmp")
@@ -567,9 +568,73 @@ async fn env_values_arrive_verbatim_and_launcher_is_removed() {
         }
         assert!(
             start.elapsed() < Duration::from_secs(3),
-            "launcher left behind"
+            "a launcher file was written"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn env_with_stdin_delivers_every_stdin_byte_to_the_command() {
+    let Some(r) = ready().await else { return };
+    let stdin = "first line\n  \\ no newline at the end";
+    let out = r
+        .exec(
+            ExecuteRequest::new("sh")
+                .arg("-c")
+                .arg("printf '%s:' \"$A\"; cat")
+                .env("A", "1")
+                .stdin(stdin)
+                .timeout_ms(5_000),
+        )
+        .await;
+    assert_eq!(out.exit_code, Some(0));
+    assert_eq!(out.stdout, format!("1:{stdin}"));
+    // Without stdin the command sees EOF at once, as without env.
+    let none = r
+        .exec(
+            ExecuteRequest::new("sh")
+                .arg("-c")
+                .arg("printf '%s:' \"$A\"; cat")
+                .env("A", "2")
+                .timeout_ms(5_000),
+        )
+        .await;
+    assert_eq!(none.stdout, "2:");
+    // The script reader's own variables do not reach the command.
+    let vars = r
+        .exec(
+            ExecuteRequest::new("sh")
+                .arg("-c")
+                .arg("set | grep -c __pc_ || true")
+                .env("A", "3"),
+        )
+        .await;
+    assert_eq!(vars.stdout.trim(), "0");
+}
+
+#[tokio::test]
+async fn timeout_with_env_kills_the_remote_process_group() {
+    let Some(r) = ready().await else { return };
+    let marker = format!("3001.{}", std::process::id());
+    let out = r
+        .exec(
+            ExecuteRequest::shell(format!("sleep {marker} & sleep {marker}; echo never"))
+                .env("WITH_ENV", "1")
+                .timeout_ms(1_000),
+        )
+        .await;
+    assert!(out.timed_out);
+    assert_eq!(out.exit_code, None);
+    assert!(!out.stdout.contains("never"));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = pgrep(&format!("sleep {marker}"));
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running: {left}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

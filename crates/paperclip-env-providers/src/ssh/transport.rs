@@ -308,15 +308,8 @@ const PROFILE_LINES: [&str; 3] = [
 ];
 
 /// The remote script of spec 27 §4.3: profiles, then `exec [env K=V…] sh -c <command>`.
-fn remote_script(
-    remote_command: &str,
-    env: &BTreeMap<String, String>,
-    self_delete: bool,
-) -> String {
+fn remote_script(remote_command: &str, env: &BTreeMap<String, String>) -> String {
     let mut lines = vec!["#!/bin/sh".to_owned()];
-    if self_delete {
-        lines.push(r#"rm -f -- "$0""#.to_owned());
-    }
     lines.extend(PROFILE_LINES.iter().map(|l| (*l).to_owned()));
     let env_words: Vec<String> = env
         .iter()
@@ -349,6 +342,36 @@ fn remote_command_line(cmd: &RemoteCommand) -> String {
         Some(cwd) => format!("cd {} && {exec}", shell_quote(cwd)),
         None => exec,
     }
+}
+
+/// The remote side of a script sent over stdin: `sh` reads lines up to a
+/// random end line and `eval`s them, then the command inherits the rest of
+/// stdin. The shell's `read` consumes a pipe byte by byte (POSIX), so not one
+/// byte of the command's own stdin is lost. A stream that ends before the end
+/// line runs nothing (exit 125). Returns the exec string's `sh -c` body and
+/// the bytes to write to stdin (script, end line, then `stdin`).
+fn stdin_script_reader(script: &str, stdin: Option<&[u8]>) -> (String, Vec<u8>) {
+    let end = loop {
+        let candidate = format!(
+            "__paperclip_ssh_script_end_{}__",
+            uuid::Uuid::new_v4().simple()
+        );
+        if !script.contains(&candidate) {
+            break candidate;
+        }
+    };
+    let reader = format!(
+        "__pc_s=; __pc_ok=; while IFS= read -r __pc_l; do if [ \"$__pc_l\" = {end} ]; then __pc_ok=1; break; fi; __pc_s=\"$__pc_s$__pc_l\n\"; done; [ -n \"$__pc_ok\" ] || exit 125; unset __pc_l __pc_ok; eval \"$__pc_s\""
+    );
+    let mut bytes = Vec::with_capacity(script.len() + end.len() + 2 + stdin.map_or(0, <[u8]>::len));
+    // The buffered script holds env values: drop it before anything runs.
+    bytes.extend_from_slice(b"unset __pc_s\n");
+    bytes.extend_from_slice(script.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(end.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(stdin.unwrap_or_default());
+    (reader, bytes)
 }
 
 struct ClientHandler {
@@ -634,6 +657,12 @@ impl SshTransport {
                         self.transport_err(format!("connect failed: {e}"), true)
                     }
                 })?;
+            // `connect_stream` never applies `Config::nodelay` to a socket
+            // it did not dial; without it every small request waits out
+            // Nagle against the peer's delayed ACK (~40 ms per exec).
+            stream
+                .set_nodelay(true)
+                .map_err(|e| self.transport_err(format!("cannot set TCP_NODELAY: {e}"), true))?;
             let mut handle = client::connect_stream(config, stream, handler)
                 .await
                 .map_err(|e| self.transport_err(format!("handshake failed: {e}"), true))?;
@@ -916,7 +945,7 @@ impl SshTransport {
         let output = OutputCollector::buffered();
         let cmd = format!(
             "exec sh -c {}",
-            shell_quote(&remote_script(script, &BTreeMap::new(), false))
+            shell_quote(&remote_script(script, &BTreeMap::new()))
         );
         let exit = self.exec(&cmd, None, Some(timeout), &output).await?;
         let result = output.finish(exit.clone());
@@ -929,8 +958,9 @@ impl SshTransport {
 
     /// Runs a [`RemoteCommand`] (spec 27 §4.3): login profiles sourced, env
     /// applied last (so it wins), argv quoted exactly. With env, the script
-    /// goes to a 0700 launcher under `/tmp` that deletes itself when it
-    /// starts, so env values never appear in an exec request.
+    /// travels ahead of the command's stdin on the same channel (see
+    /// [`stdin_script_reader`]), so env values never appear in an exec request
+    /// and no launcher file costs an extra round trip.
     pub async fn run(
         &self,
         cmd: &RemoteCommand,
@@ -943,11 +973,9 @@ impl SshTransport {
             return Err(self.transport_err("empty command", false));
         }
         let line = remote_command_line(cmd);
+        let script = remote_script(&line, &cmd.env);
         if cmd.env.is_empty() {
-            let exec = format!(
-                "exec sh -c {}",
-                shell_quote(&remote_script(&line, &cmd.env, false))
-            );
+            let exec = format!("exec sh -c {}", shell_quote(&script));
             return self
                 .exec_with(
                     &exec,
@@ -958,45 +986,15 @@ impl SshTransport {
                 )
                 .await;
         }
-        let launcher = format!("/tmp/paperclip-ssh-command-{}", uuid::Uuid::new_v4());
-        let q = shell_quote(&launcher);
-        let upload = format!("umask 077; cat > {q}; chmod 700 {q}");
-        let script = remote_script(&line, &cmd.env, true);
-        let sink = OutputCollector::buffered();
-        let up = self
-            .exec(
-                &upload,
-                Some(script.into_bytes()),
-                Some(cmd.timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT)),
-                &sink,
-            )
-            .await?;
-        if up.exit_code != Some(0) {
-            let r = sink.finish(up);
-            let _ = self
-                .run_script(&format!("rm -f -- {q}"), DEFAULT_COMMAND_TIMEOUT)
-                .await;
-            return Err(self.transport_err(
-                format!("launcher upload failed: {}", r.stderr.trim()),
-                false,
-            ));
-        }
-        let result = self
-            .exec_with(
-                &format!("exec {q}"),
-                stdin_of(cmd),
-                cmd.timeout,
-                cmd.max_output_bytes,
-                output,
-            )
-            .await;
-        if !matches!(&result, Ok(e) if !e.timed_out) {
-            // Normally the launcher removed itself; make sure (best effort).
-            let _ = self
-                .run_script(&format!("rm -f -- {q}"), DEFAULT_COMMAND_TIMEOUT)
-                .await;
-        }
-        result
+        let (reader, stdin) = stdin_script_reader(&script, cmd.stdin.as_deref());
+        self.exec_with(
+            &format!("exec sh -c {}", shell_quote(&reader)),
+            StdinSource::Bytes(stdin),
+            cmd.timeout,
+            cmd.max_output_bytes,
+            output,
+        )
+        .await
     }
 
     fn check_transfer(&self, what: &str, exit: &CommandExit, stderr: &str) -> Result<(), SshError> {

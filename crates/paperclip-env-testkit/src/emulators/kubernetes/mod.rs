@@ -181,6 +181,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -525,7 +526,7 @@ impl KubeEmulator {
             }
             None => {
                 tokio::spawn(async move {
-                    let _ = axum::serve(listener, app)
+                    let _ = axum::serve(listener.tap_io(super::serve::no_delay), app)
                         .with_graceful_shutdown(async move { stopped(&mut stop).await })
                         .await;
                 });

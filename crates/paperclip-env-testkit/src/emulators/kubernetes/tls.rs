@@ -65,10 +65,11 @@ impl axum::serve::Listener for TlsListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
-            let Ok((stream, addr)) = self.tcp.accept().await else {
+            let Ok((mut stream, addr)) = self.tcp.accept().await else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
+            super::super::serve::no_delay(&mut stream);
             let handshake = self.acceptor.accept(stream);
             if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), handshake).await {
                 return (tls, addr);
