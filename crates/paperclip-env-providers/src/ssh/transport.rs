@@ -959,7 +959,7 @@ impl SshTransport {
     /// Runs a [`RemoteCommand`] (spec 27 §4.3): login profiles sourced, env
     /// applied last (so it wins), argv quoted exactly. With env, the script
     /// travels ahead of the command's stdin on the same channel (see
-    /// [`stdin_script_reader`]), so env values never appear in an exec request
+    /// `stdin_script_reader`), so env values never appear in an exec request
     /// and no launcher file costs an extra round trip.
     pub async fn run(
         &self,
