@@ -308,18 +308,34 @@ async fn with_heartbeat<T>(
     heartbeat: Duration,
     future: impl std::future::Future<Output = T>,
 ) -> T {
-    let mut ticker = tokio::time::interval(heartbeat.max(MIN_HEARTBEAT));
+    while_ticking(heartbeat.max(MIN_HEARTBEAT), future, || async {
+        if let Err(e) = store.touch(id).await {
+            warn!(lease = %id, error = %e, "could not touch the in-flight lease row");
+        }
+    })
+    .await
+}
+
+/// Runs `future` to its end, running `tick` every `every` meanwhile (first
+/// after one interval). The one keep-alive loop of the crate: acquisition
+/// heartbeats and reaper claim renewals.
+pub(crate) async fn while_ticking<T, F, Fut>(
+    every: Duration,
+    future: impl std::future::Future<Output = T>,
+    mut tick: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut ticker = tokio::time::interval(every.max(MIN_HEARTBEAT));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     tokio::pin!(future);
     loop {
         tokio::select! {
             out = &mut future => return out,
-            _ = ticker.tick() => {
-                if let Err(e) = store.touch(id).await {
-                    warn!(lease = %id, error = %e, "could not touch the in-flight lease row");
-                }
-            }
+            _ = ticker.tick() => tick().await,
         }
     }
 }

@@ -303,23 +303,21 @@ impl Reaper {
     /// third of the claim TTL, so the claim outlives the work.
     async fn holding_claim<T>(&self, id: &str, work: impl std::future::Future<Output = T>) -> T {
         let ttl = self.options.claim_ttl;
-        let mut ticker = tokio::time::interval((ttl / 3).max(Duration::from_millis(10)));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
-        tokio::pin!(work);
-        loop {
-            tokio::select! {
-                out = &mut work => return out,
-                _ = ticker.tick() => {
-                    let store = self.runtime.lease_store();
-                    match store.try_claim(id, &self.claimant, ttl).await {
-                        Ok(true) => {}
-                        Ok(false) => warn!(lease = %id, "another reaper took over a claim this reaper was renewing"),
-                        Err(e) => warn!(lease = %id, error = %e, "could not renew the reaper's claim"),
-                    }
+        acquisition::while_ticking(ttl / 3, work, || async move {
+            match self
+                .runtime
+                .lease_store()
+                .try_claim(id, &self.claimant, ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(lease = %id, "another reaper took over a claim this reaper was renewing")
                 }
+                Err(e) => warn!(lease = %id, error = %e, "could not renew the reaper's claim"),
             }
-        }
+        })
+        .await
     }
 
     /// One pass; see the [module docs](self). Errors are collected in the
