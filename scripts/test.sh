@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/paperclip-env/target}"
 bash scripts/setup.sh
+bash scripts/target-guard.sh
 cargo fmt --all -- --check
 # Licenses, banned crates and sources (deny.toml). Advisories need the
 # advisory database from GitHub, which CI cannot reach.
