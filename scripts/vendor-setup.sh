@@ -18,8 +18,11 @@ NOVITA_PY_VERSIONS=(2.1.1)
 # PyPI `daytona`: the newest checked and the one the Paperclip plugin was
 # written against.
 DAYTONA_PY_VERSIONS=(0.226.1 0.183.0)
-# npm: `e2b`, `novita-sandbox` and `@daytonaio/sdk`.
-NPM_PACKAGES=(e2b@2.51.0 novita-sandbox@2.1.1 @daytonaio/sdk@0.218.0)
+# npm: `e2b`, `novita-sandbox`, `@daytonaio/sdk`, and two lines of `modal`
+# (libmodal JS) side by side under aliases: 0.7.x, which the Paperclip Modal
+# plugin pins (V1 sandboxes), and 0.11.x (V2 sandboxes by default).
+NPM_PACKAGES=(e2b@2.51.0 novita-sandbox@2.1.1 @daytonaio/sdk@0.218.0
+    modal-0.7@npm:modal@0.7.6 modal-0.11@npm:modal@0.11.1)
 
 mkdir -p "$VENDOR"
 
@@ -51,7 +54,11 @@ if command -v npm >/dev/null 2>&1; then
     [ -f "$node_dir/package.json" ] || echo '{"name":"paperclip-env-vendor","private":true,"type":"module"}' >"$node_dir/package.json"
     missing=()
     for spec in "${NPM_PACKAGES[@]}"; do
-        name="${spec%@*}"
+        # `alias@npm:package@version` installs under the alias.
+        case "$spec" in
+        *@npm:*) name="${spec%%@npm:*}" ;;
+        *) name="${spec%@*}" ;;
+        esac
         want="${spec##*@}"
         have="$(node -e "try{console.log(require('$node_dir/node_modules/$name/package.json').version)}catch(e){}" 2>/dev/null || true)"
         [ "$have" = "$want" ] || missing+=("$spec")

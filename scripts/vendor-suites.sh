@@ -7,6 +7,8 @@
 # Each suite prints `N passed, N failed`; this script fails on any failure
 # (or a suite that prints no tally). Installs the clients first
 # (scripts/vendor-setup.sh, idempotent).
+#
+#   bash scripts/vendor-suites.sh [PROVIDER…]   only those providers' suites (e.g. `modal`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/paperclip-env/target}"
@@ -29,6 +31,17 @@ trap cleanup EXIT
 
 failures=0
 report=()
+only=("$@")
+
+# wanted <provider>: whether the command line selected it (all when none given).
+wanted() {
+    [ "${#only[@]}" -eq 0 ] && return 0
+    local p
+    for p in "${only[@]}"; do
+        [ "$p" = "$1" ] && return 0
+    done
+    return 1
+}
 
 # run_suite <provider> <label> <command…>
 run_suite() {
@@ -73,6 +86,7 @@ shopt -s nullglob
 for suite in tests/vendor/[a-z]*_*.py; do
     name="$(basename "$suite")"
     provider="${name%%_*}"
+    wanted "$provider" || continue
     venvs=("$VENDOR"/venv-"$provider"-*)
     if [ "${#venvs[@]}" -eq 0 ]; then
         echo "vendor-suites: no venv for $provider under $VENDOR" >&2
@@ -86,6 +100,7 @@ for suite in tests/vendor/[a-z]*_*.py; do
 done
 for suite in tests/vendor/[a-z]*_*.mjs tests/vendor/[a-z]*_*.cjs; do
     name="$(basename "$suite")"
+    wanted "${name%%_*}" || continue
     if ! command -v node >/dev/null 2>&1; then
         report+=("$name: skipped (no node)")
         continue

@@ -32,3 +32,8 @@ pub const MODAL_CLIENT_SERVICE: &str = "modal.client.ModalClient";
 
 /// The fully qualified command-router service name.
 pub const TASK_COMMAND_ROUTER_SERVICE: &str = "modal.task_command_router.TaskCommandRouter";
+
+/// The prost runtime the generated types use (for encoding status details).
+pub use prost;
+/// Well-known types (`google.protobuf.Any` of status details).
+pub use prost_types;

@@ -522,6 +522,7 @@ impl ModalProvider {
                 ..Default::default()
             }),
             environment_name: String::new(),
+            tags: Vec::new(),
         };
         // Never repeated: a retry could create a second sandbox.
         let response =

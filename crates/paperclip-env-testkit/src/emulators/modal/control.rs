@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use super::{Fault, Image, RecordedCall, Route, Sandbox, Service, lock};
+use super::{Fault, IdempotentAnswer, Image, RecordedCall, Route, Sandbox, Service, lock};
 
 fn header(meta: &MetadataMap, key: &str) -> Option<String> {
     meta.get(key)
@@ -34,8 +34,10 @@ impl Service {
         let secret_ok =
             header(meta, "x-modal-token-secret").as_deref() == Some(shared.token_secret.as_str());
         let auth = header(meta, "x-modal-auth-token");
+        // Modal's clients do not all send an auth token (Python's sends none
+        // before it has one): only a token that is sent must be valid.
         let auth_ok = route == Route::AuthTokenGet
-            || auth.as_ref().is_some_and(|token| {
+            || auth.as_ref().is_none_or(|token| {
                 lock(&shared.auth_tokens)
                     .iter()
                     .any(|(t, exp)| t == token && *exp > SystemTime::now())
@@ -44,12 +46,13 @@ impl Service {
             rpc,
             idempotency_key: header(meta, "x-idempotency-key"),
             retry_attempt: header(meta, "x-retry-attempt"),
+            throttle_retry_attempt: header(meta, "x-throttle-retry-attempt"),
             client_type: header(meta, "x-modal-client-type"),
             client_version: header(meta, "x-modal-client-version"),
             had_auth_token: auth.is_some(),
             authorized: id_ok && secret_ok && auth_ok,
         });
-        if route == Route::SandboxCreate {
+        if matches!(route, Route::SandboxCreate | Route::SandboxCreateV2) {
             shared.creates.fetch_add(1, Ordering::SeqCst);
         }
         if route == Route::ContainerExec {
@@ -64,18 +67,260 @@ impl Service {
         shared.status_fault(route)
     }
 
+    /// Runs `f` on sandbox `id`. A V1 call about a V2 sandbox (or the
+    /// reverse) finds nothing, as on Modal, where the two live apart.
     pub(crate) fn with_sandbox<T>(
         &self,
         id: &str,
+        v2: bool,
         f: impl FnOnce(&mut Sandbox) -> T,
     ) -> Result<T, Status> {
         let mut sandboxes = lock(&self.shared.sandboxes);
         let sandbox = sandboxes
             .get_mut(id)
+            .filter(|s| s.v2 == v2)
             .ok_or_else(|| Status::not_found(format!("Sandbox with id: '{id}' not found")))?;
         // Any call about a sandbox counts as activity for its idle timeout.
         sandbox.last_activity = Instant::now();
         Ok(f(sandbox))
+    }
+}
+
+/// `ResponseLost`: the effect happened, the answer does not arrive.
+fn lost(fault: &Option<Fault>) -> Result<(), Status> {
+    if matches!(fault, Some(Fault::ResponseLost)) {
+        return Err(Status::unavailable(
+            "connection reset (injected: response lost)",
+        ));
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Creates a sandbox in a task of its own, so a client that gives up
+    /// (or a `SlowCreate` outliving the call) does not stop it; a retry with
+    /// the same idempotency key gets the first answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_detached(
+        &self,
+        rpc: &'static str,
+        key: Option<String>,
+        fault: Option<Fault>,
+        v2: bool,
+        app_id: String,
+        definition: Option<paperclip_env_modal_proto::api::Sandbox>,
+        tags: Vec<SandboxTag>,
+    ) -> Result<IdempotentAnswer, Status> {
+        if let Some(key) = &key
+            && let Some(answer) = lock(&self.shared.idempotent).get(&(rpc, key.clone()))
+        {
+            return Ok(answer.clone());
+        }
+        let delay = match fault {
+            Some(Fault::SlowCreate(d)) => d,
+            _ => Duration::ZERO,
+        };
+        let service = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let answer = service.create(v2, app_id, definition, tags)?;
+            if let Some(key) = key {
+                lock(&service.shared.idempotent).insert((rpc, key), answer.clone());
+            }
+            Ok(answer)
+        })
+        .await
+        .map_err(|_| Status::internal("create task failed"))?
+    }
+
+    fn create(
+        &self,
+        v2: bool,
+        app_id: String,
+        definition: Option<paperclip_env_modal_proto::api::Sandbox>,
+        tags: Vec<SandboxTag>,
+    ) -> Result<IdempotentAnswer, Status> {
+        let definition =
+            definition.ok_or_else(|| Status::invalid_argument("definition is required"))?;
+        if !lock(&self.shared.apps).values().any(|a| *a == app_id) {
+            return Err(Status::not_found(format!("App {app_id} not found")));
+        }
+        if !lock(&self.shared.images)
+            .values()
+            .any(|i| i.id == definition.image_id)
+        {
+            return Err(Status::not_found(format!(
+                "Image {} not found",
+                definition.image_id
+            )));
+        }
+        if definition.timeout_secs == 0 || definition.timeout_secs > 86_400 {
+            return Err(Status::invalid_argument(
+                "timeout_secs must be between 1 and 86400",
+            ));
+        }
+        if let Some(workdir) = &definition.workdir
+            && !workdir.starts_with('/')
+        {
+            return Err(Status::invalid_argument(format!(
+                "workdir must be an absolute path, got: {workdir}"
+            )));
+        }
+        let (id, task_id) = if v2 {
+            (
+                format!("sb-{}", super::ulid()),
+                format!("ta-{}", super::ulid()),
+            )
+        } else {
+            (
+                format!("sb-{}", super::base62_22()),
+                format!("ta-{}", super::base62_22()),
+            )
+        };
+        let home = self.shared.sandbox_home(&id);
+        std::fs::create_dir_all(&home).map_err(|e| Status::internal(e.to_string()))?;
+        let now = Instant::now();
+        let sandbox = Sandbox {
+            id: id.clone(),
+            v2,
+            task_id: task_id.clone(),
+            app_id: app_id.clone(),
+            definition,
+            home,
+            tags: tags
+                .into_iter()
+                .map(|t| (t.tag_name, t.tag_value))
+                .collect(),
+            result: None,
+            execs: HashMap::new(),
+            // V2 creates answer once the task is placed.
+            task_id_polls: if v2 {
+                0
+            } else {
+                self.shared.task_id_polls.load(Ordering::SeqCst)
+            },
+            created: now,
+            last_activity: now,
+            router_jwts: Vec::new(),
+        };
+        lock(&self.shared.sandboxes).insert(id.clone(), sandbox);
+        let metadata = Some(SandboxHandleMetadata {
+            result: None,
+            app_id,
+        });
+        if !v2 {
+            return Ok(IdempotentAnswer::V1(SandboxCreateResponse {
+                sandbox_id: id,
+                metadata,
+            }));
+        }
+        let access = self.router_access(|s| s.id == id, &id, &None)?;
+        Ok(IdempotentAnswer::V2(SandboxCreateV2Response {
+            sandbox_id: id,
+            task_id,
+            metadata,
+            command_router_access: Some(access),
+        }))
+    }
+
+    fn tags_set(&self, req: SandboxTagsSetRequest, v2: bool) -> Result<Response<()>, Status> {
+        self.with_sandbox(&req.sandbox_id, v2, |s| {
+            for tag in req.tags {
+                s.tags.insert(tag.tag_name, tag.tag_value);
+            }
+        })?;
+        Ok(Response::new(()))
+    }
+
+    async fn wait(
+        &self,
+        req: SandboxWaitRequest,
+        v2: bool,
+    ) -> Result<Response<SandboxWaitResponse>, Status> {
+        let deadline = Instant::now() + Duration::from_secs_f32(req.timeout.clamp(0.0, 60.0));
+        loop {
+            let (result, app_id) = self.with_sandbox(&req.sandbox_id, v2, |s| {
+                (s.result.clone(), s.app_id.clone())
+            })?;
+            if result.is_some() || Instant::now() >= deadline {
+                return Ok(Response::new(SandboxWaitResponse {
+                    result: result.clone(),
+                    metadata: Some(SandboxHandleMetadata { result, app_id }),
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn terminate(
+        &self,
+        req: SandboxTerminateRequest,
+        v2: bool,
+    ) -> Result<Response<SandboxTerminateResponse>, Status> {
+        let existing = self.with_sandbox(&req.sandbox_id, v2, |s| {
+            let existing = s.result.clone();
+            s.finish(GenericStatus::Terminated);
+            existing
+        })?;
+        Ok(Response::new(SandboxTerminateResponse {
+            existing_result: existing,
+        }))
+    }
+
+    fn get_task_id(
+        &self,
+        req: SandboxGetTaskIdRequest,
+        v2: bool,
+    ) -> Result<Response<SandboxGetTaskIdResponse>, Status> {
+        let response = self.with_sandbox(&req.sandbox_id, v2, |s| {
+            if let Some(result) = &s.result {
+                return SandboxGetTaskIdResponse {
+                    task_id: None,
+                    task_result: Some(result.clone()),
+                };
+            }
+            if s.task_id_polls > 0 {
+                s.task_id_polls -= 1;
+                return SandboxGetTaskIdResponse::default();
+            }
+            SandboxGetTaskIdResponse {
+                task_id: Some(s.task_id.clone()),
+                task_result: None,
+            }
+        })?;
+        Ok(Response::new(response))
+    }
+
+    /// A router JWT and URL for the sandbox `find` picks.
+    fn router_access(
+        &self,
+        find: impl Fn(&Sandbox) -> bool,
+        what: &str,
+        fault: &Option<Fault>,
+    ) -> Result<CommandRouterAccess, Status> {
+        if !self.shared.router_enabled.load(Ordering::SeqCst) {
+            return Err(Status::failed_precondition(
+                "command router is not enabled for this task",
+            ));
+        }
+        let addr = lock(&self.shared.addr)
+            .ok_or_else(|| Status::unavailable("emulator address unknown"))?;
+        let mut sandboxes = lock(&self.shared.sandboxes);
+        let sandbox = sandboxes
+            .values_mut()
+            .find(|s| find(s))
+            .ok_or_else(|| Status::not_found(format!("Task {what} not found")))?;
+        if sandbox.result.is_some() {
+            return Err(Status::failed_precondition("task has already finished"));
+        }
+        let jwt = self.shared.jwt(Duration::from_secs(3600), &sandbox.task_id);
+        sandbox.router_jwts.push(jwt.clone());
+        let url = if matches!(fault, Some(Fault::RouterUrlChanged)) {
+            format!("https://localhost:{}", addr.port())
+        } else {
+            format!("https://{addr}")
+        };
+        Ok(CommandRouterAccess { jwt, url })
     }
 }
 
@@ -135,6 +380,7 @@ impl ModalClient for Service {
             Route::ImageGetOrCreate,
         )?;
         let req = request.into_inner();
+        lock(&self.shared.builder_versions).push(req.builder_version.clone());
         let commands = req.image.map(|i| i.dockerfile_commands).unwrap_or_default();
         let Some(tag) = commands
             .first()
@@ -257,59 +503,91 @@ impl ModalClient for Service {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn environment_get_or_create(
+        &self,
+        request: Request<EnvironmentGetOrCreateRequest>,
+    ) -> Result<Response<EnvironmentGetOrCreateResponse>, Status> {
+        self.admit(
+            request.metadata(),
+            "EnvironmentGetOrCreate",
+            Route::EnvironmentGetOrCreate,
+        )?;
+        let req = request.into_inner();
+        // Every environment exists here; "" is the workspace default.
+        let name = if req.deployment_name.trim().is_empty() {
+            "main".to_owned()
+        } else {
+            req.deployment_name.trim().to_owned()
+        };
+        let id = lock(&self.shared.environments)
+            .entry(name.clone())
+            .or_insert_with(|| format!("en-{}", super::base62_22()))
+            .clone();
+        let version = lock(&self.shared.image_builder_version).clone();
+        Ok(Response::new(EnvironmentGetOrCreateResponse {
+            environment_id: id,
+            metadata: Some(EnvironmentMetadata {
+                name,
+                settings: Some(EnvironmentSettings {
+                    image_builder_version: version,
+                    webhook_suffix: "modal.run".into(),
+                }),
+            }),
+        }))
+    }
+
     async fn sandbox_create(
         &self,
         request: Request<SandboxCreateRequest>,
     ) -> Result<Response<SandboxCreateResponse>, Status> {
-        self.admit(request.metadata(), "SandboxCreate", Route::SandboxCreate)?;
+        let key = header(request.metadata(), "x-idempotency-key");
+        let fault = self.admit(request.metadata(), "SandboxCreate", Route::SandboxCreate)?;
         let req = request.into_inner();
-        let definition = req
-            .definition
-            .ok_or_else(|| Status::invalid_argument("definition is required"))?;
-        if !lock(&self.shared.apps).values().any(|a| *a == req.app_id) {
-            return Err(Status::not_found(format!("App {} not found", req.app_id)));
+        let answer = self
+            .create_detached(
+                "SandboxCreate",
+                key,
+                fault.clone(),
+                false,
+                req.app_id,
+                req.definition,
+                req.tags,
+            )
+            .await?;
+        lost(&fault)?;
+        match answer {
+            IdempotentAnswer::V1(r) => Ok(Response::new(r)),
+            IdempotentAnswer::V2(_) => Err(Status::internal("idempotency key reused across RPCs")),
         }
-        if !lock(&self.shared.images)
-            .values()
-            .any(|i| i.id == definition.image_id)
-        {
-            return Err(Status::not_found(format!(
-                "Image {} not found",
-                definition.image_id
-            )));
+    }
+
+    async fn sandbox_create_v2(
+        &self,
+        request: Request<SandboxCreateV2Request>,
+    ) -> Result<Response<SandboxCreateV2Response>, Status> {
+        let key = header(request.metadata(), "x-idempotency-key");
+        let fault = self.admit(
+            request.metadata(),
+            "SandboxCreateV2",
+            Route::SandboxCreateV2,
+        )?;
+        let req = request.into_inner();
+        let answer = self
+            .create_detached(
+                "SandboxCreateV2",
+                key,
+                fault.clone(),
+                true,
+                req.app_id,
+                req.definition,
+                req.tags,
+            )
+            .await?;
+        lost(&fault)?;
+        match answer {
+            IdempotentAnswer::V2(r) => Ok(Response::new(r)),
+            IdempotentAnswer::V1(_) => Err(Status::internal("idempotency key reused across RPCs")),
         }
-        if definition.timeout_secs == 0 || definition.timeout_secs > 86_400 {
-            return Err(Status::invalid_argument(
-                "timeout_secs must be between 1 and 86400",
-            ));
-        }
-        if let Some(workdir) = &definition.workdir
-            && !workdir.starts_with('/')
-        {
-            return Err(Status::invalid_argument(format!(
-                "workdir must be an absolute path, got: {workdir}"
-            )));
-        }
-        let id = self.shared.next("sb");
-        let home = self.shared.sandbox_home(&id);
-        std::fs::create_dir_all(&home).map_err(|e| Status::internal(e.to_string()))?;
-        let now = Instant::now();
-        let sandbox = Sandbox {
-            id: id.clone(),
-            task_id: self.shared.next("ta"),
-            app_id: req.app_id,
-            definition,
-            home,
-            tags: HashMap::new(),
-            result: None,
-            execs: HashMap::new(),
-            task_id_polls: self.shared.task_id_polls.load(Ordering::SeqCst),
-            created: now,
-            last_activity: now,
-            router_jwts: Vec::new(),
-        };
-        lock(&self.shared.sandboxes).insert(id.clone(), sandbox);
-        Ok(Response::new(SandboxCreateResponse { sandbox_id: id }))
     }
 
     async fn sandbox_tags_set(
@@ -317,13 +595,19 @@ impl ModalClient for Service {
         request: Request<SandboxTagsSetRequest>,
     ) -> Result<Response<()>, Status> {
         self.admit(request.metadata(), "SandboxTagsSet", Route::SandboxTagsSet)?;
-        let req = request.into_inner();
-        self.with_sandbox(&req.sandbox_id, |s| {
-            for tag in req.tags {
-                s.tags.insert(tag.tag_name, tag.tag_value);
-            }
-        })?;
-        Ok(Response::new(()))
+        self.tags_set(request.into_inner(), false)
+    }
+
+    async fn sandbox_tags_set_v2(
+        &self,
+        request: Request<SandboxTagsSetRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.admit(
+            request.metadata(),
+            "SandboxTagsSetV2",
+            Route::SandboxTagsSet,
+        )?;
+        self.tags_set(request.into_inner(), true)
     }
 
     async fn sandbox_wait(
@@ -331,15 +615,15 @@ impl ModalClient for Service {
         request: Request<SandboxWaitRequest>,
     ) -> Result<Response<SandboxWaitResponse>, Status> {
         self.admit(request.metadata(), "SandboxWait", Route::SandboxWait)?;
-        let req = request.into_inner();
-        let deadline = Instant::now() + Duration::from_secs_f32(req.timeout.clamp(0.0, 60.0));
-        loop {
-            let result = self.with_sandbox(&req.sandbox_id, |s| s.result.clone())?;
-            if result.is_some() || Instant::now() >= deadline {
-                return Ok(Response::new(SandboxWaitResponse { result }));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait(request.into_inner(), false).await
+    }
+
+    async fn sandbox_wait_v2(
+        &self,
+        request: Request<SandboxWaitRequest>,
+    ) -> Result<Response<SandboxWaitResponse>, Status> {
+        self.admit(request.metadata(), "SandboxWaitV2", Route::SandboxWait)?;
+        self.wait(request.into_inner(), true).await
     }
 
     async fn sandbox_terminate(
@@ -351,15 +635,19 @@ impl ModalClient for Service {
             "SandboxTerminate",
             Route::SandboxTerminate,
         )?;
-        let req = request.into_inner();
-        let existing = self.with_sandbox(&req.sandbox_id, |s| {
-            let existing = s.result.clone();
-            s.finish(GenericStatus::Terminated);
-            existing
-        })?;
-        Ok(Response::new(SandboxTerminateResponse {
-            existing_result: existing,
-        }))
+        self.terminate(request.into_inner(), false)
+    }
+
+    async fn sandbox_terminate_v2(
+        &self,
+        request: Request<SandboxTerminateRequest>,
+    ) -> Result<Response<SandboxTerminateResponse>, Status> {
+        self.admit(
+            request.metadata(),
+            "SandboxTerminateV2",
+            Route::SandboxTerminate,
+        )?;
+        self.terminate(request.into_inner(), true)
     }
 
     async fn sandbox_get_task_id(
@@ -371,24 +659,19 @@ impl ModalClient for Service {
             "SandboxGetTaskId",
             Route::SandboxGetTaskId,
         )?;
-        let req = request.into_inner();
-        let response = self.with_sandbox(&req.sandbox_id, |s| {
-            if let Some(result) = &s.result {
-                return SandboxGetTaskIdResponse {
-                    task_id: None,
-                    task_result: Some(result.clone()),
-                };
-            }
-            if s.task_id_polls > 0 {
-                s.task_id_polls -= 1;
-                return SandboxGetTaskIdResponse::default();
-            }
-            SandboxGetTaskIdResponse {
-                task_id: Some(s.task_id.clone()),
-                task_result: None,
-            }
-        })?;
-        Ok(Response::new(response))
+        self.get_task_id(request.into_inner(), false)
+    }
+
+    async fn sandbox_get_task_id_v2(
+        &self,
+        request: Request<SandboxGetTaskIdRequest>,
+    ) -> Result<Response<SandboxGetTaskIdResponse>, Status> {
+        self.admit(
+            request.metadata(),
+            "SandboxGetTaskIdV2",
+            Route::SandboxGetTaskId,
+        )?;
+        self.get_task_id(request.into_inner(), true)
     }
 
     async fn task_get_command_router_access(
@@ -401,31 +684,36 @@ impl ModalClient for Service {
             Route::TaskGetCommandRouterAccess,
         )?;
         let req = request.into_inner();
-        if !self.shared.router_enabled.load(Ordering::SeqCst) {
-            return Err(Status::failed_precondition(
-                "command router is not enabled for this task",
-            ));
-        }
-        let addr = lock(&self.shared.addr)
-            .ok_or_else(|| Status::unavailable("emulator address unknown"))?;
-        let jwt = self.shared.jwt(Duration::from_secs(3600), &req.task_id);
-        let mut sandboxes = lock(&self.shared.sandboxes);
-        let sandbox = sandboxes
-            .values_mut()
-            .find(|s| s.task_id == req.task_id)
-            .ok_or_else(|| Status::not_found(format!("Task {} not found", req.task_id)))?;
-        if sandbox.result.is_some() {
-            return Err(Status::failed_precondition("task has already finished"));
-        }
-        sandbox.router_jwts.push(jwt.clone());
-        let url = if matches!(fault, Some(Fault::RouterUrlChanged)) {
-            format!("https://localhost:{}", addr.port())
-        } else {
-            format!("https://{addr}")
-        };
+        let access = self.router_access(|s| s.task_id == req.task_id, &req.task_id, &fault)?;
         Ok(Response::new(TaskGetCommandRouterAccessResponse {
-            jwt,
-            url,
+            jwt: access.jwt,
+            url: access.url,
+        }))
+    }
+
+    async fn sandbox_get_command_router_access(
+        &self,
+        request: Request<SandboxGetCommandRouterAccessRequest>,
+    ) -> Result<Response<SandboxGetCommandRouterAccessResponse>, Status> {
+        let fault = self.admit(
+            request.metadata(),
+            "SandboxGetCommandRouterAccess",
+            Route::SandboxGetCommandRouterAccess,
+        )?;
+        use sandbox_get_command_router_access_request::Target;
+        let access = match request.into_inner().target {
+            Some(Target::SandboxId(id)) => self.router_access(|s| s.id == id, &id, &fault)?,
+            Some(Target::TaskId(id)) => self.router_access(|s| s.task_id == id, &id, &fault)?,
+            None => {
+                return Err(Status::invalid_argument(
+                    "sandbox_id or task_id is required",
+                ));
+            }
+        };
+        Ok(Response::new(SandboxGetCommandRouterAccessResponse {
+            jwt: access.jwt,
+            url: access.url,
+            worker_ipv4_address: "127.0.0.1".into(),
         }))
     }
 

@@ -24,7 +24,7 @@ mod router;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -45,22 +45,28 @@ pub enum Route {
     AuthTokenGet,
     /// `AppGetOrCreate`.
     AppGetOrCreate,
+    /// `EnvironmentGetOrCreate`.
+    EnvironmentGetOrCreate,
     /// `ImageGetOrCreate`.
     ImageGetOrCreate,
     /// `ImageJoinStreaming`.
     ImageJoinStreaming,
     /// `SandboxCreate`.
     SandboxCreate,
-    /// `SandboxTagsSet`.
+    /// `SandboxCreateV2`.
+    SandboxCreateV2,
+    /// `SandboxTagsSet` and `SandboxTagsSetV2`.
     SandboxTagsSet,
-    /// `SandboxWait`.
+    /// `SandboxWait` and `SandboxWaitV2`.
     SandboxWait,
-    /// `SandboxTerminate`.
+    /// `SandboxTerminate` and `SandboxTerminateV2`.
     SandboxTerminate,
-    /// `SandboxGetTaskId`.
+    /// `SandboxGetTaskId` and `SandboxGetTaskIdV2`.
     SandboxGetTaskId,
     /// `TaskGetCommandRouterAccess`.
     TaskGetCommandRouterAccess,
+    /// `SandboxGetCommandRouterAccess` (V2 sandboxes).
+    SandboxGetCommandRouterAccess,
     /// Router `TaskExecStart`.
     TaskExecStart,
     /// Router `TaskExecStdioRead`.
@@ -86,6 +92,19 @@ pub enum Route {
 pub enum Fault {
     /// Fail with this gRPC status code (e.g. `UNAVAILABLE`, `UNAUTHENTICATED`).
     Status(Code),
+    /// Modal's throttling: `RESOURCE_EXHAUSTED` whose status details carry an
+    /// `RPCRetryPolicy` asking the client to retry after this long. Nothing
+    /// is done for the throttled call.
+    Throttle(Duration),
+    /// The call is carried out, then its answer is lost: the client sees
+    /// `UNAVAILABLE` (a dropped connection) although the effect happened.
+    /// A retry with the same `x-idempotency-key` (or, for `TaskExecStart`,
+    /// the same `exec_id`) gets the original answer.
+    ResponseLost,
+    /// `SandboxCreate` / `SandboxCreateV2`: the sandbox is created after this
+    /// long, whether or not the caller is still waiting (as Modal finishes a
+    /// create whose client gave up).
+    SlowCreate(Duration),
     /// `ImageGetOrCreate`: the image is not cached and its build takes this long
     /// (the answer carries no result, so the client must join the build stream).
     SlowImageBuild(Duration),
@@ -111,6 +130,8 @@ pub struct RecordedCall {
     pub idempotency_key: Option<String>,
     /// `x-retry-attempt`.
     pub retry_attempt: Option<String>,
+    /// `x-throttle-retry-attempt`.
+    pub throttle_retry_attempt: Option<String>,
     /// `x-modal-client-type`.
     pub client_type: Option<String>,
     /// `x-modal-client-version`.
@@ -150,6 +171,8 @@ pub struct ExecRecord {
 pub struct SandboxSnapshot {
     /// Sandbox id.
     pub id: String,
+    /// Whether it is a V2 sandbox (created with `SandboxCreateV2`).
+    pub v2: bool,
     /// Owning app id.
     pub app_id: String,
     /// Image id.
@@ -185,6 +208,7 @@ pub(crate) struct Exec {
 
 pub(crate) struct Sandbox {
     pub(crate) id: String,
+    pub(crate) v2: bool,
     pub(crate) task_id: String,
     pub(crate) app_id: String,
     pub(crate) definition: paperclip_env_modal_proto::api::Sandbox,
@@ -234,13 +258,17 @@ pub(crate) struct Shared {
     pub(crate) root: tempfile::TempDir,
     pub(crate) addr: Mutex<Option<SocketAddr>>,
     pub(crate) apps: Mutex<HashMap<(String, String), String>>,
+    pub(crate) environments: Mutex<HashMap<String, String>>,
+    pub(crate) image_builder_version: Mutex<String>,
+    pub(crate) builder_versions: Mutex<Vec<String>>,
+    /// Answers of carried-out creates by `(rpc, x-idempotency-key)`.
+    pub(crate) idempotent: Mutex<HashMap<(&'static str, String), IdempotentAnswer>>,
     pub(crate) images: Mutex<HashMap<(String, String), Image>>,
     pub(crate) sandboxes: Mutex<HashMap<String, Sandbox>>,
     pub(crate) faults: super::FaultQueue<Route, Fault>,
     pub(crate) calls: Mutex<Vec<RecordedCall>>,
     pub(crate) auth_tokens: Mutex<Vec<(String, std::time::SystemTime)>>,
     pub(crate) join_entry_ids: Mutex<Vec<String>>,
-    pub(crate) next_id: AtomicU64,
     pub(crate) creates: AtomicUsize,
     pub(crate) exec_starts: AtomicUsize,
     pub(crate) task_id_polls: AtomicUsize,
@@ -248,17 +276,57 @@ pub(crate) struct Shared {
     pub(crate) router_enabled: std::sync::atomic::AtomicBool,
 }
 
+/// What a create answered, replayed for a retry with the same idempotency key.
+#[derive(Clone)]
+pub(crate) enum IdempotentAnswer {
+    /// `SandboxCreate`.
+    V1(paperclip_env_modal_proto::api::SandboxCreateResponse),
+    /// `SandboxCreateV2`.
+    V2(paperclip_env_modal_proto::api::SandboxCreateV2Response),
+}
+
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const CROCKFORD: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+/// 22 random base62 characters: the suffix of a V1 sandbox id.
+pub(crate) fn base62_22() -> String {
+    let mut n = uuid::Uuid::new_v4().as_u128();
+    let mut out = [b'0'; 22];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A ULID: 48 bits of milliseconds and 80 random bits, Crockford base32.
+pub(crate) fn ulid() -> String {
+    let ms = u128::from(chrono::Utc::now().timestamp_millis().max(0) as u64) & ((1 << 48) - 1);
+    let random = uuid::Uuid::new_v4().as_u128() & ((1u128 << 80) - 1);
+    let mut n = (ms << 80) | random;
+    let mut out = [b'0'; 26];
+    for slot in out.iter_mut().rev() {
+        *slot = CROCKFORD[(n & 31) as usize];
+        n >>= 5;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether `id` has the V1 sandbox id shape (`sb-` + 22 base62 characters);
+/// every other shape is V2, as the JS SDK decides.
+pub fn is_v1_sandbox_id(id: &str) -> bool {
+    id.strip_prefix("sb-")
+        .is_some_and(|rest| rest.len() == 22 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
+    /// A Modal-shaped object id: `prefix-` and 22 base62 characters.
     pub(crate) fn next(&self, prefix: &str) -> String {
-        format!(
-            "{prefix}-{:06}{}",
-            self.next_id.fetch_add(1, Ordering::Relaxed),
-            &uuid::Uuid::new_v4().simple().to_string()[..10]
-        )
+        format!("{prefix}-{}", base62_22())
     }
 
     /// A JWT-shaped token whose payload carries `exp` (unsigned).
@@ -280,6 +348,7 @@ impl Shared {
     pub(crate) fn status_fault(&self, route: Route) -> Result<Option<Fault>, Status> {
         match self.fault(route) {
             Some(Fault::Status(code)) => Err(Status::new(code, format!("injected {code:?}"))),
+            Some(Fault::Throttle(after)) => Err(throttled(after)),
             other => Ok(other),
         }
     }
@@ -287,6 +356,30 @@ impl Shared {
     pub(crate) fn sandbox_home(&self, id: &str) -> PathBuf {
         self.root.path().join(id)
     }
+}
+
+/// `RESOURCE_EXHAUSTED` with an `RPCRetryPolicy` in its status details, as
+/// Modal throttles a client.
+pub(crate) fn throttled(after: Duration) -> Status {
+    use paperclip_env_modal_proto::api::{RpcRetryPolicy, RpcStatus};
+    use paperclip_env_modal_proto::prost::Message;
+    let message = format!("rate limited: retry after {:.3}s", after.as_secs_f32());
+    let details = RpcStatus {
+        code: Code::ResourceExhausted as i32,
+        message: message.clone(),
+        details: vec![paperclip_env_modal_proto::prost_types::Any {
+            type_url: "type.googleapis.com/modal.client.RPCRetryPolicy".into(),
+            value: RpcRetryPolicy {
+                retry_after_secs: after.as_secs_f32(),
+            }
+            .encode_to_vec(),
+        }],
+    };
+    Status::with_details(
+        Code::ResourceExhausted,
+        message,
+        tonic::codegen::Bytes::from(details.encode_to_vec()),
+    )
 }
 
 /// Background sweeper: applies sandbox lifetimes and idle timeouts.
@@ -320,6 +413,10 @@ fn spawn_sweeper(shared: std::sync::Weak<Shared>) {
     });
 }
 
+/// The image builder version environments report unless
+/// [`ModalEmulator::set_image_builder_version`] says otherwise.
+pub const DEFAULT_IMAGE_BUILDER_VERSION: &str = "2025.06";
+
 /// The running emulator; stops (and kills every sandbox process) on drop.
 pub struct ModalEmulator {
     addr: SocketAddr,
@@ -351,13 +448,16 @@ impl ModalEmulator {
                 .tempdir()?,
             addr: Mutex::new(None),
             apps: Mutex::new(HashMap::new()),
+            environments: Mutex::new(HashMap::new()),
+            image_builder_version: Mutex::new(DEFAULT_IMAGE_BUILDER_VERSION.to_owned()),
+            builder_versions: Mutex::new(Vec::new()),
+            idempotent: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
             sandboxes: Mutex::new(HashMap::new()),
             faults: Default::default(),
             calls: Mutex::new(Vec::new()),
             auth_tokens: Mutex::new(Vec::new()),
             join_entry_ids: Mutex::new(Vec::new()),
-            next_id: AtomicU64::new(1),
             creates: AtomicUsize::new(0),
             exec_starts: AtomicUsize::new(0),
             task_id_polls: AtomicUsize::new(1),
@@ -403,14 +503,18 @@ impl ModalEmulator {
             .count()
     }
 
-    /// Every sandbox the emulator still knows.
+    /// Every sandbox the emulator still knows, oldest first.
     pub fn sandboxes(&self) -> Vec<SandboxSnapshot> {
-        let mut out: Vec<SandboxSnapshot> = lock(&self.shared.sandboxes)
-            .values()
+        let sandboxes = lock(&self.shared.sandboxes);
+        let mut ordered: Vec<&Sandbox> = sandboxes.values().collect();
+        ordered.sort_by_key(|s| s.created);
+        ordered
+            .into_iter()
             .map(|s| {
                 let network = s.definition.network_access.clone().unwrap_or_default();
                 SandboxSnapshot {
                     id: s.id.clone(),
+                    v2: s.v2,
                     app_id: s.app_id.clone(),
                     image_id: s.definition.image_id.clone(),
                     timeout_secs: s.definition.timeout_secs,
@@ -426,9 +530,7 @@ impl ModalEmulator {
                     running_processes: s.running(),
                 }
             })
-            .collect();
-        out.sort_by(|a, b| a.id.cmp(&b.id));
-        out
+            .collect()
     }
 
     /// One sandbox by id.
@@ -461,6 +563,16 @@ impl ModalEmulator {
             .collect();
         out.sort_by(|a, b| a.exec_id.cmp(&b.exec_id));
         out
+    }
+
+    /// `builder_version` of every `ImageGetOrCreate` so far.
+    pub fn image_builder_versions(&self) -> Vec<String> {
+        lock(&self.shared.builder_versions).clone()
+    }
+
+    /// The image builder version `EnvironmentGetOrCreate` reports from now on.
+    pub fn set_image_builder_version(&self, version: &str) {
+        *lock(&self.shared.image_builder_version) = version.to_owned();
     }
 
     /// Every call so far.
@@ -523,5 +635,38 @@ impl Drop for ModalEmulator {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_shapes_tell_v1_from_v2() {
+        let v1 = format!("sb-{}", base62_22());
+        assert!(is_v1_sandbox_id(&v1), "{v1}");
+        let v2 = format!("sb-{}", ulid());
+        assert_eq!(v2.len(), 29);
+        assert!(!is_v1_sandbox_id(&v2), "{v2}");
+        assert!(!is_v1_sandbox_id("sb-short"));
+        assert!(!is_v1_sandbox_id("ta-0123456789abcdefghijkl"));
+        assert!(!is_v1_sandbox_id("sb-0123456789abcdefghij-l"));
+        // ULIDs sort by time: a later one is never smaller in its time part.
+        let (a, b) = (ulid(), ulid());
+        assert!(a[..10] <= b[..10], "{a} {b}");
+    }
+
+    #[test]
+    fn throttle_status_carries_a_retry_policy() {
+        use paperclip_env_modal_proto::api::{RpcRetryPolicy, RpcStatus};
+        use paperclip_env_modal_proto::prost::Message;
+        let status = throttled(Duration::from_millis(250));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let details = RpcStatus::decode(status.details()).unwrap();
+        let any = &details.details[0];
+        assert!(any.type_url.ends_with("/modal.client.RPCRetryPolicy"));
+        let policy = RpcRetryPolicy::decode(any.value.as_slice()).unwrap();
+        assert!((policy.retry_after_secs - 0.25).abs() < 1e-6);
     }
 }

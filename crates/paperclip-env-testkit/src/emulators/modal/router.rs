@@ -104,6 +104,7 @@ impl Service {
             rpc,
             idempotency_key: None,
             retry_attempt: None,
+            throttle_retry_attempt: None,
             client_type: meta
                 .get("x-modal-client-type")
                 .and_then(|v| v.to_str().ok())
@@ -291,18 +292,20 @@ impl TaskCommandRouter for Service {
         request: Request<TaskExecStartRequest>,
     ) -> Result<Response<TaskExecStartResponse>, Status> {
         let task_id = request.get_ref().task_id.clone();
-        self.admit_router(
+        let fault = self.admit_router(
             request.metadata(),
             "TaskExecStart",
             Route::TaskExecStart,
             &task_id,
         )?;
+        let lost = matches!(fault, Some(Fault::ResponseLost));
         let req = request.into_inner();
         let mut sandboxes = lock(&self.shared.sandboxes);
         let sandbox = sandboxes
             .values_mut()
             .find(|s| s.task_id == req.task_id)
             .ok_or_else(|| Status::not_found(format!("Task {} not found", req.task_id)))?;
+        // The exec id makes a start idempotent: a retry starts nothing new.
         if sandbox.execs.contains_key(&req.exec_id) {
             return Ok(Response::new(TaskExecStartResponse {}));
         }
@@ -324,6 +327,11 @@ impl TaskCommandRouter for Service {
                 stderr_config: req.stderr_config,
             },
         )?;
+        if lost {
+            return Err(Status::unavailable(
+                "connection reset (injected: response lost)",
+            ));
+        }
         Ok(Response::new(TaskExecStartResponse {}))
     }
 
