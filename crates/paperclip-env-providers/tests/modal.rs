@@ -130,7 +130,9 @@ fn fixture(h: &Harness) -> Fixture {
         .execute_calls(move || starts.exec_starts())
         // The sandbox exists, then its start-up poll is refused.
         .fail_next_acquire(move || fa.inject(Route::SandboxGetTaskId, Fault::Status(Code::PermissionDenied), 1))
-        .fail_next_execute(move || fe.inject(Route::TaskExecStart, Fault::Status(Code::Unavailable), 1))
+        // Transient start failures are retried with the same exec id; a
+        // refusal is not.
+        .fail_next_execute(move || fe.inject(Route::TaskExecStart, Fault::Status(Code::PermissionDenied), 1))
         // Four failures outlast the three retries of the idempotent terminate.
         .fail_next_release(move || fr.inject(Route::SandboxTerminate, Fault::Status(Code::Unavailable), 4))
         .call_timeout(Duration::from_secs(30))
@@ -250,7 +252,7 @@ async fn wire_shape_of_create_tags_and_exec() {
         "one auth session is shared"
     );
     for call in calls.iter().filter(|c| !c.rpc.starts_with("TaskExec")) {
-        assert_eq!(call.client_type.as_deref(), Some("7"), "{call:?}");
+        assert_eq!(call.client_type.as_deref(), Some("8"), "{call:?}");
         assert_eq!(call.client_version.as_deref(), Some("1.0.0"));
         assert!(call.authorized, "{call:?}");
         assert_eq!(call.had_auth_token, call.rpc != "AuthTokenGet", "{call:?}");
@@ -430,12 +432,27 @@ async fn unavailable_is_retried_with_the_same_idempotency_key() {
     );
     assert_eq!(h.emulator.live_sandboxes(), 1);
 
-    // Sandbox create is never repeated.
+    // Sandbox create is repeated with its idempotency key, as Modal's SDKs do.
     let creates = h.emulator.create_calls();
     h.emulator
         .inject(Route::SandboxCreate, Fault::Status(Code::Unavailable), 1);
-    assert!(h.acquire(json!({})).await.is_err());
-    assert_eq!(h.emulator.create_calls(), creates + 1);
+    let second = h.acquire(json!({})).await.unwrap();
+    assert_eq!(h.emulator.create_calls(), creates + 2);
+    let keys: Vec<_> = h
+        .emulator
+        .calls()
+        .into_iter()
+        .filter(|c| c.rpc == "SandboxCreate")
+        .skip(creates)
+        .map(|c| c.idempotency_key)
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
+    assert_eq!(h.emulator.live_sandboxes(), 2);
+    h.provider
+        .destroy(&h.ctx(json!({})), &second)
+        .await
+        .unwrap();
     h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
     assert_eq!(h.emulator.live_sandboxes(), 0);
 }
@@ -660,16 +677,16 @@ async fn large_stdout_and_stderr_stay_separate_and_ordered() {
     h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
 }
 
+fn count(h: &Harness, rpc: &str) -> usize {
+    h.emulator.calls().iter().filter(|c| c.rpc == rpc).count()
+}
+
 #[tokio::test]
-async fn router_unauthenticated_refreshes_the_jwt_once() {
+async fn router_unauthenticated_refreshes_the_jwt_only_near_expiry() {
     let h = Harness::start().await;
     let lease = h.acquire(json!({})).await.unwrap();
-    let before = h
-        .emulator
-        .calls()
-        .iter()
-        .filter(|c| c.rpc == "TaskGetCommandRouterAccess")
-        .count();
+    // A JWT far from expiry is not refreshed: the call is repeated once.
+    let before = count(&h, "TaskGetCommandRouterAccess");
     h.emulator.inject(
         Route::TaskExecStart,
         Fault::Status(Code::Unauthenticated),
@@ -680,13 +697,7 @@ async fn router_unauthenticated_refreshes_the_jwt_once() {
         .await
         .unwrap();
     assert_eq!(r.stdout, "ok");
-    let after = h
-        .emulator
-        .calls()
-        .iter()
-        .filter(|c| c.rpc == "TaskGetCommandRouterAccess")
-        .count();
-    assert_eq!(after, before + 1, "one JWT refresh");
+    assert_eq!(count(&h, "TaskGetCommandRouterAccess"), before);
     h.emulator.inject(
         Route::TaskExecStart,
         Fault::Status(Code::Unauthenticated),
@@ -694,7 +705,13 @@ async fn router_unauthenticated_refreshes_the_jwt_once() {
     );
     let e = error_of(h.run(&lease, ExecuteRequest::new("true")).await);
     assert!(matches!(e, Error::Unauthenticated { .. }), "{e:?}");
-    // A refresh that moves the router is refused.
+    h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
+
+    // A JWT within 30 s of expiry is refreshed once; a moved router URL
+    // is a warning, not a failed call.
+    h.emulator.set_router_token_ttl(Duration::from_secs(10));
+    let lease = h.acquire(json!({})).await.unwrap();
+    let before = count(&h, "TaskGetCommandRouterAccess");
     h.emulator.inject(
         Route::TaskExecStart,
         Fault::Status(Code::Unauthenticated),
@@ -705,12 +722,12 @@ async fn router_unauthenticated_refreshes_the_jwt_once() {
         Fault::RouterUrlChanged,
         1,
     );
-    let e = error_of(h.run(&lease, ExecuteRequest::new("true")).await);
-    assert!(
-        e.to_string()
-            .contains("Task router URL changed during session"),
-        "{e}"
-    );
+    let r = h
+        .run(&lease, ExecuteRequest::new("printf").arg("moved"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "moved");
+    assert_eq!(count(&h, "TaskGetCommandRouterAccess"), before + 1);
     h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
 }
 

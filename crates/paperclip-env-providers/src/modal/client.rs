@@ -14,12 +14,14 @@ use tokio::time::Instant;
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::PROVIDER;
 
-/// Sent as `x-modal-client-type` (`CLIENT_TYPE_LIBMODAL`).
-pub(crate) const CLIENT_TYPE: &str = "7";
+/// Sent as `x-modal-client-type`: `CLIENT_TYPE_LIBMODAL_JS`, what the JS SDK
+/// the Paperclip plugin uses sends (7, `CLIENT_TYPE_LIBMODAL`, means
+/// "libmodal before v0.3.15" to the server).
+pub(crate) const CLIENT_TYPE: &str = "8";
 /// Sent as `x-modal-client-version` ("behave like Python SDK 1.0.0").
 pub(crate) const CLIENT_VERSION: &str = "1.0.0";
 
@@ -42,6 +44,24 @@ impl Default for RetryPolicy {
             max_backoff: Duration::from_secs(1),
         }
     }
+}
+
+/// The wait a throttled call's status asks for: an `RPCRetryPolicy` among the
+/// `RPCStatus` details of `grpc-status-details-bin` (as Modal's SDKs read it).
+pub(crate) fn server_retry_after(status: &Status) -> Option<Duration> {
+    use paperclip_env_modal_proto::api::{RpcRetryPolicy, RpcStatus};
+    use paperclip_env_modal_proto::prost::Message;
+    let details = status.details();
+    if details.is_empty() {
+        return None;
+    }
+    let rpc_status = RpcStatus::decode(details).ok()?;
+    let policy = rpc_status
+        .details
+        .iter()
+        .find(|d| d.type_url.ends_with("/modal.client.RPCRetryPolicy"))?;
+    let policy = RpcRetryPolicy::decode(policy.value.as_slice()).ok()?;
+    Duration::try_from_secs_f32(policy.retry_after_secs.max(0.0)).ok()
 }
 
 impl RetryPolicy {
@@ -87,7 +107,7 @@ pub(crate) fn map_status(rpc: &str, status: &Status, scrub: impl Fn(&str) -> Str
         },
         Code::ResourceExhausted => Error::RateLimited {
             message,
-            retry_after: None,
+            retry_after: server_retry_after(status),
         },
         Code::AlreadyExists => Error::Conflict { message },
         Code::InvalidArgument | Code::OutOfRange => Error::InvalidInput {
@@ -143,7 +163,18 @@ pub(crate) struct ControlPlane {
     auth: tokio::sync::Mutex<Option<AuthToken>>,
     pub(crate) call_timeout: Duration,
     pub(crate) retry: RetryPolicy,
+    /// Longest a call waits in total for the server's throttling.
+    pub(crate) max_throttle_wait: Duration,
     pub(crate) local: bool,
+}
+
+/// How one logical unary call is sent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallOptions {
+    /// Whether transient failures are retried (same idempotency key).
+    pub(crate) idempotent: bool,
+    /// Deadline of each attempt.
+    pub(crate) timeout: Duration,
 }
 
 impl ControlPlane {
@@ -153,6 +184,7 @@ impl ControlPlane {
         token_secret: SecretString,
         call_timeout: Duration,
         retry: RetryPolicy,
+        max_throttle_wait: Duration,
         local: bool,
     ) -> Self {
         ControlPlane {
@@ -164,6 +196,7 @@ impl ControlPlane {
             auth: tokio::sync::Mutex::new(None),
             call_timeout,
             retry,
+            max_throttle_wait,
             local,
         }
     }
@@ -186,6 +219,7 @@ impl ControlPlane {
         auth: Option<&SecretString>,
         idempotency_key: &str,
         attempt: u32,
+        throttle_attempt: u32,
         started: Instant,
     ) -> Result<()> {
         meta.insert(
@@ -210,11 +244,16 @@ impl ControlPlane {
         }
         meta.insert("x-idempotency-key", ascii(idempotency_key));
         meta.insert("x-retry-attempt", ascii(&attempt.to_string()));
+        meta.insert(
+            "x-throttle-retry-attempt",
+            ascii(&throttle_attempt.to_string()),
+        );
+        let delay = || ascii(&format!("{:.3}", started.elapsed().as_secs_f64()));
         if attempt > 0 {
-            meta.insert(
-                "x-retry-delay",
-                ascii(&format!("{:.3}", started.elapsed().as_secs_f64())),
-            );
+            meta.insert("x-retry-delay", delay());
+        }
+        if throttle_attempt > 0 {
+            meta.insert("x-throttle-retry-delay", delay());
         }
         Ok(())
     }
@@ -222,26 +261,48 @@ impl ControlPlane {
     /// The auth token, fetched (or refreshed within 5 min of expiry) under one lock.
     async fn auth_token(&self) -> Result<SecretString> {
         let mut slot = self.auth.lock().await;
+        let now = SystemTime::now();
         if let Some(current) = slot.as_ref()
-            && current.expires_at > SystemTime::now() + Duration::from_secs(300)
+            && current.expires_at > now + Duration::from_secs(300)
         {
             return Ok(current.token.clone());
         }
-        let response = self
+        // A token near its expiry is refreshed; while it is still valid, a
+        // failed refresh keeps it in use (the next call tries again).
+        let still_valid = slot
+            .as_ref()
+            .filter(|current| current.expires_at > now)
+            .map(|current| current.token.clone());
+        let fetched = self
             .unary(
                 "AuthTokenGet",
                 Default::default(),
-                true,
+                CallOptions {
+                    idempotent: true,
+                    timeout: self.call_timeout,
+                },
                 None,
                 |mut c, r| async move { c.auth_token_get(r).await },
             )
-            .await?;
-        if response.token.is_empty() {
-            return Err(Error::provider(
-                PROVIDER,
-                "Internal error: did not receive auth token from server, please contact Modal support",
-            ));
-        }
+            .await
+            .and_then(|response| {
+                if response.token.is_empty() {
+                    Err(Error::provider(
+                        PROVIDER,
+                        "Internal error: did not receive auth token from server, please contact Modal support",
+                    ))
+                } else {
+                    Ok(response)
+                }
+            });
+        let response = match (fetched, still_valid) {
+            (Ok(response), _) => response,
+            (Err(error), Some(token)) => {
+                warn!(provider = PROVIDER, %error, "refreshing the Modal auth token failed; the current one is still valid");
+                return Ok(token);
+            }
+            (Err(error), None) => return Err(error),
+        };
         let expires_at = jwt_expiry(&response.token)
             .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(20 * 60));
         let token = SecretString::from(response.token);
@@ -266,8 +327,28 @@ impl ControlPlane {
         F: Fn(ModalClientClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
+        let options = CallOptions {
+            idempotent,
+            timeout: self.call_timeout,
+        };
+        self.call_with(rpc, request, options, f).await
+    }
+
+    /// [`ControlPlane::call`] with explicit options (e.g. a longer deadline).
+    pub(crate) async fn call_with<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        request: Req,
+        options: CallOptions,
+        f: F,
+    ) -> Result<Resp>
+    where
+        Req: Clone,
+        F: Fn(ModalClientClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
+    {
         let token = self.auth_token().await?;
-        self.unary(rpc, request, idempotent, Some(&token), f).await
+        self.unary(rpc, request, options, Some(&token), f).await
     }
 
     /// Like [`ControlPlane::call`], but a final gRPC status is handed back
@@ -285,7 +366,11 @@ impl ControlPlane {
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
         let token = self.auth_token().await?;
-        self.unary_status(rpc, request, idempotent, Some(&token), f)
+        let options = CallOptions {
+            idempotent,
+            timeout: self.call_timeout,
+        };
+        self.unary_status(rpc, request, options, Some(&token), f)
             .await
     }
 
@@ -293,7 +378,7 @@ impl ControlPlane {
         &self,
         rpc: &'static str,
         request: Req,
-        idempotent: bool,
+        options: CallOptions,
         auth: Option<&SecretString>,
         f: F,
     ) -> Result<Resp>
@@ -302,11 +387,11 @@ impl ControlPlane {
         F: Fn(ModalClientClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = std::result::Result<Response<Resp>, Status>>,
     {
-        match self.unary_status(rpc, request, idempotent, auth, f).await? {
+        match self.unary_status(rpc, request, options, auth, f).await? {
             Ok(response) => Ok(response),
             Err(status) if status.code() == Code::DeadlineExceeded => Err(Error::Timeout {
                 operation: format!("Modal {rpc}"),
-                after: self.call_timeout,
+                after: options.timeout,
             }),
             Err(status) => Err(map_status(rpc, &status, |m| self.scrub(m))),
         }
@@ -316,7 +401,7 @@ impl ControlPlane {
         &self,
         rpc: &'static str,
         request: Req,
-        idempotent: bool,
+        options: CallOptions,
         auth: Option<&SecretString>,
         f: F,
     ) -> Result<std::result::Result<Resp, Status>>
@@ -328,12 +413,20 @@ impl ControlPlane {
         let key = uuid::Uuid::new_v4().to_string();
         let started = Instant::now();
         let mut attempt = 0u32;
+        let mut throttle_attempt = 0u32;
         loop {
             let mut req = Request::new(request.clone());
-            self.decorate(req.metadata_mut(), auth, &key, attempt, started)?;
-            req.set_timeout(self.call_timeout);
+            self.decorate(
+                req.metadata_mut(),
+                auth,
+                &key,
+                attempt,
+                throttle_attempt,
+                started,
+            )?;
+            req.set_timeout(options.timeout);
             let status = match tokio::time::timeout(
-                self.call_timeout + Duration::from_secs(1),
+                options.timeout + Duration::from_secs(1),
                 f(self.client.clone(), req),
             )
             .await
@@ -342,7 +435,25 @@ impl ControlPlane {
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded("client deadline elapsed"),
             };
-            if idempotent && retryable(status.code()) && attempt < self.retry.max_retries {
+            // Throttling: the server did nothing and names the wait; every
+            // call honours it (idempotent or not), within max_throttle_wait.
+            if let Some(after) = server_retry_after(&status) {
+                let wait = after.max(self.retry.initial_backoff);
+                if started.elapsed() + wait < self.max_throttle_wait {
+                    debug!(
+                        provider = PROVIDER,
+                        rpc,
+                        throttle_attempt,
+                        wait_ms = wait.as_millis() as u64,
+                        "Modal asked to retry later"
+                    );
+                    tokio::time::sleep(wait).await;
+                    throttle_attempt += 1;
+                    continue;
+                }
+                return Ok(Err(status));
+            }
+            if options.idempotent && retryable(status.code()) && attempt < self.retry.max_retries {
                 let delay = self.retry.backoff(attempt);
                 debug!(provider = PROVIDER, rpc, attempt, code = ?status.code(), "retrying Modal call");
                 tokio::time::sleep(delay).await;
@@ -361,7 +472,7 @@ impl ControlPlane {
         let token = self.auth_token().await?;
         let mut req = Request::new(request);
         let key = uuid::Uuid::new_v4().to_string();
-        self.decorate(req.metadata_mut(), Some(&token), &key, 0, Instant::now())?;
+        self.decorate(req.metadata_mut(), Some(&token), &key, 0, 0, Instant::now())?;
         Ok((self.client.clone(), req))
     }
 }

@@ -4,13 +4,14 @@
 
 use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use paperclip_env_core::{Error, OutputCollector, Result};
 use paperclip_env_modal_proto::api::{
     ContainerExecGetOutputRequest, ContainerExecPutInputRequest, ContainerExecRequest,
     ContainerExecWaitRequest, ExecOutputOption, FileDescriptor, RuntimeInputMessage,
-    TaskGetCommandRouterAccessRequest,
+    SandboxGetCommandRouterAccessRequest, TaskGetCommandRouterAccessRequest,
+    sandbox_get_command_router_access_request,
 };
 use paperclip_env_modal_proto::router::task_command_router_client::TaskCommandRouterClient;
 use paperclip_env_modal_proto::router::*;
@@ -21,7 +22,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{debug, warn};
 
 use super::PROVIDER;
-use super::client::{ControlPlane, map_status, retryable, secret_value};
+use super::client::{ControlPlane, jwt_expiry, map_status, retryable, secret_value};
 
 /// Most bytes of argv Modal accepts (ARG_MAX).
 const MAX_ARGV_BYTES: usize = 65_536;
@@ -41,12 +42,42 @@ pub(crate) enum Ended {
     TimedOut,
 }
 
+/// Which sandbox a router belongs to: V1 sandboxes get router access by
+/// task (`TaskGetCommandRouterAccess`), V2 sandboxes by sandbox id
+/// (`SandboxGetCommandRouterAccess`), as the JS SDK does.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) task_id: String,
+    pub(crate) sandbox_id: String,
+    pub(crate) v2: bool,
+}
+
+/// A router JWT and when it expires (its unverified `exp`).
+struct Jwt {
+    token: SecretString,
+    expires_at: Option<SystemTime>,
+}
+
+impl Jwt {
+    fn new(token: SecretString) -> Self {
+        let expires_at = jwt_expiry(secrecy::ExposeSecret::expose_secret(&token));
+        Jwt { token, expires_at }
+    }
+
+    /// Whether a refresh can help: the JWT expires within 30 s (or has no `exp`).
+    fn near_expiry(&self) -> bool {
+        self.expires_at
+            .is_none_or(|exp| exp <= SystemTime::now() + Duration::from_secs(30))
+    }
+}
+
 /// A connection to one task's command router.
 pub(crate) struct Router {
     client: TaskCommandRouterClient<Channel>,
+    target: Target,
     task_id: String,
     url: String,
-    jwt: Mutex<SecretString>,
+    jwt: Mutex<Jwt>,
 }
 
 impl std::fmt::Debug for Router {
@@ -58,26 +89,42 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// `TaskGetCommandRouterAccess` → `(jwt, url)`; `None` when the task has no
-/// command router (`FAILED_PRECONDITION`).
-async fn access(cp: &ControlPlane, task_id: &str) -> Result<Option<(SecretString, String)>> {
-    let request = TaskGetCommandRouterAccessRequest {
-        task_id: task_id.to_owned(),
+/// Router access → `(jwt, url)`; `None` when the task has no command router
+/// (`FAILED_PRECONDITION`).
+async fn access(cp: &ControlPlane, target: &Target) -> Result<Option<(SecretString, String)>> {
+    let (rpc, answer) = if target.v2 {
+        let request = SandboxGetCommandRouterAccessRequest {
+            target: Some(
+                sandbox_get_command_router_access_request::Target::SandboxId(
+                    target.sandbox_id.clone(),
+                ),
+            ),
+        };
+        let rpc = "SandboxGetCommandRouterAccess";
+        let answer = cp
+            .call_status(rpc, request, true, |mut c, r| async move {
+                c.sandbox_get_command_router_access(r).await
+            })
+            .await?
+            .map(|r| (r.jwt, r.url));
+        (rpc, answer)
+    } else {
+        let request = TaskGetCommandRouterAccessRequest {
+            task_id: target.task_id.clone(),
+        };
+        let rpc = "TaskGetCommandRouterAccess";
+        let answer = cp
+            .call_status(rpc, request, true, |mut c, r| async move {
+                c.task_get_command_router_access(r).await
+            })
+            .await?
+            .map(|r| (r.jwt, r.url));
+        (rpc, answer)
     };
-    match cp
-        .call_status(
-            "TaskGetCommandRouterAccess",
-            request,
-            true,
-            |mut c, r| async move { c.task_get_command_router_access(r).await },
-        )
-        .await?
-    {
-        Ok(response) => Ok(Some((SecretString::from(response.jwt), response.url))),
+    match answer {
+        Ok((jwt, url)) => Ok(Some((SecretString::from(jwt), url))),
         Err(status) if status.code() == Code::FailedPrecondition => Ok(None),
-        Err(status) => Err(map_status("TaskGetCommandRouterAccess", &status, |m| {
-            cp.scrub(m)
-        })),
+        Err(status) => Err(map_status(rpc, &status, |m| cp.scrub(m))),
     }
 }
 
@@ -106,9 +153,11 @@ pub(crate) enum Executor {
 
 impl Executor {
     /// Connects to the task's router, falling back to legacy exec.
-    pub(crate) async fn open(cp: &ControlPlane, task_id: &str) -> Result<Self> {
-        match access(cp, task_id).await? {
-            Some((jwt, url)) => Router::open(cp, task_id, jwt, url)
+    pub(crate) async fn open(cp: &ControlPlane, target: Target) -> Result<Self> {
+        let task_id = target.task_id.clone();
+        let task_id = task_id.as_str();
+        match access(cp, &target).await? {
+            Some((jwt, url)) => Router::open(cp, target, jwt, url)
                 .await
                 .map(|r| Executor::Router(Box::new(r))),
             None => {
@@ -145,7 +194,7 @@ impl Router {
     /// without TLS only when the control plane itself is on loopback (an emulator).
     async fn open(
         cp: &ControlPlane,
-        task_id: &str,
+        target: Target,
         jwt: SecretString,
         url: String,
     ) -> Result<Self> {
@@ -156,26 +205,32 @@ impl Router {
             ));
         };
         let authority = authority.split('/').next().unwrap_or(authority);
-        let target = if cp.local {
+        let dial = if cp.local {
             format!("http://{authority}")
         } else if authority.contains(':') {
             format!("https://{authority}")
         } else {
             format!("https://{authority}:443")
         };
-        let channel = super::channel(&target, cp.call_timeout)?;
+        let channel = super::channel(&dial, cp.call_timeout)?;
         Ok(Router {
             client: TaskCommandRouterClient::new(channel)
                 .max_decoding_message_size(100 * 1024 * 1024)
                 .max_encoding_message_size(100 * 1024 * 1024),
-            task_id: task_id.to_owned(),
+            task_id: target.task_id.clone(),
+            target,
             url,
-            jwt: Mutex::new(jwt),
+            jwt: Mutex::new(Jwt::new(jwt)),
         })
     }
 
     fn request<T>(&self, message: T) -> Result<Request<T>> {
-        let jwt = self.jwt.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let jwt = self
+            .jwt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .token
+            .clone();
         let bearer = SecretString::from(format!(
             "Bearer {}",
             secrecy::ExposeSecret::expose_secret(&jwt)
@@ -187,21 +242,30 @@ impl Router {
         Ok(request)
     }
 
-    /// Fetches a fresh JWT; the router URL must not change.
+    /// After `UNAUTHENTICATED`: fetches a fresh JWT unless the current one is
+    /// still far from expiry (another caller refreshed it, or the refusal had
+    /// another cause; the call is then simply repeated once). A changed
+    /// router URL is logged; the connection in use stays.
     async fn refresh(&self, cp: &ControlPlane) -> Result<()> {
-        let (jwt, url) = access(cp, &self.task_id).await?.ok_or_else(|| {
+        if !self
+            .jwt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .near_expiry()
+        {
+            debug!(provider = PROVIDER, task_id = %self.task_id, "router JWT far from expiry; not refreshing");
+            return Ok(());
+        }
+        let (jwt, url) = access(cp, &self.target).await?.ok_or_else(|| {
             Error::provider(
                 PROVIDER,
                 "Command router access is not available for this sandbox",
             )
         })?;
         if url != self.url {
-            return Err(Error::provider(
-                PROVIDER,
-                "Task router URL changed during session",
-            ));
+            warn!(provider = PROVIDER, task_id = %self.task_id, "Task router URL changed during session");
         }
-        *self.jwt.lock().unwrap_or_else(|p| p.into_inner()) = jwt;
+        *self.jwt.lock().unwrap_or_else(|p| p.into_inner()) = Jwt::new(jwt);
         Ok(())
     }
 
@@ -337,12 +401,14 @@ impl Router {
         };
         let started = Instant::now();
         let deadline = started + Duration::from_secs(secs);
-        // Never repeated on transient errors: the command may have started.
+        // Retried on transient errors with the same exec id (as the JS SDK):
+        // the router starts an exec id once, so a lost answer never runs the
+        // command twice.
         self.unary(
             cp,
             "TaskExecStart",
             start,
-            false,
+            true,
             Some(cp.call_timeout),
             |mut c, r| async move { c.task_exec_start(r).await },
         )

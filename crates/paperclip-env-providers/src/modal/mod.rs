@@ -64,8 +64,18 @@ use exec::{Ended, Executor};
 pub const PROVIDER: &str = "modal";
 /// Modal's public control-plane endpoint.
 pub const MODAL_DEFAULT_SERVER_URL: &str = "https://api.modal.com:443";
-/// The image builder version sent with `ImageGetOrCreate`.
-const IMAGE_BUILDER_VERSION: &str = "2024.10";
+/// The image builder version sent with `ImageGetOrCreate` when neither the
+/// builder, `MODAL_IMAGE_BUILDER_VERSION` nor the environment's settings
+/// name one (libmodal JS before 0.8 hard-coded it).
+const FALLBACK_IMAGE_BUILDER_VERSION: &str = "2024.10";
+
+/// Whether `id` has the shape of a V1 sandbox id, `sb-` and 22 base62
+/// characters; any other id is a V2 sandbox's, reached through the `…V2`
+/// RPCs (npm `modal` 0.11 decides the same way).
+pub fn is_v1_sandbox_id(id: &str) -> bool {
+    id.strip_prefix("sb-")
+        .is_some_and(|rest| rest.len() == 22 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
 
 /// Hosts whose router URLs are dialled without TLS (spec 25 §4.7).
 fn is_local_host(url: &str) -> bool {
@@ -124,6 +134,8 @@ pub struct ModalProviderBuilder {
     task_id_poll: Duration,
     task_id_max_polls: u32,
     reuse_idle_timeout: Duration,
+    max_throttle_wait: Duration,
+    image_builder_version: Option<String>,
 }
 
 impl Default for ModalProviderBuilder {
@@ -137,6 +149,8 @@ impl Default for ModalProviderBuilder {
             task_id_poll: Duration::from_millis(500),
             task_id_max_polls: 600,
             reuse_idle_timeout: Duration::from_secs(600),
+            max_throttle_wait: Duration::from_secs(300),
+            image_builder_version: None,
         }
     }
 }
@@ -153,6 +167,25 @@ impl ModalProviderBuilder {
     /// never read from the environment: each config carries its own.
     pub fn with_env(mut self) -> Self {
         self.server_url = self.server_url.or_else(|| env_var("MODAL_SERVER_URL"));
+        self.image_builder_version = self
+            .image_builder_version
+            .or_else(|| env_var("MODAL_IMAGE_BUILDER_VERSION"));
+        self
+    }
+
+    /// Longest one call waits in total while Modal throttles it (an
+    /// `RPCRetryPolicy` in the error's status details; default 5 min). Past
+    /// it the call fails with [`Error::RateLimited`] carrying the server's wait.
+    pub fn max_throttle_wait(mut self, wait: Duration) -> Self {
+        self.max_throttle_wait = wait;
+        self
+    }
+
+    /// The image builder version to build with, instead of the one the
+    /// environment's settings name (`EnvironmentGetOrCreate`);
+    /// `with_env` reads `MODAL_IMAGE_BUILDER_VERSION`.
+    pub fn image_builder_version(mut self, version: impl Into<String>) -> Self {
+        self.image_builder_version = Some(version.into());
         self
     }
 
@@ -220,6 +253,7 @@ impl ModalProviderBuilder {
                 channel: OnceLock::new(),
                 sessions: Mutex::new(HashMap::new()),
                 images: Mutex::new(HashMap::new()),
+                builder_versions: Mutex::new(HashMap::new()),
                 routers: Mutex::new(HashMap::new()),
             }),
         })
@@ -233,6 +267,7 @@ struct Inner {
     channel: OnceLock<Channel>,
     sessions: Mutex<HashMap<[u8; 32], Arc<ControlPlane>>>,
     images: Mutex<HashMap<(String, String), String>>,
+    builder_versions: Mutex<HashMap<String, String>>,
     routers: Mutex<HashMap<String, Arc<Executor>>>,
 }
 
@@ -278,17 +313,24 @@ fn signal_name(signal: i32) -> String {
     name.to_owned()
 }
 
-/// `SandboxTerminate` (idempotent, retried); an unknown sandbox is already gone.
+/// `SandboxTerminate` (`SandboxTerminateV2` for a V2 id; idempotent,
+/// retried); an unknown sandbox is already gone.
 async fn terminate_sandbox(cp: &ControlPlane, id: &str) -> Result<()> {
     let request = SandboxTerminateRequest {
         sandbox_id: id.to_owned(),
     };
-    match cp
-        .call("SandboxTerminate", request, true, |mut c, r| async move {
+    let answer = if is_v1_sandbox_id(id) {
+        cp.call("SandboxTerminate", request, true, |mut c, r| async move {
             c.sandbox_terminate(r).await
         })
         .await
-    {
+    } else {
+        cp.call("SandboxTerminateV2", request, true, |mut c, r| async move {
+            c.sandbox_terminate_v2(r).await
+        })
+        .await
+    };
+    match answer {
         Ok(_) => Ok(()),
         Err(e) if e.is_not_found() => Ok(()),
         Err(e) => Err(e),
@@ -328,14 +370,80 @@ impl Drop for TerminateOnDrop {
     }
 }
 
+/// The name of a final status (`GenericStatus` 8–10 are evictions and OOM kills).
+fn status_name(status: GenericStatus) -> &'static str {
+    match status {
+        GenericStatus::Unspecified => "unspecified",
+        GenericStatus::Success => "success",
+        GenericStatus::Failure => "failure",
+        GenericStatus::Terminated => "terminated",
+        GenericStatus::Timeout => "timeout",
+        GenericStatus::InitFailure => "init failure",
+        GenericStatus::InternalFailure => "internal failure",
+        GenericStatus::IdleTimeout => "idle timeout",
+        GenericStatus::MemoryManagerEviction => "evicted by the memory manager",
+        GenericStatus::MemoryThrashingEviction => "evicted for memory thrashing",
+        GenericStatus::KernelOomKill => "killed by the kernel OOM killer",
+    }
+}
+
+/// A create whose answer is awaited; dropped before the answer was taken,
+/// it makes sure an answer that already arrived is terminated (one arriving
+/// later finds the channel closed and is terminated by the create task).
+struct PendingCreate {
+    rx: Option<tokio::sync::oneshot::Receiver<Result<String>>>,
+    cp: Arc<ControlPlane>,
+}
+
+impl PendingCreate {
+    async fn wait(&mut self) -> Result<String> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(Error::provider(
+                PROVIDER,
+                "sandbox create answer already taken",
+            ));
+        };
+        let answer = rx.await;
+        self.rx = None;
+        answer.unwrap_or_else(|_| {
+            Err(Error::provider(
+                PROVIDER,
+                "the sandbox create task ended without an answer",
+            ))
+        })
+    }
+}
+
+impl Drop for PendingCreate {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        rx.close();
+        if let Ok(Ok(id)) = rx.try_recv() {
+            drop(TerminateOnDrop {
+                cp: self.cp.clone(),
+                id: Some(id),
+            });
+        }
+    }
+}
+
 /// Error text of a non-successful image build (spec 25 §4.2).
 fn image_build_error(image_id: &str, result: &GenericResult) -> Option<Error> {
     let status = GenericStatus::try_from(result.status).unwrap_or(GenericStatus::Unspecified);
     let message = match status {
         GenericStatus::Success => return None,
-        GenericStatus::Failure => format!(
+        GenericStatus::Failure | GenericStatus::MemoryManagerEviction => format!(
             "Image build for {image_id} failed with the exception:\n{}",
             result.exception
+        ),
+        GenericStatus::MemoryThrashingEviction | GenericStatus::KernelOomKill => format!(
+            "Image build for {image_id} ran out of memory ({}). Please try again with more memory.{}",
+            status_name(status),
+            if result.exception.is_empty() {
+                String::new()
+            } else {
+                format!("\n{}", result.exception)
+            }
         ),
         GenericStatus::Terminated => format!(
             "Image build for {image_id} terminated due to external shut-down. Please try again."
@@ -391,6 +499,7 @@ impl ModalProvider {
                     token_secret,
                     self.inner.options.call_timeout,
                     self.inner.options.retry,
+                    self.inner.options.max_throttle_wait,
                     self.inner.local,
                 ))
             })
@@ -425,7 +534,7 @@ impl ModalProvider {
                 dockerfile_commands: vec![format!("FROM {}", s.config.image)],
                 ..Default::default()
             }),
-            builder_version: IMAGE_BUILDER_VERSION.into(),
+            builder_version: self.builder_version(s).await,
             ..Default::default()
         };
         let response =
@@ -473,6 +582,52 @@ impl ModalProvider {
         }
         lock(&self.inner.images).insert(key, image_id.clone());
         Ok(image_id)
+    }
+
+    /// The image builder version: the builder's, else the environment's
+    /// setting (`EnvironmentGetOrCreate`, cached per environment, as the JS
+    /// SDK ≥ 0.8 reads it), else the old fixed default.
+    async fn builder_version(&self, s: &Settings) -> String {
+        if let Some(v) = &self.inner.options.image_builder_version {
+            return v.clone();
+        }
+        let environment = s.config.environment.clone().unwrap_or_default();
+        if let Some(v) = lock(&self.inner.builder_versions).get(&environment) {
+            return v.clone();
+        }
+        let request = EnvironmentGetOrCreateRequest {
+            deployment_name: environment.clone(),
+            object_creation_type: ObjectCreationType::Unspecified as i32,
+        };
+        match s
+            .cp
+            .call(
+                "EnvironmentGetOrCreate",
+                request,
+                true,
+                |mut c, r| async move { c.environment_get_or_create(r).await },
+            )
+            .await
+        {
+            Ok(response) => {
+                let version = response
+                    .metadata
+                    .and_then(|m| m.settings)
+                    .map(|settings| settings.image_builder_version)
+                    .filter(|v| !v.trim().is_empty());
+                match version {
+                    Some(v) => {
+                        lock(&self.inner.builder_versions).insert(environment, v.clone());
+                        v
+                    }
+                    None => FALLBACK_IMAGE_BUILDER_VERSION.to_owned(),
+                }
+            }
+            Err(error) => {
+                warn!(provider = PROVIDER, %error, "reading the environment's image builder version failed; using {FALLBACK_IMAGE_BUILDER_VERSION}");
+                FALLBACK_IMAGE_BUILDER_VERSION.to_owned()
+            }
+        }
     }
 
     fn idle_timeout_secs(&self, config: &ModalConfig) -> Option<u32> {
@@ -524,13 +679,34 @@ impl ModalProvider {
             environment_name: String::new(),
             tags: Vec::new(),
         };
-        // Never repeated: a retry could create a second sandbox.
-        let response =
-            s.cp.call("SandboxCreate", request, false, |mut c, r| async move {
-                c.sandbox_create(r).await
-            })
-            .await?;
-        Ok(response.sandbox_id)
+        // Retried with the same idempotency key (Modal answers a repeat with
+        // the first sandbox), bounded by the acquire deadline instead of the
+        // per-call one: an image pull can hold a create for minutes. The call
+        // runs in a task of its own, so a create that outlives its caller
+        // (a deadline, a cancelled run) is terminated when it answers.
+        let cp = s.cp.clone();
+        let options = client::CallOptions {
+            idempotent: true,
+            timeout: self.inner.options.acquire_timeout,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let answer = cp
+                .call_with("SandboxCreate", request, options, |mut c, r| async move {
+                    c.sandbox_create(r).await
+                })
+                .await
+                .map(|r| r.sandbox_id);
+            if let Err(Ok(id)) = tx.send(answer) {
+                warn!(provider = PROVIDER, sandbox = %id, "a sandbox create outlived its acquire; terminating it");
+                drop(TerminateOnDrop { cp, id: Some(id) });
+            }
+        });
+        let mut pending = PendingCreate {
+            rx: Some(rx),
+            cp: s.cp.clone(),
+        };
+        pending.wait().await
     }
 
     async fn set_tags(&self, s: &Settings, ctx: &CallContext, id: &str, run_id: Option<&str>) {
@@ -556,12 +732,18 @@ impl ModalProvider {
                 })
                 .collect(),
         };
-        if let Err(error) =
+        let answer = if is_v1_sandbox_id(id) {
             s.cp.call("SandboxTagsSet", request, true, |mut c, r| async move {
                 c.sandbox_tags_set(r).await
             })
             .await
-        {
+        } else {
+            s.cp.call("SandboxTagsSetV2", request, true, |mut c, r| async move {
+                c.sandbox_tags_set_v2(r).await
+            })
+            .await
+        };
+        if let Err(error) = answer {
             warn!(provider = PROVIDER, sandbox = id, %error, "Failed to set tags on Modal sandbox {id}");
         }
     }
@@ -573,13 +755,18 @@ impl ModalProvider {
             sandbox_id: id.to_owned(),
             timeout: 0.0,
         };
-        match s
-            .cp
-            .call("SandboxWait", request, true, |mut c, r| async move {
+        let answer = if is_v1_sandbox_id(id) {
+            s.cp.call("SandboxWait", request, true, |mut c, r| async move {
                 c.sandbox_wait(r).await
             })
             .await
-        {
+        } else {
+            s.cp.call("SandboxWaitV2", request, true, |mut c, r| async move {
+                c.sandbox_wait_v2(r).await
+            })
+            .await
+        };
+        match answer {
             Ok(response) => Ok(response.result.is_none_or(|r| r.status == 0)),
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(e),
@@ -602,20 +789,40 @@ impl ModalProvider {
                 sandbox_id: id.to_owned(),
                 ..Default::default()
             };
-            let response =
+            let response = if is_v1_sandbox_id(id) {
                 s.cp.call("SandboxGetTaskId", request, true, |mut c, r| async move {
                     c.sandbox_get_task_id(r).await
                 })
-                .await?;
+                .await?
+            } else {
+                s.cp.call("SandboxGetTaskIdV2", request, true, |mut c, r| async move {
+                    c.sandbox_get_task_id_v2(r).await
+                })
+                .await?
+            };
             if let Some(result) = response.task_result {
-                return Err(Error::not_found(if result.exception.is_empty() {
-                    format!("Sandbox {id} has already completed")
-                } else {
-                    format!(
-                        "Sandbox {id} has already completed with result: exception:\"{}\"",
-                        s.cp.scrub(&result.exception)
-                    )
-                }));
+                let status =
+                    GenericStatus::try_from(result.status).unwrap_or(GenericStatus::Unspecified);
+                return Err(Error::not_found(
+                    if matches!(
+                        status,
+                        GenericStatus::MemoryManagerEviction
+                            | GenericStatus::MemoryThrashingEviction
+                            | GenericStatus::KernelOomKill
+                    ) {
+                        format!(
+                            "Sandbox {id} has already completed: {}",
+                            status_name(status)
+                        )
+                    } else if result.exception.is_empty() {
+                        format!("Sandbox {id} has already completed")
+                    } else {
+                        format!(
+                            "Sandbox {id} has already completed with result: exception:\"{}\"",
+                            s.cp.scrub(&result.exception)
+                        )
+                    },
+                ));
             }
             if let Some(task_id) = response.task_id.filter(|t| !t.is_empty()) {
                 return Ok(task_id);
@@ -633,7 +840,12 @@ impl ModalProvider {
             return Ok(router.clone());
         }
         let task_id = self.task_id(s, id).await?;
-        let router = Arc::new(Executor::open(&s.cp, &task_id).await?);
+        let target = exec::Target {
+            task_id,
+            sandbox_id: id.to_owned(),
+            v2: !is_v1_sandbox_id(id),
+        };
+        let router = Arc::new(Executor::open(&s.cp, target).await?);
         lock(&self.inner.routers).insert(id.to_owned(), router.clone());
         Ok(router)
     }

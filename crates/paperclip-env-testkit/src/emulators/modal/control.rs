@@ -313,7 +313,8 @@ impl Service {
         if sandbox.result.is_some() {
             return Err(Status::failed_precondition("task has already finished"));
         }
-        let jwt = self.shared.jwt(Duration::from_secs(3600), &sandbox.task_id);
+        let ttl = *lock(&self.shared.router_token_ttl);
+        let jwt = self.shared.jwt(ttl, &sandbox.task_id);
         sandbox.router_jwts.push(jwt.clone());
         let url = if matches!(fault, Some(Fault::RouterUrlChanged)) {
             format!("https://localhost:{}", addr.port())

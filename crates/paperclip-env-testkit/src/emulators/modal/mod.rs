@@ -273,6 +273,7 @@ pub(crate) struct Shared {
     pub(crate) exec_starts: AtomicUsize,
     pub(crate) task_id_polls: AtomicUsize,
     pub(crate) auth_token_ttl: Mutex<Duration>,
+    pub(crate) router_token_ttl: Mutex<Duration>,
     pub(crate) router_enabled: std::sync::atomic::AtomicBool,
 }
 
@@ -462,6 +463,7 @@ impl ModalEmulator {
             exec_starts: AtomicUsize::new(0),
             task_id_polls: AtomicUsize::new(1),
             auth_token_ttl: Mutex::new(Duration::from_secs(3600)),
+            router_token_ttl: Mutex::new(Duration::from_secs(3600)),
             router_enabled: std::sync::atomic::AtomicBool::new(true),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -610,6 +612,11 @@ impl ModalEmulator {
     /// Lifetime of auth tokens issued from now on (default 1 h).
     pub fn set_auth_token_ttl(&self, ttl: Duration) {
         *lock(&self.shared.auth_token_ttl) = ttl;
+    }
+
+    /// Lifetime of router JWTs issued from now on (default 1 h).
+    pub fn set_router_token_ttl(&self, ttl: Duration) {
+        *lock(&self.shared.router_token_ttl) = ttl;
     }
 
     /// Forgets a sandbox entirely (as after Modal's retention): `NOT_FOUND` from now on.
