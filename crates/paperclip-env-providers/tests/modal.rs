@@ -1207,3 +1207,403 @@ async fn an_empty_auth_token_is_a_clear_error() {
     let lease = h.acquire(json!({})).await.unwrap();
     h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_throttled_create_waits_and_succeeds() {
+    let h = Harness::start().await;
+    h.emulator.inject(
+        Route::SandboxCreate,
+        Fault::Throttle(Duration::from_millis(150)),
+        2,
+    );
+    let lease = h.acquire(json!({})).await.unwrap();
+    let creates: Vec<_> = h
+        .emulator
+        .calls()
+        .into_iter()
+        .filter(|c| c.rpc == "SandboxCreate")
+        .collect();
+    assert_eq!(creates.len(), 3, "{creates:?}");
+    let throttle: Vec<_> = creates
+        .iter()
+        .map(|c| c.throttle_retry_attempt.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(throttle, ["0", "1", "2"]);
+    assert!(
+        creates
+            .iter()
+            .all(|c| c.idempotency_key == creates[0].idempotency_key
+                && c.retry_attempt.as_deref() == Some("0")),
+        "throttling is not a transient retry: {creates:?}"
+    );
+    assert_eq!(h.emulator.sandboxes().len(), 1);
+    h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
+
+    // A throttle longer than the provider will wait fails with the server's wait.
+    let impatient = ModalProvider::builder()
+        .server_url(h.emulator.url())
+        .task_id_poll(Duration::from_millis(20))
+        .max_throttle_wait(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    h.emulator.inject(
+        Route::SandboxCreate,
+        Fault::Throttle(Duration::from_secs(5)),
+        1,
+    );
+    let e = error_of(
+        impatient
+            .acquire(
+                &h.ctx(json!({})),
+                &AcquireRequest {
+                    run_id: "run-throttled".into(),
+                    workspace_mode: None,
+                },
+            )
+            .await,
+    );
+    match e {
+        Error::RateLimited { retry_after, .. } => {
+            assert_eq!(retry_after, Some(Duration::from_secs(5)))
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    assert_eq!(h.emulator.sandboxes().len(), 1, "nothing more was created");
+    assert_eq!(h.emulator.live_sandboxes(), 0);
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_is_lost_leaves_exactly_one_sandbox() {
+    let h = Harness::start().await;
+    h.emulator
+        .inject(Route::SandboxCreate, Fault::ResponseLost, 1);
+    let lease = h.acquire(json!({})).await.unwrap();
+    assert_eq!(
+        h.emulator.create_calls(),
+        2,
+        "the lost answer was asked again"
+    );
+    let sandboxes = h.emulator.sandboxes();
+    assert_eq!(sandboxes.len(), 1, "{sandboxes:?}");
+    assert_eq!(
+        lease.provider_lease_id.as_deref(),
+        Some(sandboxes[0].id.as_str())
+    );
+    assert_eq!(
+        sandboxes[0]
+            .tags
+            .get("paperclip-run-id")
+            .map(String::as_str),
+        Some("run-1")
+    );
+    h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
+    assert_eq!(h.emulator.live_sandboxes(), 0);
+}
+
+#[tokio::test]
+async fn an_exec_start_whose_answer_is_lost_runs_once() {
+    let h = Harness::start().await;
+    let lease = h.acquire(json!({})).await.unwrap();
+    let starts = h.emulator.exec_starts();
+    h.emulator
+        .inject(Route::TaskExecStart, Fault::ResponseLost, 1);
+    let marker = h.dir.path().join("runs");
+    let script = format!("echo run >> '{}'; printf once", marker.display());
+    let r = h
+        .run(&lease, ExecuteRequest::new("sh").arg("-c").arg(script))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "once");
+    assert_eq!(r.exit_code, Some(0));
+    assert_eq!(
+        h.emulator.exec_starts(),
+        starts + 2,
+        "the start was retried"
+    );
+    let started: Vec<_> = h
+        .emulator
+        .execs()
+        .into_iter()
+        .filter(|e| e.argv.iter().any(|a| a.contains("printf once")))
+        .collect();
+    assert_eq!(started.len(), 1, "one exec id, one process: {started:?}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "run\n");
+    h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_create_is_not_cut_by_the_call_deadline() {
+    let h = Harness::start().await;
+    // Each call may take 300 ms, the create takes longer: only the acquire
+    // deadline bounds it.
+    let provider = ModalProvider::builder()
+        .server_url(h.emulator.url())
+        .call_timeout(Duration::from_millis(300))
+        .task_id_poll(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    h.emulator.inject(
+        Route::SandboxCreate,
+        Fault::SlowCreate(Duration::from_millis(900)),
+        1,
+    );
+    let ctx = h.ctx(json!({}));
+    let lease = provider
+        .acquire(
+            &ctx,
+            &AcquireRequest {
+                run_id: "run-slow".into(),
+                workspace_mode: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(h.emulator.create_calls(), 1);
+    let handle = LeaseHandle {
+        provider_lease_id: lease.provider_lease_id,
+        metadata: lease.metadata,
+        expires_at: None,
+    };
+    provider.destroy(&ctx, &handle).await.unwrap();
+    assert_eq!(h.emulator.live_sandboxes(), 0);
+}
+
+#[tokio::test]
+async fn a_create_that_outlives_its_acquire_is_terminated() {
+    let h = Harness::start().await;
+    let slow = ModalProvider::builder()
+        .server_url(h.emulator.url())
+        .task_id_poll(Duration::from_millis(20))
+        .acquire_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    h.emulator.inject(
+        Route::SandboxCreate,
+        Fault::SlowCreate(Duration::from_millis(1200)),
+        1,
+    );
+    let e = error_of(
+        slow.acquire(
+            &h.ctx(json!({})),
+            &AcquireRequest {
+                run_id: "run-outlived".into(),
+                workspace_mode: None,
+            },
+        )
+        .await,
+    );
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert!(
+        eventually(|| h.emulator.sandboxes().len() == 1 && h.emulator.live_sandboxes() == 0).await,
+        "the late sandbox was left running: {:?}",
+        h.emulator.sandboxes()
+    );
+    assert_eq!(
+        h.emulator.sandboxes()[0].finished,
+        Some(GenericStatus::Terminated)
+    );
+}
+
+#[tokio::test]
+async fn the_image_builder_version_comes_from_the_environment() {
+    let h = Harness::start().await;
+    h.emulator.set_image_builder_version("2099.01");
+    let first = h.acquire(json!({})).await.unwrap();
+    let second = h.acquire(json!({"image": "python:3.13"})).await.unwrap();
+    assert_eq!(h.emulator.image_builder_versions(), ["2099.01", "2099.01"]);
+    assert_eq!(
+        count(&h, "EnvironmentGetOrCreate"),
+        1,
+        "cached per environment"
+    );
+    for lease in [first, second] {
+        h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
+    }
+    // The builder's version wins over the environment's.
+    let pinned = ModalProvider::builder()
+        .server_url(h.emulator.url())
+        .task_id_poll(Duration::from_millis(20))
+        .image_builder_version("2023.12")
+        .build()
+        .unwrap();
+    let ctx = h.ctx(json!({"image": "alpine:3.21"}));
+    let lease = pinned
+        .acquire(
+            &ctx,
+            &AcquireRequest {
+                run_id: "run-pinned".into(),
+                workspace_mode: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        h.emulator
+            .image_builder_versions()
+            .last()
+            .map(String::as_str),
+        Some("2023.12")
+    );
+    let handle = LeaseHandle {
+        provider_lease_id: lease.provider_lease_id,
+        metadata: lease.metadata,
+        expires_at: None,
+    };
+    pinned.destroy(&ctx, &handle).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_still_valid_auth_token_outlives_a_failed_refresh() {
+    let h = Harness::start().await;
+    // Every call wants a refresh (the token is within 5 min of expiry) …
+    h.emulator.set_auth_token_ttl(Duration::from_secs(120));
+    let lease = h.acquire(json!({})).await.unwrap();
+    // … and every refresh fails, yet the token in hand is still good.
+    h.emulator.inject(
+        Route::AuthTokenGet,
+        Fault::Status(Code::Unavailable),
+        usize::MAX,
+    );
+    let r = h
+        .run(&lease, ExecuteRequest::new("printf").arg("still"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "still");
+    h.provider.destroy(&h.ctx(json!({})), &lease).await.unwrap();
+    h.emulator.clear_faults();
+    assert_eq!(h.emulator.live_sandboxes(), 0);
+}
+
+/// Creates a V2 sandbox as npm `modal` 0.11 does (`SandboxCreateV2`), with a raw client.
+async fn create_v2_sandbox(h: &Harness) -> String {
+    use paperclip_env_modal_proto::api::modal_client_client::ModalClientClient;
+    use paperclip_env_modal_proto::api::*;
+    fn request<T>(message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut()
+            .insert("x-modal-token-id", TOKEN_ID.parse().unwrap());
+        r.metadata_mut()
+            .insert("x-modal-token-secret", TOKEN_SECRET.parse().unwrap());
+        r
+    }
+    let channel = tonic::transport::Endpoint::from_shared(h.emulator.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = ModalClientClient::new(channel);
+    let app = client
+        .app_get_or_create(request(AppGetOrCreateRequest {
+            app_name: "paperclip-plugin".into(),
+            environment_name: String::new(),
+            object_creation_type: ObjectCreationType::CreateIfMissing as i32,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .app_id;
+    let image = client
+        .image_get_or_create(request(ImageGetOrCreateRequest {
+            app_id: app.clone(),
+            image: Some(Image {
+                dockerfile_commands: vec!["FROM node:20".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .image_id;
+    let created = client
+        .sandbox_create_v2(request(SandboxCreateV2Request {
+            app_id: app,
+            definition: Some(Sandbox {
+                image_id: image,
+                timeout_secs: 600,
+                workdir: Some(h.workdir()),
+                ..Default::default()
+            }),
+            tags: vec![SandboxTag {
+                tag_name: "paperclip-reuse-lease".into(),
+                tag_value: "true".into(),
+            }],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!created.task_id.is_empty());
+    assert!(created.command_router_access.is_some());
+    created.sandbox_id
+}
+
+#[tokio::test]
+async fn a_v2_lease_resumes_runs_and_releases() {
+    let h = Harness::start().await;
+    let id = create_v2_sandbox(&h).await;
+    assert!(
+        !paperclip_env_providers::modal::is_v1_sandbox_id(&id),
+        "{id}"
+    );
+    assert!(h.emulator.sandbox(&id).is_some_and(|s| s.v2));
+    let lease = LeaseHandle {
+        provider_lease_id: Some(id.clone()),
+        metadata: Some(
+            json!({"provider": "modal", "sandboxId": id, "reuseLease": true})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        expires_at: None,
+    };
+    let reuse = h.ctx(json!({"reuseLease": true}));
+    let resumed = h.provider.resume(&reuse, &lease).await.unwrap();
+    assert_eq!(resumed.provider_lease_id.as_deref(), Some(id.as_str()));
+    let r = h
+        .run(&lease, ExecuteRequest::new("printf").arg("v2"))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "v2");
+    // Releasing a reusable lease detaches; the sandbox keeps running.
+    h.provider
+        .release(&reuse, &lease, LeaseStatus::Released)
+        .await
+        .unwrap();
+    assert!(
+        h.emulator
+            .sandbox(&id)
+            .is_some_and(|s| s.finished.is_none())
+    );
+    // A plain release terminates it through the V2 RPC.
+    h.provider
+        .release(&h.ctx(json!({})), &lease, LeaseStatus::Released)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.emulator.sandbox(&id).and_then(|s| s.finished),
+        Some(GenericStatus::Terminated)
+    );
+    let rpcs: Vec<_> = h.emulator.calls().into_iter().map(|c| c.rpc).collect();
+    for v2 in [
+        "SandboxWaitV2",
+        "SandboxGetTaskIdV2",
+        "SandboxGetCommandRouterAccess",
+        "SandboxTerminateV2",
+    ] {
+        assert!(rpcs.contains(&v2), "{v2} missing from {rpcs:?}");
+    }
+    for v1 in [
+        "SandboxWait",
+        "SandboxGetTaskId",
+        "TaskGetCommandRouterAccess",
+        "SandboxTerminate",
+    ] {
+        assert!(
+            !rpcs.contains(&v1),
+            "V1 {v1} used for a V2 sandbox: {rpcs:?}"
+        );
+    }
+    // Afterwards the lease is expired, through the V2 lookup too.
+    let again = h.provider.resume(&reuse, &lease).await.unwrap();
+    assert_eq!(again.provider_lease_id, None);
+}
