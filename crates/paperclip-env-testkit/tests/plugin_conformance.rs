@@ -806,9 +806,13 @@ async fn worker_notifications_and_worker_to_host_requests_are_served() {
         text.contains(r#"config reply: {"jsonrpc":"2.0","id":"w1","result":{"region":"eu-1"}}"#),
         "{text}"
     );
+    // A method upstream serves, refused with upstream's capability error
+    // (the manifest lacks `secrets.read-ref`), not "method not found".
     assert!(
-        text.contains("-32601")
-            && text.contains(r#"Host does not handle method \"secrets.resolve\""#),
+        text.contains("-32001")
+            && text.contains(
+                r#"missing required capability \"secrets.read-ref\" for method \"secrets.resolve\""#
+            ),
         "{text}"
     );
 }

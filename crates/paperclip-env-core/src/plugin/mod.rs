@@ -6,7 +6,10 @@
 //!
 //! - [`PluginWorker`]: the process (spawn with a minimal environment in its
 //!   own process group, `initialize` handshake under a bounded wait,
-//!   per-call deadlines, restart after a crash or hang, `shutdown`).
+//!   per-call deadlines, a `health` check before a worker with a hung call is
+//!   killed, restart after a crash, `shutdown`), and the host side of the
+//!   worker's own calls (`config.get`, `state.*`, `secrets.resolve`, `log`;
+//!   see `host_services`).
 //! - [`PluginDriver`]: the `plugin` runtime driver (`environment_driver`
 //!   manifest entries, `driver: "plugin"` environments).
 //! - [`PluginSandboxProvider`]: a [`crate::SandboxProvider`] for
@@ -25,6 +28,8 @@
 //! (seed `003_environment-runtime.code-only.txt`).
 
 mod driver;
+mod host_methods;
+mod host_services;
 mod manifest;
 pub mod protocol;
 mod provider;

@@ -50,12 +50,13 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use super::host_services::{HostContext, HostServices};
 use super::manifest::PluginManifest;
 use super::protocol::{self, Incoming, InitializeResult, InstanceInfo, RpcError, codes, methods};
 use crate::Unsupported;
 use crate::execute::{OutputCollector, OutputStream};
 use crate::lease::JsonObject;
-use crate::secret::ProviderConfig;
+use crate::secret::{ProviderConfig, SecretResolver};
 use crate::{Error, Operation, Result};
 
 /// Host environment variables a worker inherits (upstream's allowlist);
@@ -121,6 +122,9 @@ pub struct PluginWorkerConfig {
     /// answer `health` before its process group is killed (10 s). Zero
     /// kills at once.
     pub health_timeout: Duration,
+    /// Where the worker's `secrets.resolve` calls look secrets up (none:
+    /// they are refused with the capability error).
+    pub secret_resolver: Option<Arc<dyn SecretResolver>>,
 }
 
 impl std::fmt::Debug for PluginWorkerConfig {
@@ -135,6 +139,7 @@ impl std::fmt::Debug for PluginWorkerConfig {
             .field("ready_timeout", &self.ready_timeout)
             .field("default_call_deadline", &self.default_call_deadline)
             .field("health_timeout", &self.health_timeout)
+            .field("secret_resolver", &self.secret_resolver.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -162,6 +167,7 @@ impl PluginWorkerConfig {
             strict_stdout: false,
             max_line_bytes: 64 * 1024 * 1024,
             health_timeout: Duration::from_secs(10),
+            secret_resolver: None,
         }
     }
 
@@ -204,6 +210,12 @@ impl PluginWorkerConfig {
     /// Sets [`PluginWorkerConfig::strict_stdout`].
     pub fn strict_stdout(mut self, strict: bool) -> Self {
         self.strict_stdout = strict;
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::secret_resolver`].
+    pub fn secret_resolver(mut self, resolver: Arc<dyn SecretResolver>) -> Self {
+        self.secret_resolver = Some(resolver);
         self
     }
 
@@ -671,6 +683,39 @@ struct Shared {
     next_id: AtomicU64,
     closed: AtomicBool,
     scrubber: Scrubber,
+    host: HostServices,
+}
+
+impl Shared {
+    /// Answers one worker → host request (see `host_services`).
+    async fn answer_host_call(
+        &self,
+        method: &str,
+        params: &Value,
+    ) -> std::result::Result<Value, RpcError> {
+        let config = &self.config;
+        let capabilities: Vec<&str> = config
+            .manifest
+            .raw
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .map(|c| c.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let cx = HostContext {
+            plugin_id: &config.manifest.id,
+            capabilities,
+            config: &config.plugin_config,
+            resolver: config.secret_resolver.as_ref(),
+        };
+        let answer = self
+            .host
+            .answer(&cx, method, params, |text| self.scrubber.scrub(text))
+            .await?;
+        if let Some(secret) = &answer.revealed {
+            self.scrubber.add(secret);
+        }
+        Ok(answer.result)
+    }
 }
 
 impl Drop for Shared {
@@ -787,6 +832,7 @@ impl PluginWorker {
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 scrubber,
+                host: HostServices::default(),
             }),
         }
     }
@@ -1466,28 +1512,25 @@ impl WeakWorker {
                 });
                 let _ = tx.send(outcome);
             }
-            Incoming::Request { id, method, .. } => {
-                let line = if method == methods::CONFIG_GET {
-                    let config = self
-                        .shared
-                        .upgrade()
-                        .map(|s| Value::Object(s.config.plugin_config.clone()))
-                        .unwrap_or(Value::Null);
-                    protocol::result_line(&id, &config)
-                } else {
-                    warn!(target: "paperclip_env::plugin", plugin = %self.plugin, method = %method, "worker called unregistered host method");
-                    protocol::error_line(
-                        &id,
-                        &RpcError::new(
-                            codes::METHOD_NOT_FOUND,
-                            format!("Host does not handle method \"{method}\""),
-                        ),
-                    )
-                };
-                // Written from its own task: the reader must never wait on
-                // stdin, or a worker blocked on a full stdout pipe deadlocks.
+            Incoming::Request {
+                id, method, params, ..
+            } => {
+                // Answered from its own task: the reader must never wait on
+                // stdin (a worker blocked on a full stdout pipe would
+                // deadlock) nor on a secret resolver.
+                let shared = self.shared.clone();
                 let process = process.clone();
                 tokio::spawn(async move {
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    let line = match shared.answer_host_call(&method, &params).await {
+                        Ok(result) => protocol::result_line(&id, &result),
+                        Err(e) => {
+                            debug!(target: "paperclip_env::plugin", plugin = %shared.config.manifest.id, method = %method, code = e.code, "refused a worker call to the host: {}", e.message);
+                            protocol::error_line(&id, &e)
+                        }
+                    };
                     let _ = process.write_line(&line).await;
                 });
             }
