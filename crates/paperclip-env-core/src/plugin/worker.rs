@@ -99,13 +99,19 @@ pub struct PluginWorkerConfig {
     pub plugin_config: JsonObject,
     /// Host identity sent in `initialize`.
     pub instance: InstanceInfo,
-    /// Host API version sent in `initialize` (1).
+    /// Host API version sent in `initialize` when the manifest names none
+    /// (1); a manifest's `apiVersion` is sent as is, as upstream does.
     pub api_version: u32,
     /// Bound on starting the process and completing `initialize` (15 s).
     pub ready_timeout: Duration,
     /// Deadline of calls given none (30 s, the worker manager's `rpcTimeoutMs`).
     pub default_call_deadline: Duration,
-    /// How long `shutdown` waits for a graceful exit before each signal (2 s).
+    /// How long `shutdown` waits for the worker to answer `shutdown` and exit
+    /// before SIGTERM (10 s, upstream's `SHUTDOWN_DRAIN_MS`): time for its
+    /// `onShutdown` to finish in-flight work.
+    pub shutdown_drain: Duration,
+    /// How long after SIGTERM before SIGKILL (5 s, upstream's
+    /// `SIGTERM_GRACE_MS`).
     pub shutdown_grace: Duration,
     /// Wait before retrying a worker that failed to start (1 s), doubled per
     /// consecutive failure up to 5 minutes; calls in between fail at once.
@@ -139,6 +145,8 @@ impl std::fmt::Debug for PluginWorkerConfig {
             .field("ready_timeout", &self.ready_timeout)
             .field("default_call_deadline", &self.default_call_deadline)
             .field("health_timeout", &self.health_timeout)
+            .field("shutdown_drain", &self.shutdown_drain)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("secret_resolver", &self.secret_resolver.is_some())
             .finish_non_exhaustive()
     }
@@ -162,7 +170,8 @@ impl PluginWorkerConfig {
             api_version: 1,
             ready_timeout: Duration::from_secs(15),
             default_call_deadline: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(2),
+            shutdown_drain: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
             restart_backoff: Duration::from_secs(1),
             strict_stdout: false,
             max_line_bytes: 64 * 1024 * 1024,
@@ -210,6 +219,14 @@ impl PluginWorkerConfig {
     /// Sets [`PluginWorkerConfig::strict_stdout`].
     pub fn strict_stdout(mut self, strict: bool) -> Self {
         self.strict_stdout = strict;
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::shutdown_drain`] and
+    /// [`PluginWorkerConfig::shutdown_grace`].
+    pub fn shutdown_timings(mut self, drain: Duration, grace: Duration) -> Self {
+        self.shutdown_drain = drain;
+        self.shutdown_grace = grace;
         self
     }
 
@@ -416,10 +433,12 @@ pub fn rpc_error_to_error(
             operation: operation.method_name().to_owned(),
             after: timeout_in_message(&e.message),
         },
-        codes::CAPABILITY_DENIED => Error::PermissionDenied {
-            message: e.message,
-            source: None,
-        },
+        codes::CAPABILITY_DENIED | codes::INVOCATION_SCOPE_DENIED | codes::CROSS_TENANT_CONFIG => {
+            Error::PermissionDenied {
+                message: e.message,
+                source: None,
+            }
+        }
         codes::WORKER_UNAVAILABLE => Error::Provider {
             provider: label.to_owned(),
             message: e.message,
@@ -994,7 +1013,12 @@ impl PluginWorker {
             "manifest": cfg.manifest.raw,
             "config": cfg.plugin_config,
             "instanceInfo": cfg.instance,
-            "apiVersion": cfg.api_version,
+            "apiVersion": cfg
+                .manifest
+                .raw
+                .get("apiVersion")
+                .and_then(Value::as_u64)
+                .unwrap_or(u64::from(cfg.api_version)),
             "databaseNamespace": null,
         });
         let outcome = self
@@ -1235,9 +1259,31 @@ impl PluginWorker {
         Ok((value, streamed))
     }
 
-    /// Stops the worker: `shutdown`, then SIGTERM, then SIGKILL to its
-    /// process group, each after [`PluginWorkerConfig::shutdown_grace`]. No
-    /// restart happens afterwards.
+    /// Fails, without calling it, when the worker does not advertise the
+    /// lifecycle `method` in its `supportedMethods`: like upstream's host, no
+    /// release or destroy is sent that the live worker cannot serve, and the
+    /// caller records a failed cleanup for the reaper instead. Starts the
+    /// worker first when it is not running.
+    pub async fn require_advertised(&self, method: &str) -> Result<()> {
+        self.start().await?;
+        match self.supported_methods() {
+            Some(methods) if !methods.iter().any(|m| m == method) => Err(Error::Provider {
+                provider: self.label(),
+                message: format!(
+                    "Plugin \"{}\" does not advertise {method}; the lease is left for cleanup.",
+                    self.plugin_key()
+                ),
+                retryable: false,
+                source: None,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the worker as upstream's host does: `shutdown`, waiting up to
+    /// [`PluginWorkerConfig::shutdown_drain`] for the answer and the exit,
+    /// then SIGTERM to its process group, then SIGKILL after
+    /// [`PluginWorkerConfig::shutdown_grace`]. No restart happens afterwards.
     pub async fn shutdown(&self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         let _starting = self.shared.start_lock.lock().await;
@@ -1250,18 +1296,18 @@ impl PluginWorker {
         else {
             return;
         };
+        let drain = self.shared.config.shutdown_drain;
         let grace = self.shared.config.shutdown_grace;
         let mut exited = process.exited.clone();
         if process.alive() {
-            let _ = tokio::time::timeout(
-                grace,
-                self.send_no_kill(&process, methods::SHUTDOWN, &json!({})),
-            )
-            .await;
-            if tokio::time::timeout(grace, exited.wait_for(|e| *e))
-                .await
-                .is_err()
-            {
+            let mut drained = exited.clone();
+            let graceful = async {
+                self.send_no_kill(&process, methods::SHUTDOWN, &json!({}))
+                    .await;
+                let _ = drained.wait_for(|e| *e).await;
+            };
+            if tokio::time::timeout(drain, graceful).await.is_err() {
+                debug!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), "worker did not exit after shutdown; sending SIGTERM");
                 process.signal_group(nix::sys::signal::Signal::SIGTERM);
                 if tokio::time::timeout(grace, exited.wait_for(|e| *e))
                     .await
