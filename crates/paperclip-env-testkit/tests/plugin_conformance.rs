@@ -361,6 +361,84 @@ async fn sandbox_kind_runs_through_the_runtime_with_secrets_kept_out_of_logs_and
     assert!(!format!("{worker:?} {:?}", worker.config()).contains("tok-env-5d1e"));
 }
 
+/// A crashed worker comes back on its own after the back-off, as upstream's
+/// host restarts it on a timer, without waiting for the next call.
+#[tokio::test]
+async fn a_crashed_worker_is_restarted_on_a_timer() {
+    let dirs = dirs();
+    let mut config = worker_config(&dirs, &[(ENV_CRASH_ON, "environmentProbe")]);
+    config.restart_backoff = Duration::from_millis(200);
+    let worker = PluginWorker::new(config);
+    worker.start().await.unwrap();
+    let first = worker.pid().unwrap();
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    let err = worker
+        .call("environmentProbe", &params, None, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
+    assert!(wait_gone(first).await);
+    let mut restarted = false;
+    for _ in 0..100 {
+        if worker.is_running() && worker.pid() != Some(first) {
+            restarted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(restarted, "the worker was not restarted after its crash");
+    assert_eq!(worker.starts(), 2);
+    worker.shutdown().await;
+}
+
+/// After `MAX_CONSECUTIVE_CRASHES` crashes in the window the worker stays
+/// down and calls fail at once with the reason; `start()` tries again.
+#[tokio::test]
+async fn a_crash_looping_worker_stays_down_until_started_again() {
+    let dirs = dirs();
+    let mut config = worker_config(&dirs, &[(ENV_CRASH_ON, "environmentProbe")]);
+    config.restart_backoff = Duration::from_millis(1);
+    let worker = PluginWorker::new(config);
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    for _ in 0..paperclip_env_core::plugin::MAX_CONSECUTIVE_CRASHES {
+        let err = worker
+            .call("environmentProbe", &params, None, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!worker.is_running(), "a crash-looping worker was restarted");
+    let starts = worker.starts();
+    let err = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("crashed 10 times"), "{err}");
+    assert_eq!(
+        worker.starts(),
+        starts,
+        "a call restarted a crash-looping worker"
+    );
+    worker.start().await.unwrap();
+    let validated = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(validated["ok"], true);
+    worker.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_worker_that_crashes_mid_call_gives_a_retryable_error_and_is_restarted() {
     let dirs = dirs();

@@ -32,9 +32,12 @@
 //!   (see `deliver` in the provider);
 //! - everything the worker writes to logs or errors is scrubbed of every
 //!   secret the SDK has handed it.
-//! - restart is lazy (the next call) instead of a timer; failed starts back
-//!   off exponentially (`restart_backoff`, doubling to 5 minutes) like
-//!   upstream's crash back-off.
+//! - a worker that exits on its own (a crash) is restarted on a timer, as
+//!   upstream: after `restart_backoff` (1 s) doubled per crash up to 5
+//!   minutes, with ±25 % jitter; after [`MAX_CONSECUTIVE_CRASHES`] crashes
+//!   within [`CRASH_WINDOW`] it stays down (calls fail at once) until
+//!   [`PluginWorker::start`] is called. A call that arrives before the timer
+//!   restarts the worker itself. Failed starts back off the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -691,6 +694,28 @@ struct FailedStarts {
 
 /// Longest wait between start attempts.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+/// Crashes within [`CRASH_WINDOW`] after which a worker is not restarted
+/// (upstream's `MAX_CONSECUTIVE_CRASHES`).
+pub const MAX_CONSECUTIVE_CRASHES: usize = 10;
+/// The window crashes are counted in (10 minutes, upstream's `CRASH_WINDOW_MS`).
+pub const CRASH_WINDOW: Duration = Duration::from_secs(600);
+
+/// Recent crashes, for the restart timer and the crash-loop stop.
+#[derive(Default)]
+struct Crashes {
+    at: std::collections::VecDeque<tokio::time::Instant>,
+    /// Set once the worker crashed too often: why it stays down.
+    stopped: Option<String>,
+}
+
+/// `base` doubled per earlier crash, capped, with ±25 % jitter.
+fn crash_backoff(base: Duration, crashes: usize) -> Duration {
+    let doubled = base
+        .saturating_mul(2u32.saturating_pow(crashes.saturating_sub(1).min(16) as u32))
+        .min(MAX_RESTART_BACKOFF);
+    let jitter = 0.75 + 0.5 * (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+    doubled.mul_f64(jitter)
+}
 
 struct Shared {
     config: PluginWorkerConfig,
@@ -699,6 +724,7 @@ struct Shared {
     supported: Mutex<Option<Vec<String>>>,
     starts: AtomicU64,
     failed_starts: Mutex<Option<FailedStarts>>,
+    crashes: Mutex<Crashes>,
     next_id: AtomicU64,
     closed: AtomicBool,
     scrubber: Scrubber,
@@ -706,6 +732,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn lock_crashes(&self) -> std::sync::MutexGuard<'_, Crashes> {
+        self.crashes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Answers one worker → host request (see `host_services`).
     async fn answer_host_call(
         &self,
@@ -848,6 +878,7 @@ impl PluginWorker {
                 supported: Mutex::new(None),
                 starts: AtomicU64::new(0),
                 failed_starts: Mutex::new(None),
+                crashes: Mutex::new(Crashes::default()),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 scrubber,
@@ -930,6 +961,13 @@ impl PluginWorker {
     /// Starts the worker (if not running) and waits for `initialize`, bounded
     /// by [`PluginWorkerConfig::ready_timeout`].
     pub async fn start(&self) -> Result<()> {
+        // An explicit start is the operator's word: a crash-looping worker
+        // gets another chance.
+        {
+            let mut crashes = self.lock_crashes();
+            crashes.stopped = None;
+            crashes.at.clear();
+        }
         self.ensure_running()
             .await
             .map(|_| ())
@@ -949,6 +987,9 @@ impl PluginWorker {
         }
         if let Some(p) = self.current().filter(|p| p.alive()) {
             return Ok(p);
+        }
+        if let Some(why) = self.lock_crashes().stopped.clone() {
+            return Err(CallError::Unavailable(why));
         }
         let _starting = self.shared.start_lock.lock().await;
         if let Some(p) = self.current().filter(|p| p.alive()) {
@@ -1141,6 +1182,62 @@ impl PluginWorker {
             exit_tx,
         ));
         Ok(process)
+    }
+
+    fn lock_crashes(&self) -> std::sync::MutexGuard<'_, Crashes> {
+        self.shared.lock_crashes()
+    }
+
+    /// The worker exited on its own: count the crash, and restart it after
+    /// the back-off unless it crashed too often (see the module docs).
+    fn on_crash(shared: &Arc<Shared>, message: &str) {
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let plugin = shared.config.manifest.id.clone();
+        let count = {
+            let mut crashes = shared.lock_crashes();
+            let now = tokio::time::Instant::now();
+            crashes.at.push_back(now);
+            while crashes
+                .at
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+            {
+                crashes.at.pop_front();
+            }
+            let count = crashes.at.len();
+            if count >= MAX_CONSECUTIVE_CRASHES {
+                let why = format!(
+                    "The worker of plugin \"{plugin}\" crashed {count} times within {} minutes and is not restarted; call start() to try again. Last exit: {}",
+                    CRASH_WINDOW.as_secs() / 60,
+                    message.lines().next().unwrap_or_default()
+                );
+                error!(target: "paperclip_env::plugin", plugin = %plugin, crashes = count, "plugin worker crash-looping; not restarting");
+                crashes.stopped = Some(why);
+                return;
+            }
+            count
+        };
+        let delay = crash_backoff(shared.config.restart_backoff, count);
+        info!(target: "paperclip_env::plugin", plugin = %plugin, crashes = count, delay_ms = delay.as_millis() as u64, "plugin worker crashed; restarting after the back-off");
+        let weak = Arc::downgrade(shared);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let worker = PluginWorker { shared };
+            if worker.is_running() || worker.is_shut_down() {
+                return;
+            }
+            if let Err(e) = worker.ensure_running().await {
+                warn!(target: "paperclip_env::plugin", plugin = %worker.plugin_key(), "restart after a crash failed: {e}");
+            }
+        });
     }
 
     fn clone_weak(&self) -> WeakWorker {
@@ -1506,7 +1603,9 @@ impl WeakWorker {
             process.fail_all(CallError::Protocol(why.clone()));
             process.kill("protocol error");
         }
-        process.alive.store(false, Ordering::SeqCst);
+        // Still marked alive: nobody on the host side killed it, so it crashed
+        // (or exited) on its own.
+        let crashed = process.alive.swap(false, Ordering::SeqCst);
         // Stdout closed: the worker exited or is about to; give it a moment, then kill.
         let status = match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
             Ok(Ok(s)) => Some(s),
@@ -1532,8 +1631,20 @@ impl WeakWorker {
         if broken.is_none() {
             info!(target: "paperclip_env::plugin", plugin = %self.plugin, "{}", message.lines().next().unwrap_or_default());
         }
-        process.fail_all(CallError::Unavailable(message));
+        process.fail_all(CallError::Unavailable(message.clone()));
         let _ = exit_tx.send(true);
+        if crashed && let Some(shared) = self.shared.upgrade() {
+            // Only the worker's current process: an old one exiting late is no crash.
+            let current = shared
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &process));
+            if current {
+                PluginWorker::on_crash(&shared, &message);
+            }
+        }
     }
 
     async fn handle(&self, process: &Arc<Process>, message: Incoming) {
