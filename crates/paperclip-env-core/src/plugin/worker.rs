@@ -1356,6 +1356,12 @@ impl PluginWorker {
         Ok((value, streamed))
     }
 
+    /// Whether the worker stored anything through `state.set` (kept by this
+    /// host in memory, so it ends with the host process).
+    pub fn has_host_state(&self) -> bool {
+        self.shared.host.has_state()
+    }
+
     /// Fails, without calling it, when the worker does not advertise the
     /// lifecycle `method` in its `supportedMethods`: like upstream's host, no
     /// release or destroy is sent that the live worker cannot serve, and the
