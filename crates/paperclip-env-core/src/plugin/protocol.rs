@@ -425,7 +425,7 @@ pub fn workspace_json(workspace: &WorkspaceSpec) -> Value {
 }
 
 /// Adds the execute fields to `params` (`command, args, cwd, env, stdin,
-/// timeoutMs`). `cwd` is always sent, as upstream's host does: the request's,
+/// timeoutMs, bypassSession`). `cwd` is always sent, as upstream's host does: the request's,
 /// else the lease's `remoteCwd` (`lease_cwd`), when either is known.
 ///
 /// ```
@@ -434,6 +434,9 @@ pub fn workspace_json(workspace: &WorkspaceSpec) -> Value {
 /// let mut params = serde_json::Map::new();
 /// add_execute_fields(&mut params, &ExecuteRequest::new("ls"), Some("/work/lease-1"));
 /// assert_eq!(params["cwd"], "/work/lease-1");
+/// assert!(params.get("bypassSession").is_none());
+/// add_execute_fields(&mut params, &ExecuteRequest::new("make").bypass_session(true), None);
+/// assert_eq!(params["bypassSession"], true);
 /// ```
 pub fn add_execute_fields(
     params: &mut JsonObject,
@@ -451,6 +454,10 @@ pub fn add_execute_fields(
     }
     if let Some(t) = request.timeout_ms {
         params.insert("timeoutMs".into(), json!(t));
+    }
+    // Only when set, as upstream's host sends it.
+    if request.bypass_session {
+        params.insert("bypassSession".into(), json!(true));
     }
 }
 
