@@ -49,6 +49,7 @@ use serde_json::{Value, json};
 mod conformance;
 #[cfg(feature = "emulate")]
 mod emulate;
+mod sync;
 
 /// Operate paperclip-env leases: probe environments, acquire, exec, release,
 /// list and reap leases. State lives in a SQLite file, so leases survive
@@ -166,6 +167,26 @@ enum Command {
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
+    },
+    /// Move a workspace into a lease (`up`) or back (`down`, a three-way
+    /// merge against the last sync), with progress (files, bytes, rate) on
+    /// stderr.
+    Sync {
+        /// `up`: DIR into the lease; `down`: the lease into DIR.
+        #[arg(value_enum)]
+        way: sync::Way,
+        /// The lease id.
+        lease: String,
+        /// The local workspace directory.
+        dir: PathBuf,
+        /// The directory in the lease [default: the lease's remoteCwd, else
+        /// its realized workspace].
+        #[arg(long, value_name = "PATH")]
+        remote: Option<String>,
+        /// Leave out paths matching this gitignore-style pattern (repeatable;
+        /// `.gitignore` files are honoured too).
+        #[arg(long = "exclude", value_name = "PATTERN")]
+        excludes: Vec<String>,
     },
     /// Release a lease through its driver (provider cleanup included).
     Release {
@@ -335,6 +356,8 @@ struct App {
     runtime: EnvironmentRuntime,
     state: State,
     json: bool,
+    /// Where `sync` keeps the snapshot of each lease's last transfer.
+    baselines: PathBuf,
 }
 
 fn read_environment(path: &Path) -> Result<Environment, Error> {
@@ -582,10 +605,16 @@ impl App {
             builder = builder.driver(driver);
         }
         let runtime = builder.build();
+        let state_path = cli.state.clone().unwrap_or_else(default_state_path);
+        let baselines = state_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("baselines");
         Ok(App {
             runtime,
             state,
             json: cli.json,
+            baselines,
         })
     }
 
@@ -723,6 +752,23 @@ impl App {
                     None => ExitCode::FAILURE,
                 };
                 Ok(code)
+            }
+            Command::Sync {
+                way,
+                lease,
+                dir,
+                remote,
+                excludes,
+            } => {
+                let options = sync::Options {
+                    way,
+                    lease,
+                    dir,
+                    remote,
+                    excludes,
+                    baselines: self.baselines.clone(),
+                };
+                sync::run(self, options).await
             }
             Command::Release { lease, status } => {
                 let (lease, env) = self.lease_and_environment(&lease).await?;
