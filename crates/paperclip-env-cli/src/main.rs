@@ -47,6 +47,7 @@ use paperclip_env_store_sqlite::SqliteStore;
 use serde_json::{Value, json};
 
 mod conformance;
+mod doctor;
 #[cfg(feature = "emulate")]
 mod emulate;
 mod sync;
@@ -187,6 +188,18 @@ enum Command {
         /// `.gitignore` files are honoured too).
         #[arg(long = "exclude", value_name = "PATTERN")]
         excludes: Vec<String>,
+    },
+    /// Check each configured environment (the `--env` files and every
+    /// environment of a lease in the state file): credentials present,
+    /// reachable (a probe), clock skew against the service; exits 1 when a
+    /// check fails.
+    Doctor {
+        /// An environment JSON file to check (repeatable).
+        #[arg(long = "env", value_name = "FILE")]
+        environments: Vec<PathBuf>,
+        /// Upper bound of each network check.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+        timeout: Duration,
     },
     /// Release a lease through its driver (provider cleanup included).
     Release {
@@ -770,6 +783,10 @@ impl App {
                 };
                 sync::run(self, options).await
             }
+            Command::Doctor {
+                environments,
+                timeout,
+            } => doctor::run(self, &environments, timeout).await,
             Command::Release { lease, status } => {
                 let (lease, env) = self.lease_and_environment(&lease).await?;
                 let released = slow(

@@ -87,6 +87,7 @@ fn help_documents_every_command() {
         ("reap", "expired and stranded"),
         ("sync", "Move a workspace"),
         ("conformance", "Run the conformance suite"),
+        ("doctor", "Check each configured environment"),
     ] {
         assert!(help.contains(command), "--help lacks {command}:\n{help}");
         assert!(help.contains(words), "--help lacks {words:?}:\n{help}");
@@ -684,4 +685,25 @@ fn sync_moves_a_workspace_up_and_back_with_progress() {
     sb.ok_json(&["release", &id]);
     let out = sb.run(&["sync", "up", &id, dir]);
     assert!(!out.status.success(), "sync on a released lease must fail");
+}
+
+#[test]
+fn doctor_checks_the_environments_of_the_state_file() {
+    let sb = Sandbox::new();
+    let out = sb.run(&["doctor"]);
+    assert!(!out.status.success(), "nothing to check must be an error");
+    assert!(text(&out).contains("--env"), "{}", text(&out));
+
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let lease = sb.ok_json(&["acquire", "--env", env.to_str().unwrap(), "--run", "run-d"]);
+    let out = sb.run(&["doctor"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("env-fake (sandbox, provider fake-plugin)"),
+        "{report}"
+    );
+    assert!(report.contains("ok    reachable"), "{report}");
+    assert!(report.contains("warn  clock"), "{report}");
+    sb.ok_json(&["release", lease["id"].as_str().unwrap()]);
 }

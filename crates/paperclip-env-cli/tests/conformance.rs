@@ -1,6 +1,7 @@
 //! `paperclip-env conformance`: the suite against environments served by
 //! `paperclip-env emulate`, a real OpenSSH sshd and the fake; MUST failures
-//! exit 1; Ctrl-C tears down what was in flight.
+//! exit 1; Ctrl-C tears down what was in flight. And `doctor` against an
+//! emulated service (credentials, reachability, the service's clock).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -286,6 +287,67 @@ fn emulated_kubernetes_passes_the_lifecycle_lines() {
     let report = run_json(&mut emulate.conformance(&scratch, &["--only", only]), true);
     assert_conformant(&report, &only.split(',').collect::<Vec<_>>());
     assert_eq!(report["environment"]["provider"], "kubernetes");
+}
+
+#[cfg(feature = "emulate")]
+#[test]
+fn doctor_checks_credentials_reachability_and_clock() {
+    let emulate = Emulate::start("e2b");
+    let scratch = Scratch::new();
+    // The key comes from the env fallback, not the config.
+    let mut config = emulate.line["config"].clone();
+    config.as_object_mut().unwrap().remove("apiKey");
+    let env = scratch.env_file("sandbox", config);
+    let doctor = |with_key: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--state")
+            .arg(scratch.dir.path().join("state.db"))
+            .args(["--json", "doctor", "--env"])
+            .arg(&env)
+            .stdin(Stdio::null());
+        for (key, value) in emulate.line["env"].as_object().unwrap() {
+            if with_key || key != "E2B_API_KEY" {
+                cmd.env(key, value.as_str().unwrap());
+            }
+        }
+        if !with_key {
+            cmd.env_remove("E2B_API_KEY");
+        }
+        cmd.output().unwrap()
+    };
+    let out = doctor(true);
+    assert!(out.status.success(), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = report[0]["checks"].as_array().unwrap();
+    let verdict = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["check"] == name)
+            .map(|c| {
+                (
+                    c["verdict"].as_str().unwrap().to_owned(),
+                    c["detail"].to_string(),
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(verdict("credentials").0, "ok", "{report:#}");
+    assert!(
+        verdict("credentials").1.contains("E2B_API_KEY"),
+        "{report:#}"
+    );
+    assert_eq!(verdict("reachable").0, "ok", "{report:#}");
+    let (clock, detail) = verdict("clock");
+    assert_eq!(clock, "ok", "{report:#}");
+    assert!(
+        detail.contains("skew") && detail.contains("Date"),
+        "{detail}"
+    );
+
+    let out = doctor(false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report[0]["checks"][0]["verdict"], "fail", "{report:#}");
 }
 
 #[cfg(feature = "ssh")]
