@@ -23,6 +23,14 @@ use serde_json::{Value, json};
 
 use crate::{Cli, Registry, print_json, read_environment};
 
+/// The providers' env fallbacks that hold secrets.
+const FALLBACK_SECRETS: [&str; 4] = [
+    "E2B_API_KEY",
+    "NOVITA_API_KEY",
+    "DAYTONA_API_KEY",
+    "EXE_API_KEY",
+];
+
 /// Options of `paperclip-env conformance`.
 #[derive(Debug, Clone)]
 pub(crate) struct Options {
@@ -120,6 +128,13 @@ pub(crate) async fn run(cli: &Cli, options: Options) -> Result<ExitCode, Error> 
         .secrets(Arc::new(EnvSecretResolver::new()))
         .only(options.only.clone())
         .call_timeout(options.call_timeout);
+    // Credentials the providers read from their env fallbacks must stay
+    // out of metadata and lease rows as much as the config's own secrets.
+    for var in FALLBACK_SECRETS {
+        if let Ok(value) = std::env::var(var) {
+            builder = builder.secret_value(value.trim());
+        }
+    }
     for provider in registry.providers {
         builder = builder.provider(provider);
     }

@@ -252,11 +252,20 @@ fn e2b_sandboxes(emulate: &Emulate) -> Value {
 fn emulated_e2b_passes_and_is_left_empty() {
     let emulate = Emulate::start("e2b");
     let scratch = Scratch::new();
-    let report = run_json(&mut emulate.conformance(&scratch, &[]), true);
+    // The key from E2B_API_KEY (the provider's env fallback), not the config:
+    // it must stay out of metadata and lease rows all the same.
+    let mut config = emulate.line["config"].clone();
+    config.as_object_mut().unwrap().remove("apiKey");
+    let env = scratch.env_file("sandbox", config);
+    let mut cmd = scratch.command(&env, &[]);
+    for (key, value) in emulate.line["env"].as_object().unwrap() {
+        cmd.env(key, value.as_str().unwrap());
+    }
+    let report = run_json(&mut cmd, true);
     assert_conformant(
         &report,
         &[
-            "A2.1", "A4.2", "A6.1", "A6.4", "A6.9", "R1", "R4", "R11", "R12", "R13", "R14",
+            "A2.1", "A2.7", "A4.2", "A6.1", "A6.4", "A6.9", "R1", "R4", "R11", "R12", "R13", "R14",
         ],
     );
     assert_eq!(report["environment"]["provider"], "e2b");

@@ -363,11 +363,23 @@ pub struct LiveSuiteBuilder {
     providers: Vec<Arc<dyn SandboxProvider>>,
     drivers: Vec<Arc<dyn EnvironmentRuntimeDriver>>,
     secrets: Option<Arc<dyn SecretResolver>>,
+    secret_values: Vec<String>,
     only: Vec<String>,
     call_timeout: Duration,
 }
 
 impl LiveSuiteBuilder {
+    /// A secret the environment uses from outside its config (a provider's
+    /// env fallback such as `E2B_API_KEY`): it must not appear in metadata
+    /// or lease rows either (A2.7, R13).
+    pub fn secret_value(mut self, value: impl Into<String>) -> Self {
+        let value = value.into();
+        if !value.is_empty() {
+            self.secret_values.push(value);
+        }
+        self
+    }
+
     /// Registers a sandbox provider; the one whose key is the environment's
     /// `config.provider` also gets the Part A lines.
     pub fn provider(mut self, provider: Arc<dyn SandboxProvider>) -> Self {
@@ -485,6 +497,7 @@ impl LiveSuiteBuilder {
             leases,
             secrets,
             tracked,
+            secret_values: self.secret_values,
             only: self.only,
             call_timeout: self.call_timeout,
         })
@@ -498,6 +511,7 @@ pub struct LiveSuite {
     leases: Arc<InMemoryLeaseStore>,
     secrets: Arc<LiveSecrets>,
     tracked: Option<TrackingProvider>,
+    secret_values: Vec<String>,
     only: Vec<String>,
     call_timeout: Duration,
 }
@@ -533,6 +547,7 @@ impl LiveSuite {
             providers: Vec::new(),
             drivers: Vec::new(),
             secrets: None,
+            secret_values: Vec::new(),
             only: Vec::new(),
             call_timeout: Duration::from_secs(120),
         }
@@ -568,6 +583,7 @@ impl LiveSuite {
             .filter_map(|p| resolved.secret(p))
             .map(|s| s.expose_secret().to_owned())
             .filter(|s| !s.is_empty())
+            .chain(self.secret_values.iter().cloned())
             .collect();
         let mut fixture = Fixture::new(Arc::new(provider.clone()))
             .config(Value::Object(resolved.expose_to_json()))
@@ -590,7 +606,7 @@ impl LiveSuite {
         let mut report = Report::default();
         let mut setup_errors = Vec::new();
         let lines = async {
-            let mut env_secrets = Vec::new();
+            let mut env_secrets = self.secret_values.clone();
             if let Some(provider) = &self.tracked {
                 match self.provider_fixture(provider).await {
                     Ok((fixture, secrets)) => {
