@@ -21,6 +21,9 @@
 //! paperclip-env release <LEASE_ID>
 //! paperclip-env leases
 //! paperclip-env reap
+//! paperclip-env sync up <LEASE_ID> ./workspace     # and `sync down` to bring it back
+//! paperclip-env doctor --env env.json              # credentials, reachability, clock skew
+//! paperclip-env conformance --env env.json         # the conformance suite, a line per check
 //! paperclip-env emulate e2b   # a local E2B for the vendor SDK (see the README)
 //! ```
 #![deny(missing_docs)]
