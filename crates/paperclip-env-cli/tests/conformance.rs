@@ -285,6 +285,38 @@ fn emulated_daytona_passes() {
     assert_eq!(report["environment"]["provider"], "daytona");
 }
 
+#[cfg(feature = "emulate")]
+#[test]
+fn emulated_novita_passes() {
+    let emulate = Emulate::start("novita");
+    let scratch = Scratch::new();
+    let report = run_json(&mut emulate.conformance(&scratch, &[]), true);
+    assert_conformant(
+        &report,
+        &["A2.1", "A6.1", "A6.9", "R1", "R4", "R12", "R13", "R14"],
+    );
+    assert_eq!(report["environment"]["provider"], "novita");
+}
+
+/// The Cloudflare bridge and exe.dev (its VMs are a real sshd): the
+/// lifecycle lines, to keep the test short.
+#[cfg(feature = "emulate")]
+#[test]
+fn emulated_cloudflare_and_exe_dev_pass_the_lifecycle_lines() {
+    for provider in ["cloudflare", "exe-dev"] {
+        let emulate = Emulate::start(provider);
+        if provider == "exe-dev" && emulate.line["credentials"].get("sshUser").is_none() {
+            eprintln!("skipping exe-dev: no sshd installed (run scripts/setup.sh)");
+            continue;
+        }
+        let scratch = Scratch::new();
+        let only = "A2.1,A4.2,A6.1,A6.4,R1,R4,R12,R14";
+        let report = run_json(&mut emulate.conformance(&scratch, &["--only", only]), true);
+        assert_conformant(&report, &only.split(',').collect::<Vec<_>>());
+        assert_eq!(report["environment"]["provider"], provider);
+    }
+}
+
 /// The Kubernetes emulator schedules a pod per lease (about 2 s each): the
 /// lifecycle lines only, to keep the test short.
 #[cfg(feature = "emulate")]
