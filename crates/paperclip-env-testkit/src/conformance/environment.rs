@@ -12,6 +12,21 @@
 //! releases that run before it returns; [`super::live`] releases whatever an
 //! interrupted line left.
 //!
+//! ```
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use paperclip_env_core::{Environment, EnvironmentRuntime};
+//! use paperclip_env_testkit::conformance::environment::{ENV_LINES, EnvFixture};
+//! use paperclip_env_testkit::fake::FakeProvider;
+//!
+//! let runtime = EnvironmentRuntime::builder().provider(Arc::new(FakeProvider::new())).build();
+//! let env = Environment::new("env-1", "Fake", "sandbox", serde_json::json!({"provider": "fake-plugin"}));
+//! let fixture = EnvFixture::new(runtime, env);
+//! let r4 = ENV_LINES.iter().find(|l| l.id == "R4").unwrap();
+//! assert_eq!((r4.check)(&fixture).await, Ok(()));
+//! # });
+//! ```
+//!
 //! [`SandboxProvider`]: paperclip_env_core::SandboxProvider
 
 use std::future::Future;

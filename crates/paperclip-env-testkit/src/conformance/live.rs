@@ -16,13 +16,23 @@
 //!   the provider; what is still alive is destroyed, and runs are swept with
 //!   [`SandboxProvider::list_run_resources`] where the provider declares it.
 //!
-//! ```no_run
-//! # async fn demo(env: paperclip_env_core::Environment, provider: std::sync::Arc<dyn paperclip_env_core::SandboxProvider>) {
-//! use paperclip_env_testkit::conformance::live::LiveSuite;
-//! let suite = LiveSuite::builder(env).provider(provider).build().unwrap();
+//! ```
+//! # tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(async {
+//! use std::sync::Arc;
+//! use paperclip_env_core::Environment;
+//! use paperclip_env_testkit::{conformance::live::LiveSuite, fake::FakeProvider};
+//!
+//! let env = Environment::new("env-1", "Fake", "sandbox", serde_json::json!({"provider": "fake-plugin"}));
+//! let suite = LiveSuite::builder(env)
+//!     .provider(Arc::new(FakeProvider::new()))
+//!     .only(["A6.1", "R4"])
+//!     .build()
+//!     .unwrap();
+//! // Any future ends the run early (the CLI passes Ctrl-C); teardown still runs.
 //! let outcome = suite.run(|line| println!("{} {:?}", line.id, line.outcome), std::future::pending()).await;
-//! assert!(outcome.report.failures().is_empty(), "{}", outcome.report.summary());
-//! # }
+//! assert!(outcome.passed(), "{}", outcome.report.summary());
+//! assert_eq!(outcome.report.passed(), ["A6.1", "R4"]);
+//! # });
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
