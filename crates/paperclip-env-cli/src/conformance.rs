@@ -175,10 +175,15 @@ pub(crate) async fn run(cli: &Cli, options: Options) -> Result<ExitCode, Error> 
     let outcome = suite
         .run(
             |line| {
-                if !json_mode {
-                    use std::io::Write;
-                    println!("{}", line_text(line));
-                    let _ = std::io::stdout().flush();
+                use std::io::Write;
+                // Each line as it completes (a live account takes minutes);
+                // with --json, on stderr, so stdout stays one document.
+                if json_mode {
+                    let _ = writeln!(std::io::stderr(), "{}", line_text(line));
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{}", line_text(line));
+                    let _ = out.flush();
                 }
             },
             cancel,

@@ -143,7 +143,18 @@ fn the_fake_passes_and_prints_a_line_per_check_with_its_level() {
 fn only_selects_lines_and_prefixes_and_refuses_unknown_ones() {
     let scratch = Scratch::new();
     let env = scratch.env_file("sandbox", json!({"provider": "fake-plugin"}));
-    let report = run_json(&mut scratch.command(&env, &["--only", "A6,R4"]), true);
+    let out = scratch
+        .command(&env, &["--json", "--only", "A6,R4"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // Progress lines on stderr, the document alone on stdout.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PASS  MUST    R4 "),
+        "{}",
+        text(&out)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<&str> = report["lines"]
         .as_array()
         .unwrap()
