@@ -1010,7 +1010,10 @@ async fn main() -> ExitCode {
             call_timeout: *call_timeout,
             json: cli.json,
         };
-        return match conformance::run(&cli, options).await {
+        let outcome = conformance::run(&cli, options).await;
+        #[cfg(feature = "plugin")]
+        plugins::shutdown_all().await;
+        return match outcome {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -1022,6 +1025,7 @@ async fn main() -> ExitCode {
         Ok(app) => app.run(cli.command).await,
         Err(e) => Err(e),
     };
+    #[cfg(feature = "plugin")]
     plugins::shutdown_all().await;
     match outcome {
         Ok(code) => code,
