@@ -122,8 +122,8 @@ pub fn reference_manifest() -> Value {
         "capabilities": ["environment.drivers.register"],
         "entrypoints": {"worker": "paperclip-env-plugin-worker"},
         "environmentDrivers": [
-            {"driverKey": SANDBOX_DRIVER_KEY, "kind": "sandbox_provider", "displayName": "Fake sandbox (out of process)", "configSchema": schema},
-            {"driverKey": ENVIRONMENT_DRIVER_KEY, "kind": "environment_driver", "displayName": "Fake environment driver", "configSchema": schema}
+            {"driverKey": SANDBOX_DRIVER_KEY, "kind": "sandbox_provider", "displayName": "Fake sandbox (out of process)", "configSchema": schema, "supportsReusableLeases": true},
+            {"driverKey": ENVIRONMENT_DRIVER_KEY, "kind": "environment_driver", "displayName": "Fake environment driver", "configSchema": schema, "supportsReusableLeases": true}
         ]
     })
 }
