@@ -762,18 +762,16 @@ async fn b3_3_b3_11_failed_cleanup_is_recorded_and_listed_for_retry() {
     let lease = &released[0].lease;
     assert_eq!(
         lease.status,
-        LeaseStatus::Expired,
-        "the row still moves to the requested status"
+        LeaseStatus::PendingCleanup,
+        "a failed cleanup routes the row to the sweep (Paperclip 2026.916)"
+    );
+    assert_eq!(
+        lease.failure_reason.as_deref(),
+        Some("release_cleanup_failed")
     );
     assert_eq!(lease.cleanup_status, Some(CleanupStatus::Failed));
-    assert!(
-        lease
-            .cleanup_error
-            .as_deref()
-            .unwrap()
-            .contains("provider API down")
-    );
-    assert_eq!(lease.cleanup_attempts, 1);
+    assert!(lease.cleanup_error().unwrap().contains("provider API down"));
+    assert_eq!(lease.cleanup_attempts(), 0, "only sweeps count attempts");
     let pending = s
         .runtime
         .lease_store()
@@ -858,7 +856,11 @@ async fn b3_7_provider_gone_at_release_records_failed_cleanup_without_a_call() {
         .await
         .into_result()
         .unwrap();
-    assert_eq!(released[0].lease.status, LeaseStatus::Released);
+    assert_eq!(
+        released[0].lease.status,
+        LeaseStatus::PendingCleanup,
+        "left for the sweep"
+    );
     assert_eq!(
         released[0].lease.cleanup_status,
         Some(CleanupStatus::Failed)
@@ -1527,22 +1529,23 @@ fn sandbox_driver_is_usable_on_its_own() {
 }
 
 #[tokio::test]
-async fn leases_get_an_expiry_from_the_configured_maximum_when_the_provider_has_none() {
+async fn the_configured_maximum_bounds_leases_through_the_reaper_not_a_stored_expiry() {
     let s = setup_with(RuntimeOptions {
-        max_lease_lifetime: Some(Duration::from_secs(3600)),
+        max_lease_lifetime: Some(Duration::from_millis(50)),
         ..Default::default()
     });
-    let before = paperclip_env::core::time::now();
     let lease = s
         .runtime
         .acquire_run_lease(AcquireRunLease::for_run(fake_env(json!({})), "run-1"))
         .await
         .unwrap()
         .lease;
-    let expires = lease.expires_at.expect("an expiry");
-    let lifetime = expires - before;
-    assert!(
-        lifetime >= chrono::Duration::seconds(3599) && lifetime <= chrono::Duration::seconds(3601),
-        "{lifetime}"
+    assert_eq!(
+        lease.expires_at, None,
+        "only a provider-confirmed expiry is stored"
     );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let report = s.runtime.reap().await;
+    assert_eq!(report.expired, vec![lease.id.clone()], "{report:?}");
+    assert_eq!(s.fake.live_leases(), 0);
 }

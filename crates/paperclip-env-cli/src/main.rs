@@ -574,15 +574,15 @@ impl App {
             .get(id)
             .await?
             .ok_or_else(|| Error::not_found(format!("No lease {id} in the state file.")))?;
+        let environment_id = lease.environment_id.clone().unwrap_or_default();
         let environment = self
             .runtime
             .environment_store()
-            .get(&lease.environment_id)
+            .get(&environment_id)
             .await?
             .ok_or_else(|| {
                 Error::not_found(format!(
-                    "Environment {} of lease {id} is not in the state file.",
-                    lease.environment_id
+                    "Environment {environment_id} of lease {id} is not in the state file."
                 ))
             })?;
         Ok((lease, environment))
@@ -729,7 +729,11 @@ impl App {
                     .list_all()
                     .await?
                     .into_iter()
-                    .filter(|l| environment.as_ref().is_none_or(|e| &l.environment_id == e))
+                    .filter(|l| {
+                        environment
+                            .as_ref()
+                            .is_none_or(|e| l.environment_id.as_ref() == Some(e))
+                    })
                     .filter(|l| status.is_none_or(|s| l.status == s))
                     .collect();
                 if self.json {
@@ -788,7 +792,7 @@ impl App {
             println!(
                 "{:<36}  {:<16}  {:<15}  {:<8}  {:<14}  {:<16}  {}",
                 lease.id,
-                lease.environment_id,
+                lease.environment_id.as_deref().unwrap_or("-"),
                 lease.status.as_str(),
                 lease.cleanup_status.map(|c| c.as_str()).unwrap_or("-"),
                 human_age(lease.acquired_at, now),

@@ -333,7 +333,11 @@ impl EnvironmentRuntime {
             }
         };
         for lease in leases {
-            let environment = match self.inner.environments.get(&lease.environment_id).await {
+            let Some(environment_id) = lease.environment_id.as_deref() else {
+                report.skipped.push(lease.id.clone());
+                continue;
+            };
+            let environment = match self.inner.environments.get(environment_id).await {
                 Ok(Some(env)) => env,
                 Ok(None) => {
                     report.skipped.push(lease.id.clone());
@@ -487,9 +491,25 @@ impl EnvironmentRuntime {
         output: OutputCollector,
     ) -> Result<ExecuteResult> {
         let driver = self.lease_driver(environment, lease)?;
+        if environment.env_vars.is_empty() {
+            let exit = driver
+                .execute(&self.inner.ctx, environment, lease, request, &output)
+                .await?;
+            return Ok(output.finish(exit));
+        }
+        // `envVars` apply to every command of the lease; secrets are resolved
+        // now, for this call only, and never outlive it.
+        let resolved = crate::env_vars::resolve_env_vars(
+            &environment.env_vars,
+            self.inner.ctx.secrets.as_ref(),
+        )
+        .await?;
+        let mut with_env = request.clone();
+        resolved.apply_to(&mut with_env.env);
         let exit = driver
-            .execute(&self.inner.ctx, environment, lease, request, &output)
-            .await?;
+            .execute(&self.inner.ctx, environment, lease, &with_env, &output)
+            .await
+            .map_err(|e| resolved.scrub_error(driver.key(), e))?;
         Ok(output.finish(exit))
     }
 

@@ -145,6 +145,18 @@ pub trait SecretResolver: Send + Sync {
     /// Resolves one reference.
     async fn resolve(&self, reference: &SecretRef) -> Result<SecretString>;
 
+    /// Resolves a secret of the run's responsible user by its key (an
+    /// `envVars` `user_secret_ref`). `None` when the user has no such
+    /// secret; the default knows no user secrets.
+    async fn resolve_user_secret(
+        &self,
+        key: &str,
+        version: SecretVersion,
+    ) -> Result<Option<SecretString>> {
+        let _ = (key, version);
+        Ok(None)
+    }
+
     /// Creates a secret and returns its id. Resolvers that only read refuse.
     async fn create(&self, secret: NewSecret) -> Result<String> {
         Err(Error::Secret {

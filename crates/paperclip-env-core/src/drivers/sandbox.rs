@@ -67,7 +67,7 @@ pub const INTERNAL_METADATA_KEYS: [&str; 10] = [
 ];
 
 /// `failureReason` written when a lease is released as `failed`.
-pub const RUN_FAILURE_REASON: &str = "adapter_or_run_failure";
+pub const RUN_FAILURE_REASON: &str = crate::lease::failure_reasons::ADAPTER_OR_RUN_FAILURE;
 /// `failureReason` written when a lease is destroyed.
 pub const DESTROYED_REASON: &str = "lease_destroyed";
 
@@ -348,7 +348,10 @@ impl SandboxDriver {
         let config = resolve_provider_config(&stored, &paths, ctx.secrets.as_ref()).await?;
         Ok(CallContext {
             company_id: lease.company_id.clone(),
-            environment_id: lease.environment_id.clone(),
+            environment_id: lease
+                .environment_id
+                .clone()
+                .unwrap_or_else(|| environment.id.clone()),
             issue_id: lease.issue_id.clone(),
             config,
         })
@@ -366,18 +369,6 @@ impl SandboxDriver {
             return own.max(ctx.options.default_call_deadline);
         }
         lease_operation_deadline(timeout, bridge, &ctx.options)
-    }
-
-    fn expiry(
-        provider_expiry: Option<time::Timestamp>,
-        max_lease_lifetime: Option<Duration>,
-    ) -> Option<time::Timestamp> {
-        provider_expiry.or_else(|| {
-            let max = max_lease_lifetime?;
-            chrono::Duration::from_std(max)
-                .ok()
-                .map(|d| time::now() + d)
-        })
     }
 
     async fn acquire_builtin(
@@ -431,7 +422,10 @@ impl SandboxDriver {
                 lease_policy: Some(policy),
                 provider: Some("fake".into()),
                 provider_lease_id: handle.provider_lease_id,
-                expires_at: Self::expiry(None, ctx.options.max_lease_lifetime),
+                // Only a provider-confirmed expiry is stored (Paperclip
+                // 2026.916); the reaper bounds the lease by
+                // `max_lease_lifetime` itself.
+                expires_at: None,
                 metadata: Some(metadata),
             })
             .await
@@ -530,7 +524,6 @@ impl SandboxDriver {
             run_label,
             workspace_mode: input.lease_context.execution_workspace_mode.clone(),
             policy,
-            max_lease_lifetime: ctx.options.max_lease_lifetime,
         });
         acquire_recorded(
             ctx.store.clone(),
@@ -714,7 +707,6 @@ struct SandboxAcquirer {
     run_label: String,
     workspace_mode: Option<String>,
     policy: LeasePolicy,
-    max_lease_lifetime: Option<Duration>,
 }
 
 impl SandboxAcquirer {
@@ -779,7 +771,8 @@ impl Acquirer for SandboxAcquirer {
         Ok(AcquiredLease {
             lease_policy: Some(self.policy),
             provider_lease_id: handle.provider_lease_id.clone(),
-            expires_at: SandboxDriver::expiry(handle.expires_at, self.max_lease_lifetime),
+            // Only the provider's own expiry is stored (see `RuntimeOptions::max_lease_lifetime`).
+            expires_at: handle.expires_at,
             metadata: Some(metadata),
         })
     }
@@ -887,19 +880,48 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             }
         };
         let (stored_status, failure_reason) = release_outcome(status, lease.lease_policy);
-        let update = match cleanup {
-            Ok(()) => ReleaseUpdate {
-                failure_reason,
-                cleanup_status: Some(CleanupStatus::Success),
-                cleanup_error: None,
-            },
+        let (stored_status, update) = match cleanup {
+            Ok(()) => {
+                // A kept (reusable) resource is still running: no receipt.
+                let gone = lease.lease_policy != LeasePolicy::ReuseByEnvironment
+                    && stored_status != LeaseStatus::Retained;
+                let termination = gone
+                    .then(|| crate::lease::remote_termination_receipt(lease, "destroyed"))
+                    .flatten();
+                (
+                    stored_status,
+                    ReleaseUpdate {
+                        failure_reason,
+                        cleanup_status: Some(CleanupStatus::Success),
+                        cleanup_error: None,
+                        termination,
+                    },
+                )
+            }
             Err(message) => {
                 warn!(lease = %lease.id, %message, "provider cleanup failed; recorded for retry");
-                ReleaseUpdate {
-                    failure_reason,
-                    cleanup_status: Some(CleanupStatus::Failed),
-                    cleanup_error: Some(message),
-                }
+                // As in Paperclip 2026.916, a failed cleanup routes the row to
+                // `pending_cleanup` (the only status the sweep retries), except
+                // a `retained` one, which keeps its resource on purpose.
+                let (stored_status, failure_reason) = if stored_status == LeaseStatus::Retained {
+                    (stored_status, failure_reason)
+                } else {
+                    (
+                        LeaseStatus::PendingCleanup,
+                        failure_reason.or_else(|| {
+                            Some(crate::lease::failure_reasons::RELEASE_CLEANUP_FAILED.into())
+                        }),
+                    )
+                };
+                (
+                    stored_status,
+                    ReleaseUpdate {
+                        failure_reason,
+                        cleanup_status: Some(CleanupStatus::Failed),
+                        cleanup_error: Some(message),
+                        termination: None,
+                    },
+                )
             }
         };
         ctx.store.release(&lease.id, stored_status, update).await
@@ -985,6 +1007,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                 failure_reason: Some(acquisition::ACQUIRE_ORPHANED_REASON.into()),
                 cleanup_status: Some(cleanup_status),
                 cleanup_error,
+                termination: None,
             };
             return ctx.store.release(&lease.id, status, update).await;
         }
@@ -996,21 +1019,30 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             }
             None => Ok(()),
         };
+        // A sweep attempt on a `pending_cleanup` row records Paperclip's
+        // `pending_cleanup_retry`; any other destroy our `lease_destroyed`.
+        let reason = if lease.status == LeaseStatus::PendingCleanup {
+            crate::lease::failure_reasons::PENDING_CLEANUP_RETRY
+        } else {
+            DESTROYED_REASON
+        };
         let update = match cleanup {
             Ok(()) => (
                 LeaseStatus::Expired,
                 ReleaseUpdate {
-                    failure_reason: Some(DESTROYED_REASON.into()),
+                    failure_reason: Some(reason.into()),
                     cleanup_status: Some(CleanupStatus::Success),
                     cleanup_error: None,
+                    termination: crate::lease::remote_termination_receipt(lease, "destroyed"),
                 },
             ),
             Err(message) => (
                 LeaseStatus::PendingCleanup,
                 ReleaseUpdate {
-                    failure_reason: Some(DESTROYED_REASON.into()),
+                    failure_reason: Some(reason.into()),
                     cleanup_status: Some(CleanupStatus::Failed),
                     cleanup_error: Some(message),
+                    termination: None,
                 },
             ),
         };
