@@ -318,3 +318,58 @@ async fn leases_of_a_deleted_environment_are_still_reaped() {
     let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
     assert_eq!(row.cleanup_status, Some(CleanupStatus::Success));
 }
+
+/// Paperclip 2026.916's delete guard: an environment with a `pending_cleanup`
+/// lease or a live reusable lease cannot be deleted; once the sweep cleared
+/// the cleanup and the reusable sandbox is destroyed, it can.
+#[tokio::test]
+async fn environment_delete_is_blocked_by_pending_cleanup_and_live_reusable_leases() {
+    let (runtime, fake, _dir) = setup(Duration::from_secs(3600));
+    let reusable = env(true);
+    runtime
+        .environment_store()
+        .put(reusable.clone())
+        .await
+        .unwrap();
+    let kept = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(reusable.clone(), "run-1"))
+        .await
+        .unwrap()
+        .lease;
+    runtime
+        .release_run_leases("run-1", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(
+        runtime
+            .environment_delete_blockers(&reusable.id)
+            .await
+            .unwrap(),
+        vec!["reusable_sandbox_lease"]
+    );
+    fake.faults()
+        .fail_next(Operation::Destroy, || Error::provider("fake-plugin", "no"));
+    let row = runtime.lease_store().get(&kept.id).await.unwrap().unwrap();
+    runtime.destroy_run_lease(&reusable, &row).await.unwrap();
+    let err = runtime.delete_environment(&reusable.id).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+    assert!(err.to_string().contains("pending_sandbox_cleanup"), "{err}");
+    assert!(
+        runtime
+            .environment_store()
+            .get(&reusable.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let reaper = Reaper::new(runtime.clone()).options(ReaperOptions {
+        initial_backoff: Duration::ZERO,
+        ..Default::default()
+    });
+    let report = reaper.run_once().await;
+    assert_eq!(report.cleaned_up, vec![kept.id.clone()], "{report:?}");
+    assert!(runtime.delete_environment(&reusable.id).await.unwrap());
+    assert_eq!(fake.live_leases(), 0);
+}
