@@ -643,6 +643,28 @@ pub(crate) fn positive_ms(value: Option<&Value>) -> Option<u64> {
     (n.is_finite() && n >= 1.0).then(|| n.trunc() as u64)
 }
 
+/// Refuses a sandbox provider config whose secret field pins a version
+/// (`{"type": "secret_ref", …, "version": 2}`): provider secret references
+/// always resolve the latest version, so a pin is an error naming the field
+/// rather than silently resolving another version (Paperclip 2026.916's
+/// `canonicalizeSecretRefValue`).
+pub fn reject_pinned_secret_versions(config: &JsonObject, secret_paths: &[String]) -> Result<()> {
+    for path in secret_paths {
+        if let Some(value @ Value::Object(_)) = get_path(config, path)
+            && let Ok(reference) = SecretRef::parse_binding(value)
+            && let SecretVersion::Pinned(version) = reference.version
+        {
+            return Err(Error::invalid_field(
+                path.clone(),
+                format!(
+                    "Secret binding at {path} pins version {version}; sandbox provider secret references always resolve the latest version."
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the provider config from a stored config (spec 00 §4.3): every
 /// secret path holding a reference is resolved; a plaintext value at a secret
 /// path is kept as an inline secret. Values at secret paths never stay in the

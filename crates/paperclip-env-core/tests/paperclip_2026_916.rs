@@ -220,3 +220,23 @@ async fn leases_the_sdk_writes_have_upstream_keys() {
     let back: EnvironmentLease = serde_json::from_value(json.clone()).unwrap();
     assert_eq!(serde_json::to_value(back).unwrap(), json);
 }
+
+/// The sandbox configs Paperclip stores, host flags included, parse and
+/// normalize to themselves.
+#[test]
+fn upstream_sandbox_configs_with_host_flags_parse_and_normalize_to_themselves() {
+    use paperclip_env_core::config::{RunnerLifecycleMode, SandboxConfig};
+    for name in [
+        "environment-sandbox-plugin.json",
+        "environment-fake-sandbox.json",
+    ] {
+        let config = fixture(name)["config"].clone();
+        let parsed = SandboxConfig::parse(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(parsed.to_json(), config, "{name}");
+    }
+    let warm = SandboxConfig::parse(&fixture("environment-sandbox-plugin.json")["config"]).unwrap();
+    assert_eq!(
+        warm.host_flags().runner_lifecycle_mode,
+        Some(RunnerLifecycleMode::Warm)
+    );
+}

@@ -12,6 +12,7 @@ pub(crate) fn metadata(config: &FakeSandboxConfig) -> JsonObject {
     md.insert("provider".into(), json!("fake"));
     md.insert("image".into(), json!(config.image));
     md.insert("reuseLease".into(), json!(config.reuse_lease));
+    config.host_flags.apply_to(&mut md);
     md
 }
 
@@ -54,5 +55,6 @@ pub(crate) fn config_from_metadata(metadata: Option<&JsonObject>) -> Option<Fake
     Some(FakeSandboxConfig {
         image: md.get("image")?.as_str()?.to_owned(),
         reuse_lease: md.get("reuseLease") == Some(&json!(true)),
+        host_flags: Default::default(),
     })
 }

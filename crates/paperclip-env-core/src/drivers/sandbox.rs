@@ -441,10 +441,14 @@ impl SandboxDriver {
         let provider = self.provider_for_acquire(&envelope.provider, ctx).await?;
         let paths = collect_secret_ref_paths(&provider.config_schema());
         let worker_stored = envelope.provider_config();
+        crate::secret::reject_pinned_secret_versions(&worker_stored, &paths)?;
         let config = resolve_provider_config(&worker_stored, &paths, ctx.secrets.as_ref()).await?;
         let mut stored_for_metadata = JsonObject::new();
         stored_for_metadata.insert("provider".into(), json!(envelope.provider));
         stored_for_metadata.extend(stored_config_for_metadata(&worker_stored, &paths));
+        // Host-owned flags are recorded with the config (as Paperclip's
+        // lease metadata has them), never handed to the provider.
+        envelope.host_flags.apply_to(&mut stored_for_metadata);
         let call = CallContext {
             company_id: input.company_id.clone(),
             environment_id: environment.id.clone(),
@@ -1289,6 +1293,8 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                     message: format!("Sandbox provider \"{key}\" is not installed or its plugin worker is not running."),
                     retryable: false,
                 })?;
+                let paths = collect_secret_ref_paths(&provider.config_schema());
+                crate::secret::reject_pinned_secret_versions(&envelope.provider_config(), &paths)?;
                 let validation = provider
                     .validate_config(&envelope.provider_config())
                     .await?;
@@ -1306,7 +1312,6 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                     .normalized_config
                     .unwrap_or_else(|| envelope.provider_config());
                 if purpose == ConfigPurpose::Persistence {
-                    let paths = collect_secret_ref_paths(&provider.config_schema());
                     persist_secret_refs(
                         &mut normalized,
                         &paths,
@@ -1319,6 +1324,15 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                 let mut out = JsonObject::new();
                 out.insert("provider".into(), json!(key));
                 out.extend(normalized);
+                // Upstream's `applyHostOwnedSandboxFlags`: a provider that
+                // allowlists its own fields cannot drop the host's flags.
+                for key in crate::config::HOST_FLAG_KEYS
+                    .iter()
+                    .chain(crate::config::REMOVED_SANDBOX_CONFIG_KEYS.iter())
+                {
+                    out.remove(*key);
+                }
+                envelope.host_flags.apply_to(&mut out);
                 if let Some(t) = out.get("timeoutMs").and_then(Value::as_i64)
                     && !(1..=TIMEOUT_MS_MAX).contains(&t)
                 {
