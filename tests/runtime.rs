@@ -244,17 +244,18 @@ async fn b1_9_to_b1_11_reuse_resumes_the_kept_sandbox_with_its_workspace() {
 }
 
 #[tokio::test]
-async fn b1_11_failed_resume_falls_back_to_acquire() {
+async fn b1_11_a_failed_resume_is_an_error_and_the_kept_lease_is_preserved() {
     let s = setup();
     let recording = RecordingProvider::new(Arc::new(s.fake.clone()));
     let runtime = EnvironmentRuntime::builder()
         .provider(Arc::new(recording.clone()))
         .build();
     let env = fake_env(json!({"reuseLease": true}));
-    runtime
+    let kept = runtime
         .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-1"))
         .await
-        .unwrap();
+        .unwrap()
+        .lease;
     runtime
         .release_run_leases("run-1", LeaseStatus::Released)
         .await
@@ -264,16 +265,71 @@ async fn b1_11_failed_resume_falls_back_to_acquire() {
     s.fake
         .faults()
         .fail_next(Operation::Resume, || Error::not_found("sandbox expired"));
-    let lease = runtime
+    let err = runtime
         .acquire_run_lease(AcquireRunLease::for_run(env, "run-2"))
+        .await
+        .unwrap_err();
+    // Paperclip 2026.916: no silent fresh acquire (spec 00 fell back).
+    assert_eq!(recording.operations(), vec![Operation::Resume]);
+    let text = err.to_string();
+    assert!(
+        text.contains("could not be resumed") && text.contains("no replacement was created"),
+        "{text}"
+    );
+    let row = runtime.lease_store().get(&kept.id).await.unwrap().unwrap();
+    assert_eq!(
+        row.status,
+        LeaseStatus::Released,
+        "the kept lease is preserved"
+    );
+    assert_eq!(s.fake.live_leases(), 1);
+}
+
+/// Paperclip 2026.916: a kept sandbox whose recorded config no longer
+/// matches the environment's is destroyed (`lease_fingerprint_mismatch`)
+/// when the environment is next acquired, instead of lingering.
+#[tokio::test]
+async fn a_kept_lease_whose_config_changed_is_destroyed_as_a_fingerprint_mismatch() {
+    let s = setup();
+    let env = fake_env(json!({"reuseLease": true, "runnerLifecycleMode": "warm"}));
+    let kept = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-1"))
         .await
         .unwrap()
         .lease;
+    s.runtime
+        .release_run_leases("run-1", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(s.fake.live_leases(), 1);
+    let changed = fake_env(json!({"reuseLease": true, "runnerLifecycleMode": "per_turn"}));
+    let fresh = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(changed, "run-2"))
+        .await
+        .unwrap()
+        .lease;
+    assert_ne!(fresh.id, kept.id);
     assert_eq!(
-        recording.operations(),
-        vec![Operation::Resume, Operation::Acquire]
+        fresh.metadata.as_ref().unwrap()["runnerLifecycleMode"],
+        json!("per_turn"),
+        "host flags are recorded with the config"
     );
-    assert!(lease.provider_lease_id.is_some());
+    let old = s
+        .runtime
+        .lease_store()
+        .get(&kept.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.status, LeaseStatus::Expired);
+    assert_eq!(
+        old.failure_reason.as_deref(),
+        Some("lease_fingerprint_mismatch")
+    );
+    assert_eq!(s.fake.live_leases(), 1, "only the fresh sandbox is left");
 }
 
 #[tokio::test]
@@ -509,7 +565,7 @@ async fn b1_16_b1_17_provider_readiness_wait_and_messages() {
 // ---- built-in fake ----
 
 #[tokio::test]
-async fn builtin_fake_reuse_ids_and_release_after_switch_to_local() {
+async fn builtin_fake_is_never_reusable_and_releases_after_switch_to_local() {
     let runtime = EnvironmentRuntime::builder().build();
     let env = Environment::new(
         "env-1",
@@ -522,13 +578,19 @@ async fn builtin_fake_reuse_ids_and_release_after_switch_to_local() {
         .await
         .unwrap()
         .lease;
-    assert_eq!(
-        lease.provider_lease_id.as_deref(),
-        Some("sandbox://fake/env-1")
+    // Paperclip 2026.916: the built-in fake declares no reusable leases, so
+    // `reuseLease: true` still gives a fresh, ephemeral lease every time.
+    assert_eq!(lease.lease_policy, LeasePolicy::Ephemeral);
+    assert!(
+        lease
+            .provider_lease_id
+            .as_deref()
+            .unwrap()
+            .starts_with("sandbox://fake/run-1/")
     );
     assert_eq!(
         json!(lease.metadata),
-        json!({"driver":"sandbox","executionWorkspaceMode":null,"provider":"fake","image":"alpine","reuseLease":true})
+        json!({"driver":"sandbox","executionWorkspaceMode":null,"provider":"fake","image":"alpine","reuseLease":false})
     );
     runtime
         .release_run_leases("run-1", LeaseStatus::Released)
@@ -540,13 +602,14 @@ async fn builtin_fake_reuse_ids_and_release_after_switch_to_local() {
         .await
         .unwrap()
         .lease;
-    assert_eq!(
-        again.provider_lease_id.as_deref(),
-        Some("sandbox://fake/env-1")
-    );
-    assert_eq!(
-        again.metadata.as_ref().unwrap()["resumedLease"],
-        json!(true)
+    assert_ne!(again.provider_lease_id, lease.provider_lease_id);
+    assert!(
+        again
+            .metadata
+            .as_ref()
+            .unwrap()
+            .get("resumedLease")
+            .is_none()
     );
 
     // B2.3: no command execution for built-in providers.

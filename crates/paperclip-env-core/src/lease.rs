@@ -424,6 +424,9 @@ pub mod failure_reasons {
     pub const ACQUIRE_REJECTED_TEARDOWN_SUCCEEDED: &str = "acquire_rejected_teardown_succeeded";
     /// Written by a sweep attempt on a `pending_cleanup` row.
     pub const PENDING_CLEANUP_RETRY: &str = "pending_cleanup_retry";
+    /// A kept reusable lease destroyed because its recorded config (its
+    /// fingerprint) no longer matches the environment's.
+    pub const LEASE_FINGERPRINT_MISMATCH: &str = "lease_fingerprint_mismatch";
     /// A lease released as `failed` (the run failed).
     pub const ADAPTER_OR_RUN_FAILURE: &str = "adapter_or_run_failure";
 }

@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use crate::config::FakeSandboxConfig;
-use crate::lease::{EnvironmentLease, JsonObject};
+use crate::lease::JsonObject;
 use crate::provider::ProviderLease;
 
 pub(crate) fn metadata(config: &FakeSandboxConfig) -> JsonObject {
@@ -33,17 +33,6 @@ pub(crate) fn resume(config: &FakeSandboxConfig, provider_lease_id: &str) -> Pro
     let mut md = metadata(config);
     md.insert("resumedLease".into(), json!(true));
     ProviderLease::new(provider_lease_id, md)
-}
-
-/// The built-in matcher: non-empty id, `provider == "fake"`, `reuseLease`, same image.
-pub(crate) fn matches(lease: &EnvironmentLease, config: &FakeSandboxConfig) -> bool {
-    lease
-        .provider_lease_id
-        .as_deref()
-        .is_some_and(|id| !id.is_empty())
-        && lease.metadata_str("provider") == Some("fake")
-        && lease.metadata.as_ref().and_then(|m| m.get("reuseLease")) == Some(&json!(true))
-        && lease.metadata_str("image") == Some(config.image.as_str())
 }
 
 /// Config rebuilt from lease metadata: needs `provider: "fake"` and a string image.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{base_metadata, builtin_fake};
 use crate::acquisition::{self, AcquireTiming, Acquirer, acquire_recorded};
@@ -379,33 +379,21 @@ impl SandboxDriver {
     ) -> Result<EnvironmentLease> {
         let environment = input.environment;
         let run_id = input.heartbeat_run_id.clone();
-        let mut reused = None;
-        if config.reuse_lease
-            && let Some(run) = run_id.as_deref()
-        {
-            reused = ctx
-                .store
-                .list_by_environment(&environment.id, None)
-                .await?
-                .into_iter()
-                .find(|l| resumable(l, run) && builtin_fake::matches(l, &config))
-                .and_then(|l| l.provider_lease_id);
-        }
-        let handle = match reused {
-            Some(id) => builtin_fake::resume(&config, &id),
-            None => builtin_fake::acquire(
-                &config,
-                &environment.id,
-                &run_id
-                    .clone()
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            ),
+        // The built-in fake is never reusable (Paperclip 2026.916: it does
+        // not declare reusable leases), whatever its `reuseLease` says: every
+        // acquisition is a fresh, ephemeral lease.
+        let ephemeral = crate::config::FakeSandboxConfig {
+            reuse_lease: false,
+            ..config
         };
-        let policy = if config.reuse_lease && run_id.is_some() {
-            LeasePolicy::ReuseByEnvironment
-        } else {
-            LeasePolicy::Ephemeral
-        };
+        let handle = builtin_fake::acquire(
+            &ephemeral,
+            &environment.id,
+            &run_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        );
+        let policy = LeasePolicy::Ephemeral;
         let mut metadata = base_metadata(environment, &input.lease_context);
         for (k, v) in handle.metadata.unwrap_or_default() {
             if !HOST_METADATA_KEYS.contains(&k.as_str()) || k == "provider" {
@@ -472,14 +460,29 @@ impl SandboxDriver {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
         let mut candidate = None;
-        if reusable && provider.capabilities().resume {
+        if reusable {
             let run = run_id.as_deref().unwrap_or_default();
-            candidate = ctx
-                .store
-                .list_by_environment(&environment.id, None)
-                .await?
-                .into_iter()
-                .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata));
+            let kept = ctx.store.list_by_environment(&environment.id, None).await?;
+            if provider.capabilities().resume {
+                candidate = kept
+                    .iter()
+                    .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata))
+                    .cloned();
+            }
+            // Paperclip 2026.916's `cleanupObsoleteReusableSandboxLeases`:
+            // a kept sandbox of this environment and execution workspace
+            // whose recorded config no longer matches can never be resumed,
+            // so it is destroyed (`lease_fingerprint_mismatch`) instead of
+            // lingering until the reaper's lifetime bound.
+            let workspace = input.lease_context.execution_workspace_id.as_deref();
+            for obsolete in kept.iter().filter(|l| {
+                l.lease_policy == LeasePolicy::ReuseByEnvironment
+                    && matches!(l.status, LeaseStatus::Released | LeaseStatus::Retained)
+                    && l.execution_workspace_id.as_deref() == workspace
+                    && !matches_stored_config(l, &stored_for_metadata)
+            }) {
+                self.retire_mismatched(ctx, environment, obsolete).await;
+            }
         }
 
         let mut host_metadata = base_metadata(environment, &input.lease_context);
@@ -537,6 +540,54 @@ impl SandboxDriver {
             acquirer,
         )
         .await
+    }
+
+    /// Destroys a kept lease whose fingerprint no longer matches, recording
+    /// `lease_fingerprint_mismatch`; a failed teardown leaves it
+    /// `pending_cleanup` for the sweep. Never fails the acquisition.
+    async fn retire_mismatched(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+    ) {
+        let cleanup = match provider_key_of(lease) {
+            Some(key) => {
+                let key = key.to_owned();
+                self.provider_cleanup(ctx, environment, lease, &key, true, LeaseStatus::Expired)
+                    .await
+            }
+            None => Ok(()),
+        };
+        let reason = Some(crate::lease::failure_reasons::LEASE_FINGERPRINT_MISMATCH.to_owned());
+        let (status, update) = match cleanup {
+            Ok(()) => (
+                LeaseStatus::Expired,
+                ReleaseUpdate {
+                    failure_reason: reason,
+                    cleanup_status: Some(CleanupStatus::Success),
+                    cleanup_error: None,
+                    termination: crate::lease::remote_termination_receipt(lease, "destroyed"),
+                },
+            ),
+            Err(message) => (
+                LeaseStatus::PendingCleanup,
+                ReleaseUpdate {
+                    failure_reason: reason,
+                    cleanup_status: Some(CleanupStatus::Failed),
+                    cleanup_error: Some(message),
+                    termination: None,
+                },
+            ),
+        };
+        match ctx.store.release(&lease.id, status, update).await {
+            Ok(_) => {
+                info!(lease = %lease.id, %status, "retired a reusable lease whose config no longer matches")
+            }
+            Err(e) => {
+                warn!(lease = %lease.id, error = %e, "could not record a retired reusable lease")
+            }
+        }
     }
 
     async fn provider_cleanup(
@@ -724,19 +775,31 @@ impl Acquirer for SandboxAcquirer {
     async fn acquire(&self) -> Result<AcquiredLease> {
         let mut handle: Option<ProviderLease> = None;
         if let Some(candidate) = &self.candidate {
+            // Paperclip 2026.916: a failed resume is an error, never a silent
+            // fresh acquire (spec 00 §7.2 fell back; issue #22 wins). The
+            // kept lease is preserved and no replacement is created.
+            let kept = candidate.provider_lease_id.as_deref().unwrap_or_default();
+            let failed = |cause: String, retryable: bool| Error::Provider {
+                provider: self.key().to_owned(),
+                message: format!(
+                    "Reusable sandbox lease \"{kept}\" could not be resumed; the lease was preserved and no replacement was created. ({cause})"
+                ),
+                retryable,
+                source: None,
+            };
             match self
                 .provider
                 .resume(&self.call, &lease_handle(candidate))
                 .await
             {
                 Ok(lease) if lease.id().is_some() => handle = Some(lease),
-                Ok(_) => debug!(
-                    provider = self.key(),
-                    "resume returned no lease id; acquiring fresh"
-                ),
+                Ok(_) => return Err(failed("the provider returned no lease id".into(), false)),
                 Err(error) => {
-                    let error = self.call.config.scrub(&error.to_string());
-                    warn!(provider = self.key(), %error, "resume failed; acquiring fresh")
+                    let retryable = error.is_retryable();
+                    return Err(failed(
+                        self.call.config.scrub(&error.to_string()),
+                        retryable,
+                    ));
                 }
             }
         }
