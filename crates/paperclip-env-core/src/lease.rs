@@ -427,6 +427,9 @@ pub mod failure_reasons {
     /// A kept reusable lease destroyed because its recorded config (its
     /// fingerprint) no longer matches the environment's.
     pub const LEASE_FINGERPRINT_MISMATCH: &str = "lease_fingerprint_mismatch";
+    /// A kept reusable lease whose resource the provider reported gone on
+    /// resume; a fresh lease replaced it.
+    pub const RESUME_FAILED: &str = "resume_failed";
     /// A lease released as `failed` (the run failed).
     pub const ADAPTER_OR_RUN_FAILURE: &str = "adapter_or_run_failure";
 }

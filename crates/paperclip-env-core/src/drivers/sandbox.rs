@@ -521,6 +521,7 @@ impl SandboxDriver {
             heartbeat: ctx.options.acquisition_heartbeat,
         };
         let acquirer = Arc::new(SandboxAcquirer {
+            store: ctx.store.clone(),
             provider,
             call,
             deadline,
@@ -748,6 +749,8 @@ impl SandboxDriver {
 
 /// The provider side of one recorded acquisition (see [`crate::acquisition`]).
 struct SandboxAcquirer {
+    /// Where a kept lease whose resource is gone is retired.
+    store: Arc<dyn crate::store::LeaseStore>,
     provider: Arc<dyn SandboxProvider>,
     call: CallContext,
     /// Bound of each teardown call.
@@ -776,8 +779,8 @@ impl Acquirer for SandboxAcquirer {
         let mut handle: Option<ProviderLease> = None;
         if let Some(candidate) = &self.candidate {
             // Paperclip 2026.916: a failed resume is an error, never a silent
-            // fresh acquire (spec 00 §7.2 fell back; issue #22 wins). The
-            // kept lease is preserved and no replacement is created.
+            // fresh acquire (spec 00 §7.2 fell back on any failure; issue #22
+            // wins). The kept lease is preserved and no replacement is created.
             let kept = candidate.provider_lease_id.as_deref().unwrap_or_default();
             let failed = |cause: String, retryable: bool| Error::Provider {
                 provider: self.key().to_owned(),
@@ -793,7 +796,25 @@ impl Acquirer for SandboxAcquirer {
                 .await
             {
                 Ok(lease) if lease.id().is_some() => handle = Some(lease),
-                Ok(_) => return Err(failed("the provider returned no lease id".into(), false)),
+                // The provider answered that the kept resource is gone (no
+                // lease id, e.g. an expired sandbox): its row is retired as
+                // `resume_failed` and a fresh one is acquired, as upstream
+                // does when the provider hands back another lease.
+                Ok(_) => {
+                    let update = ReleaseUpdate {
+                        failure_reason: Some(crate::lease::failure_reasons::RESUME_FAILED.into()),
+                        cleanup_status: Some(CleanupStatus::Success),
+                        cleanup_error: None,
+                        termination: None,
+                    };
+                    if let Err(e) = self
+                        .store
+                        .release(&candidate.id, LeaseStatus::Expired, update)
+                        .await
+                    {
+                        warn!(lease = %candidate.id, error = %e, "could not retire a kept lease whose resource is gone");
+                    }
+                }
                 Err(error) => {
                     let retryable = error.is_retryable();
                     return Err(failed(
