@@ -9,9 +9,13 @@
 //! - the worker runs in its own process group, and the whole group is killed
 //!   on drop, on a call deadline and on shutdown, so nothing it started
 //!   outlives it;
-//! - a call whose deadline passes (or whose caller gives up) kills the
-//!   worker: the B protocol has no cancel method, so a worker still busy with
-//!   an abandoned call cannot be told to stop. The next call restarts it;
+//! - a call whose deadline passes (or whose caller gives up) is rejected
+//!   alone, as upstream does; the host then asks the worker `health` and
+//!   kills its process group only if no answer comes within
+//!   [`PluginWorkerConfig::health_timeout`] (a worker blocked in a busy loop,
+//!   not one awaiting a slow provider), so calls of other leases in flight on
+//!   the same worker survive a hung one. The next call restarts a killed
+//!   worker;
 //! - a line on stdout that is not JSON-RPC 2.0 (a stray `console.log` in a
 //!   plugin or its dependencies) is logged as a warning, scrubbed of secrets
 //!   and cut to [`NOISE_EXCERPT_BYTES`], and skipped, as upstream does;
@@ -46,17 +50,24 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use super::host_services::{HostContext, HostServices};
 use super::manifest::PluginManifest;
 use super::protocol::{self, Incoming, InitializeResult, InstanceInfo, RpcError, codes, methods};
 use crate::Unsupported;
 use crate::execute::{OutputCollector, OutputStream};
 use crate::lease::JsonObject;
-use crate::secret::ProviderConfig;
+use crate::secret::{ProviderConfig, SecretResolver};
 use crate::{Error, Operation, Result};
 
 /// Host environment variables a worker inherits (upstream's allowlist);
 /// everything else of the host environment is withheld.
 pub const INHERITED_ENV: [&str; 5] = ["HOME", "PATH", "NODE_PATH", "NODE_ENV", "TZ"];
+
+/// Variables the host sets for the worker that the plugin's own environment
+/// ([`PluginWorkerConfig::env`]) cannot override, as upstream: `PATH`,
+/// `NODE_PATH`, `NODE_ENV`, `TZ` and `PAPERCLIP_PLUGIN_ID`.
+pub const HOST_CONTROLLED_ENV: [&str; 5] =
+    ["PATH", "NODE_PATH", "NODE_ENV", "TZ", "PAPERCLIP_PLUGIN_ID"];
 
 /// How to start and talk to one plugin worker.
 ///
@@ -107,6 +118,13 @@ pub struct PluginWorkerConfig {
     pub strict_stdout: bool,
     /// Longest accepted stdout line (64 MiB); longer is a protocol error.
     pub max_line_bytes: usize,
+    /// After a call timed out or was abandoned, how long the worker has to
+    /// answer `health` before its process group is killed (10 s). Zero
+    /// kills at once.
+    pub health_timeout: Duration,
+    /// Where the worker's `secrets.resolve` calls look secrets up (none:
+    /// they are refused with the capability error).
+    pub secret_resolver: Option<Arc<dyn SecretResolver>>,
 }
 
 impl std::fmt::Debug for PluginWorkerConfig {
@@ -120,6 +138,8 @@ impl std::fmt::Debug for PluginWorkerConfig {
             .field("plugin", &self.manifest.id)
             .field("ready_timeout", &self.ready_timeout)
             .field("default_call_deadline", &self.default_call_deadline)
+            .field("health_timeout", &self.health_timeout)
+            .field("secret_resolver", &self.secret_resolver.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -146,6 +166,8 @@ impl PluginWorkerConfig {
             restart_backoff: Duration::from_secs(1),
             strict_stdout: false,
             max_line_bytes: 64 * 1024 * 1024,
+            health_timeout: Duration::from_secs(10),
+            secret_resolver: None,
         }
     }
 
@@ -188,6 +210,18 @@ impl PluginWorkerConfig {
     /// Sets [`PluginWorkerConfig::strict_stdout`].
     pub fn strict_stdout(mut self, strict: bool) -> Self {
         self.strict_stdout = strict;
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::secret_resolver`].
+    pub fn secret_resolver(mut self, resolver: Arc<dyn SecretResolver>) -> Self {
+        self.secret_resolver = Some(resolver);
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::health_timeout`].
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.health_timeout = timeout;
         self
     }
 }
@@ -265,7 +299,8 @@ type RouteSink = (OutputCollector, Arc<Mutex<StreamedOutput>>);
 pub enum CallError {
     /// The worker answered with a JSON-RPC error (message scrubbed).
     Rpc(RpcError),
-    /// No answer before the deadline; the worker was killed.
+    /// No answer before the deadline. The call alone is rejected; the
+    /// worker is killed only if it then fails its `health` check.
     Timeout {
         /// The method.
         method: String,
@@ -487,7 +522,19 @@ struct Process {
     routes: Mutex<HashMap<u64, ExecuteRoute>>,
     alive: AtomicBool,
     exited: watch::Receiver<bool>,
+    /// Plugin id, for logs.
+    plugin: String,
+    /// See [`PluginWorkerConfig::health_timeout`].
+    health_timeout: Duration,
+    /// A `health` check is in flight.
+    checking: AtomicBool,
+    /// Request ids of health checks: a range of their own, far above the
+    /// host's call ids, so the two never meet in the pending map.
+    health_ids: AtomicU64,
 }
+
+/// First request id of health checks.
+const HEALTH_ID_BASE: u64 = 1 << 62;
 
 impl Process {
     fn alive(&self) -> bool {
@@ -517,6 +564,59 @@ impl Process {
         }
     }
 
+    /// A call timed out or was abandoned: ask the worker `health` and kill it
+    /// only if no answer comes within the health timeout. One check at a
+    /// time; without a runtime to run it on, the worker is killed at once.
+    fn suspect(self: &Arc<Self>, why: &'static str) {
+        if !self.alive() {
+            return;
+        }
+        if self.health_timeout.is_zero() {
+            self.kill(why);
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.kill(why);
+            return;
+        };
+        if self.checking.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let process = self.clone();
+        runtime.spawn(async move {
+            let answered = process.answers_health().await;
+            process.checking.store(false, Ordering::SeqCst);
+            if answered {
+                debug!(target: "paperclip_env::plugin", plugin = %process.plugin, why, "the worker still answers health; keeping it");
+            } else if process.alive() {
+                warn!(target: "paperclip_env::plugin", plugin = %process.plugin, why, after_ms = process.health_timeout.as_millis() as u64, "the worker did not answer health; killing it");
+                process.kill("the worker stopped answering health");
+            }
+        });
+    }
+
+    /// Whether the worker answers `health` (with a result or an error)
+    /// within the health timeout.
+    async fn answers_health(&self) -> bool {
+        let id = self.health_ids.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        self.lock_pending().insert(id, tx);
+        let probe = async {
+            self.write_line(&protocol::request_line(
+                id,
+                methods::HEALTH,
+                &json!({}),
+                None,
+            ))
+            .await
+            .ok()?;
+            rx.await.ok()
+        };
+        let answer = tokio::time::timeout(self.health_timeout, probe).await;
+        self.lock_pending().remove(&id);
+        matches!(answer, Ok(Some(Ok(_)) | Some(Err(CallError::Rpc(_)))))
+    }
+
     /// Kills the worker and everything in its process group.
     fn kill(&self, why: &str) {
         if self.alive.swap(false, Ordering::SeqCst) {
@@ -544,8 +644,9 @@ impl Drop for Process {
     }
 }
 
-/// Removes a pending call and kills the worker if the call is abandoned
-/// before its answer arrives (caller gave up, or its deadline passed).
+/// Removes a pending call; when the call is abandoned before its answer
+/// arrives (caller gave up, or its deadline passed), checks that the worker
+/// still answers `health` and kills it if not.
 struct PendingGuard {
     process: Arc<Process>,
     id: u64,
@@ -557,7 +658,7 @@ impl Drop for PendingGuard {
         self.process.lock_routes().remove(&self.id);
         if self.armed && self.process.lock_pending().remove(&self.id).is_some() {
             self.process
-                .kill("a call was abandoned before the worker answered");
+                .suspect("a call was abandoned before the worker answered");
         }
     }
 }
@@ -582,6 +683,39 @@ struct Shared {
     next_id: AtomicU64,
     closed: AtomicBool,
     scrubber: Scrubber,
+    host: HostServices,
+}
+
+impl Shared {
+    /// Answers one worker → host request (see `host_services`).
+    async fn answer_host_call(
+        &self,
+        method: &str,
+        params: &Value,
+    ) -> std::result::Result<Value, RpcError> {
+        let config = &self.config;
+        let capabilities: Vec<&str> = config
+            .manifest
+            .raw
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .map(|c| c.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let cx = HostContext {
+            plugin_id: &config.manifest.id,
+            capabilities,
+            config: &config.plugin_config,
+            resolver: config.secret_resolver.as_ref(),
+        };
+        let answer = self
+            .host
+            .answer(&cx, method, params, |text| self.scrubber.scrub(text))
+            .await?;
+        if let Some(secret) = &answer.revealed {
+            self.scrubber.add(secret);
+        }
+        Ok(answer.result)
+    }
 }
 
 impl Drop for Shared {
@@ -698,6 +832,7 @@ impl PluginWorker {
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 scrubber,
+                host: HostServices::default(),
             }),
         }
     }
@@ -918,10 +1053,23 @@ impl PluginWorker {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        // The plugin's own environment first; then what the host controls,
+        // which it cannot override (upstream spreads `options.env` before
+        // PATH, NODE_PATH, PAPERCLIP_PLUGIN_ID, NODE_ENV and TZ).
+        cmd.envs(&cfg.env);
+        for (key, value) in &cfg.secret_env {
+            cmd.env(key, value.expose_secret());
+        }
         for key in INHERITED_ENV {
             if let Ok(value) = std::env::var(key) {
                 cmd.env(key, value);
             }
+        }
+        if std::env::var_os("PATH").is_none() {
+            cmd.env("PATH", "");
+        }
+        if std::env::var_os("NODE_PATH").is_none() {
+            cmd.env("NODE_PATH", "");
         }
         if std::env::var_os("NODE_ENV").is_none() {
             cmd.env("NODE_ENV", "production");
@@ -930,10 +1078,6 @@ impl PluginWorker {
             cmd.env("TZ", "UTC");
         }
         cmd.env("PAPERCLIP_PLUGIN_ID", &cfg.manifest.id);
-        cmd.envs(&cfg.env);
-        for (key, value) in &cfg.secret_env {
-            cmd.env(key, value.expose_secret());
-        }
         if let Some(cwd) = &cfg.cwd {
             cmd.current_dir(cwd);
         }
@@ -958,6 +1102,10 @@ impl PluginWorker {
             routes: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             exited: exit_rx,
+            plugin: cfg.manifest.id.clone(),
+            health_timeout: cfg.health_timeout,
+            checking: AtomicBool::new(false),
+            health_ids: AtomicU64::new(HEALTH_ID_BASE),
         });
         let excerpt = Arc::new(Mutex::new(String::new()));
         let stderr_done = tokio::spawn(self.clone_weak().stderr_task(stderr, excerpt.clone()));
@@ -1035,8 +1183,9 @@ impl PluginWorker {
                 )))
             }
             Err(_) => {
-                // The guard drops armed: the pending entry goes and the worker is killed.
-                warn!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), method, after_ms = deadline.as_millis() as u64, "plugin worker call timed out; restarting the worker");
+                // The guard drops armed: the pending entry goes and the
+                // worker is asked `health` (killed if it does not answer).
+                warn!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), method, after_ms = deadline.as_millis() as u64, "plugin worker call timed out; checking the worker still answers health");
                 drop(guard);
                 Err(CallError::Timeout {
                     method: method.to_owned(),
@@ -1363,28 +1512,25 @@ impl WeakWorker {
                 });
                 let _ = tx.send(outcome);
             }
-            Incoming::Request { id, method, .. } => {
-                let line = if method == methods::CONFIG_GET {
-                    let config = self
-                        .shared
-                        .upgrade()
-                        .map(|s| Value::Object(s.config.plugin_config.clone()))
-                        .unwrap_or(Value::Null);
-                    protocol::result_line(&id, &config)
-                } else {
-                    warn!(target: "paperclip_env::plugin", plugin = %self.plugin, method = %method, "worker called unregistered host method");
-                    protocol::error_line(
-                        &id,
-                        &RpcError::new(
-                            codes::METHOD_NOT_FOUND,
-                            format!("Host does not handle method \"{method}\""),
-                        ),
-                    )
-                };
-                // Written from its own task: the reader must never wait on
-                // stdin, or a worker blocked on a full stdout pipe deadlocks.
+            Incoming::Request {
+                id, method, params, ..
+            } => {
+                // Answered from its own task: the reader must never wait on
+                // stdin (a worker blocked on a full stdout pipe would
+                // deadlock) nor on a secret resolver.
+                let shared = self.shared.clone();
                 let process = process.clone();
                 tokio::spawn(async move {
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    let line = match shared.answer_host_call(&method, &params).await {
+                        Ok(result) => protocol::result_line(&id, &result),
+                        Err(e) => {
+                            debug!(target: "paperclip_env::plugin", plugin = %shared.config.manifest.id, method = %method, code = e.code, "refused a worker call to the host: {}", e.message);
+                            protocol::error_line(&id, &e)
+                        }
+                    };
                     let _ = process.write_line(&line).await;
                 });
             }
