@@ -708,7 +708,58 @@ async fn b2_2_unsupported_operations_name_the_driver() {
     assert_eq!(realized.cwd, "/srv/ws");
     let record = &realized.metadata.unwrap()["workspaceRealization"];
     assert_eq!(record["summary"], "Local workspace realized at /srv/ws.");
-    assert_eq!(record["sync"]["strategy"], "none");
+    // Paperclip 2026.916's record shape.
+    assert_eq!(record["mode"], "copy");
+    assert_eq!(record["authoritativeRoot"], "/srv/ws");
+    assert_eq!(record["pathAliases"], json!([]));
+    assert_eq!(record["outboundRestorePaths"], json!([]));
+    assert_eq!(record["additional"], json!([]));
+    assert!(record.get("transport").is_none() && record.get("sync").is_none());
+}
+
+#[tokio::test]
+async fn realization_records_read_in_place_hints_aliases_and_additional_sources() {
+    let runtime = EnvironmentRuntime::builder().build();
+    let env = Environment::new("env-s", "Sandbox", "sandbox", json!({"provider": "fake"}));
+    let mut lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-s"))
+        .await
+        .unwrap()
+        .lease;
+    let md = lease.metadata.get_or_insert_with(Default::default);
+    md.insert("remoteCwd".into(), json!("/workspace"));
+    md.insert(
+        "workspaceRealization".into(),
+        json!({"mode": "in_place", "pathAliases": [{"path": "/srv/ws", "target": "/workspace"}, {"path": "x"}],
+            "outboundRestorePaths": ["out/", " "]}),
+    );
+    let realized = runtime
+        .realize_workspace(
+            &env,
+            &lease,
+            &WorkspaceSpec {
+                local_path: Some("/srv/ws".into()),
+                metadata: json!({"workspaceRealizationRequest": {"additionalSources": [
+                    {"localPath": "/srv/other", "projectId": "p2"}, {"projectId": "no-path"}]}})
+                .as_object()
+                .cloned(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let record = &realized.metadata.unwrap()["workspaceRealization"];
+    assert_eq!(record["mode"], "in_place");
+    assert_eq!(record["authoritativeRoot"], "/workspace");
+    assert_eq!(
+        record["pathAliases"],
+        json!([{"path": "/srv/ws", "target": "/workspace"}])
+    );
+    assert_eq!(record["outboundRestorePaths"], json!(["out/"]));
+    assert_eq!(
+        record["additional"],
+        json!([{"path": "/srv/other", "projectId": "p2", "projectWorkspaceId": null, "repoUrl": null, "repoRef": null}])
+    );
 }
 
 #[tokio::test]
