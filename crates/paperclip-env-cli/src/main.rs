@@ -84,8 +84,9 @@ struct Cli {
     )]
     fake_root: Option<PathBuf>,
 
-    /// Expiry given to leases whose provider reports none, e.g. `90s`, `30m`,
-    /// `24h`, `2d` [default: 24h].
+    /// Longest a sandbox or plugin lease may stay active before `reap`
+    /// releases it (the reaper's bound; never stored as `expiresAt`), e.g.
+    /// `90s`, `30m`, `24h`, `2d` [default: 24h].
     #[arg(long, global = true, env = "PAPERCLIP_ENV_MAX_LEASE_LIFETIME", value_name = "DURATION", value_parser = parse_duration)]
     max_lease_lifetime: Option<Duration>,
 
