@@ -370,6 +370,28 @@ mod plugins {
     use serde::Deserialize;
     use serde_json::Value;
 
+    /// Every worker this process registered, shut down before it exits.
+    static WORKERS: std::sync::Mutex<Vec<PluginWorker>> = std::sync::Mutex::new(Vec::new());
+
+    /// Sends `shutdown` to every started worker (so its `onShutdown` runs),
+    /// then SIGTERM/SIGKILL as upstream. A plugin that kept state in the
+    /// host is told on stderr that the state ends with this command: every
+    /// CLI command starts fresh workers.
+    pub(crate) async fn shutdown_all() {
+        let workers = std::mem::take(&mut *WORKERS.lock().unwrap_or_else(|p| p.into_inner()));
+        for worker in workers {
+            if worker.has_host_state() {
+                eprintln!(
+                    "note: plugin \"{}\" kept state in the host (ctx.state); it does not survive this command, since each paperclip-env command starts its plugin workers afresh",
+                    worker.plugin_key()
+                );
+            }
+            if worker.starts() > 0 {
+                worker.shutdown().await;
+            }
+        }
+    }
+
     /// One `--plugin` file.
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -434,6 +456,10 @@ mod plugins {
                 config = config.env(key, value);
             }
             let worker = PluginWorker::new(config);
+            WORKERS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(worker.clone());
             for entry in &manifest.drivers {
                 match entry.kind {
                     DriverKind::SandboxProvider => {
@@ -884,6 +910,7 @@ async fn main() -> ExitCode {
         Ok(app) => app.run(cli.command).await,
         Err(e) => Err(e),
     };
+    plugins::shutdown_all().await;
     match outcome {
         Ok(code) => code,
         Err(e) => {

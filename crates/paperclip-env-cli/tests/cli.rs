@@ -553,6 +553,13 @@ fn plugin_files_register_out_of_process_providers() {
             "{method} not called: {seen}"
         );
     }
+    // Every command that started the worker stopped it with `shutdown`
+    // (so a plugin's `onShutdown` runs): probe, acquire, exec, release.
+    assert_eq!(
+        seen.lines().filter(|l| *l == "shutdown").count(),
+        4,
+        "{seen}"
+    );
 
     // A broken plugin file is a clean error naming the field.
     std::fs::write(sb.dir.path().join("bad.json"), r#"{"command": "sh"}"#).unwrap();

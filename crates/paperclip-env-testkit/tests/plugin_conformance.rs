@@ -361,6 +361,84 @@ async fn sandbox_kind_runs_through_the_runtime_with_secrets_kept_out_of_logs_and
     assert!(!format!("{worker:?} {:?}", worker.config()).contains("tok-env-5d1e"));
 }
 
+/// A crashed worker comes back on its own after the back-off, as upstream's
+/// host restarts it on a timer, without waiting for the next call.
+#[tokio::test]
+async fn a_crashed_worker_is_restarted_on_a_timer() {
+    let dirs = dirs();
+    let mut config = worker_config(&dirs, &[(ENV_CRASH_ON, "environmentProbe")]);
+    config.restart_backoff = Duration::from_millis(200);
+    let worker = PluginWorker::new(config);
+    worker.start().await.unwrap();
+    let first = worker.pid().unwrap();
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    let err = worker
+        .call("environmentProbe", &params, None, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
+    assert!(wait_gone(first).await);
+    let mut restarted = false;
+    for _ in 0..100 {
+        if worker.is_running() && worker.pid() != Some(first) {
+            restarted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(restarted, "the worker was not restarted after its crash");
+    assert_eq!(worker.starts(), 2);
+    worker.shutdown().await;
+}
+
+/// After `MAX_CONSECUTIVE_CRASHES` crashes in the window the worker stays
+/// down and calls fail at once with the reason; `start()` tries again.
+#[tokio::test]
+async fn a_crash_looping_worker_stays_down_until_started_again() {
+    let dirs = dirs();
+    let mut config = worker_config(&dirs, &[(ENV_CRASH_ON, "environmentProbe")]);
+    config.restart_backoff = Duration::from_millis(1);
+    let worker = PluginWorker::new(config);
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    for _ in 0..paperclip_env_core::plugin::MAX_CONSECUTIVE_CRASHES {
+        let err = worker
+            .call("environmentProbe", &params, None, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!worker.is_running(), "a crash-looping worker was restarted");
+    let starts = worker.starts();
+    let err = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("crashed 10 times"), "{err}");
+    assert_eq!(
+        worker.starts(),
+        starts,
+        "a call restarted a crash-looping worker"
+    );
+    worker.start().await.unwrap();
+    let validated = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(validated["ok"], true);
+    worker.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_worker_that_crashes_mid_call_gives_a_retryable_error_and_is_restarted() {
     let dirs = dirs();
@@ -637,6 +715,78 @@ async fn method_not_implemented_maps_to_not_supported() {
     worker.shutdown().await;
 }
 
+/// A worker that does not advertise `environmentReleaseLease` is not sent
+/// one, as upstream: the release records a failed cleanup (the reaper's
+/// work), for the sandbox-provider and the driver kind alike.
+#[tokio::test]
+async fn a_release_the_worker_does_not_advertise_is_not_sent_and_records_failed_cleanup() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(
+        &dirs,
+        &[(ENV_NOT_IMPLEMENTED, "environmentReleaseLease")],
+    ));
+    for (runtime, env, run) in [
+        (
+            plugin_runtime(&worker, short_deadlines()),
+            plugin_env(),
+            "run-nr-driver",
+        ),
+        (
+            sandbox_runtime(&worker, short_deadlines()),
+            sandbox_env(),
+            "run-nr-sandbox",
+        ),
+    ] {
+        runtime
+            .acquire_run_lease(AcquireRunLease::for_run(env.clone(), run))
+            .await
+            .unwrap();
+        let outcome = runtime.release_run_leases(run, LeaseStatus::Released).await;
+        let rows = runtime.lease_store().list_by_run(run, None).await.unwrap();
+        assert_eq!(rows.len(), 1, "{outcome:?}");
+        assert_eq!(
+            rows[0].cleanup_status,
+            Some(CleanupStatus::Failed),
+            "{:?}",
+            rows[0]
+        );
+        assert_ne!(rows[0].status, LeaseStatus::Active, "{:?}", rows[0]);
+    }
+    // Nothing was released: both sandboxes are still there for the reaper.
+    assert_eq!(live(dirs.control.path()), 2);
+    worker.shutdown().await;
+}
+
+/// `cwd` is always sent on execute: the lease's `remoteCwd` when the request
+/// names none, as upstream's host does.
+#[tokio::test]
+async fn execute_sends_the_leases_remote_cwd_when_the_request_has_none() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let runtime = sandbox_runtime(&worker, short_deadlines());
+    let env = sandbox_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-cwd"))
+        .await
+        .unwrap()
+        .lease;
+    let remote_cwd = lease
+        .remote_cwd()
+        .expect("the fake records remoteCwd")
+        .to_owned();
+    let pwd = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("pwd"))
+        .await
+        .unwrap();
+    assert_eq!(pwd.stdout.trim(), remote_cwd);
+    runtime
+        .release_run_leases("run-cwd", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    worker.shutdown().await;
+}
+
 #[tokio::test]
 async fn resolution_errors_use_the_contract_messages() {
     let dirs = dirs();
@@ -775,6 +925,7 @@ fn shell_worker(strict_stdout: bool) -> PluginWorker {
         .plugin_config(json!({"region": "eu-1"}).as_object().unwrap().clone())
         .ready_timeout(Duration::from_secs(5));
     config.strict_stdout = strict_stdout;
+    config.shutdown_drain = Duration::from_millis(300);
     config.shutdown_grace = Duration::from_millis(300);
     PluginWorker::new(config)
 }
@@ -842,6 +993,7 @@ fn noisy_worker(strict_stdout: bool) -> PluginWorker {
         .secret_env("NOISY_TOKEN", "noisy-secret-7f3a".to_owned().into())
         .ready_timeout(Duration::from_secs(5))
         .strict_stdout(strict_stdout);
+    config.shutdown_drain = Duration::from_millis(300);
     config.shutdown_grace = Duration::from_millis(300);
     PluginWorker::new(config)
 }
@@ -992,6 +1144,7 @@ async fn execute_log_chunks_of_other_or_no_invocations_are_dropped_and_the_tail_
         .arg("-c")
         .arg(STREAMING_SHELL_WORKER)
         .ready_timeout(Duration::from_secs(5));
+    config.shutdown_drain = Duration::from_millis(300);
     config.shutdown_grace = Duration::from_millis(300);
     let worker = PluginWorker::new(config);
     let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
@@ -1276,6 +1429,7 @@ async fn the_worker_environment_is_minimal_and_host_controlled_keys_win() {
         .env("PAPERCLIP_PLUGIN_ID", "someone.else")
         .env("BOX_REGION", "eu-1")
         .ready_timeout(Duration::from_secs(10));
+    config.shutdown_drain = Duration::from_millis(200);
     config.shutdown_grace = Duration::from_millis(200);
     let worker = PluginWorker::new(config);
     worker.start().await.unwrap();

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::protocol::{self, ValidationResult};
+use super::protocol::{self, ValidationResult, methods};
 use super::provider::deliver;
 use super::worker::{PluginWorker, StreamedOutput};
 use crate::Unsupported;
@@ -366,6 +366,7 @@ impl PluginDriver {
             ),
             lease,
         );
+        r.worker.require_advertised(methods::RELEASE).await?;
         r.call(
             Operation::Release,
             params,
@@ -624,6 +625,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
             ),
             lease,
         );
+        r.worker.require_advertised(methods::DESTROY).await?;
         r.call(
             Operation::Destroy,
             params,
@@ -684,7 +686,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
             lease.issue_id.as_ref(),
         );
         params.insert("lease".into(), protocol::lease_json(&lease_handle(lease)));
-        protocol::add_execute_fields(&mut params, request);
+        protocol::add_execute_fields(&mut params, request, lease.remote_cwd());
         let deadline =
             execute_deadline(request.timeout_ms, r.config.get("timeoutMs"), &ctx.options);
         let (value, streamed) = r

@@ -92,6 +92,11 @@ impl HostServices {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether any state entry exists.
+    pub(crate) fn has_state(&self) -> bool {
+        !self.lock_state().is_empty()
+    }
+
     fn state_key(method: &str, params: &Value) -> Result<StateKey, RpcError> {
         let scope_kind = str_param(params, "scopeKind")
             .ok_or_else(|| invalid(method, "scopeKind must be a non-empty string"))?;
@@ -261,7 +266,9 @@ mod tests {
         );
         let mut set = key.clone();
         set["value"] = json!({"n": 1});
+        assert!(!services.has_state());
         ask(&services, &full, "state.set", set).await.unwrap();
+        assert!(services.has_state());
         assert_eq!(
             ask(&services, &full, "state.get", key.clone())
                 .await

@@ -39,7 +39,7 @@ pub use driver::PluginDriver;
 pub use manifest::{DRIVERS_CAPABILITY, DriverDeclaration, DriverKind, PluginManifest};
 pub use provider::{PluginSandboxProvider, capabilities_from_methods};
 pub use worker::{
-    CallError, HOST_CONTROLLED_ENV, INHERITED_ENV, MAX_EXECUTE_LOG_CHUNK_CHARS,
-    MAX_EXECUTE_LOG_TOTAL_CHARS, NOISE_EXCERPT_BYTES, PluginWorker, PluginWorkerConfig,
-    StreamedOutput, rpc_error_to_error,
+    CRASH_WINDOW, CallError, HOST_CONTROLLED_ENV, INHERITED_ENV, MAX_CONSECUTIVE_CRASHES,
+    MAX_EXECUTE_LOG_CHUNK_CHARS, MAX_EXECUTE_LOG_TOTAL_CHARS, NOISE_EXCERPT_BYTES, PluginWorker,
+    PluginWorkerConfig, StreamedOutput, rpc_error_to_error,
 };

@@ -32,9 +32,12 @@
 //!   (see `deliver` in the provider);
 //! - everything the worker writes to logs or errors is scrubbed of every
 //!   secret the SDK has handed it.
-//! - restart is lazy (the next call) instead of a timer; failed starts back
-//!   off exponentially (`restart_backoff`, doubling to 5 minutes) like
-//!   upstream's crash back-off.
+//! - a worker that exits on its own (a crash) is restarted on a timer, as
+//!   upstream: after `restart_backoff` (1 s) doubled per crash up to 5
+//!   minutes, with ±25 % jitter; after [`MAX_CONSECUTIVE_CRASHES`] crashes
+//!   within [`CRASH_WINDOW`] it stays down (calls fail at once) until
+//!   [`PluginWorker::start`] is called. A call that arrives before the timer
+//!   restarts the worker itself. Failed starts back off the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -99,13 +102,19 @@ pub struct PluginWorkerConfig {
     pub plugin_config: JsonObject,
     /// Host identity sent in `initialize`.
     pub instance: InstanceInfo,
-    /// Host API version sent in `initialize` (1).
+    /// Host API version sent in `initialize` when the manifest names none
+    /// (1); a manifest's `apiVersion` is sent as is, as upstream does.
     pub api_version: u32,
     /// Bound on starting the process and completing `initialize` (15 s).
     pub ready_timeout: Duration,
     /// Deadline of calls given none (30 s, the worker manager's `rpcTimeoutMs`).
     pub default_call_deadline: Duration,
-    /// How long `shutdown` waits for a graceful exit before each signal (2 s).
+    /// How long `shutdown` waits for the worker to answer `shutdown` and exit
+    /// before SIGTERM (10 s, upstream's `SHUTDOWN_DRAIN_MS`): time for its
+    /// `onShutdown` to finish in-flight work.
+    pub shutdown_drain: Duration,
+    /// How long after SIGTERM before SIGKILL (5 s, upstream's
+    /// `SIGTERM_GRACE_MS`).
     pub shutdown_grace: Duration,
     /// Wait before retrying a worker that failed to start (1 s), doubled per
     /// consecutive failure up to 5 minutes; calls in between fail at once.
@@ -139,6 +148,8 @@ impl std::fmt::Debug for PluginWorkerConfig {
             .field("ready_timeout", &self.ready_timeout)
             .field("default_call_deadline", &self.default_call_deadline)
             .field("health_timeout", &self.health_timeout)
+            .field("shutdown_drain", &self.shutdown_drain)
+            .field("shutdown_grace", &self.shutdown_grace)
             .field("secret_resolver", &self.secret_resolver.is_some())
             .finish_non_exhaustive()
     }
@@ -162,7 +173,8 @@ impl PluginWorkerConfig {
             api_version: 1,
             ready_timeout: Duration::from_secs(15),
             default_call_deadline: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(2),
+            shutdown_drain: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
             restart_backoff: Duration::from_secs(1),
             strict_stdout: false,
             max_line_bytes: 64 * 1024 * 1024,
@@ -210,6 +222,14 @@ impl PluginWorkerConfig {
     /// Sets [`PluginWorkerConfig::strict_stdout`].
     pub fn strict_stdout(mut self, strict: bool) -> Self {
         self.strict_stdout = strict;
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::shutdown_drain`] and
+    /// [`PluginWorkerConfig::shutdown_grace`].
+    pub fn shutdown_timings(mut self, drain: Duration, grace: Duration) -> Self {
+        self.shutdown_drain = drain;
+        self.shutdown_grace = grace;
         self
     }
 
@@ -416,10 +436,12 @@ pub fn rpc_error_to_error(
             operation: operation.method_name().to_owned(),
             after: timeout_in_message(&e.message),
         },
-        codes::CAPABILITY_DENIED => Error::PermissionDenied {
-            message: e.message,
-            source: None,
-        },
+        codes::CAPABILITY_DENIED | codes::INVOCATION_SCOPE_DENIED | codes::CROSS_TENANT_CONFIG => {
+            Error::PermissionDenied {
+                message: e.message,
+                source: None,
+            }
+        }
         codes::WORKER_UNAVAILABLE => Error::Provider {
             provider: label.to_owned(),
             message: e.message,
@@ -672,6 +694,28 @@ struct FailedStarts {
 
 /// Longest wait between start attempts.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+/// Crashes within [`CRASH_WINDOW`] after which a worker is not restarted
+/// (upstream's `MAX_CONSECUTIVE_CRASHES`).
+pub const MAX_CONSECUTIVE_CRASHES: usize = 10;
+/// The window crashes are counted in (10 minutes, upstream's `CRASH_WINDOW_MS`).
+pub const CRASH_WINDOW: Duration = Duration::from_secs(600);
+
+/// Recent crashes, for the restart timer and the crash-loop stop.
+#[derive(Default)]
+struct Crashes {
+    at: std::collections::VecDeque<tokio::time::Instant>,
+    /// Set once the worker crashed too often: why it stays down.
+    stopped: Option<String>,
+}
+
+/// `base` doubled per earlier crash, capped, with ±25 % jitter.
+fn crash_backoff(base: Duration, crashes: usize) -> Duration {
+    let doubled = base
+        .saturating_mul(2u32.saturating_pow(crashes.saturating_sub(1).min(16) as u32))
+        .min(MAX_RESTART_BACKOFF);
+    let jitter = 0.75 + 0.5 * (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+    doubled.mul_f64(jitter)
+}
 
 struct Shared {
     config: PluginWorkerConfig,
@@ -680,6 +724,7 @@ struct Shared {
     supported: Mutex<Option<Vec<String>>>,
     starts: AtomicU64,
     failed_starts: Mutex<Option<FailedStarts>>,
+    crashes: Mutex<Crashes>,
     next_id: AtomicU64,
     closed: AtomicBool,
     scrubber: Scrubber,
@@ -687,6 +732,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn lock_crashes(&self) -> std::sync::MutexGuard<'_, Crashes> {
+        self.crashes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Answers one worker → host request (see `host_services`).
     async fn answer_host_call(
         &self,
@@ -829,6 +878,7 @@ impl PluginWorker {
                 supported: Mutex::new(None),
                 starts: AtomicU64::new(0),
                 failed_starts: Mutex::new(None),
+                crashes: Mutex::new(Crashes::default()),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 scrubber,
@@ -911,6 +961,13 @@ impl PluginWorker {
     /// Starts the worker (if not running) and waits for `initialize`, bounded
     /// by [`PluginWorkerConfig::ready_timeout`].
     pub async fn start(&self) -> Result<()> {
+        // An explicit start is the operator's word: a crash-looping worker
+        // gets another chance.
+        {
+            let mut crashes = self.lock_crashes();
+            crashes.stopped = None;
+            crashes.at.clear();
+        }
         self.ensure_running()
             .await
             .map(|_| ())
@@ -930,6 +987,9 @@ impl PluginWorker {
         }
         if let Some(p) = self.current().filter(|p| p.alive()) {
             return Ok(p);
+        }
+        if let Some(why) = self.lock_crashes().stopped.clone() {
+            return Err(CallError::Unavailable(why));
         }
         let _starting = self.shared.start_lock.lock().await;
         if let Some(p) = self.current().filter(|p| p.alive()) {
@@ -994,7 +1054,12 @@ impl PluginWorker {
             "manifest": cfg.manifest.raw,
             "config": cfg.plugin_config,
             "instanceInfo": cfg.instance,
-            "apiVersion": cfg.api_version,
+            "apiVersion": cfg
+                .manifest
+                .raw
+                .get("apiVersion")
+                .and_then(Value::as_u64)
+                .unwrap_or(u64::from(cfg.api_version)),
             "databaseNamespace": null,
         });
         let outcome = self
@@ -1119,6 +1184,62 @@ impl PluginWorker {
         Ok(process)
     }
 
+    fn lock_crashes(&self) -> std::sync::MutexGuard<'_, Crashes> {
+        self.shared.lock_crashes()
+    }
+
+    /// The worker exited on its own: count the crash, and restart it after
+    /// the back-off unless it crashed too often (see the module docs).
+    fn on_crash(shared: &Arc<Shared>, message: &str) {
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let plugin = shared.config.manifest.id.clone();
+        let count = {
+            let mut crashes = shared.lock_crashes();
+            let now = tokio::time::Instant::now();
+            crashes.at.push_back(now);
+            while crashes
+                .at
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+            {
+                crashes.at.pop_front();
+            }
+            let count = crashes.at.len();
+            if count >= MAX_CONSECUTIVE_CRASHES {
+                let why = format!(
+                    "The worker of plugin \"{plugin}\" crashed {count} times within {} minutes and is not restarted; call start() to try again. Last exit: {}",
+                    CRASH_WINDOW.as_secs() / 60,
+                    message.lines().next().unwrap_or_default()
+                );
+                error!(target: "paperclip_env::plugin", plugin = %plugin, crashes = count, "plugin worker crash-looping; not restarting");
+                crashes.stopped = Some(why);
+                return;
+            }
+            count
+        };
+        let delay = crash_backoff(shared.config.restart_backoff, count);
+        info!(target: "paperclip_env::plugin", plugin = %plugin, crashes = count, delay_ms = delay.as_millis() as u64, "plugin worker crashed; restarting after the back-off");
+        let weak = Arc::downgrade(shared);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let worker = PluginWorker { shared };
+            if worker.is_running() || worker.is_shut_down() {
+                return;
+            }
+            if let Err(e) = worker.ensure_running().await {
+                warn!(target: "paperclip_env::plugin", plugin = %worker.plugin_key(), "restart after a crash failed: {e}");
+            }
+        });
+    }
+
     fn clone_weak(&self) -> WeakWorker {
         WeakWorker {
             shared: Arc::downgrade(&self.shared),
@@ -1235,9 +1356,37 @@ impl PluginWorker {
         Ok((value, streamed))
     }
 
-    /// Stops the worker: `shutdown`, then SIGTERM, then SIGKILL to its
-    /// process group, each after [`PluginWorkerConfig::shutdown_grace`]. No
-    /// restart happens afterwards.
+    /// Whether the worker stored anything through `state.set` (kept by this
+    /// host in memory, so it ends with the host process).
+    pub fn has_host_state(&self) -> bool {
+        self.shared.host.has_state()
+    }
+
+    /// Fails, without calling it, when the worker does not advertise the
+    /// lifecycle `method` in its `supportedMethods`: like upstream's host, no
+    /// release or destroy is sent that the live worker cannot serve, and the
+    /// caller records a failed cleanup for the reaper instead. Starts the
+    /// worker first when it is not running.
+    pub async fn require_advertised(&self, method: &str) -> Result<()> {
+        self.start().await?;
+        match self.supported_methods() {
+            Some(methods) if !methods.iter().any(|m| m == method) => Err(Error::Provider {
+                provider: self.label(),
+                message: format!(
+                    "Plugin \"{}\" does not advertise {method}; the lease is left for cleanup.",
+                    self.plugin_key()
+                ),
+                retryable: false,
+                source: None,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the worker as upstream's host does: `shutdown`, waiting up to
+    /// [`PluginWorkerConfig::shutdown_drain`] for the answer and the exit,
+    /// then SIGTERM to its process group, then SIGKILL after
+    /// [`PluginWorkerConfig::shutdown_grace`]. No restart happens afterwards.
     pub async fn shutdown(&self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         let _starting = self.shared.start_lock.lock().await;
@@ -1250,18 +1399,18 @@ impl PluginWorker {
         else {
             return;
         };
+        let drain = self.shared.config.shutdown_drain;
         let grace = self.shared.config.shutdown_grace;
         let mut exited = process.exited.clone();
         if process.alive() {
-            let _ = tokio::time::timeout(
-                grace,
-                self.send_no_kill(&process, methods::SHUTDOWN, &json!({})),
-            )
-            .await;
-            if tokio::time::timeout(grace, exited.wait_for(|e| *e))
-                .await
-                .is_err()
-            {
+            let mut drained = exited.clone();
+            let graceful = async {
+                self.send_no_kill(&process, methods::SHUTDOWN, &json!({}))
+                    .await;
+                let _ = drained.wait_for(|e| *e).await;
+            };
+            if tokio::time::timeout(drain, graceful).await.is_err() {
+                debug!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), "worker did not exit after shutdown; sending SIGTERM");
                 process.signal_group(nix::sys::signal::Signal::SIGTERM);
                 if tokio::time::timeout(grace, exited.wait_for(|e| *e))
                     .await
@@ -1460,7 +1609,9 @@ impl WeakWorker {
             process.fail_all(CallError::Protocol(why.clone()));
             process.kill("protocol error");
         }
-        process.alive.store(false, Ordering::SeqCst);
+        // Still marked alive: nobody on the host side killed it, so it crashed
+        // (or exited) on its own.
+        let crashed = process.alive.swap(false, Ordering::SeqCst);
         // Stdout closed: the worker exited or is about to; give it a moment, then kill.
         let status = match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
             Ok(Ok(s)) => Some(s),
@@ -1486,8 +1637,20 @@ impl WeakWorker {
         if broken.is_none() {
             info!(target: "paperclip_env::plugin", plugin = %self.plugin, "{}", message.lines().next().unwrap_or_default());
         }
-        process.fail_all(CallError::Unavailable(message));
+        process.fail_all(CallError::Unavailable(message.clone()));
         let _ = exit_tx.send(true);
+        if crashed && let Some(shared) = self.shared.upgrade() {
+            // Only the worker's current process: an old one exiting late is no crash.
+            let current = shared
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &process));
+            if current {
+                PluginWorker::on_crash(&shared, &message);
+            }
+        }
     }
 
     async fn handle(&self, process: &Arc<Process>, message: Incoming) {
