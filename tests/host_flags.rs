@@ -68,6 +68,14 @@ async fn host_flags_survive_every_providers_normalization() {
     let mut checked = Vec::new();
     for (provider, config) in providers_and_configs() {
         let key = provider.key().to_owned();
+        if key != "fake-plugin" {
+            // The seven built-in providers carry Paperclip 2026.916's plugin ids.
+            assert_eq!(
+                provider.plugin_key(),
+                format!("paperclip.{key}-sandbox-provider"),
+                "{key}"
+            );
+        }
         let runtime = EnvironmentRuntime::builder().provider(provider).build();
         let mut raw = config.as_object().unwrap().clone();
         raw.insert("provider".into(), json!(key));
