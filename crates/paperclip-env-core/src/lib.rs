@@ -23,6 +23,7 @@
 //! # Ok::<(), paperclip_env_core::Error>(())
 //! # }).unwrap();
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -36,6 +37,7 @@ mod error;
 pub mod execute;
 pub mod lease;
 #[cfg(feature = "plugin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "plugin")))]
 pub mod plugin;
 pub mod probe;
 pub mod provider;

@@ -262,6 +262,7 @@ impl E2bProvider {
 
     /// A builder for Novita Agent Sandbox.
     #[cfg(feature = "novita")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "novita")))]
     pub fn novita() -> E2bProviderBuilder {
         E2bProviderBuilder::new(Flavor::Novita)
     }
@@ -273,6 +274,7 @@ impl E2bProvider {
 
     /// Novita configured from the environment.
     #[cfg(feature = "novita")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "novita")))]
     pub fn novita_from_env() -> Result<Self> {
         Self::novita().with_env().build()
     }
