@@ -265,7 +265,7 @@ async fn environments(app: &App, files: &[PathBuf]) -> Result<Vec<Environment>, 
         .list_all()
         .await?
         .into_iter()
-        .map(|l| l.environment_id)
+        .filter_map(|l| l.environment_id)
         .collect();
     for id in ids {
         if seen.insert(id.clone())

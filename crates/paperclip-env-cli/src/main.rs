@@ -91,8 +91,9 @@ struct Cli {
     )]
     fake_root: Option<PathBuf>,
 
-    /// Expiry given to leases whose provider reports none, e.g. `90s`, `30m`,
-    /// `24h`, `2d` [default: 24h].
+    /// Longest a sandbox or plugin lease may stay active before `reap`
+    /// releases it (the reaper's bound; never stored as `expiresAt`), e.g.
+    /// `90s`, `30m`, `24h`, `2d` [default: 24h].
     #[arg(long, global = true, env = "PAPERCLIP_ENV_MAX_LEASE_LIFETIME", value_name = "DURATION", value_parser = parse_duration)]
     max_lease_lifetime: Option<Duration>,
 
@@ -670,15 +671,15 @@ impl App {
             .get(id)
             .await?
             .ok_or_else(|| Error::not_found(format!("No lease {id} in the state file.")))?;
+        let environment_id = lease.environment_id.clone().unwrap_or_default();
         let environment = self
             .runtime
             .environment_store()
-            .get(&lease.environment_id)
+            .get(&environment_id)
             .await?
             .ok_or_else(|| {
                 Error::not_found(format!(
-                    "Environment {} of lease {id} is not in the state file.",
-                    lease.environment_id
+                    "Environment {environment_id} of lease {id} is not in the state file."
                 ))
             })?;
         Ok((lease, environment))
@@ -846,7 +847,11 @@ impl App {
                     .list_all()
                     .await?
                     .into_iter()
-                    .filter(|l| environment.as_ref().is_none_or(|e| &l.environment_id == e))
+                    .filter(|l| {
+                        environment
+                            .as_ref()
+                            .is_none_or(|e| l.environment_id.as_ref() == Some(e))
+                    })
                     .filter(|l| status.is_none_or(|s| l.status == s))
                     .collect();
                 if self.json {
@@ -909,7 +914,7 @@ impl App {
             println!(
                 "{:<36}  {:<16}  {:<15}  {:<8}  {:<14}  {:<16}  {}",
                 lease.id,
-                lease.environment_id,
+                lease.environment_id.as_deref().unwrap_or("-"),
                 lease.status.as_str(),
                 lease.cleanup_status.map(|c| c.as_str()).unwrap_or("-"),
                 human_age(lease.acquired_at, now),

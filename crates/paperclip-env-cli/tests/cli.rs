@@ -116,7 +116,10 @@ fn full_lifecycle_on_the_fake_provider() {
     let lease = sb.ok_json(&["acquire", "--env", env, "--run", "run-1"]);
     let id = lease["id"].as_str().unwrap().to_owned();
     assert_eq!(lease["status"], "active");
-    assert!(lease["expiresAt"].is_string(), "every lease gets an expiry");
+    assert!(
+        lease["expiresAt"].is_null(),
+        "only a provider-confirmed expiry is stored (the lifetime bound is the reaper's)"
+    );
     let root = PathBuf::from(lease["metadata"]["fakeRootDir"].as_str().unwrap());
     assert!(root.is_dir() && root.starts_with(sb.fake_root()));
 
@@ -189,7 +192,8 @@ fn a_killed_acquire_is_reaped_after_restart() {
     assert_eq!(listed[0]["id"], id);
 
     std::thread::sleep(Duration::from_millis(1200));
-    let report = sb.ok_json(&["reap"]);
+    // The lifetime bound is applied by the reaper (no stored expiry).
+    let report = sb.ok_json(&["--max-lease-lifetime", "1s", "reap"]);
     assert_eq!(report["expired"], json!([id]), "{report}");
     assert_eq!(report["failures"], json!([]));
     assert!(!root.exists(), "the crashed process's sandbox leaked");

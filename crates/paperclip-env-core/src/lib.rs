@@ -32,6 +32,7 @@ pub mod config;
 pub mod deadline;
 pub mod driver;
 pub mod drivers;
+pub mod env_vars;
 mod error;
 pub mod execute;
 pub mod lease;
@@ -52,6 +53,7 @@ pub use config::ConfigIssue;
 pub use driver::{
     AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver, RuntimeOptions,
 };
+pub use env_vars::{EnvBinding, EnvVars};
 pub use error::{BoxError, Error, HostKeyProblem, Operation, Result, Unsupported};
 pub use execute::{
     CommandExit, ExecuteRequest, ExecuteResult, OutputCapture, OutputCollector, OutputSink,

@@ -648,12 +648,15 @@ async fn a_plugin_driver_release_that_hangs_records_failed_cleanup_and_releases_
         .into_result()
         .unwrap();
     let lease = &released[0].lease;
-    assert_eq!(lease.status, LeaseStatus::Released);
+    assert_eq!(lease.status, LeaseStatus::PendingCleanup);
+    assert_eq!(
+        lease.failure_reason.as_deref(),
+        Some("release_cleanup_failed")
+    );
     assert_eq!(lease.cleanup_status, Some(CleanupStatus::Failed));
     assert!(
         lease
-            .cleanup_error
-            .as_deref()
+            .cleanup_error()
             .unwrap_or_default()
             .contains("timed out after 1500ms"),
         "{lease:?}"

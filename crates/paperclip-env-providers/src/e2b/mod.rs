@@ -591,6 +591,11 @@ impl SandboxProvider for E2bProvider {
         self.inner.flavor.key()
     }
 
+    /// Paperclip 2026.916's plugin id for this provider.
+    fn plugin_key(&self) -> String {
+        format!("paperclip.{}-sandbox-provider", self.key())
+    }
+
     /// Create (one control-plane call, up to a minute on a cold template),
     /// envd readiness and the workspace directory: the host's 30 s default
     /// must not cut a cold create short.
