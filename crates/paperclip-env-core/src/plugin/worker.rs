@@ -30,6 +30,11 @@
 //!   cannot prove which one wrote it), or would take the call past
 //!   [`MAX_EXECUTE_LOG_TOTAL_CHARS`]. The final result stays authoritative
 //!   (see `deliver` in the provider);
+//! - every call carries `paperclipInvocation` (`{id, scope}`), with an empty
+//!   scope when the call has no company, where upstream attaches one only to
+//!   company-scoped calls: a company-less environment (instance-scoped, as
+//!   Paperclip 2026.916 allows) still gets its `execute.log` chunks streamed,
+//!   and a worker → host call that needs a company is still refused;
 //! - everything the worker writes to logs or errors is scrubbed of every
 //!   secret the SDK has handed it.
 //! - a worker that exits on its own (a crash) is restarted on a timer, as
