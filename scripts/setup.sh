@@ -33,3 +33,6 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
     echo "setup: installing cargo-deny"
     cargo install --locked cargo-deny >/dev/null
 fi
+
+# Paperclip's plugin worker SDK (npm, pinned) for the real-plugin tests.
+bash "$(dirname "$0")/plugin-sdk-setup.sh"

@@ -21,6 +21,13 @@ cargo clippy --quiet -p paperclip-env-core --features plugin -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --all-features --no-deps
 cargo nextest run --workspace --all-features --no-fail-fast
 cargo test --workspace --all-features --doc
+# Every example against the emulator it starts itself, never a real account
+# (about 10 s once built).
+for example in quickstart e2b novita daytona modal kubernetes cloudflare exe_dev ssh plugin; do
+  env -u E2B_API_KEY -u NOVITA_API_KEY -u DAYTONA_API_KEY -u MODAL_TOKEN_ID -u KUBECONFIG \
+    -u EXE_API_KEY -u PAPERCLIP_ENV_EXAMPLE_ENV \
+    cargo run --quiet --all-features --example "$example" > /dev/null
+done
 # The vendors' own clients (pinned e2b, novita-sandbox and daytona SDKs,
 # Python and npm) against `paperclip-env emulate` (about 40 s once installed;
 # PAPERCLIP_ENV_VENDOR_SUITES=0 skips).

@@ -4,7 +4,7 @@
 # run checks the pins and installs nothing.
 #
 #   ~/.cache/paperclip-env/vendor/venv-<suite>-<version>/  Python venv per pinned SDK
-#                                                        (`e2b`, `novita-sandbox`, `daytona`)
+#                                                        (`e2b`, `novita-sandbox`, `daytona`, `kubernetes`)
 #   ~/.cache/paperclip-env/vendor/node/                 npm packages (node_modules)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,8 @@ NOVITA_PY_VERSIONS=(2.1.1)
 # PyPI `daytona`: the newest checked and the one the Paperclip plugin was
 # written against.
 DAYTONA_PY_VERSIONS=(0.226.1 0.183.0)
+# PyPI `kubernetes`: the official Python client (tests/vendor/kubernetes_client.py).
+KUBERNETES_PY_VERSIONS=(37.0.2)
 # npm: `e2b`, `novita-sandbox`, `@daytonaio/sdk`, and two lines of `modal`
 # (libmodal JS) side by side under aliases: 0.7.x, which the Paperclip Modal
 # plugin pins (V1 sandboxes), and 0.11.x (V2 sandboxes by default).
@@ -46,6 +48,9 @@ for version in "${NOVITA_PY_VERSIONS[@]}"; do
 done
 for version in "${DAYTONA_PY_VERSIONS[@]}"; do
     python_venv daytona daytona "$version"
+done
+for version in "${KUBERNETES_PY_VERSIONS[@]}"; do
+    python_venv kubernetes kubernetes "$version"
 done
 
 if command -v npm >/dev/null 2>&1; then

@@ -20,6 +20,7 @@
 //! # Ok::<(), paperclip_env::core::Error>(())
 //! # }).unwrap();
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 
 pub use paperclip_env_core as core;

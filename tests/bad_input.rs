@@ -93,7 +93,7 @@ fn errors_name_the_field() {
 fn paperclip_environment_and_results_round_trip() {
     let env = json!({"id": "0b6f…", "companyId": "c-1", "name": "E2B", "description": null, "driver": "sandbox",
         "status": "active", "config": {"provider": "e2b", "timeoutMs": 300000, "reuseLease": false, "template": "base",
-        "apiKey": "7a1c2b8e-1111-4222-8333-944455556666"}, "metadata": null,
+        "apiKey": "7a1c2b8e-1111-4222-8333-944455556666"}, "envVars": {}, "metadata": null,
         "createdAt": "2026-05-11T10:00:00.000Z", "updatedAt": "2026-05-11T10:00:00.000Z"});
     let parsed: Environment = serde_json::from_value(env.clone()).unwrap();
     assert_eq!(serde_json::to_value(&parsed).unwrap(), env);

@@ -251,10 +251,7 @@ async fn a_failed_sweep_is_recorded_and_retried() {
     assert_eq!(row.status, LeaseStatus::PendingCleanup);
     assert_eq!(row.cleanup_status, Some(CleanupStatus::Failed));
     assert!(
-        row.cleanup_error
-            .as_deref()
-            .unwrap()
-            .contains("list refused"),
+        row.cleanup_error().unwrap().contains("list refused"),
         "{row:?}"
     );
     assert_eq!(s.fake.live_leases(), 1);

@@ -34,7 +34,7 @@ fn env(reuse: bool) -> Environment {
 }
 
 #[tokio::test]
-async fn default_runtime_options_give_every_lease_an_expiry() {
+async fn default_runtime_options_bound_leases_without_storing_an_expiry() {
     assert_eq!(
         RuntimeOptions::default().max_lease_lifetime,
         Some(paperclip_env::core::driver::DEFAULT_MAX_LEASE_LIFETIME)
@@ -48,8 +48,11 @@ async fn default_runtime_options_give_every_lease_an_expiry() {
         .await
         .unwrap()
         .lease;
-    let left = lease.expires_at.unwrap() - lease.acquired_at;
-    assert_eq!(left.num_hours(), 24);
+    // Paperclip 2026.916 stores only a provider-confirmed expiry; the 24 h
+    // bound is the reaper's own, so a fresh lease is neither expired nor
+    // given a synthetic `expiresAt`.
+    assert_eq!(lease.expires_at, None);
+    assert!(!runtime.reap().await.acted());
     runtime
         .release_run_leases("run-1", LeaseStatus::Released)
         .await
@@ -154,7 +157,11 @@ async fn a_failed_destroy_is_retried_and_the_lease_ends_expired() {
     assert_eq!(report.cleanup_failed, vec![lease.id.clone()], "{report:?}");
     let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
     assert_eq!(row.status, LeaseStatus::PendingCleanup);
-    assert_eq!(row.cleanup_attempts, 1);
+    assert_eq!(
+        row.cleanup_attempts(),
+        0,
+        "the expiry destroy is no sweep attempt"
+    );
     assert_eq!(fake.live_leases(), 1);
 
     let report = reaper.run_once().await;
@@ -166,8 +173,9 @@ async fn a_failed_destroy_is_retried_and_the_lease_ends_expired() {
     let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
     assert_eq!(row.status, LeaseStatus::Expired);
     assert_eq!(row.cleanup_status, Some(CleanupStatus::Success));
-    assert_eq!(row.cleanup_attempts, 2);
-    assert!(row.cleanup_error.is_none());
+    assert_eq!(row.cleanup_attempts(), 1);
+    assert_eq!(row.failure_reason.as_deref(), Some("pending_cleanup_retry"));
+    assert!(row.cleanup_error().is_none());
 }
 
 #[tokio::test]
@@ -177,11 +185,12 @@ async fn retries_stop_after_max_attempts_and_backoff_is_capped() {
         max_backoff: Duration::from_secs(10),
         ..Default::default()
     };
-    assert_eq!(options.backoff(1), Duration::from_secs(1));
-    assert_eq!(options.backoff(2), Duration::from_secs(2));
-    assert_eq!(options.backoff(4), Duration::from_secs(8));
-    assert_eq!(options.backoff(5), Duration::from_secs(10));
+    assert_eq!(options.backoff(0), Duration::from_secs(1));
+    assert_eq!(options.backoff(1), Duration::from_secs(2));
+    assert_eq!(options.backoff(3), Duration::from_secs(8));
+    assert_eq!(options.backoff(4), Duration::from_secs(10));
     assert_eq!(options.backoff(500), Duration::from_secs(10));
+    assert_eq!(options.attempt_cap(), 5, "Paperclip's cap by default");
 
     let (runtime, fake, _dir) = setup(Duration::from_secs(3600));
     let lease = runtime
@@ -189,22 +198,81 @@ async fn retries_stop_after_max_attempts_and_backoff_is_capped() {
         .await
         .unwrap()
         .lease;
-    fake.faults()
-        .fail_next(Operation::Release, || Error::provider("fake-plugin", "no"));
+    for _ in 0..2 {
+        fake.faults()
+            .fail_next(Operation::Release, || Error::provider("fake-plugin", "no"));
+        fake.faults()
+            .fail_next(Operation::Destroy, || Error::provider("fake-plugin", "no"));
+    }
     runtime
         .release_run_leases("run-1", LeaseStatus::Released)
         .await
         .into_result()
         .unwrap();
-    let report = Reaper::new(runtime.clone())
-        .options(ReaperOptions {
-            max_cleanup_attempts: Some(1),
-            ..Default::default()
-        })
-        .run_once()
-        .await;
-    assert_eq!(report.abandoned, vec![lease.id]);
+    let reaper = Reaper::new(runtime.clone()).options(ReaperOptions {
+        max_cleanup_attempts: Some(1),
+        initial_backoff: Duration::ZERO,
+        ..Default::default()
+    });
+    let first = reaper.run_once().await;
+    assert_eq!(first.cleanup_failed, vec![lease.id.clone()], "{first:?}");
+    let report = reaper.run_once().await;
+    assert_eq!(report.abandoned, vec![lease.id.clone()], "{report:?}");
     assert_eq!(fake.live_leases(), 1);
+    let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
+    assert_eq!(row.cleanup_attempts(), 1);
+    assert_eq!(
+        row.metadata.as_ref().unwrap()["pendingCleanupRetryCapWarned"],
+        serde_json::json!(true),
+        "the cap is reported once and marked"
+    );
+}
+
+/// Paperclip 2026.916's sweep: a failed release becomes `pending_cleanup`
+/// and gets exactly five sweep attempts, each claimed before the teardown.
+#[tokio::test]
+async fn a_failed_release_gets_five_sweep_attempts_then_is_left_alone() {
+    let (runtime, fake, _dir) = setup(Duration::from_secs(3600));
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env(false), "run-1"))
+        .await
+        .unwrap()
+        .lease;
+    for _ in 0..12 {
+        fake.faults()
+            .fail_next(Operation::Release, || Error::provider("fake-plugin", "no"));
+        fake.faults()
+            .fail_next(Operation::Destroy, || Error::provider("fake-plugin", "no"));
+    }
+    runtime
+        .release_run_leases("run-1", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
+    assert_eq!(row.status, LeaseStatus::PendingCleanup);
+    assert_eq!(
+        row.failure_reason.as_deref(),
+        Some("release_cleanup_failed")
+    );
+    let reaper = Reaper::new(runtime.clone()).options(ReaperOptions {
+        initial_backoff: Duration::ZERO,
+        ..Default::default()
+    });
+    for attempt in 1..=5 {
+        let report = reaper.run_once().await;
+        assert_eq!(
+            report.cleanup_failed,
+            vec![lease.id.clone()],
+            "attempt {attempt}: {report:?}"
+        );
+        let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
+        assert_eq!(row.cleanup_attempts(), attempt);
+    }
+    let report = reaper.run_once().await;
+    assert_eq!(report.abandoned, vec![lease.id.clone()], "{report:?}");
+    assert!(report.cleanup_failed.is_empty());
+    assert_eq!(fake.live_leases(), 1, "left for manual cleanup");
 }
 
 #[tokio::test]
@@ -249,4 +317,59 @@ async fn leases_of_a_deleted_environment_are_still_reaped() {
     assert_eq!(fake.live_leases(), 0);
     let row = runtime.lease_store().get(&lease.id).await.unwrap().unwrap();
     assert_eq!(row.cleanup_status, Some(CleanupStatus::Success));
+}
+
+/// Paperclip 2026.916's delete guard: an environment with a `pending_cleanup`
+/// lease or a live reusable lease cannot be deleted; once the sweep cleared
+/// the cleanup and the reusable sandbox is destroyed, it can.
+#[tokio::test]
+async fn environment_delete_is_blocked_by_pending_cleanup_and_live_reusable_leases() {
+    let (runtime, fake, _dir) = setup(Duration::from_secs(3600));
+    let reusable = env(true);
+    runtime
+        .environment_store()
+        .put(reusable.clone())
+        .await
+        .unwrap();
+    let kept = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(reusable.clone(), "run-1"))
+        .await
+        .unwrap()
+        .lease;
+    runtime
+        .release_run_leases("run-1", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(
+        runtime
+            .environment_delete_blockers(&reusable.id)
+            .await
+            .unwrap(),
+        vec!["reusable_sandbox_lease"]
+    );
+    fake.faults()
+        .fail_next(Operation::Destroy, || Error::provider("fake-plugin", "no"));
+    let row = runtime.lease_store().get(&kept.id).await.unwrap().unwrap();
+    runtime.destroy_run_lease(&reusable, &row).await.unwrap();
+    let err = runtime.delete_environment(&reusable.id).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+    assert!(err.to_string().contains("pending_sandbox_cleanup"), "{err}");
+    assert!(
+        runtime
+            .environment_store()
+            .get(&reusable.id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let reaper = Reaper::new(runtime.clone()).options(ReaperOptions {
+        initial_backoff: Duration::ZERO,
+        ..Default::default()
+    });
+    let report = reaper.run_once().await;
+    assert_eq!(report.cleaned_up, vec![kept.id.clone()], "{report:?}");
+    assert!(runtime.delete_environment(&reusable.id).await.unwrap());
+    assert_eq!(fake.live_leases(), 0);
 }

@@ -244,17 +244,18 @@ async fn b1_9_to_b1_11_reuse_resumes_the_kept_sandbox_with_its_workspace() {
 }
 
 #[tokio::test]
-async fn b1_11_failed_resume_falls_back_to_acquire() {
+async fn b1_11_a_failed_resume_is_an_error_and_the_kept_lease_is_preserved() {
     let s = setup();
     let recording = RecordingProvider::new(Arc::new(s.fake.clone()));
     let runtime = EnvironmentRuntime::builder()
         .provider(Arc::new(recording.clone()))
         .build();
     let env = fake_env(json!({"reuseLease": true}));
-    runtime
+    let kept = runtime
         .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-1"))
         .await
-        .unwrap();
+        .unwrap()
+        .lease;
     runtime
         .release_run_leases("run-1", LeaseStatus::Released)
         .await
@@ -264,16 +265,71 @@ async fn b1_11_failed_resume_falls_back_to_acquire() {
     s.fake
         .faults()
         .fail_next(Operation::Resume, || Error::not_found("sandbox expired"));
-    let lease = runtime
+    let err = runtime
         .acquire_run_lease(AcquireRunLease::for_run(env, "run-2"))
+        .await
+        .unwrap_err();
+    // Paperclip 2026.916: no silent fresh acquire (spec 00 fell back).
+    assert_eq!(recording.operations(), vec![Operation::Resume]);
+    let text = err.to_string();
+    assert!(
+        text.contains("could not be resumed") && text.contains("no replacement was created"),
+        "{text}"
+    );
+    let row = runtime.lease_store().get(&kept.id).await.unwrap().unwrap();
+    assert_eq!(
+        row.status,
+        LeaseStatus::Released,
+        "the kept lease is preserved"
+    );
+    assert_eq!(s.fake.live_leases(), 1);
+}
+
+/// Paperclip 2026.916: a kept sandbox whose recorded config no longer
+/// matches the environment's is destroyed (`lease_fingerprint_mismatch`)
+/// when the environment is next acquired, instead of lingering.
+#[tokio::test]
+async fn a_kept_lease_whose_config_changed_is_destroyed_as_a_fingerprint_mismatch() {
+    let s = setup();
+    let env = fake_env(json!({"reuseLease": true, "runnerLifecycleMode": "warm"}));
+    let kept = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-1"))
         .await
         .unwrap()
         .lease;
+    s.runtime
+        .release_run_leases("run-1", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(s.fake.live_leases(), 1);
+    let changed = fake_env(json!({"reuseLease": true, "runnerLifecycleMode": "per_turn"}));
+    let fresh = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(changed, "run-2"))
+        .await
+        .unwrap()
+        .lease;
+    assert_ne!(fresh.id, kept.id);
     assert_eq!(
-        recording.operations(),
-        vec![Operation::Resume, Operation::Acquire]
+        fresh.metadata.as_ref().unwrap()["runnerLifecycleMode"],
+        json!("per_turn"),
+        "host flags are recorded with the config"
     );
-    assert!(lease.provider_lease_id.is_some());
+    let old = s
+        .runtime
+        .lease_store()
+        .get(&kept.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.status, LeaseStatus::Expired);
+    assert_eq!(
+        old.failure_reason.as_deref(),
+        Some("lease_fingerprint_mismatch")
+    );
+    assert_eq!(s.fake.live_leases(), 1, "only the fresh sandbox is left");
 }
 
 #[tokio::test]
@@ -509,7 +565,7 @@ async fn b1_16_b1_17_provider_readiness_wait_and_messages() {
 // ---- built-in fake ----
 
 #[tokio::test]
-async fn builtin_fake_reuse_ids_and_release_after_switch_to_local() {
+async fn builtin_fake_is_never_reusable_and_releases_after_switch_to_local() {
     let runtime = EnvironmentRuntime::builder().build();
     let env = Environment::new(
         "env-1",
@@ -522,13 +578,19 @@ async fn builtin_fake_reuse_ids_and_release_after_switch_to_local() {
         .await
         .unwrap()
         .lease;
-    assert_eq!(
-        lease.provider_lease_id.as_deref(),
-        Some("sandbox://fake/env-1")
+    // Paperclip 2026.916: the built-in fake declares no reusable leases, so
+    // `reuseLease: true` still gives a fresh, ephemeral lease every time.
+    assert_eq!(lease.lease_policy, LeasePolicy::Ephemeral);
+    assert!(
+        lease
+            .provider_lease_id
+            .as_deref()
+            .unwrap()
+            .starts_with("sandbox://fake/run-1/")
     );
     assert_eq!(
         json!(lease.metadata),
-        json!({"driver":"sandbox","executionWorkspaceMode":null,"provider":"fake","image":"alpine","reuseLease":true})
+        json!({"driver":"sandbox","executionWorkspaceMode":null,"provider":"fake","image":"alpine","reuseLease":false})
     );
     runtime
         .release_run_leases("run-1", LeaseStatus::Released)
@@ -540,13 +602,14 @@ async fn builtin_fake_reuse_ids_and_release_after_switch_to_local() {
         .await
         .unwrap()
         .lease;
-    assert_eq!(
-        again.provider_lease_id.as_deref(),
-        Some("sandbox://fake/env-1")
-    );
-    assert_eq!(
-        again.metadata.as_ref().unwrap()["resumedLease"],
-        json!(true)
+    assert_ne!(again.provider_lease_id, lease.provider_lease_id);
+    assert!(
+        again
+            .metadata
+            .as_ref()
+            .unwrap()
+            .get("resumedLease")
+            .is_none()
     );
 
     // B2.3: no command execution for built-in providers.
@@ -645,7 +708,58 @@ async fn b2_2_unsupported_operations_name_the_driver() {
     assert_eq!(realized.cwd, "/srv/ws");
     let record = &realized.metadata.unwrap()["workspaceRealization"];
     assert_eq!(record["summary"], "Local workspace realized at /srv/ws.");
-    assert_eq!(record["sync"]["strategy"], "none");
+    // Paperclip 2026.916's record shape.
+    assert_eq!(record["mode"], "copy");
+    assert_eq!(record["authoritativeRoot"], "/srv/ws");
+    assert_eq!(record["pathAliases"], json!([]));
+    assert_eq!(record["outboundRestorePaths"], json!([]));
+    assert_eq!(record["additional"], json!([]));
+    assert!(record.get("transport").is_none() && record.get("sync").is_none());
+}
+
+#[tokio::test]
+async fn realization_records_read_in_place_hints_aliases_and_additional_sources() {
+    let runtime = EnvironmentRuntime::builder().build();
+    let env = Environment::new("env-s", "Sandbox", "sandbox", json!({"provider": "fake"}));
+    let mut lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-s"))
+        .await
+        .unwrap()
+        .lease;
+    let md = lease.metadata.get_or_insert_with(Default::default);
+    md.insert("remoteCwd".into(), json!("/workspace"));
+    md.insert(
+        "workspaceRealization".into(),
+        json!({"mode": "in_place", "pathAliases": [{"path": "/srv/ws", "target": "/workspace"}, {"path": "x"}],
+            "outboundRestorePaths": ["out/", " "]}),
+    );
+    let realized = runtime
+        .realize_workspace(
+            &env,
+            &lease,
+            &WorkspaceSpec {
+                local_path: Some("/srv/ws".into()),
+                metadata: json!({"workspaceRealizationRequest": {"additionalSources": [
+                    {"localPath": "/srv/other", "projectId": "p2"}, {"projectId": "no-path"}]}})
+                .as_object()
+                .cloned(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let record = &realized.metadata.unwrap()["workspaceRealization"];
+    assert_eq!(record["mode"], "in_place");
+    assert_eq!(record["authoritativeRoot"], "/workspace");
+    assert_eq!(
+        record["pathAliases"],
+        json!([{"path": "/srv/ws", "target": "/workspace"}])
+    );
+    assert_eq!(record["outboundRestorePaths"], json!(["out/"]));
+    assert_eq!(
+        record["additional"],
+        json!([{"path": "/srv/other", "projectId": "p2", "projectWorkspaceId": null, "repoUrl": null, "repoRef": null}])
+    );
 }
 
 #[tokio::test]
@@ -762,18 +876,16 @@ async fn b3_3_b3_11_failed_cleanup_is_recorded_and_listed_for_retry() {
     let lease = &released[0].lease;
     assert_eq!(
         lease.status,
-        LeaseStatus::Expired,
-        "the row still moves to the requested status"
+        LeaseStatus::PendingCleanup,
+        "a failed cleanup routes the row to the sweep (Paperclip 2026.916)"
+    );
+    assert_eq!(
+        lease.failure_reason.as_deref(),
+        Some("release_cleanup_failed")
     );
     assert_eq!(lease.cleanup_status, Some(CleanupStatus::Failed));
-    assert!(
-        lease
-            .cleanup_error
-            .as_deref()
-            .unwrap()
-            .contains("provider API down")
-    );
-    assert_eq!(lease.cleanup_attempts, 1);
+    assert!(lease.cleanup_error().unwrap().contains("provider API down"));
+    assert_eq!(lease.cleanup_attempts(), 0, "only sweeps count attempts");
     let pending = s
         .runtime
         .lease_store()
@@ -858,7 +970,11 @@ async fn b3_7_provider_gone_at_release_records_failed_cleanup_without_a_call() {
         .await
         .into_result()
         .unwrap();
-    assert_eq!(released[0].lease.status, LeaseStatus::Released);
+    assert_eq!(
+        released[0].lease.status,
+        LeaseStatus::PendingCleanup,
+        "left for the sweep"
+    );
     assert_eq!(
         released[0].lease.cleanup_status,
         Some(CleanupStatus::Failed)
@@ -1527,22 +1643,23 @@ fn sandbox_driver_is_usable_on_its_own() {
 }
 
 #[tokio::test]
-async fn leases_get_an_expiry_from_the_configured_maximum_when_the_provider_has_none() {
+async fn the_configured_maximum_bounds_leases_through_the_reaper_not_a_stored_expiry() {
     let s = setup_with(RuntimeOptions {
-        max_lease_lifetime: Some(Duration::from_secs(3600)),
+        max_lease_lifetime: Some(Duration::from_millis(50)),
         ..Default::default()
     });
-    let before = paperclip_env::core::time::now();
     let lease = s
         .runtime
         .acquire_run_lease(AcquireRunLease::for_run(fake_env(json!({})), "run-1"))
         .await
         .unwrap()
         .lease;
-    let expires = lease.expires_at.expect("an expiry");
-    let lifetime = expires - before;
-    assert!(
-        lifetime >= chrono::Duration::seconds(3599) && lifetime <= chrono::Duration::seconds(3601),
-        "{lifetime}"
+    assert_eq!(
+        lease.expires_at, None,
+        "only a provider-confirmed expiry is stored"
     );
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let report = s.runtime.reap().await;
+    assert_eq!(report.expired, vec![lease.id.clone()], "{report:?}");
+    assert_eq!(s.fake.live_leases(), 0);
 }

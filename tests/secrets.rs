@@ -209,7 +209,7 @@ async fn d4_no_secret_in_logs_errors_or_debug_across_a_faulty_lifecycle() {
         .await
         .into_result()
         .unwrap();
-    let cleanup_error = released[0].lease.cleanup_error.clone().unwrap();
+    let cleanup_error = released[0].lease.cleanup_error().unwrap().to_owned();
     assert!(!cleanup_error.contains(SECRET), "{cleanup_error}");
 
     assert!(!format!("{:?}", s.fake.last_config().unwrap()).contains(SECRET));
@@ -341,4 +341,57 @@ async fn d6_inline_plaintext_is_refused_when_it_cannot_be_stored() {
             .unwrap()
             .is_none()
     );
+}
+
+/// Paperclip 2026.916 `envVars`: every command of a lease sees them, secret
+/// references are resolved on each call (a rotation shows on the next
+/// command), the request's own env wins, and an error quoting a resolved
+/// value is redacted.
+#[tokio::test]
+async fn env_vars_reach_every_command_with_secrets_resolved_per_call() {
+    let s = setup(false);
+    let id = s.secrets.insert(SECRET);
+    let vars = paperclip_env::core::env_vars::parse_env_vars(&json!({
+        "API_TOKEN": {"type": "secret_ref", "secretId": id, "version": "latest"},
+        "MODE": {"type": "plain", "value": "ci"},
+        "LEGACY": "inline",
+    }))
+    .unwrap();
+    let env = Environment::new("env-v", "E", "sandbox", json!({"provider": "fake-secret"}))
+        .with_env_vars(vars);
+    let lease = s
+        .runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-v"))
+        .await
+        .unwrap()
+        .lease;
+    assert!(!serde_json::to_string(&lease).unwrap().contains(SECRET));
+    let script = ExecuteRequest::shell("printf '%s|%s|%s' \"$API_TOKEN\" \"$MODE\" \"$LEGACY\"");
+    let out = s.runtime.execute(&env, &lease, &script).await.unwrap();
+    assert_eq!(out.stdout, format!("{SECRET}|ci|inline"));
+
+    s.secrets.set(&id, "sk-rotated-2");
+    let own = script.clone().env("MODE", "mine");
+    let out = s.runtime.execute(&env, &lease, &own).await.unwrap();
+    assert_eq!(
+        out.stdout, "sk-rotated-2|mine|inline",
+        "rotation seen, request env wins"
+    );
+
+    s.fake.faults().fail_next(Operation::Execute, || {
+        Error::provider("fake-secret", "env had sk-rotated-2 in it")
+    });
+    let err = s.runtime.execute(&env, &lease, &script).await.unwrap_err();
+    assert!(!err.to_string().contains("sk-rotated-2"), "{err}");
+    assert!(err.to_string().contains("[REDACTED]"), "{err}");
+
+    // A secret that cannot be resolved fails the command, naming the variable.
+    assert!(s.secrets.remove(&id));
+    let err = s.runtime.execute(&env, &lease, &script).await.unwrap_err();
+    assert!(err.to_string().contains("API_TOKEN"), "{err}");
+    s.runtime
+        .release_run_leases("run-v", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
 }

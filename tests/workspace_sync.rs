@@ -433,6 +433,129 @@ async fn excludes_gitignore_and_dry_run() {
     h.release().await;
 }
 
+/// Paperclip 2026.916's heavy directories stay out of both directions by
+/// default (a *file* with such a name is kept), a caller pattern re-includes
+/// one, and an empty list sends everything.
+#[tokio::test]
+async fn heavy_directories_are_excluded_by_default_and_overridable() {
+    let h = Harness::new(true).await;
+    let local = tempfile::tempdir().unwrap();
+    for dir in paperclip_env::core::workspace::DEFAULT_HEAVY_DIR_EXCLUDES {
+        write(local.path(), &format!("{dir}/x"), "heavy");
+        write(local.path(), &format!("pkg/{dir}/y"), "heavy");
+    }
+    write(local.path(), "src/build", "a file named build is source");
+    write(local.path(), "src/main.rs", "fn main() {}");
+    let default = SyncOptions::default();
+    let sent = h
+        .sync()
+        .await
+        .upload(local.path(), &h.remote, &default)
+        .await
+        .unwrap();
+    assert_eq!(sent.paths, ["pkg", "src", "src/build", "src/main.rs"]);
+
+    // Remotely produced heavy directories do not come back (pruned by find
+    // before tar), a regular file named like one does.
+    h.sh("mkdir -p node_modules/pkg a/dist && echo x > node_modules/pkg/i.js && echo y > a/dist/o.js && echo z > out2 && echo w > src/out")
+        .await;
+    let down = h
+        .sync()
+        .await
+        .download(&h.remote, local.path(), Some(&sent.baseline), &default)
+        .await
+        .unwrap();
+    let mut added = down.changes.added.clone();
+    added.sort();
+    assert_eq!(added, ["a", "out2", "src/out"], "{:?}", down.changes);
+
+    let with_dist = default.clone().exclude("!dist/").dry_run(true);
+    let plan = h
+        .sync()
+        .await
+        .upload(local.path(), &h.remote, &with_dist)
+        .await
+        .unwrap();
+    assert!(plan.paths.iter().any(|p| p == "dist/x"), "{:?}", plan.paths);
+    assert!(
+        plan.paths.iter().any(|p| p == "pkg/dist/y"),
+        "{:?}",
+        plan.paths
+    );
+    assert!(!plan.paths.iter().any(|p| p.starts_with("node_modules")));
+
+    let everything = SyncOptions::default()
+        .heavy_dir_excludes(Vec::<String>::new())
+        .dry_run(true);
+    let plan = h
+        .sync()
+        .await
+        .upload(local.path(), &h.remote, &everything)
+        .await
+        .unwrap();
+    assert!(
+        plan.paths.iter().any(|p| p == "node_modules/x"),
+        "{:?}",
+        plan.paths
+    );
+    assert!(
+        plan.paths.iter().any(|p| p == "pkg/.cache/y"),
+        "{:?}",
+        plan.paths
+    );
+    h.release().await;
+}
+
+/// An empty workspace packs to a valid empty tar (two zero blocks) that
+/// system tar and our own extraction read, and uploads as an empty tree.
+#[tokio::test]
+async fn an_empty_workspace_is_a_valid_empty_archive() {
+    let local = tempfile::tempdir().unwrap();
+    let mut archive = Vec::new();
+    let snapshot =
+        paperclip_env::core::workspace::pack(local.path(), &SyncOptions::default(), &mut archive)
+            .unwrap();
+    assert_eq!(snapshot.file_count(), 0);
+    assert_eq!(archive.len(), 1024);
+    assert!(archive.iter().all(|b| *b == 0));
+    let dest = tempfile::tempdir().unwrap();
+    let back =
+        paperclip_env::core::workspace::unpack(&archive[..], dest.path(), &SyncOptions::default())
+            .unwrap();
+    assert!(back.entries.is_empty());
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("empty.tar");
+    std::fs::write(&file, &archive).unwrap();
+    let listed = std::process::Command::new("tar")
+        .arg("-tf")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(listed.stdout.is_empty());
+
+    let h = Harness::new(true).await;
+    h.sh("echo stale > old.txt").await;
+    let sent = h
+        .sync()
+        .await
+        .upload(local.path(), &h.remote, &SyncOptions::default())
+        .await
+        .unwrap();
+    assert!(sent.paths.is_empty());
+    assert!(
+        Snapshot::of_dir(Path::new(&h.remote))
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+    h.release().await;
+}
+
 #[tokio::test]
 async fn limits_are_checked_before_anything_is_sent() {
     let h = Harness::new(true).await;

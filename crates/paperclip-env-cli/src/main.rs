@@ -21,6 +21,9 @@
 //! paperclip-env release <LEASE_ID>
 //! paperclip-env leases
 //! paperclip-env reap
+//! paperclip-env sync up <LEASE_ID> ./workspace     # and `sync down` to bring it back
+//! paperclip-env doctor --env env.json              # credentials, reachability, clock skew
+//! paperclip-env conformance --env env.json         # the conformance suite, a line per check
 //! paperclip-env emulate e2b   # a local E2B for the vendor SDK (see the README)
 //! ```
 #![deny(missing_docs)]
@@ -37,16 +40,20 @@ use paperclip_env_core::secret::EnvSecretResolver;
 use paperclip_env_core::store::{EnvironmentStore, LeaseStore};
 use paperclip_env_core::time::{self, Timestamp};
 use paperclip_env_core::{
-    AcquireRunLease, Environment, EnvironmentLease, EnvironmentRuntime, Error, ExecuteRequest,
-    LeaseStatus, OutputCapture, OutputStream, ReapReport, Reaper, ReaperOptions, RuntimeOptions,
+    AcquireRunLease, Environment, EnvironmentLease, EnvironmentRuntime, EnvironmentRuntimeDriver,
+    Error, ExecuteRequest, LeaseStatus, OutputCapture, OutputStream, ReapReport, Reaper,
+    ReaperOptions, RuntimeOptions, SandboxProvider,
 };
 use paperclip_env_providers::fake::FakeProvider;
 use paperclip_env_store_postgres::PostgresStore;
 use paperclip_env_store_sqlite::SqliteStore;
 use serde_json::{Value, json};
 
+mod conformance;
+mod doctor;
 #[cfg(feature = "emulate")]
 mod emulate;
+mod sync;
 
 /// Operate paperclip-env leases: probe environments, acquire, exec, release,
 /// list and reap leases. State lives in a SQLite file, so leases survive
@@ -84,8 +91,9 @@ struct Cli {
     )]
     fake_root: Option<PathBuf>,
 
-    /// Expiry given to leases whose provider reports none, e.g. `90s`, `30m`,
-    /// `24h`, `2d` [default: 24h].
+    /// Longest a sandbox or plugin lease may stay active before `reap`
+    /// releases it (the reaper's bound; never stored as `expiresAt`), e.g.
+    /// `90s`, `30m`, `24h`, `2d` [default: 24h].
     #[arg(long, global = true, env = "PAPERCLIP_ENV_MAX_LEASE_LIFETIME", value_name = "DURATION", value_parser = parse_duration)]
     max_lease_lifetime: Option<Duration>,
 
@@ -165,6 +173,38 @@ enum Command {
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Move a workspace into a lease (`up`) or back (`down`, a three-way
+    /// merge against the last sync), with progress (files, bytes, rate) on
+    /// stderr.
+    Sync {
+        /// `up`: DIR into the lease; `down`: the lease into DIR.
+        #[arg(value_enum)]
+        way: sync::Way,
+        /// The lease id.
+        lease: String,
+        /// The local workspace directory.
+        dir: PathBuf,
+        /// The directory in the lease [default: the lease's remoteCwd, else
+        /// its realized workspace].
+        #[arg(long, value_name = "PATH")]
+        remote: Option<String>,
+        /// Leave out paths matching this gitignore-style pattern (repeatable;
+        /// `.gitignore` files are honoured too).
+        #[arg(long = "exclude", value_name = "PATTERN")]
+        excludes: Vec<String>,
+    },
+    /// Check each configured environment (the `--env` files and every
+    /// environment of a lease in the state file): credentials present,
+    /// reachable (a probe), clock skew against the service; exits 1 when a
+    /// check fails.
+    Doctor {
+        /// An environment JSON file to check (repeatable).
+        #[arg(long = "env", value_name = "FILE")]
+        environments: Vec<PathBuf>,
+        /// Upper bound of each network check.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+        timeout: Duration,
+    },
     /// Release a lease through its driver (provider cleanup included).
     Release {
         /// The lease id.
@@ -194,6 +234,25 @@ enum Command {
         /// Wait before the first cleanup retry; doubles per attempt.
         #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
         initial_backoff: Duration,
+    },
+    /// Run the conformance suite against an environment (a real account, an
+    /// SSH host, a plugin, an emulator): a line per check with its MUST or
+    /// SHOULD level, then a summary. Everything it creates is released, also
+    /// on Ctrl-C; exits 1 when a MUST line fails, 130 when interrupted. No
+    /// state file is used.
+    Conformance {
+        /// The environment JSON file.
+        #[arg(long = "env", value_name = "FILE")]
+        environment: PathBuf,
+        /// Run only these lines: ids (`A6.1`, `R4`) or prefixes (`A6`).
+        #[arg(long, value_name = "LINE", num_args = 1.., value_delimiter = ',')]
+        only: Vec<String>,
+        /// Print the lines that would run, and exit.
+        #[arg(long)]
+        list: bool,
+        /// Upper bound of one call to the environment.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "120s")]
+        call_timeout: Duration,
     },
     /// Serve a provider's protocol emulator on 127.0.0.1 until SIGINT or
     /// SIGTERM; prints one JSON line with its URLs, credentials and the env
@@ -314,6 +373,8 @@ struct App {
     runtime: EnvironmentRuntime,
     state: State,
     json: bool,
+    /// Where `sync` keeps the snapshot of each lease's last transfer.
+    baselines: PathBuf,
 }
 
 fn read_environment(path: &Path) -> Result<Environment, Error> {
@@ -361,13 +422,35 @@ mod plugins {
     use std::path::Path;
     use std::sync::Arc;
 
+    use paperclip_env_core::Error;
     use paperclip_env_core::plugin::{
         DriverKind, PluginDriver, PluginManifest, PluginSandboxProvider, PluginWorker,
         PluginWorkerConfig,
     };
-    use paperclip_env_core::{Error, RuntimeBuilder};
     use serde::Deserialize;
     use serde_json::Value;
+
+    /// Every worker this process registered, shut down before it exits.
+    static WORKERS: std::sync::Mutex<Vec<PluginWorker>> = std::sync::Mutex::new(Vec::new());
+
+    /// Sends `shutdown` to every started worker (so its `onShutdown` runs),
+    /// then SIGTERM/SIGKILL as upstream. A plugin that kept state in the
+    /// host is told on stderr that the state ends with this command: every
+    /// CLI command starts fresh workers.
+    pub(crate) async fn shutdown_all() {
+        let workers = std::mem::take(&mut *WORKERS.lock().unwrap_or_else(|p| p.into_inner()));
+        for worker in workers {
+            if worker.has_host_state() {
+                eprintln!(
+                    "note: plugin \"{}\" kept state in the host (ctx.state); it does not survive this command, since each paperclip-env command starts its plugin workers afresh",
+                    worker.plugin_key()
+                );
+            }
+            if worker.starts() > 0 {
+                worker.shutdown().await;
+            }
+        }
+    }
 
     /// One `--plugin` file.
     #[derive(Deserialize)]
@@ -404,11 +487,11 @@ mod plugins {
         })
     }
 
-    /// Registers the plugins' providers and drivers; workers start on first use.
+    /// Adds the plugins' providers and drivers to `registry`; workers start on first use.
     pub(crate) fn register(
-        mut builder: RuntimeBuilder,
+        registry: &mut crate::Registry,
         files: &[std::path::PathBuf],
-    ) -> Result<RuntimeBuilder, Error> {
+    ) -> Result<(), Error> {
         let mut driver: Option<PluginDriver> = None;
         for file in files {
             let spec: PluginFile =
@@ -433,10 +516,14 @@ mod plugins {
                 config = config.env(key, value);
             }
             let worker = PluginWorker::new(config);
+            WORKERS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(worker.clone());
             for entry in &manifest.drivers {
                 match entry.kind {
                     DriverKind::SandboxProvider => {
-                        builder = builder.provider(Arc::new(PluginSandboxProvider::new(
+                        registry.providers.push(Arc::new(PluginSandboxProvider::new(
                             worker.clone(),
                             &entry.driver_key,
                         )?));
@@ -453,66 +540,75 @@ mod plugins {
             }
         }
         if let Some(driver) = driver {
-            builder = builder.driver(Arc::new(driver));
+            registry.drivers.push(Arc::new(driver));
         }
-        Ok(builder)
+        Ok(())
     }
 }
 
-/// Registers every provider compiled into this binary, configured from the
-/// environment (their documented env fallbacks).
-fn register_providers(
-    builder: paperclip_env_core::RuntimeBuilder,
-) -> Result<paperclip_env_core::RuntimeBuilder, Error> {
-    #[allow(unused_mut)]
-    let mut builder = builder;
-    #[cfg(feature = "e2b")]
-    {
-        builder = builder.provider(Arc::new(
+/// The providers and drivers one invocation serves.
+pub(crate) struct Registry {
+    pub(crate) providers: Vec<Arc<dyn SandboxProvider>>,
+    pub(crate) drivers: Vec<Arc<dyn EnvironmentRuntimeDriver>>,
+}
+
+impl Registry {
+    /// Every provider compiled into this binary, configured from the
+    /// environment (their documented env fallbacks), the fake, and the
+    /// `--plugin` files' providers and drivers.
+    pub(crate) fn from_cli(cli: &Cli) -> Result<Self, Error> {
+        let mut fake = FakeProvider::builder().secret_field("apiKey");
+        if let Some(root) = &cli.fake_root {
+            fake = fake.temp_root(root);
+        }
+        let fake = fake.build();
+        if let Some(stall) = cli.fake_stall_after_create {
+            fake.faults().stall_after_create(stall);
+        }
+        let mut registry = Registry {
+            providers: vec![Arc::new(fake)],
+            drivers: Vec::new(),
+        };
+        registry.compiled_in()?;
+        #[cfg(feature = "plugin")]
+        plugins::register(&mut registry, &cli.plugins)?;
+        Ok(registry)
+    }
+
+    fn compiled_in(&mut self) -> Result<(), Error> {
+        #[cfg(feature = "e2b")]
+        self.providers.push(Arc::new(
             paperclip_env_providers::e2b::E2bProvider::from_env()?,
         ));
-    }
-    #[cfg(feature = "novita")]
-    {
-        builder = builder.provider(Arc::new(
+        #[cfg(feature = "novita")]
+        self.providers.push(Arc::new(
             paperclip_env_providers::e2b::E2bProvider::novita_from_env()?,
         ));
-    }
-    #[cfg(feature = "cloudflare")]
-    {
-        builder = builder.provider(Arc::new(
+        #[cfg(feature = "cloudflare")]
+        self.providers.push(Arc::new(
             paperclip_env_providers::cloudflare::CloudflareProvider::builder().build()?,
         ));
-    }
-    #[cfg(feature = "daytona")]
-    {
-        builder = builder.provider(Arc::new(
+        #[cfg(feature = "daytona")]
+        self.providers.push(Arc::new(
             paperclip_env_providers::daytona::DaytonaProvider::from_env()?,
         ));
-    }
-    #[cfg(feature = "exe-dev")]
-    {
-        builder = builder.provider(Arc::new(
+        #[cfg(feature = "exe-dev")]
+        self.providers.push(Arc::new(
             paperclip_env_providers::exe_dev::ExeDevProvider::from_env()?,
         ));
-    }
-    #[cfg(feature = "modal")]
-    {
-        builder = builder.provider(Arc::new(
+        #[cfg(feature = "modal")]
+        self.providers.push(Arc::new(
             paperclip_env_providers::modal::ModalProvider::from_env()?,
         ));
-    }
-    #[cfg(feature = "kubernetes")]
-    {
-        builder = builder.provider(Arc::new(
+        #[cfg(feature = "kubernetes")]
+        self.providers.push(Arc::new(
             paperclip_env_providers::kubernetes::KubernetesProvider::builder().build(),
         ));
+        #[cfg(feature = "ssh")]
+        self.drivers
+            .push(Arc::new(paperclip_env_providers::ssh::SshDriver::new()));
+        Ok(())
     }
-    #[cfg(feature = "ssh")]
-    {
-        builder = builder.driver(Arc::new(paperclip_env_providers::ssh::SshDriver::new()));
-    }
-    Ok(builder)
 }
 
 impl App {
@@ -531,10 +627,6 @@ impl App {
             State::Sqlite(store) => (store.clone(), store.clone()),
             State::Postgres(store) => (store.clone(), store.clone()),
         };
-        let mut fake = FakeProvider::builder().secret_field("apiKey");
-        if let Some(root) = &cli.fake_root {
-            fake = fake.temp_root(root);
-        }
         let defaults = RuntimeOptions::default();
         let options = RuntimeOptions {
             max_lease_lifetime: cli.max_lease_lifetime.or(defaults.max_lease_lifetime),
@@ -543,24 +635,29 @@ impl App {
                 .unwrap_or(defaults.acquisition_heartbeat),
             ..defaults
         };
-        let fake = fake.build();
-        if let Some(stall) = cli.fake_stall_after_create {
-            fake.faults().stall_after_create(stall);
-        }
-        let builder = EnvironmentRuntime::builder()
+        let mut builder = EnvironmentRuntime::builder()
             .lease_store(leases)
             .environment_store(environments)
             .secrets(Arc::new(EnvSecretResolver::new()))
-            .provider(Arc::new(fake))
             .options(options);
-        let builder = register_providers(builder)?;
-        #[cfg(feature = "plugin")]
-        let builder = plugins::register(builder, &cli.plugins)?;
+        let registry = Registry::from_cli(cli)?;
+        for provider in registry.providers {
+            builder = builder.provider(provider);
+        }
+        for driver in registry.drivers {
+            builder = builder.driver(driver);
+        }
         let runtime = builder.build();
+        let state_path = cli.state.clone().unwrap_or_else(default_state_path);
+        let baselines = state_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join("baselines");
         Ok(App {
             runtime,
             state,
             json: cli.json,
+            baselines,
         })
     }
 
@@ -574,15 +671,15 @@ impl App {
             .get(id)
             .await?
             .ok_or_else(|| Error::not_found(format!("No lease {id} in the state file.")))?;
+        let environment_id = lease.environment_id.clone().unwrap_or_default();
         let environment = self
             .runtime
             .environment_store()
-            .get(&lease.environment_id)
+            .get(&environment_id)
             .await?
             .ok_or_else(|| {
                 Error::not_found(format!(
-                    "Environment {} of lease {id} is not in the state file.",
-                    lease.environment_id
+                    "Environment {environment_id} of lease {id} is not in the state file."
                 ))
             })?;
         Ok((lease, environment))
@@ -699,6 +796,27 @@ impl App {
                 };
                 Ok(code)
             }
+            Command::Sync {
+                way,
+                lease,
+                dir,
+                remote,
+                excludes,
+            } => {
+                let options = sync::Options {
+                    way,
+                    lease,
+                    dir,
+                    remote,
+                    excludes,
+                    baselines: self.baselines.clone(),
+                };
+                sync::run(self, options).await
+            }
+            Command::Doctor {
+                environments,
+                timeout,
+            } => doctor::run(self, &environments, timeout).await,
             Command::Release { lease, status } => {
                 let (lease, env) = self.lease_and_environment(&lease).await?;
                 let released = slow(
@@ -729,7 +847,11 @@ impl App {
                     .list_all()
                     .await?
                     .into_iter()
-                    .filter(|l| environment.as_ref().is_none_or(|e| &l.environment_id == e))
+                    .filter(|l| {
+                        environment
+                            .as_ref()
+                            .is_none_or(|e| l.environment_id.as_ref() == Some(e))
+                    })
                     .filter(|l| status.is_none_or(|s| l.status == s))
                     .collect();
                 if self.json {
@@ -765,6 +887,10 @@ impl App {
                 "command",
                 "emulate runs without a state file",
             )),
+            Command::Conformance { .. } => Err(Error::invalid_field(
+                "command",
+                "conformance runs without a state file",
+            )),
         }
     }
 
@@ -788,7 +914,7 @@ impl App {
             println!(
                 "{:<36}  {:<16}  {:<15}  {:<8}  {:<14}  {:<16}  {}",
                 lease.id,
-                lease.environment_id,
+                lease.environment_id.as_deref().unwrap_or("-"),
                 lease.status.as_str(),
                 lease.cleanup_status.map(|c| c.as_str()).unwrap_or("-"),
                 human_age(lease.acquired_at, now),
@@ -875,10 +1001,37 @@ async fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Conformance {
+        environment,
+        only,
+        list,
+        call_timeout,
+    } = &cli.command
+    {
+        let options = conformance::Options {
+            environment: environment.clone(),
+            only: only.clone(),
+            list: *list,
+            call_timeout: *call_timeout,
+            json: cli.json,
+        };
+        let outcome = conformance::run(&cli, options).await;
+        #[cfg(feature = "plugin")]
+        plugins::shutdown_all().await;
+        return match outcome {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let outcome = match App::open(&cli).await {
         Ok(app) => app.run(cli.command).await,
         Err(e) => Err(e),
     };
+    #[cfg(feature = "plugin")]
+    plugins::shutdown_all().await;
     match outcome {
         Ok(code) => code,
         Err(e) => {

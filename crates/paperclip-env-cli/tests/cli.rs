@@ -85,6 +85,9 @@ fn help_documents_every_command() {
         ("release", "Release a lease"),
         ("leases", "List leases"),
         ("reap", "expired and stranded"),
+        ("sync", "Move a workspace"),
+        ("conformance", "Run the conformance suite"),
+        ("doctor", "Check each configured environment"),
     ] {
         assert!(help.contains(command), "--help lacks {command}:\n{help}");
         assert!(help.contains(words), "--help lacks {words:?}:\n{help}");
@@ -113,7 +116,10 @@ fn full_lifecycle_on_the_fake_provider() {
     let lease = sb.ok_json(&["acquire", "--env", env, "--run", "run-1"]);
     let id = lease["id"].as_str().unwrap().to_owned();
     assert_eq!(lease["status"], "active");
-    assert!(lease["expiresAt"].is_string(), "every lease gets an expiry");
+    assert!(
+        lease["expiresAt"].is_null(),
+        "only a provider-confirmed expiry is stored (the lifetime bound is the reaper's)"
+    );
     let root = PathBuf::from(lease["metadata"]["fakeRootDir"].as_str().unwrap());
     assert!(root.is_dir() && root.starts_with(sb.fake_root()));
 
@@ -186,7 +192,8 @@ fn a_killed_acquire_is_reaped_after_restart() {
     assert_eq!(listed[0]["id"], id);
 
     std::thread::sleep(Duration::from_millis(1200));
-    let report = sb.ok_json(&["reap"]);
+    // The lifetime bound is applied by the reaper (no stored expiry).
+    let report = sb.ok_json(&["--max-lease-lifetime", "1s", "reap"]);
     assert_eq!(report["expired"], json!([id]), "{report}");
     assert_eq!(report["failures"], json!([]));
     assert!(!root.exists(), "the crashed process's sandbox leaked");
@@ -549,6 +556,13 @@ fn plugin_files_register_out_of_process_providers() {
             "{method} not called: {seen}"
         );
     }
+    // Every command that started the worker stopped it with `shutdown`
+    // (so a plugin's `onShutdown` runs): probe, acquire, exec, release.
+    assert_eq!(
+        seen.lines().filter(|l| *l == "shutdown").count(),
+        4,
+        "{seen}"
+    );
 
     // A broken plugin file is a clean error naming the field.
     std::fs::write(sb.dir.path().join("bad.json"), r#"{"command": "sh"}"#).unwrap();
@@ -561,4 +575,146 @@ fn plugin_files_register_out_of_process_providers() {
         "{shown}"
     );
     assert!(!shown.contains("panicked"), "{shown}");
+}
+
+#[test]
+fn exec_streams_output_before_the_command_exits() {
+    use std::io::Read;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let lease = sb.ok_json(&["acquire", "--env", env.to_str().unwrap(), "--run", "run-s"]);
+    let id = lease["id"].as_str().unwrap().to_owned();
+    // The command prints, then waits for a file only this test creates, and
+    // only after it has read that first line.
+    let marker = sb.dir.path().join("go");
+    let script = "echo first; while [ ! -e \"$1\" ]; do sleep 0.05; done; echo second";
+    let mut child = sb
+        .command()
+        .args(["exec", &id, "--", "sh", "-c", script, "sh"])
+        .arg(&marker)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // If output only came at exit, the read below would wait forever: a
+    // watchdog unblocks the command and the test fails instead.
+    let fired = Arc::new(AtomicBool::new(false));
+    {
+        let (fired, marker) = (fired.clone(), marker.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(30));
+            fired.store(true, Ordering::SeqCst);
+            let _ = std::fs::write(marker, "");
+        });
+    }
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "first\n");
+    assert!(
+        !fired.load(Ordering::SeqCst),
+        "no output until the watchdog fired"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the command already exited"
+    );
+    std::fs::write(&marker, "").unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "second\n");
+    assert!(child.wait().unwrap().success());
+    sb.ok_json(&["release", &id]);
+}
+
+#[test]
+fn sync_moves_a_workspace_up_and_back_with_progress() {
+    let sb = Sandbox::new();
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let lease = sb.ok_json(&[
+        "acquire",
+        "--env",
+        env.to_str().unwrap(),
+        "--run",
+        "run-sync",
+    ]);
+    let id = lease["id"].as_str().unwrap().to_owned();
+    let local = sb.dir.path().join("work");
+    std::fs::create_dir_all(local.join("sub")).unwrap();
+    std::fs::write(local.join("a.txt"), "a\n").unwrap();
+    std::fs::write(local.join("b.txt"), "b\n").unwrap();
+    std::fs::write(local.join("sub/c.txt"), "c\n").unwrap();
+    let dir = local.to_str().unwrap();
+
+    let out = sb.run(&["sync", "up", &id, dir]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("sync up "), "no progress lines: {stderr}");
+    assert!(
+        stderr.contains("files,") && stderr.contains("/s"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("uploaded 3 files"), "{stderr}");
+
+    let up = sb.ok_json(&["sync", "up", &id, dir]);
+    assert_eq!(up["direction"], "up");
+    assert_eq!(up["files"], 3);
+    assert!(up["archiveBytes"].as_u64().unwrap() > 0);
+    let remote = up["remote"].as_str().unwrap().to_owned();
+
+    let edit = "printf changed > a.txt && rm b.txt && printf new > d.txt";
+    let out = sb.run(&["exec", &id, "--cwd", &remote, "--", "sh", "-c", edit]);
+    assert!(out.status.success(), "{}", text(&out));
+    // A local edit to a file the lease did not touch survives the merge.
+    std::fs::write(local.join("sub/c.txt"), "edited here\n").unwrap();
+
+    let down = sb.ok_json(&["sync", "down", &id, dir]);
+    assert_eq!(down["baseline"], true);
+    assert_eq!(down["changes"]["added"], json!(["d.txt"]), "{down}");
+    assert_eq!(down["changes"]["modified"], json!(["a.txt"]), "{down}");
+    assert_eq!(down["changes"]["deleted"], json!(["b.txt"]), "{down}");
+    assert_eq!(
+        std::fs::read_to_string(local.join("a.txt")).unwrap(),
+        "changed"
+    );
+    assert_eq!(std::fs::read_to_string(local.join("d.txt")).unwrap(), "new");
+    assert!(!local.join("b.txt").exists());
+    assert_eq!(
+        std::fs::read_to_string(local.join("sub/c.txt")).unwrap(),
+        "edited here\n"
+    );
+
+    let out = sb.run(&["sync", "down", &id, dir]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("downloaded "),
+        "{}",
+        text(&out)
+    );
+    sb.ok_json(&["release", &id]);
+    let out = sb.run(&["sync", "up", &id, dir]);
+    assert!(!out.status.success(), "sync on a released lease must fail");
+}
+
+#[test]
+fn doctor_checks_the_environments_of_the_state_file() {
+    let sb = Sandbox::new();
+    let out = sb.run(&["doctor"]);
+    assert!(!out.status.success(), "nothing to check must be an error");
+    assert!(text(&out).contains("--env"), "{}", text(&out));
+
+    let env = sb.env_file(json!({"provider": "fake-plugin"}));
+    let lease = sb.ok_json(&["acquire", "--env", env.to_str().unwrap(), "--run", "run-d"]);
+    let out = sb.run(&["doctor"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("env-fake (sandbox, provider fake-plugin)"),
+        "{report}"
+    );
+    assert!(report.contains("ok    reachable"), "{report}");
+    assert!(report.contains("warn  clock"), "{report}");
+    sb.ok_json(&["release", lease["id"].as_str().unwrap()]);
 }

@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tracing::{Instrument, warn};
 
-use crate::lease::{CleanupStatus, EnvironmentLease, JsonObject, LeaseStatus};
+use crate::lease::{CleanupStatus, EnvironmentLease, JsonObject, LeaseStatus, failure_reasons};
 use crate::store::{AcquiredLease, LeaseStore, NewLease, ReleaseUpdate};
 use crate::{Error, Result, time};
 
@@ -191,6 +191,7 @@ async fn run_task(
                 failure_reason: Some(ACQUIRE_FAILED_REASON.into()),
                 cleanup_status: Some(CleanupStatus::Success),
                 cleanup_error: None,
+                termination: None,
             };
             if let Err(store_error) = store.release(&row.id, LeaseStatus::Failed, update).await {
                 warn!(lease = %row.id, error = %store_error, "could not record the failed acquisition; the reaper will sweep it");
@@ -242,20 +243,49 @@ async fn run_task(
             let result = match teardown {
                 Ok(()) => {
                     let update = ReleaseUpdate {
-                        failure_reason: Some(ACQUIRE_FAILED_REASON.into()),
+                        failure_reason: Some(
+                            failure_reasons::ACQUIRE_REJECTED_TEARDOWN_SUCCEEDED.into(),
+                        ),
                         cleanup_status: Some(CleanupStatus::Success),
                         cleanup_error: None,
+                        termination: None,
                     };
                     let _ = store.release(&row.id, LeaseStatus::Failed, update).await;
                     Err(error)
                 }
-                Err(cleanup_error) => Err(Error::Store {
-                    message: format!(
-                        "recording the lease failed ({error}); releasing provider resource {id} also failed: {}",
-                        acquirer.scrub(&cleanup_error.to_string())
-                    ),
-                    source: None,
-                }),
+                Err(cleanup_error) => {
+                    let message = acquirer.scrub(&cleanup_error.to_string());
+                    // The row is the durable record of the live resource:
+                    // give it the provider id and Paperclip's reason, so the
+                    // sweep retries the teardown directly. If the store is
+                    // still down the row stays in flight, and the reaper
+                    // sweeps the provider by run label instead.
+                    if store
+                        .complete_acquisition(&row.id, acquired.clone())
+                        .await
+                        .ok()
+                        .flatten()
+                        .is_some()
+                    {
+                        let update = ReleaseUpdate {
+                            failure_reason: Some(
+                                failure_reasons::ACQUIRE_REJECTED_TEARDOWN_FAILED.into(),
+                            ),
+                            cleanup_status: Some(CleanupStatus::Failed),
+                            cleanup_error: Some(message.clone()),
+                            termination: None,
+                        };
+                        let _ = store
+                            .release(&row.id, LeaseStatus::PendingCleanup, update)
+                            .await;
+                    }
+                    Err(Error::Store {
+                        message: format!(
+                            "recording the lease failed ({error}); releasing provider resource {id} also failed: {message}"
+                        ),
+                        source: None,
+                    })
+                }
             };
             let _ = tx.send(result);
         }
@@ -274,11 +304,13 @@ async fn abandon(
             failure_reason: Some(ACQUIRE_ABANDONED_REASON.into()),
             cleanup_status: Some(CleanupStatus::Success),
             cleanup_error: None,
+            termination: None,
         },
         Err(e) => ReleaseUpdate {
             failure_reason: Some(ACQUIRE_ABANDONED_REASON.into()),
             cleanup_status: Some(CleanupStatus::Failed),
             cleanup_error: Some(acquirer.scrub(&e.to_string())),
+            termination: None,
         },
     };
     let failed = update.cleanup_status == Some(CleanupStatus::Failed);
@@ -354,7 +386,7 @@ mod tests {
         let lease = EnvironmentLease {
             id: "l".into(),
             company_id: None,
-            environment_id: "e".into(),
+            environment_id: Some("e".into()),
             execution_workspace_id: None,
             issue_id: None,
             heartbeat_run_id: None,
@@ -369,8 +401,6 @@ mod tests {
             failure_reason: Some(ACQUIRE_IN_PROGRESS_REASON.into()),
             cleanup_status: Some(CleanupStatus::Pending),
             metadata: Some(md),
-            cleanup_attempts: 0,
-            cleanup_error: None,
             created_at: now,
             updated_at: now,
         };

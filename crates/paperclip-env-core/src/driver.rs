@@ -29,9 +29,12 @@ pub struct RuntimeOptions {
     pub provider_ready_timeout: Duration,
     /// Poll interval of that wait (100 ms).
     pub provider_ready_poll: Duration,
-    /// Expiry given to sandbox leases whose provider reports none (default
-    /// [`DEFAULT_MAX_LEASE_LIFETIME`], 24 h; `None`: no expiry). The reaper
-    /// releases leases past their expiry, so no sandbox bills forever.
+    /// The reaper's own bound on `sandbox` and `plugin` leases (default
+    /// [`DEFAULT_MAX_LEASE_LIFETIME`], 24 h; `None`: no bound): an active
+    /// lease acquired longer ago is released as `expired`, so no sandbox
+    /// bills forever. It is never written as `expiresAt`: like Paperclip
+    /// 2026.916, a lease stores an expiry only when its provider confirmed
+    /// one (spec 00 had the SDK synthesize it; issue #22 wins).
     pub max_lease_lifetime: Option<Duration>,
     /// How often an acquisition in flight touches its row (10 s). The reaper
     /// treats a row silent for three beats as left by a dead process and

@@ -46,6 +46,13 @@ pub struct ExecuteRequest {
     /// How much output to keep in the result (streaming is unaffected).
     #[serde(skip)]
     pub capture: OutputCapture,
+    /// Run outside the lease's persistent session (upstream's
+    /// `bypassSession`): set on commands that run before the run's agent
+    /// work, such as a workspace provision command, so a provider that opens
+    /// a session on the first command opens it on the first in-run command
+    /// instead. Sent to plugin workers; providers without sessions ignore it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bypass_session: bool,
 }
 
 impl std::fmt::Debug for ExecuteRequest {
@@ -61,6 +68,7 @@ impl std::fmt::Debug for ExecuteRequest {
             )
             .field("timeout_ms", &self.timeout_ms)
             .field("capture", &self.capture)
+            .field("bypass_session", &self.bypass_session)
             .finish()
     }
 }
@@ -110,6 +118,12 @@ impl ExecuteRequest {
     /// Sets stdin.
     pub fn stdin(mut self, stdin: impl Into<String>) -> Self {
         self.stdin = Some(stdin.into());
+        self
+    }
+
+    /// Sets [`ExecuteRequest::bypass_session`].
+    pub fn bypass_session(mut self, bypass: bool) -> Self {
+        self.bypass_session = bypass;
         self
     }
 

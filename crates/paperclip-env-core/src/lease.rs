@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::env_vars::EnvVars;
 use crate::time::{self, Timestamp};
 
 /// A JSON object, the shape of configs and metadata.
@@ -180,6 +181,11 @@ pub struct Environment {
     /// Driver config (spec 00 §3); secret fields hold secret ids, never plaintext.
     #[serde(default = "default_config")]
     pub config: Value,
+    /// Variables applied to every command of a lease (Paperclip 2026.916
+    /// `envVars`; see [`crate::env_vars`]). Absent reads as `{}`, and `{}` is
+    /// written, as Paperclip's `env_vars` column is `NOT NULL DEFAULT '{}'`.
+    #[serde(default, with = "crate::env_vars::serde_env_vars")]
+    pub env_vars: EnvVars,
     /// Free-form metadata.
     #[serde(default)]
     pub metadata: Option<Value>,
@@ -249,6 +255,7 @@ impl fmt::Debug for Environment {
             .field("driver", &self.driver)
             .field("status", &self.status)
             .field("config", &redact_credentials(&self.config))
+            .field("env_vars", &self.env_vars)
             .field("metadata", &self.metadata.as_ref().map(redact_credentials))
             .field("created_at", &self.created_at)
             .field("updated_at", &self.updated_at)
@@ -279,10 +286,28 @@ impl Environment {
             driver: driver.into(),
             status: EnvironmentStatus::Active,
             config,
+            env_vars: EnvVars::new(),
             metadata: None,
             created_at: now,
             updated_at: now,
         }
+    }
+
+    /// A new active environment with a fresh UUID id, as Paperclip creates them.
+    ///
+    /// ```
+    /// use paperclip_env_core::Environment;
+    /// let env = Environment::create("Sandbox", "sandbox", serde_json::json!({}));
+    /// assert!(uuid::Uuid::parse_str(&env.id).is_ok());
+    /// ```
+    pub fn create(name: impl Into<String>, driver: impl Into<String>, config: Value) -> Self {
+        Environment::new(uuid::Uuid::new_v4().to_string(), name, driver, config)
+    }
+
+    /// Sets the variables applied to every command of its leases.
+    pub fn with_env_vars(mut self, env_vars: EnvVars) -> Self {
+        self.env_vars = env_vars;
+        self
     }
 
     /// Sets the owning company.
@@ -309,8 +334,14 @@ pub struct EnvironmentLease {
     /// Owning company.
     #[serde(default)]
     pub company_id: Option<String>,
-    /// The environment leased.
-    pub environment_id: String,
+    /// The environment leased. `None` in a row whose environment was deleted
+    /// while it was `pending_cleanup` (Paperclip 2026.916's foreign key is
+    /// `on delete set null`, and an orphan recorded after a concurrent delete
+    /// is written with a null reference); such a row still carries everything
+    /// its teardown needs in `metadata`. Spec 00 §2.3 had it required; issue
+    /// #22 wins.
+    #[serde(default)]
+    pub environment_id: Option<String>,
     /// The run's persisted execution workspace.
     #[serde(default)]
     pub execution_workspace_id: Option<String>,
@@ -336,7 +367,9 @@ pub struct EnvironmentLease {
     /// Touched by release and metadata updates.
     #[serde(with = "time::iso")]
     pub last_used_at: Timestamp,
-    /// Provider lifetime end, when known.
+    /// Provider lifetime end, only when the provider confirmed one (Paperclip
+    /// 2026.916 records only a provider-attested expiry; the host's own
+    /// `max_lease_lifetime` is the reaper's bound, never a stored expiry).
     #[serde(with = "time::iso_opt", default)]
     pub expires_at: Option<Timestamp>,
     /// Set on every release except `retained`.
@@ -351,12 +384,6 @@ pub struct EnvironmentLease {
     /// Everything needed to act on the lease later (spec 00 §2.9).
     #[serde(default)]
     pub metadata: Option<JsonObject>,
-    /// Provider cleanup attempts made so far (SDK extension; absent in Paperclip rows).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub cleanup_attempts: u32,
-    /// Last provider cleanup error (SDK extension; never contains a secret).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cleanup_error: Option<String>,
     /// Row creation time.
     #[serde(with = "time::iso")]
     pub created_at: Timestamp,
@@ -365,11 +392,117 @@ pub struct EnvironmentLease {
     pub updated_at: Timestamp,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+/// Metadata key of the pending-cleanup sweep's attempt counter (Paperclip's
+/// `PENDING_CLEANUP_ATTEMPTS_METADATA_KEY`). Replaces the SDK's former
+/// top-level `cleanupAttempts` column, which Paperclip rows never had.
+pub const PENDING_CLEANUP_ATTEMPTS_KEY: &str = "pendingCleanupRetryAttempts";
+/// Metadata key set once a lease reached the sweep cap and was reported
+/// (Paperclip's `PENDING_CLEANUP_CAP_WARNED_METADATA_KEY`).
+pub const PENDING_CLEANUP_CAP_WARNED_KEY: &str = "pendingCleanupRetryCapWarned";
+/// How many sweep attempts a `pending_cleanup` lease gets before it is left
+/// for manual cleanup (Paperclip's `PENDING_CLEANUP_SWEEP_ATTEMPT_CAP`).
+pub const PENDING_CLEANUP_ATTEMPT_CAP: u32 = 5;
+/// Metadata key of the last provider cleanup error (an SDK extension inside
+/// `metadata`, scrubbed of secrets; replaces the former top-level
+/// `cleanupError`, which Paperclip rows never had). Cleared on success.
+pub const LAST_CLEANUP_ERROR_KEY: &str = "lastCleanupError";
+/// Metadata key of a provider-confirmed termination receipt
+/// (`{schema: "paperclip.remote-termination.v1", …}`).
+pub const REMOTE_TERMINATION_KEY: &str = "remoteExecutionTermination";
+
+/// `failureReason` strings of Paperclip 2026.916 that the SDK writes.
+pub mod failure_reasons {
+    /// A release whose provider cleanup failed: the row becomes
+    /// `pending_cleanup`, so the sweep retries the teardown (spec 00 left
+    /// the row in its release status with `cleanupStatus: failed`; issue #22
+    /// wins).
+    pub const RELEASE_CLEANUP_FAILED: &str = "release_cleanup_failed";
+    /// A resource created but never recorded on an `active` row, whose
+    /// inline teardown failed: the row stays `pending_cleanup` for the sweep.
+    pub const ACQUIRE_REJECTED_TEARDOWN_FAILED: &str = "acquire_rejected_teardown_failed";
+    /// The same, but the inline teardown removed the resource.
+    pub const ACQUIRE_REJECTED_TEARDOWN_SUCCEEDED: &str = "acquire_rejected_teardown_succeeded";
+    /// Written by a sweep attempt on a `pending_cleanup` row.
+    pub const PENDING_CLEANUP_RETRY: &str = "pending_cleanup_retry";
+    /// A kept reusable lease destroyed because its recorded config (its
+    /// fingerprint) no longer matches the environment's.
+    pub const LEASE_FINGERPRINT_MISMATCH: &str = "lease_fingerprint_mismatch";
+    /// A kept reusable lease whose resource the provider reported gone on
+    /// resume; a fresh lease replaced it.
+    pub const RESUME_FAILED: &str = "resume_failed";
+    /// A lease released as `failed` (the run failed).
+    pub const ADAPTER_OR_RUN_FAILURE: &str = "adapter_or_run_failure";
+}
+
+/// Schema tag of a termination receipt.
+pub const REMOTE_TERMINATION_SCHEMA: &str = "paperclip.remote-termination.v1";
+
+/// The termination receipt Paperclip 2026.916 stores in
+/// `metadata.remoteExecutionTermination` once the provider confirmed that
+/// the lease's resource is `stopped` or `destroyed`:
+/// `{schema, companyId, runId, leaseId, provider, providerLeaseId, state,
+/// confirmedAt}`. `None` (no receipt) for a lease without a run, a provider
+/// lease id, or a non-local provider, as upstream binds a receipt only to
+/// such a lease.
+pub fn remote_termination_receipt(lease: &EnvironmentLease, state: &str) -> Option<Value> {
+    let run = lease.heartbeat_run_id.as_deref()?;
+    let provider = lease
+        .provider
+        .as_deref()
+        .filter(|p| *p != driver_keys::LOCAL)?;
+    let provider_lease_id = lease
+        .provider_lease_id
+        .as_deref()
+        .filter(|p| !p.is_empty())?;
+    if !matches!(state, "stopped" | "destroyed") {
+        return None;
+    }
+    Some(serde_json::json!({
+        "schema": REMOTE_TERMINATION_SCHEMA,
+        "companyId": lease.company_id,
+        "runId": run,
+        "leaseId": lease.id,
+        "provider": provider,
+        "providerLeaseId": provider_lease_id,
+        "state": state,
+        "confirmedAt": time::to_iso(&time::now()),
+    }))
+}
+
+/// The sweep attempt count stored in `metadata`, read as Paperclip reads it:
+/// a non-number or negative value is 0, a fraction is floored, and the value
+/// is clamped to [`PENDING_CLEANUP_ATTEMPT_CAP`].
+pub fn read_cleanup_attempts(metadata: Option<&JsonObject>) -> u32 {
+    let Some(value) = metadata
+        .and_then(|m| m.get(PENDING_CLEANUP_ATTEMPTS_KEY))
+        .and_then(Value::as_f64)
+    else {
+        return 0;
+    };
+    if !value.is_finite() || value <= 0.0 {
+        return 0;
+    }
+    (value.floor().min(f64::from(PENDING_CLEANUP_ATTEMPT_CAP))) as u32
 }
 
 impl EnvironmentLease {
+    /// Sweep attempts claimed so far (`metadata.pendingCleanupRetryAttempts`,
+    /// clamped as Paperclip reads it).
+    pub fn cleanup_attempts(&self) -> u32 {
+        read_cleanup_attempts(self.metadata.as_ref())
+    }
+
+    /// The last provider cleanup error (`metadata.lastCleanupError`).
+    pub fn cleanup_error(&self) -> Option<&str> {
+        self.metadata_str(LAST_CLEANUP_ERROR_KEY)
+    }
+
+    /// The provider-confirmed termination receipt, if the last release
+    /// recorded one (`metadata.remoteExecutionTermination`).
+    pub fn termination_receipt(&self) -> Option<&Value> {
+        self.metadata.as_ref()?.get(REMOTE_TERMINATION_KEY)
+    }
+
     /// Reads a string metadata key.
     pub fn metadata_str(&self, key: &str) -> Option<&str> {
         self.metadata.as_ref()?.get(key)?.as_str()

@@ -23,6 +23,7 @@
 //! # Ok::<(), paperclip_env_core::Error>(())
 //! # }).unwrap();
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -31,10 +32,12 @@ pub mod config;
 pub mod deadline;
 pub mod driver;
 pub mod drivers;
+pub mod env_vars;
 mod error;
 pub mod execute;
 pub mod lease;
 #[cfg(feature = "plugin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "plugin")))]
 pub mod plugin;
 pub mod probe;
 pub mod provider;
@@ -50,6 +53,7 @@ pub use config::ConfigIssue;
 pub use driver::{
     AcquireInput, ConfigPurpose, DriverContext, EnvironmentRuntimeDriver, RuntimeOptions,
 };
+pub use env_vars::{EnvBinding, EnvVars};
 pub use error::{BoxError, Error, HostKeyProblem, Operation, Result, Unsupported};
 pub use execute::{
     CommandExit, ExecuteRequest, ExecuteResult, OutputCapture, OutputCollector, OutputSink,

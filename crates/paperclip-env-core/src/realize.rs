@@ -44,6 +44,14 @@ fn str_of<'a>(map: Option<&'a JsonObject>, key: &str) -> Option<&'a str> {
 
 /// Builds the version-1 realization record for a local, SSH or built-in
 /// sandbox lease, and the `cwd` the driver returns.
+///
+/// The record has Paperclip 2026.916's shape (`buildWorkspaceRealizationRecord`):
+/// `mode` (`copy`, or `in_place` when the lease's or provider's
+/// `workspaceRealization` says so), `authoritativeRoot` (given, else the remote
+/// path in place, else the local path), `pathAliases` (`[{path, target}]`),
+/// `outboundRestorePaths`, and `additional` (the request's
+/// `additionalSources`); the `transport` and `sync` blocks of spec 00 §11.2
+/// are gone, as upstream dropped them (issue #22 wins).
 pub fn build_realization_record(
     environment: &Environment,
     lease: &EnvironmentLease,
@@ -100,30 +108,6 @@ pub fn build_realization_record(
     let port = md.and_then(|m| m.get("port")).and_then(Value::as_u64);
     let username = str_of(md, "username");
     let sandbox_id = str_of(md, "sandboxId");
-    let (strategy, prepare, sync_back) = match transport {
-        driver_keys::SSH => (
-            "ssh_git_import_export",
-            "Import the local workspace into the remote workspace over SSH before adapter execution.",
-            Some("Export remote workspace changes back over SSH after adapter execution."),
-        ),
-        driver_keys::SANDBOX => (
-            "sandbox_archive_upload_download",
-            "Upload a workspace archive into the sandbox filesystem before adapter execution.",
-            Some(
-                "Download a workspace archive from the sandbox and mirror it back locally after adapter execution.",
-            ),
-        ),
-        driver_keys::PLUGIN => (
-            "provider_defined",
-            "The plugin environment driver prepares the workspace.",
-            None,
-        ),
-        _ => (
-            "none",
-            "Use the realized local execution workspace directly.",
-            None,
-        ),
-    };
     let remote_display = remote_path.clone();
     let summary = match transport {
         driver_keys::SSH => format!(
@@ -161,9 +145,79 @@ pub fn build_realization_record(
         remote.insert("sandboxId".into(), json!(s));
     }
     let req = |key: &str| str_of(request, key).map(str::to_owned);
+    // Paperclip 2026.916 reads the realization hints from the lease's
+    // `workspaceRealization`, then the provider metadata's, then the
+    // provider metadata itself (later wins).
+    let mut hints = JsonObject::new();
+    let provider_md = md
+        .and_then(|m| m.get("providerMetadata"))
+        .and_then(Value::as_object);
+    for layer in [
+        md.and_then(|m| m.get("workspaceRealization"))
+            .and_then(Value::as_object),
+        provider_md
+            .and_then(|m| m.get("workspaceRealization"))
+            .and_then(Value::as_object),
+        provider_md,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        hints.extend(layer.clone());
+    }
+    let in_place = [hints.get("mode"), hints.get("realizationMode")]
+        .iter()
+        .any(|v| v.and_then(Value::as_str) == Some("in_place"));
+    let mode = if in_place { "in_place" } else { "copy" };
+    let authoritative_root = str_of(Some(&hints), "authoritativeRoot")
+        .map(str::to_owned)
+        .or_else(|| in_place.then(|| remote_path.clone()).flatten())
+        .unwrap_or_else(|| local_path.clone());
+    let path_aliases: Vec<Value> = hints
+        .get("pathAliases")
+        .or_else(|| hints.get("workspaceAliases"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let entry = entry.as_object();
+            let path = str_of(entry, "path")?;
+            let target = str_of(entry, "target")?;
+            Some(json!({"path": path, "target": target}))
+        })
+        .collect();
+    let outbound_restore_paths: Vec<Value> = hints
+        .get("outboundRestorePaths")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::trim).filter(|s| !s.is_empty()))
+        .map(|s| json!(s))
+        .collect();
+    let additional: Vec<Value> = request
+        .and_then(|r| r.get("additionalSources"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let entry = entry.as_object();
+            let path = str_of(entry, "localPath")?;
+            let field = |key: &str| str_of(entry, key).map(str::to_owned);
+            Some(json!({
+                "path": path,
+                "projectId": field("projectId"),
+                "projectWorkspaceId": field("projectWorkspaceId"),
+                "repoUrl": field("repoUrl"),
+                "repoRef": field("repoRef"),
+            }))
+        })
+        .collect();
     let record = json!({
         "version": 1,
-        "transport": transport,
+        "mode": mode,
+        "authoritativeRoot": authoritative_root,
+        "pathAliases": path_aliases,
+        "outboundRestorePaths": outbound_restore_paths,
         "provider": provider,
         "environmentId": environment.id,
         "leaseId": lease.id,
@@ -179,8 +233,8 @@ pub fn build_realization_record(
             "branchName": req("branchName"),
             "worktreePath": req("worktreePath"),
         },
+        "additional": additional,
         "remote": remote,
-        "sync": {"strategy": strategy, "prepare": prepare, "syncBack": sync_back},
         "bootstrap": {"command": req("provisionCommand")},
         "rebuild": {
             "executionWorkspaceId": lease.execution_workspace_id,

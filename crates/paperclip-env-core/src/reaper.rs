@@ -4,7 +4,8 @@
 //! release, when its run finishes without releasing it, or when provider
 //! cleanup fails once and is never tried again. One [`Reaper::run_once`] pass:
 //!
-//! 1. releases **expired** active leases (`expiresAt` passed) and **stranded**
+//! 1. releases **expired** active leases (`expiresAt` passed, or a sandbox /
+//!    plugin lease older than [`RuntimeOptions::max_lease_lifetime`]) and **stranded**
 //!    ones (their run is finished according to the host, or they are older
 //!    than [`ReaperOptions::max_active_age`]) through their driver with status
 //!    `expired` (reusable leases are destroyed, since a plain release would
@@ -15,8 +16,14 @@
 //!    between writing the row and recording the provider's answer; the
 //!    provider is asked for the resources labelled with the row's run and
 //!    each one no lease records is destroyed;
-//! 3. retries **failed cleanups** ([`LeaseStore::list_failed_cleanups`]) with
-//!    exponential backoff on `cleanupAttempts`, counted from `updatedAt`.
+//! 3. retries **failed cleanups**: `pending_cleanup` rows of
+//!    [`LeaseStore::list_failed_cleanups`], with exponential backoff on the
+//!    attempt count, counted from `updatedAt`. As in Paperclip 2026.916, the
+//!    count lives in `metadata.pendingCleanupRetryAttempts`, each attempt is
+//!    claimed with a compare-and-swap ([`LeaseStore::claim_cleanup_attempt`])
+//!    before the teardown, and after 5 attempts
+//!    ([`ReaperOptions::max_cleanup_attempts`]) the lease is left for manual
+//!    cleanup, warned about once (`metadata.pendingCleanupRetryCapWarned`).
 //!
 //! While a release runs, the reaper renews its claim every third of
 //! [`ReaperOptions::claim_ttl`], so a release that takes longer than the TTL
@@ -28,6 +35,8 @@
 //!
 //! [`LeaseStore::list_failed_cleanups`]: crate::LeaseStore::list_failed_cleanups
 //! [`RuntimeOptions::acquisition_heartbeat`]: crate::RuntimeOptions::acquisition_heartbeat
+//! [`RuntimeOptions::max_lease_lifetime`]: crate::RuntimeOptions::max_lease_lifetime
+//! [`LeaseStore::claim_cleanup_attempt`]: crate::LeaseStore::claim_cleanup_attempt
 //! [`LeaseStore::try_claim`]: crate::LeaseStore::try_claim
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +49,10 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::acquisition;
-use crate::lease::{CleanupStatus, EnvironmentLease, LeasePolicy, LeaseStatus};
+use crate::lease::{
+    CleanupStatus, EnvironmentLease, LeasePolicy, LeaseStatus, PENDING_CLEANUP_ATTEMPT_CAP,
+    PENDING_CLEANUP_CAP_WARNED_KEY,
+};
 use crate::runtime::EnvironmentRuntime;
 use crate::time::{self, Timestamp};
 
@@ -50,13 +62,16 @@ pub struct ReaperOptions {
     /// Active leases acquired longer ago than this are stranded (default:
     /// `None`; leases still expire on `expiresAt`).
     pub max_active_age: Option<Duration>,
-    /// Wait after the first failed cleanup before retrying (30 s); doubles
-    /// with each further attempt.
+    /// Wait after the failed cleanup before the first sweep attempt (30 s);
+    /// doubles with each sweep attempt.
     pub initial_backoff: Duration,
     /// Cap of the retry wait (1 h).
     pub max_backoff: Duration,
-    /// After this many attempts a failed cleanup is left alone and reported
-    /// as abandoned (default `None`: retry forever, at `max_backoff`).
+    /// After this many sweep attempts a `pending_cleanup` lease is left for
+    /// manual cleanup and reported as abandoned (default `None`: Paperclip's
+    /// cap of [`PENDING_CLEANUP_ATTEMPT_CAP`] = 5). Attempts are counted in
+    /// `metadata.pendingCleanupRetryAttempts`. Spec 00 retried forever;
+    /// issue #22 wins.
     pub max_cleanup_attempts: Option<u32>,
     /// How long a claim on a lease keeps other reapers away (2 min); renewed
     /// every third of it while a release runs, so a claim outlives the
@@ -77,9 +92,17 @@ impl Default for ReaperOptions {
 }
 
 impl ReaperOptions {
-    /// The wait before retrying a cleanup that failed `attempts` times.
+    /// The sweep attempt cap in force (`max_cleanup_attempts`, else 5).
+    pub fn attempt_cap(&self) -> u32 {
+        self.max_cleanup_attempts
+            .unwrap_or(PENDING_CLEANUP_ATTEMPT_CAP)
+    }
+
+    /// The wait before the next sweep of a cleanup the sweep already
+    /// attempted `attempts` times (`initial_backoff` after the failed
+    /// release itself, doubling with each sweep attempt).
     pub fn backoff(&self, attempts: u32) -> Duration {
-        let exponent = attempts.saturating_sub(1).min(30);
+        let exponent = attempts.min(30);
         self.initial_backoff
             .saturating_mul(1u32 << exponent)
             .min(self.max_backoff)
@@ -210,6 +233,24 @@ impl Reaper {
         self
     }
 
+    /// Whether a `sandbox` or `plugin` lease outlived the runtime's
+    /// `max_lease_lifetime` (the reaper's own bound; never stored as `expiresAt`).
+    fn past_lifetime(&self, lease: &EnvironmentLease, now: Timestamp) -> bool {
+        let bounded = matches!(
+            lease.metadata_str("driver"),
+            Some(crate::lease::driver_keys::SANDBOX | crate::lease::driver_keys::PLUGIN)
+        );
+        bounded
+            && self
+                .runtime
+                .context()
+                .options
+                .max_lease_lifetime
+                .and_then(|max| chrono::Duration::from_std(max).ok())
+                .and_then(|max| lease.acquired_at.checked_add_signed(max))
+                .is_some_and(|end| end <= now)
+    }
+
     fn stranded(&self, lease: &EnvironmentLease, now: Timestamp) -> bool {
         let finished = match (&self.finished_runs, &lease.heartbeat_run_id) {
             (Some(f), Some(run)) => f(run),
@@ -264,20 +305,22 @@ impl Reaper {
         lease: &EnvironmentLease,
         report: &mut ReapReport,
     ) -> Option<crate::Environment> {
-        match self
-            .runtime
-            .environment_store()
-            .get(&lease.environment_id)
-            .await
-        {
+        let found = match lease.environment_id.as_deref() {
+            Some(id) => self.runtime.environment_store().get(id).await,
+            None => Ok(None),
+        };
+        let shown = lease.environment_id.as_deref().unwrap_or("(none)");
+        match found {
             Ok(Some(env)) => Some(env),
-            // The environment was deleted: the lease's metadata records its
-            // driver and provider config (spec 00 §2.9), which is all a
-            // release needs, so a stand-in environment routes it.
+            // The environment was deleted (or the row has a null reference,
+            // as Paperclip writes for an orphan recorded after a delete): the
+            // lease's metadata records its driver and provider config (spec
+            // 00 §2.9), which is all a release needs, so a stand-in
+            // environment routes it.
             Ok(None) => match lease.metadata_str("driver") {
                 Some(driver) => Some(crate::Environment::new(
-                    lease.environment_id.clone(),
-                    format!("deleted environment {}", lease.environment_id),
+                    lease.environment_id.clone().unwrap_or_default(),
+                    format!("deleted environment {shown}"),
                     driver,
                     serde_json::Value::Object(Default::default()),
                 )),
@@ -285,8 +328,7 @@ impl Reaper {
                     report.fail(
                         &lease.id,
                         format!(
-                            "environment {} is not in the store and the lease records no driver",
-                            lease.environment_id
+                            "environment {shown} is not in the store and the lease records no driver"
                         ),
                     );
                     None
@@ -296,6 +338,37 @@ impl Reaper {
                 report.fail(&lease.id, e.to_string());
                 None
             }
+        }
+    }
+
+    /// Logs once per lease that it reached the attempt cap, marking
+    /// `metadata.pendingCleanupRetryCapWarned` (Paperclip's one-time warning).
+    async fn warn_capped_once(&self, lease: &EnvironmentLease) {
+        let warned = lease
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get(PENDING_CLEANUP_CAP_WARNED_KEY))
+            == Some(&serde_json::Value::Bool(true));
+        if warned {
+            return;
+        }
+        let mut metadata = lease.metadata.clone().unwrap_or_default();
+        metadata.insert(
+            PENDING_CLEANUP_CAP_WARNED_KEY.into(),
+            serde_json::Value::Bool(true),
+        );
+        match self
+            .runtime
+            .lease_store()
+            .update_metadata(&lease.id, metadata)
+            .await
+        {
+            Ok(_) => warn!(
+                lease = %lease.id,
+                attempts = lease.cleanup_attempts(),
+                "environment lease reached the pending_cleanup retry cap; left for manual cleanup"
+            ),
+            Err(e) => warn!(lease = %lease.id, error = %e, "could not mark the capped lease"),
         }
     }
 
@@ -330,7 +403,8 @@ impl Reaper {
         match store.list_active().await {
             Ok(active) => {
                 for lease in active {
-                    let expired = lease.expires_at.is_some_and(|at| at <= now);
+                    let expired = lease.expires_at.is_some_and(|at| at <= now)
+                        || self.past_lifetime(&lease, now);
                     if !expired && !self.stranded(&lease, now) {
                         continue;
                     }
@@ -416,30 +490,31 @@ impl Reaper {
         match store.list_failed_cleanups().await {
             Ok(failed) => {
                 for lease in failed {
-                    if report.cleanup_failed.contains(&lease.id) {
-                        continue;
-                    }
-                    if self
-                        .options
-                        .max_cleanup_attempts
-                        .is_some_and(|max| lease.cleanup_attempts >= max)
+                    // Only `pending_cleanup` rows are swept, as in Paperclip:
+                    // a `retained` lease keeps its resource on purpose.
+                    if lease.status != LeaseStatus::PendingCleanup
+                        || report.cleanup_failed.contains(&lease.id)
                     {
-                        report.abandoned.push(lease.id.clone());
                         continue;
                     }
-                    let due =
-                        chrono::Duration::from_std(self.options.backoff(lease.cleanup_attempts))
-                            .map(|wait| lease.updated_at + wait <= now)
-                            .unwrap_or(false);
+                    let attempts = lease.cleanup_attempts();
+                    if attempts >= self.options.attempt_cap() {
+                        report.abandoned.push(lease.id.clone());
+                        self.warn_capped_once(&lease).await;
+                        continue;
+                    }
+                    let due = chrono::Duration::from_std(self.options.backoff(attempts))
+                        .map(|wait| lease.updated_at + wait <= now)
+                        .unwrap_or(false);
                     if !due {
                         report.deferred.push(lease.id.clone());
                         continue;
                     }
-                    let attempts = lease.cleanup_attempts;
                     let Some(current) = self
                         .claim(&lease, &mut report, |l| {
-                            l.cleanup_status == Some(CleanupStatus::Failed)
-                                && l.cleanup_attempts == attempts
+                            l.status == LeaseStatus::PendingCleanup
+                                && l.cleanup_status == Some(CleanupStatus::Failed)
+                                && l.cleanup_attempts() == attempts
                         })
                         .await
                     else {
@@ -447,6 +522,29 @@ impl Reaper {
                     };
                     let Some(env) = self.environment_of(&current, &mut report).await else {
                         continue;
+                    };
+                    // The attempt is counted before the teardown (a
+                    // compare-and-swap on the stored count), so a thrown
+                    // provider error still counts against the cap and two
+                    // overlapping sweeps never both retry.
+                    match store.claim_cleanup_attempt(&current.id, attempts).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            report.skipped.push(current.id.clone());
+                            continue;
+                        }
+                        Err(e) => {
+                            report.fail(&current.id, e.to_string());
+                            continue;
+                        }
+                    }
+                    let current = match store.get(&current.id).await {
+                        Ok(Some(l)) => l,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            report.fail(&current.id, e.to_string());
+                            continue;
+                        }
                     };
                     match self
                         .holding_claim(&current.id, self.runtime.retry_cleanup(&env, &current))

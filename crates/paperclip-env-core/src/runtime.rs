@@ -247,6 +247,61 @@ impl EnvironmentRuntime {
         &self.inner.environments
     }
 
+    /// Why `environment_id` may not be deleted now, as Paperclip 2026.916's
+    /// `getDeleteBlastRadius` names it: `pending_sandbox_cleanup` while a
+    /// lease of it is `pending_cleanup` (the row is the only durable
+    /// reference to a resource still to be torn down), and
+    /// `reusable_sandbox_lease` while a `reuse_by_environment` lease of it is
+    /// `active`, `released` or `retained` (a live sandbox kept for the next
+    /// run). Empty when the delete may go ahead.
+    pub async fn environment_delete_blockers(
+        &self,
+        environment_id: &str,
+    ) -> Result<Vec<&'static str>> {
+        let leases = self
+            .inner
+            .ctx
+            .store
+            .list_by_environment(environment_id, None)
+            .await?;
+        let mut reasons = Vec::new();
+        if leases
+            .iter()
+            .any(|l| l.status == LeaseStatus::PendingCleanup)
+        {
+            reasons.push("pending_sandbox_cleanup");
+        }
+        if leases.iter().any(|l| {
+            l.lease_policy == crate::lease::LeasePolicy::ReuseByEnvironment
+                && matches!(
+                    l.status,
+                    LeaseStatus::Active | LeaseStatus::Released | LeaseStatus::Retained
+                )
+        }) {
+            reasons.push("reusable_sandbox_lease");
+        }
+        Ok(reasons)
+    }
+
+    /// Deletes an environment unless [`Self::environment_delete_blockers`]
+    /// names a reason, which is then an [`Error::Conflict`] listing them.
+    /// `false` when the environment was not there. (Spec 00 had no delete
+    /// guard; issue #22 wins. The check and the delete are two store calls:
+    /// a host that shares its stores must serialise deletes itself, as the
+    /// stores have no cross-table transaction.)
+    pub async fn delete_environment(&self, environment_id: &str) -> Result<bool> {
+        let blockers = self.environment_delete_blockers(environment_id).await?;
+        if !blockers.is_empty() {
+            return Err(Error::Conflict {
+                message: format!(
+                    "Environment {environment_id} cannot be deleted: {} (resolve the cleanup or destroy the reusable sandbox first).",
+                    blockers.join(", ")
+                ),
+            });
+        }
+        self.inner.environments.remove(environment_id).await
+    }
+
     /// The context drivers receive.
     pub fn context(&self) -> &DriverContext {
         &self.inner.ctx
@@ -333,7 +388,11 @@ impl EnvironmentRuntime {
             }
         };
         for lease in leases {
-            let environment = match self.inner.environments.get(&lease.environment_id).await {
+            let Some(environment_id) = lease.environment_id.as_deref() else {
+                report.skipped.push(lease.id.clone());
+                continue;
+            };
+            let environment = match self.inner.environments.get(environment_id).await {
                 Ok(Some(env)) => env,
                 Ok(None) => {
                     report.skipped.push(lease.id.clone());
@@ -487,9 +546,25 @@ impl EnvironmentRuntime {
         output: OutputCollector,
     ) -> Result<ExecuteResult> {
         let driver = self.lease_driver(environment, lease)?;
+        if environment.env_vars.is_empty() {
+            let exit = driver
+                .execute(&self.inner.ctx, environment, lease, request, &output)
+                .await?;
+            return Ok(output.finish(exit));
+        }
+        // `envVars` apply to every command of the lease; secrets are resolved
+        // now, for this call only, and never outlive it.
+        let resolved = crate::env_vars::resolve_env_vars(
+            &environment.env_vars,
+            self.inner.ctx.secrets.as_ref(),
+        )
+        .await?;
+        let mut with_env = request.clone();
+        resolved.apply_to(&mut with_env.env);
         let exit = driver
-            .execute(&self.inner.ctx, environment, lease, request, &output)
-            .await?;
+            .execute(&self.inner.ctx, environment, lease, &with_env, &output)
+            .await
+            .map_err(|e| resolved.scrub_error(driver.key(), e))?;
         Ok(output.finish(exit))
     }
 

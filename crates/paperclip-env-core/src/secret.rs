@@ -145,6 +145,18 @@ pub trait SecretResolver: Send + Sync {
     /// Resolves one reference.
     async fn resolve(&self, reference: &SecretRef) -> Result<SecretString>;
 
+    /// Resolves a secret of the run's responsible user by its key (an
+    /// `envVars` `user_secret_ref`). `None` when the user has no such
+    /// secret; the default knows no user secrets.
+    async fn resolve_user_secret(
+        &self,
+        key: &str,
+        version: SecretVersion,
+    ) -> Result<Option<SecretString>> {
+        let _ = (key, version);
+        Ok(None)
+    }
+
     /// Creates a secret and returns its id. Resolvers that only read refuse.
     async fn create(&self, secret: NewSecret) -> Result<String> {
         Err(Error::Secret {
@@ -629,6 +641,28 @@ pub(crate) fn positive_ms(value: Option<&Value>) -> Option<u64> {
         _ => return None,
     };
     (n.is_finite() && n >= 1.0).then(|| n.trunc() as u64)
+}
+
+/// Refuses a sandbox provider config whose secret field pins a version
+/// (`{"type": "secret_ref", …, "version": 2}`): provider secret references
+/// always resolve the latest version, so a pin is an error naming the field
+/// rather than silently resolving another version (Paperclip 2026.916's
+/// `canonicalizeSecretRefValue`).
+pub fn reject_pinned_secret_versions(config: &JsonObject, secret_paths: &[String]) -> Result<()> {
+    for path in secret_paths {
+        if let Some(value @ Value::Object(_)) = get_path(config, path)
+            && let Ok(reference) = SecretRef::parse_binding(value)
+            && let SecretVersion::Pinned(version) = reference.version
+        {
+            return Err(Error::invalid_field(
+                path.clone(),
+                format!(
+                    "Secret binding at {path} pins version {version}; sandbox provider secret references always resolve the latest version."
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Builds the provider config from a stored config (spec 00 §4.3): every

@@ -15,31 +15,41 @@
 //! | `modal` | Modal sandboxes over Modal's gRPC API (control plane plus the per-task command router) |
 //! | `kubernetes` | Kubernetes: one tenant namespace per company, an agent-sandbox `Sandbox` CR or a `batch/v1` Job per run, exec over the WebSocket exec subresource |
 //! | `full` | every provider |
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "fake")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fake")))]
 pub mod fake;
 
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 
 #[cfg(feature = "e2b")]
+#[cfg_attr(docsrs, doc(cfg(feature = "e2b")))]
 pub mod e2b;
 
 #[cfg(feature = "cloudflare")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cloudflare")))]
 pub mod cloudflare;
 
 #[cfg(feature = "ssh")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ssh")))]
 pub mod ssh;
 
 #[cfg(feature = "daytona")]
+#[cfg_attr(docsrs, doc(cfg(feature = "daytona")))]
 pub mod daytona;
 
 #[cfg(feature = "exe-dev")]
+#[cfg_attr(docsrs, doc(cfg(feature = "exe-dev")))]
 pub mod exe_dev;
 
 #[cfg(feature = "kubernetes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kubernetes")))]
 pub mod kubernetes;
 #[cfg(feature = "modal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "modal")))]
 pub mod modal;

@@ -565,19 +565,11 @@ async fn pause_conflict_failure_and_kill_failure() {
     assert!(
         released[0]
             .lease
-            .cleanup_error
-            .as_deref()
+            .cleanup_error()
             .unwrap()
             .contains("HTTP 500")
     );
-    assert!(
-        !released[0]
-            .lease
-            .cleanup_error
-            .as_deref()
-            .unwrap()
-            .contains(KEY)
-    );
+    assert!(!released[0].lease.cleanup_error().unwrap().contains(KEY));
 }
 
 #[tokio::test]

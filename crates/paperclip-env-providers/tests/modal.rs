@@ -1020,8 +1020,7 @@ async fn secrets_never_reach_logs_metadata_errors_or_debug() {
     assert!(
         released[0]
             .lease
-            .cleanup_error
-            .as_deref()
+            .cleanup_error()
             .is_some_and(|e| e.contains("SandboxTerminate"))
     );
     let error_text = format!("{released:?}");

@@ -8,8 +8,10 @@
 //!   (spec 00 §2.3; timestamps `timestamptz`, metadata `jsonb`), with three
 //!   deliberate differences: ids are `text` (SDK callers use non-UUID ids),
 //!   there are no foreign keys (the SDK has no `companies` table), and the
-//!   SDK adds `cleanup_attempts`, `cleanup_error`, the reaper's claim columns
-//!   (`claimed_by`, `claimed_until`) and a `seq` identity for stable order.
+//!   SDK adds the reaper's claim columns (`claimed_by`, `claimed_until`) and
+//!   a `seq` identity for stable order. `environment_id` is nullable and
+//!   cleanup counters live in `metadata` (`pendingCleanupRetryAttempts`,
+//!   `lastCleanupError`), as Paperclip 2026.916 has them.
 //!   Environments live in `paperclip_env_environments` (JSON bodies), so the
 //!   store does not collide with Paperclip's own `environments` table.
 //! - **Row locking**: every change is one `UPDATE … RETURNING`, and
@@ -97,6 +99,20 @@ const MIGRATIONS: &[&str] = &[
         body jsonb NOT NULL,
         updated_at timestamptz NOT NULL
     );",
+    // 2: Paperclip 2026.916: `environment_id` nullable (a `pending_cleanup`
+    // row outlives its environment, as upstream's `on delete set null`), and
+    // the SDK's `cleanup_attempts` / `cleanup_error` folded into metadata
+    // (`pendingCleanupRetryAttempts`, `lastCleanupError`).
+    "ALTER TABLE environment_leases ALTER COLUMN environment_id DROP NOT NULL;
+    UPDATE environment_leases SET metadata =
+        (CASE WHEN jsonb_typeof(metadata) = 'object' THEN metadata ELSE '{}'::jsonb END)
+        || jsonb_strip_nulls(jsonb_build_object(
+            'pendingCleanupRetryAttempts',
+            CASE WHEN status = 'pending_cleanup' THEN LEAST(cleanup_attempts, 5) END,
+            'lastCleanupError', cleanup_error))
+        WHERE (cleanup_attempts > 0 AND status = 'pending_cleanup') OR cleanup_error IS NOT NULL;
+    ALTER TABLE environment_leases DROP COLUMN cleanup_attempts;
+    ALTER TABLE environment_leases DROP COLUMN cleanup_error;",
 ];
 
 /// Serializes migrations between hosts (an arbitrary, fixed advisory lock key).
@@ -105,7 +121,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x7061_7065_7263_6c70;
 const LEASE_COLUMNS: &str = "id, company_id, environment_id, execution_workspace_id, issue_id, \
     heartbeat_run_id, status, lease_policy, provider, provider_lease_id, acquired_at, \
     last_used_at, expires_at, released_at, failure_reason, cleanup_status, metadata, \
-    cleanup_attempts, cleanup_error, created_at, updated_at";
+    created_at, updated_at";
 
 fn store_error(context: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Store {
@@ -131,17 +147,18 @@ fn lease_from_row(row: &Row) -> Result<EnvironmentLease> {
     {
         None => None,
         Some(Value::Object(map)) => Some(map),
+        // A row Paperclip (or a provider) wrote with a scalar or array root
+        // must not fail a whole list: it reads as no metadata, as upstream's
+        // writers treat a non-object root as `{}`.
         Some(_) => {
-            return Err(Error::store(
-                "postgres: lease metadata is not a JSON object",
-            ));
+            tracing::warn!("postgres: lease metadata is not a JSON object; read as none");
+            None
         }
     };
-    let attempts: i32 = row.try_get("cleanup_attempts").map_err(get_err)?;
     Ok(EnvironmentLease {
         id: text("id")?,
         company_id: opt("company_id")?,
-        environment_id: text("environment_id")?,
+        environment_id: opt("environment_id")?,
         execution_workspace_id: opt("execution_workspace_id")?,
         issue_id: opt("issue_id")?,
         heartbeat_run_id: opt("heartbeat_run_id")?,
@@ -158,8 +175,6 @@ fn lease_from_row(row: &Row) -> Result<EnvironmentLease> {
             .map(|c| c.parse::<CleanupStatus>())
             .transpose()?,
         metadata,
-        cleanup_attempts: u32::try_from(attempts).unwrap_or(0),
-        cleanup_error: opt("cleanup_error")?,
         created_at: ts("created_at")?,
         updated_at: ts("updated_at")?,
     })
@@ -412,13 +427,29 @@ impl LeaseStore for PostgresStore {
         let now = time::now();
         let released_at = (status != LeaseStatus::Retained).then_some(now);
         let cleanup = update.cleanup_status.map(|c| c.as_str());
+        let error = match update.cleanup_status {
+            Some(CleanupStatus::Failed | CleanupStatus::Pending) => update.cleanup_error.clone(),
+            _ => None,
+        };
+        // Only the two metadata keys a release owns are written (`-` and
+        // `jsonb_set`), so a concurrent write of another key survives: the
+        // receipt is set or removed (upstream's `releaseLease`), the last
+        // cleanup error set or removed with a cleanup status.
         let sql = format!(
             "UPDATE environment_leases SET status = $1, released_at = $2, last_used_at = $3, \
              updated_at = $3, failure_reason = COALESCE($4::text, failure_reason), \
              cleanup_status = COALESCE($5::text, cleanup_status), \
-             cleanup_attempts = cleanup_attempts + (CASE WHEN $5::text IS NULL THEN 0 ELSE 1 END), \
-             cleanup_error = CASE WHEN $5::text IS NULL THEN cleanup_error \
-                 WHEN $5::text = 'success' THEN NULL ELSE $6::text END \
+             metadata = CASE \
+                 WHEN metadata IS NULL AND $8::jsonb IS NULL AND ($5::text IS NULL OR $6::text IS NULL) \
+                     THEN NULL \
+                 ELSE (WITH base AS (SELECT CASE WHEN $8::jsonb IS NULL \
+                         THEN (CASE WHEN jsonb_typeof(metadata) = 'object' THEN metadata ELSE '{{}}'::jsonb END) \
+                             - 'remoteExecutionTermination' \
+                         ELSE jsonb_set(CASE WHEN jsonb_typeof(metadata) = 'object' THEN metadata \
+                             ELSE '{{}}'::jsonb END, '{{remoteExecutionTermination}}', $8::jsonb, true) END AS m) \
+                     SELECT CASE WHEN $5::text IS NULL THEN m \
+                         WHEN $6::text IS NULL THEN m - 'lastCleanupError' \
+                         ELSE jsonb_set(m, '{{lastCleanupError}}', to_jsonb($6::text), true) END FROM base) END \
              WHERE id = $7 RETURNING {LEASE_COLUMNS}"
         );
         self.one(
@@ -430,8 +461,9 @@ impl LeaseStore for PostgresStore {
                 &now,
                 &update.failure_reason,
                 &cleanup,
-                &update.cleanup_error,
+                &error,
                 &id,
+                &update.termination,
             ],
         )
         .await
@@ -521,6 +553,30 @@ impl LeaseStore for PostgresStore {
             &[],
         )
         .await
+    }
+
+    async fn claim_cleanup_attempt(&self, id: &str, expected: u32) -> Result<bool> {
+        let now = time::now();
+        let expected = i64::from(expected);
+        // Paperclip's `claimPendingCleanupRetryAttempt`: one conditional
+        // UPDATE under the row lock, reading the stored count with the same
+        // clamping as `read_cleanup_attempts`, writing only the count key.
+        let changed = self
+            .client
+            .execute(
+                "UPDATE environment_leases SET \
+                 metadata = jsonb_set(CASE WHEN jsonb_typeof(metadata) = 'object' THEN metadata \
+                     ELSE '{}'::jsonb END, '{pendingCleanupRetryAttempts}', to_jsonb($2::bigint + 1), true), \
+                 last_used_at = $3, updated_at = $3 \
+                 WHERE id = $1 AND status = 'pending_cleanup' AND \
+                 (CASE WHEN jsonb_typeof(metadata -> 'pendingCleanupRetryAttempts') = 'number' \
+                     THEN LEAST(GREATEST(floor((metadata ->> 'pendingCleanupRetryAttempts')::numeric), 0), 5) \
+                     ELSE 0 END) = $2::bigint",
+                &[&id, &expected, &now],
+            )
+            .await
+            .map_err(|e| store_error("claim cleanup attempt", e))?;
+        Ok(changed == 1)
     }
 
     async fn try_claim(&self, id: &str, claimant: &str, ttl: Duration) -> Result<bool> {

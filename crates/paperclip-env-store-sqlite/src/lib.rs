@@ -11,9 +11,11 @@
 //! - **Schema migrations** keyed on `PRAGMA user_version`; a file written by a
 //!   newer version is refused instead of misread.
 //! - **Same columns as Paperclip's `environment_leases`** (spec 00 §2.3),
-//!   plus the SDK's `cleanup_attempts`, `cleanup_error` and the reaper's claim
-//!   columns (`claimed_by`, `claimed_until`), so reapers in several processes
-//!   sharing one file never act on the same lease at once.
+//!   (`environment_id` nullable, as in Paperclip 2026.916), plus the reaper's
+//!   claim columns (`claimed_by`, `claimed_until`), so reapers in several
+//!   processes sharing one file never act on the same lease at once. Cleanup
+//!   counters live in `metadata` (`pendingCleanupRetryAttempts`,
+//!   `lastCleanupError`); migration 2 moves those of older files there.
 //! - `rusqlite` with the bundled SQLite (no system library), driven through
 //!   `tokio::task::spawn_blocking` so the async runtime never blocks on disk.
 //!
@@ -101,12 +103,68 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL,
         updated_at TEXT NOT NULL
     );",
+    // 2: Paperclip 2026.916: `environment_id` nullable (a `pending_cleanup`
+    // row outlives its environment), and the SDK's `cleanup_attempts` /
+    // `cleanup_error` columns folded into metadata (`pendingCleanupRetryAttempts`,
+    // `lastCleanupError`) so no lease JSON carries keys Paperclip lacks.
+    "CREATE TABLE environment_leases_v2 (
+        id TEXT PRIMARY KEY NOT NULL,
+        company_id TEXT,
+        environment_id TEXT,
+        execution_workspace_id TEXT,
+        issue_id TEXT,
+        heartbeat_run_id TEXT,
+        status TEXT NOT NULL DEFAULT 'active',
+        lease_policy TEXT NOT NULL DEFAULT 'ephemeral',
+        provider TEXT,
+        provider_lease_id TEXT,
+        acquired_at TEXT NOT NULL,
+        last_used_at TEXT NOT NULL,
+        expires_at TEXT,
+        released_at TEXT,
+        failure_reason TEXT,
+        cleanup_status TEXT,
+        metadata TEXT,
+        claimed_by TEXT,
+        claimed_until TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    INSERT INTO environment_leases_v2 (rowid, id, company_id, environment_id,
+        execution_workspace_id, issue_id, heartbeat_run_id, status, lease_policy, provider,
+        provider_lease_id, acquired_at, last_used_at, expires_at, released_at, failure_reason,
+        cleanup_status, metadata, claimed_by, claimed_until, created_at, updated_at)
+    SELECT rowid, id, company_id, environment_id, execution_workspace_id, issue_id,
+        heartbeat_run_id, status, lease_policy, provider, provider_lease_id, acquired_at,
+        last_used_at, expires_at, released_at, failure_reason, cleanup_status,
+        CASE WHEN (cleanup_attempts = 0 OR status <> 'pending_cleanup') AND cleanup_error IS NULL
+            THEN metadata
+            ELSE json_patch(COALESCE(metadata, '{}'), json_object(
+                'pendingCleanupRetryAttempts', CASE WHEN status = 'pending_cleanup'
+                    THEN MIN(cleanup_attempts, 5) ELSE NULL END,
+                'lastCleanupError', cleanup_error)) END,
+        claimed_by, claimed_until, created_at, updated_at
+    FROM environment_leases;
+    DROP TABLE environment_leases;
+    ALTER TABLE environment_leases_v2 RENAME TO environment_leases;
+    CREATE INDEX environment_leases_company_environment_status_idx
+        ON environment_leases (company_id, environment_id, status);
+    CREATE INDEX environment_leases_company_execution_workspace_idx
+        ON environment_leases (company_id, execution_workspace_id);
+    CREATE INDEX environment_leases_company_issue_idx ON environment_leases (company_id, issue_id);
+    CREATE INDEX environment_leases_heartbeat_run_idx ON environment_leases (heartbeat_run_id);
+    CREATE INDEX environment_leases_company_last_used_idx
+        ON environment_leases (company_id, last_used_at);
+    CREATE INDEX environment_leases_provider_lease_idx ON environment_leases (provider_lease_id);
+    CREATE INDEX environment_leases_environment_last_used_idx
+        ON environment_leases (environment_id, last_used_at, created_at);
+    CREATE INDEX environment_leases_status_idx ON environment_leases (status, cleanup_status);",
 ];
 
 const LEASE_COLUMNS: &str = "id, company_id, environment_id, execution_workspace_id, issue_id, \
     heartbeat_run_id, status, lease_policy, provider, provider_lease_id, acquired_at, \
     last_used_at, expires_at, released_at, failure_reason, cleanup_status, metadata, \
-    cleanup_attempts, cleanup_error, created_at, updated_at";
+    created_at, updated_at";
 
 /// How long a writer waits for another process's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,7 +180,7 @@ fn store_error(context: &str, e: impl std::error::Error + Send + Sync + 'static)
 struct RawLease {
     id: String,
     company_id: Option<String>,
-    environment_id: String,
+    environment_id: Option<String>,
     execution_workspace_id: Option<String>,
     issue_id: Option<String>,
     heartbeat_run_id: Option<String>,
@@ -137,8 +195,6 @@ struct RawLease {
     failure_reason: Option<String>,
     cleanup_status: Option<String>,
     metadata: Option<String>,
-    cleanup_attempts: i64,
-    cleanup_error: Option<String>,
     created_at: String,
     updated_at: String,
 }
@@ -163,10 +219,8 @@ impl RawLease {
             failure_reason: row.get(14)?,
             cleanup_status: row.get(15)?,
             metadata: row.get(16)?,
-            cleanup_attempts: row.get(17)?,
-            cleanup_error: row.get(18)?,
-            created_at: row.get(19)?,
-            updated_at: row.get(20)?,
+            created_at: row.get(17)?,
+            updated_at: row.get(18)?,
         })
     }
 
@@ -203,7 +257,6 @@ impl RawLease {
             released_at: ts_opt("released_at", &self.released_at)?,
             created_at: ts("created_at", &self.created_at)?,
             updated_at: ts("updated_at", &self.updated_at)?,
-            cleanup_attempts: u32::try_from(self.cleanup_attempts).unwrap_or(u32::MAX),
             metadata,
             id: self.id,
             company_id: self.company_id,
@@ -214,7 +267,6 @@ impl RawLease {
             provider: self.provider,
             provider_lease_id: self.provider_lease_id,
             failure_reason: self.failure_reason,
-            cleanup_error: self.cleanup_error,
         })
     }
 }
@@ -511,22 +563,44 @@ impl LeaseStore for SqliteStore {
         }
         let now = time::to_iso(&time::now());
         let released_at = (status != LeaseStatus::Retained).then(|| now.clone());
+        let termination = update
+            .termination
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| store_error("serialize termination receipt", e))?;
+        let error = match update.cleanup_status {
+            Some(CleanupStatus::Failed | CleanupStatus::Pending) => update.cleanup_error.clone(),
+            _ => None,
+        };
         let values = vec![
             Some(status.as_str().to_owned()),
             released_at,
             Some(now),
             update.failure_reason,
             update.cleanup_status.map(|c| c.as_str().to_owned()),
-            update.cleanup_error,
+            error,
             Some(id.to_owned()),
+            termination,
         ];
+        // Only the two keys a release owns are written in the metadata
+        // (json_set / json_remove), so a concurrent write of another key
+        // survives: the receipt is set or removed, the last cleanup error set
+        // or removed with a cleanup status.
         let sql = format!(
             "UPDATE environment_leases SET status = ?1, released_at = ?2, last_used_at = ?3, \
              updated_at = ?3, failure_reason = COALESCE(?4, failure_reason), \
              cleanup_status = COALESCE(?5, cleanup_status), \
-             cleanup_attempts = cleanup_attempts + (CASE WHEN ?5 IS NULL THEN 0 ELSE 1 END), \
-             cleanup_error = CASE WHEN ?5 IS NULL THEN cleanup_error \
-                 WHEN ?5 = 'success' THEN NULL ELSE ?6 END \
+             metadata = CASE \
+                 WHEN metadata IS NULL AND ?8 IS NULL AND (?5 IS NULL OR ?6 IS NULL) THEN NULL \
+                 ELSE ( \
+                   CASE WHEN ?5 IS NULL THEN json(m.base) \
+                        WHEN ?6 IS NULL THEN json_remove(m.base, '$.lastCleanupError') \
+                        ELSE json_set(m.base, '$.lastCleanupError', ?6) END) END \
+             FROM (SELECT CASE WHEN ?8 IS NULL \
+                     THEN json_remove(COALESCE(metadata, '{{}}'), '$.remoteExecutionTermination') \
+                     ELSE json_set(COALESCE(metadata, '{{}}'), '$.remoteExecutionTermination', json(?8)) END AS base \
+                   FROM environment_leases WHERE id = ?7) AS m \
              WHERE id = ?7 RETURNING {LEASE_COLUMNS}"
         );
         self.update_returning("release lease", sql, values).await
@@ -630,6 +704,29 @@ impl LeaseStore for SqliteStore {
         .await
     }
 
+    async fn claim_cleanup_attempt(&self, id: &str, expected: u32) -> Result<bool> {
+        let now = time::to_iso(&time::now());
+        let id = id.to_owned();
+        // One conditional UPDATE: the stored count is read with Paperclip's
+        // clamping (a non-number is 0, floored, capped at 5), and only the
+        // count key is written.
+        let changed = self
+            .call("claim cleanup attempt", move |conn| {
+                conn.execute(
+                    "UPDATE environment_leases SET \
+                     metadata = json_set(COALESCE(metadata, '{}'), '$.pendingCleanupRetryAttempts', ?2 + 1), \
+                     last_used_at = ?3, updated_at = ?3 \
+                     WHERE id = ?1 AND status = 'pending_cleanup' AND \
+                     (CASE WHEN json_type(metadata, '$.pendingCleanupRetryAttempts') IN ('integer', 'real') \
+                        THEN MIN(MAX(CAST(json_extract(metadata, '$.pendingCleanupRetryAttempts') AS INTEGER), 0), 5) \
+                        ELSE 0 END) = ?2",
+                    params![id, i64::from(expected), now],
+                )
+            })
+            .await?;
+        Ok(changed == 1)
+    }
+
     async fn try_claim(&self, id: &str, claimant: &str, ttl: Duration) -> Result<bool> {
         let now = time::now();
         let until = chrono::Duration::from_std(ttl)
@@ -696,5 +793,63 @@ impl EnvironmentStore for SqliteStore {
         })
         .await
         .map(|n| n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A version-1 file's `cleanup_attempts` / `cleanup_error` columns move
+    /// into metadata, and `environment_id` becomes nullable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_2_folds_cleanup_columns_into_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO environment_leases (id, environment_id, status, acquired_at, \
+                 last_used_at, created_at, updated_at, cleanup_status, cleanup_attempts, \
+                 cleanup_error, metadata) VALUES ('a', 'env', 'pending_cleanup', \
+                 '2026-05-11T10:00:00.000Z', '2026-05-11T10:00:00.000Z', \
+                 '2026-05-11T10:00:00.000Z', '2026-05-11T10:00:00.000Z', 'failed', 9, 'boom', \
+                 '{\"driver\":\"sandbox\"}'), ('b', 'env', 'released', \
+                 '2026-05-11T10:00:00.000Z', '2026-05-11T10:00:00.000Z', \
+                 '2026-05-11T10:00:00.000Z', '2026-05-11T10:00:00.000Z', 'success', 1, NULL, NULL)",
+                [],
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.schema_version().await.unwrap(), 2);
+        let a = LeaseStore::get(&store, "a").await.unwrap().unwrap();
+        assert_eq!(
+            serde_json::Value::Object(a.metadata.clone().unwrap()),
+            serde_json::json!({"driver": "sandbox", "pendingCleanupRetryAttempts": 5, "lastCleanupError": "boom"})
+        );
+        assert_eq!(a.cleanup_attempts(), 5);
+        let b = LeaseStore::get(&store, "b").await.unwrap().unwrap();
+        assert_eq!(b.metadata, None, "a released row keeps no counter");
+        let json = serde_json::to_value(&a).unwrap();
+        assert!(json.get("cleanupAttempts").is_none() && json.get("cleanupError").is_none());
+        // A row with a null environment reads (and lists) fine.
+        store
+            .call("null environment", |conn| {
+                conn.execute(
+                    "UPDATE environment_leases SET environment_id = NULL WHERE id = 'a'",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        let all = store.list_all().await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(
+            all.iter()
+                .any(|l| l.id == "a" && l.environment_id.is_none())
+        );
     }
 }

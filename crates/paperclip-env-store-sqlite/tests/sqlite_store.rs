@@ -20,7 +20,7 @@ async fn file_store_conforms() {
         .unwrap();
     let report = run(&StoreFixture::new(&store).exclusive_claims(true)).await;
     report.assert_passed();
-    assert_eq!(report.passed.len(), 13);
+    assert_eq!(report.passed.len(), 14);
 }
 
 #[tokio::test]
@@ -37,7 +37,7 @@ async fn leases_and_environments_survive_reopen() {
     let path = dir.path().join("nested/dir/state.db");
     let lease = {
         let store = SqliteStore::open(&path).await.unwrap();
-        assert_eq!(store.schema_version().await.unwrap(), 1);
+        assert_eq!(store.schema_version().await.unwrap(), 2);
         store
             .put(Environment::new(
                 "env-1",
@@ -57,7 +57,7 @@ async fn leases_and_environments_survive_reopen() {
             .unwrap()
     };
     let store = SqliteStore::open(&path).await.unwrap();
-    assert_eq!(store.schema_version().await.unwrap(), 1);
+    assert_eq!(store.schema_version().await.unwrap(), 2);
     assert_eq!(
         LeaseStore::get(&store, &lease.id).await.unwrap(),
         Some(lease)
@@ -142,7 +142,10 @@ async fn reaper_releases_a_lease_left_by_a_restarted_runtime() {
             .await
             .unwrap()
             .lease;
-        assert!(lease.expires_at.is_some());
+        assert!(
+            lease.expires_at.is_none(),
+            "no expiry is stored unless the provider confirms one"
+        );
         sandbox_dir = std::path::PathBuf::from(lease.metadata_str("fakeRootDir").unwrap());
         assert!(sandbox_dir.is_dir());
     }
@@ -189,11 +192,14 @@ async fn failed_cleanup_is_retried_with_backoff_until_it_succeeds() {
         .await
         .unwrap()
         .lease;
-    for _ in 0..2 {
-        fake.faults().fail_next(Operation::Release, || {
-            paperclip_env_core::Error::provider("fake-plugin", "release refused")
-        });
-    }
+    // The release fails, and so does the sweep's first teardown (a destroy:
+    // the row is `pending_cleanup`).
+    fake.faults().fail_next(Operation::Release, || {
+        paperclip_env_core::Error::provider("fake-plugin", "release refused")
+    });
+    fake.faults().fail_next(Operation::Destroy, || {
+        paperclip_env_core::Error::provider("fake-plugin", "release refused")
+    });
     runtime
         .release_run_leases("run-1", LeaseStatus::Released)
         .await
@@ -214,8 +220,9 @@ async fn failed_cleanup_is_retried_with_backoff_until_it_succeeds() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(row.cleanup_attempts, 2);
-    assert!(row.cleanup_error.unwrap().contains("release refused"));
+    assert_eq!(row.status, LeaseStatus::PendingCleanup);
+    assert_eq!(row.cleanup_attempts(), 1, "one sweep attempt claimed");
+    assert!(row.cleanup_error().unwrap().contains("release refused"));
     // Backoff doubled (400 ms): 100 ms later still deferred.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(reaper.run_once().await.deferred, vec![lease.id.clone()]);
@@ -227,10 +234,17 @@ async fn failed_cleanup_is_retried_with_backoff_until_it_succeeds() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(row.status, LeaseStatus::Released);
+    assert_eq!(row.status, LeaseStatus::Expired);
+    assert_eq!(row.failure_reason.as_deref(), Some("pending_cleanup_retry"));
     assert_eq!(row.cleanup_status, Some(CleanupStatus::Success));
-    assert_eq!(row.cleanup_attempts, 3);
-    assert!(row.cleanup_error.is_none());
+    assert_eq!(row.cleanup_attempts(), 2);
+    assert!(row.cleanup_error().is_none());
+    assert_eq!(
+        row.termination_receipt().and_then(|r| r.get("state")),
+        Some(&serde_json::json!("destroyed")),
+        "the sweep's confirmed teardown leaves a receipt: {:?}",
+        row.metadata
+    );
     assert!(store.list_failed_cleanups().await.unwrap().is_empty());
 }
 

@@ -17,10 +17,12 @@
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback for store tests.
 //! - [`fixtures`]: real servers for integration tests (`sshd` feature: a
 //!   throwaway OpenSSH server).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 
 pub mod conformance;
 #[cfg(feature = "emulators")]
+#[cfg_attr(docsrs, doc(cfg(feature = "emulators")))]
 pub mod emulators;
 /// The deterministic fake provider, re-exported from `paperclip-env-providers`
 /// (feature `fake`), where the default build has it without the testkit.
@@ -29,6 +31,7 @@ pub mod fixtures;
 pub mod leak_drills;
 pub mod logs;
 #[cfg(feature = "plugin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "plugin")))]
 pub mod plugin_worker;
 pub mod postgres;
 pub mod recording;

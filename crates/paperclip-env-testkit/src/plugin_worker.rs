@@ -39,6 +39,10 @@ pub const SECRET_FIELD: &str = "apiKey";
 pub const ENV_CRASH_ON: &str = "PAPERCLIP_ENV_WORKER_CRASH_ON";
 /// Env var: never answer this method.
 pub const ENV_HANG_ON: &str = "PAPERCLIP_ENV_WORKER_HANG_ON";
+/// Method on which the worker wedges: it stops reading requests altogether
+/// (a plugin stuck in a busy loop), so it answers neither that call nor
+/// `health` afterwards.
+pub const ENV_WEDGE_ON: &str = "PAPERCLIP_ENV_WORKER_WEDGE_ON";
 /// Env var: answer this method with a line that is not JSON.
 pub const ENV_GARBAGE_ON: &str = "PAPERCLIP_ENV_WORKER_GARBAGE_ON";
 /// Env var: comma-separated methods answered with `METHOD_NOT_IMPLEMENTED`.
@@ -59,6 +63,8 @@ pub struct WorkerFaults {
     pub crash_on: Option<String>,
     /// Never answer this method.
     pub hang_on: Option<String>,
+    /// Stop reading requests on this method ([`ENV_WEDGE_ON`]).
+    pub wedge_on: Option<String>,
     /// Write garbage instead of answering this method.
     pub garbage_on: Option<String>,
     /// Methods answered with `METHOD_NOT_IMPLEMENTED`.
@@ -76,6 +82,7 @@ impl WorkerFaults {
         WorkerFaults {
             crash_on: var(ENV_CRASH_ON),
             hang_on: var(ENV_HANG_ON),
+            wedge_on: var(ENV_WEDGE_ON),
             garbage_on: var(ENV_GARBAGE_ON),
             not_implemented: var(ENV_NOT_IMPLEMENTED)
                 .map(|v| v.split(',').map(|m| m.trim().to_owned()).collect())
@@ -115,8 +122,8 @@ pub fn reference_manifest() -> Value {
         "capabilities": ["environment.drivers.register"],
         "entrypoints": {"worker": "paperclip-env-plugin-worker"},
         "environmentDrivers": [
-            {"driverKey": SANDBOX_DRIVER_KEY, "kind": "sandbox_provider", "displayName": "Fake sandbox (out of process)", "configSchema": schema},
-            {"driverKey": ENVIRONMENT_DRIVER_KEY, "kind": "environment_driver", "displayName": "Fake environment driver", "configSchema": schema}
+            {"driverKey": SANDBOX_DRIVER_KEY, "kind": "sandbox_provider", "displayName": "Fake sandbox (out of process)", "configSchema": schema, "supportsReusableLeases": true},
+            {"driverKey": ENVIRONMENT_DRIVER_KEY, "kind": "environment_driver", "displayName": "Fake environment driver", "configSchema": schema, "supportsReusableLeases": true}
         ]
     })
 }
@@ -489,6 +496,10 @@ where
         else {
             continue;
         };
+        if server.faults.wedge_on.as_deref() == Some(method.as_str()) {
+            // Stuck: nothing more is read or answered, `health` included.
+            std::future::pending::<()>().await;
+        }
         if server.faults.garbage_on.as_deref() == Some(method.as_str()) {
             server.write("this line is not JSON-RPC\n").await;
             continue;

@@ -119,8 +119,8 @@ pub async fn insert_defaults(f: &StoreFixture<'_>) -> StoreCheck {
             && lease.cleanup_status.is_none()
             && lease.metadata.is_none()
             && lease.expires_at.is_none()
-            && lease.cleanup_attempts == 0
-            && lease.cleanup_error.is_none(),
+            && lease.cleanup_attempts() == 0
+            && lease.cleanup_error().is_none(),
         "a nullable field is set on insert: {lease:?}"
     );
     ensure!(!lease.id.is_empty(), "empty id");
@@ -190,6 +190,7 @@ pub async fn round_trip_every_field(f: &StoreFixture<'_>) -> StoreCheck {
                 failure_reason: Some("lease_destroyed".into()),
                 cleanup_status: Some(CleanupStatus::Failed),
                 cleanup_error: Some("boom".into()),
+                termination: None,
             },
         )
         .await
@@ -274,8 +275,8 @@ pub async fn release_sets_released_at(f: &StoreFixture<'_>) -> StoreCheck {
         "updatedAt != lastUsedAt"
     );
     ensure!(
-        released.cleanup_attempts == 0,
-        "attempt counted without cleanupStatus"
+        released.cleanup_attempts() == 0,
+        "a release counted a sweep attempt"
     );
     let retained = f
         .store
@@ -301,10 +302,20 @@ pub async fn release_sets_released_at(f: &StoreFixture<'_>) -> StoreCheck {
     Ok(())
 }
 
-/// `failureReason` and `cleanupStatus` are written only when provided; each
-/// cleanup outcome counts an attempt, and success clears `cleanupError`.
+/// `failureReason` and `cleanupStatus` are written only when provided; the
+/// last cleanup error is kept in `metadata.lastCleanupError` (cleared on
+/// success), a release never counts a sweep attempt, and every release sets
+/// or removes `metadata.remoteExecutionTermination` (Paperclip 2026.916's
+/// `releaseLease`) while other metadata keys survive.
 pub async fn release_writes_fields_only_when_provided(f: &StoreFixture<'_>) -> StoreCheck {
-    let lease = insert(f, new_lease(&fresh("env"), None)).await?;
+    let lease = insert(
+        f,
+        NewLease {
+            metadata: json!({"keep": 1}).as_object().cloned(),
+            ..new_lease(&fresh("env"), None)
+        },
+    )
+    .await?;
     let id = lease.id.as_str();
     let release = |status, update| async move {
         f.store
@@ -313,27 +324,35 @@ pub async fn release_writes_fields_only_when_provided(f: &StoreFixture<'_>) -> S
             .map_err(|e| err("release", e))?
             .ok_or_else(|| "release returned None".to_owned())
     };
+    let receipt = json!({"schema": "paperclip.remote-termination.v1", "state": "destroyed"});
     let first = release(
-        LeaseStatus::Failed,
+        LeaseStatus::PendingCleanup,
         ReleaseUpdate {
-            failure_reason: Some("adapter_or_run_failure".into()),
+            failure_reason: Some("release_cleanup_failed".into()),
             cleanup_status: Some(CleanupStatus::Failed),
             cleanup_error: Some("provider said no".into()),
+            termination: Some(receipt.clone()),
         },
     )
     .await?;
     ensure!(
-        first.cleanup_attempts == 1,
-        "attempts {}",
-        first.cleanup_attempts
+        first.cleanup_attempts() == 0,
+        "a release counted attempts: {}",
+        first.cleanup_attempts()
     );
     ensure!(
-        first.cleanup_error.as_deref() == Some("provider said no"),
-        "cleanupError"
+        first.cleanup_error() == Some("provider said no"),
+        "cleanupError {:?}",
+        first.metadata
     );
-    let second = release(LeaseStatus::Expired, ReleaseUpdate::default()).await?;
     ensure!(
-        second.failure_reason.as_deref() == Some("adapter_or_run_failure"),
+        first.termination_receipt() == Some(&receipt),
+        "receipt not stored: {:?}",
+        first.metadata
+    );
+    let second = release(LeaseStatus::PendingCleanup, ReleaseUpdate::default()).await?;
+    ensure!(
+        second.failure_reason.as_deref() == Some("release_cleanup_failed"),
         "failureReason overwritten without being provided"
     );
     ensure!(
@@ -341,12 +360,12 @@ pub async fn release_writes_fields_only_when_provided(f: &StoreFixture<'_>) -> S
         "cleanupStatus overwritten without being provided"
     );
     ensure!(
-        second.cleanup_attempts == 1,
-        "attempt counted without cleanupStatus"
+        second.cleanup_error().is_some(),
+        "cleanupError dropped without cleanupStatus"
     );
     ensure!(
-        second.cleanup_error.is_some(),
-        "cleanupError dropped without cleanupStatus"
+        second.termination_receipt().is_none(),
+        "a release without a receipt kept the earlier one"
     );
     let third = release(
         LeaseStatus::Expired,
@@ -361,13 +380,88 @@ pub async fn release_writes_fields_only_when_provided(f: &StoreFixture<'_>) -> S
         "cleanupStatus"
     );
     ensure!(
-        third.cleanup_attempts == 2,
-        "attempts {}",
-        third.cleanup_attempts
+        third.cleanup_error().is_none(),
+        "cleanupError kept after success"
     );
     ensure!(
-        third.cleanup_error.is_none(),
-        "cleanupError kept after success"
+        third.metadata.as_ref().and_then(|m| m.get("keep")) == Some(&json!(1)),
+        "a release lost an unrelated metadata key: {:?}",
+        third.metadata
+    );
+    Ok(())
+}
+
+/// `claim_cleanup_attempt` is a compare-and-swap on
+/// `metadata.pendingCleanupRetryAttempts`: it wins only on a
+/// `pending_cleanup` row whose count equals the expected one, writes only the
+/// count, and reads a malformed count as Paperclip does (non-number 0,
+/// floored, clamped to 0..=5).
+pub async fn cleanup_attempt_claims_are_compare_and_swap(f: &StoreFixture<'_>) -> StoreCheck {
+    let lease = insert(
+        f,
+        NewLease {
+            metadata: json!({"keep": "x", "pendingCleanupRetryAttempts": "junk"})
+                .as_object()
+                .cloned(),
+            ..new_lease(&fresh("env"), None)
+        },
+    )
+    .await?;
+    let id = lease.id.as_str();
+    let claim = |expected| async move {
+        f.store
+            .claim_cleanup_attempt(id, expected)
+            .await
+            .map_err(|e| err("claim_cleanup_attempt", e))
+    };
+    ensure!(!claim(0).await?, "claimed an attempt on an active lease");
+    f.store
+        .release(
+            &lease.id,
+            LeaseStatus::PendingCleanup,
+            ReleaseUpdate::default(),
+        )
+        .await
+        .map_err(|e| err("release", e))?;
+    ensure!(!claim(1).await?, "claimed with a stale expected count");
+    ensure!(
+        claim(0).await?,
+        "first claim (malformed count reads 0) lost"
+    );
+    ensure!(!claim(0).await?, "a second claim at the same count won");
+    let read = f
+        .store
+        .get(&lease.id)
+        .await
+        .map_err(|e| err("get", e))?
+        .ok_or("lease gone")?;
+    ensure!(read.cleanup_attempts() == 1, "count {:?}", read.metadata);
+    ensure!(
+        read.metadata.as_ref().and_then(|m| m.get("keep")) == Some(&json!("x")),
+        "the claim rewrote other metadata: {:?}",
+        read.metadata
+    );
+    ensure!(read.updated_at >= lease.updated_at, "updatedAt not touched");
+    for n in 1..paperclip_env_core::lease::PENDING_CLEANUP_ATTEMPT_CAP {
+        ensure!(claim(n).await?, "claim at {n} lost");
+    }
+    let capped = f
+        .store
+        .get(&lease.id)
+        .await
+        .map_err(|e| err("get", e))?
+        .ok_or("lease gone")?;
+    ensure!(
+        capped.cleanup_attempts() == 5,
+        "count {:?}",
+        capped.metadata
+    );
+    ensure!(
+        !f.store
+            .claim_cleanup_attempt(&fresh("missing"), 0)
+            .await
+            .map_err(|e| err("claim_cleanup_attempt", e))?,
+        "claimed an unknown lease"
     );
     Ok(())
 }
@@ -561,7 +655,7 @@ pub async fn list_active_only_active(f: &StoreFixture<'_>) -> StoreCheck {
         .await
         .map_err(|e| err("list_active", e))?
         .into_iter()
-        .filter(|l| l.environment_id == env)
+        .filter(|l| l.environment_id.as_deref() == Some(env.as_str()))
         .map(|l| l.id)
         .collect();
     ensure!(ids == vec![a.id, b.id], "list_active gave {ids:?}");
@@ -711,6 +805,7 @@ pub async fn complete_acquisition_is_conditional(f: &StoreFixture<'_>) -> StoreC
                 failure_reason: Some("acquire_orphaned".into()),
                 cleanup_status: Some(CleanupStatus::Success),
                 cleanup_error: None,
+                termination: None,
             },
         )
         .await
@@ -783,6 +878,7 @@ pub async fn run(f: &StoreFixture<'_>) -> StoreReport {
         unknown_id_is_none,
         release_sets_released_at,
         release_writes_fields_only_when_provided,
+        cleanup_attempt_claims_are_compare_and_swap,
         update_metadata_and_touch,
         list_by_environment_order,
         list_by_run_order,

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use paperclip_env_core::plugin::{
-    PluginDriver, PluginManifest, PluginSandboxProvider, PluginWorker, PluginWorkerConfig,
+    CallError, PluginDriver, PluginManifest, PluginSandboxProvider, PluginWorker,
+    PluginWorkerConfig,
 };
 use paperclip_env_core::secret::InMemorySecretResolver;
 use paperclip_env_core::{
@@ -20,7 +21,8 @@ use paperclip_env_testkit::conformance::{self, Fixture};
 use paperclip_env_testkit::logs::LogCapture;
 use paperclip_env_testkit::plugin_worker::{
     self, ENV_CONTROL_DIR, ENV_CRASH_ON, ENV_GARBAGE_ON, ENV_HANG_ON, ENV_LEAK_SECRETS,
-    ENV_NOT_IMPLEMENTED, ENV_TEMP_ROOT, ENVIRONMENT_DRIVER_KEY, PLUGIN_KEY, SANDBOX_DRIVER_KEY,
+    ENV_NOT_IMPLEMENTED, ENV_TEMP_ROOT, ENV_WEDGE_ON, ENVIRONMENT_DRIVER_KEY, PLUGIN_KEY,
+    SANDBOX_DRIVER_KEY,
 };
 use serde_json::json;
 
@@ -359,6 +361,84 @@ async fn sandbox_kind_runs_through_the_runtime_with_secrets_kept_out_of_logs_and
     assert!(!format!("{worker:?} {:?}", worker.config()).contains("tok-env-5d1e"));
 }
 
+/// A crashed worker comes back on its own after the back-off, as upstream's
+/// host restarts it on a timer, without waiting for the next call.
+#[tokio::test]
+async fn a_crashed_worker_is_restarted_on_a_timer() {
+    let dirs = dirs();
+    let mut config = worker_config(&dirs, &[(ENV_CRASH_ON, "environmentProbe")]);
+    config.restart_backoff = Duration::from_millis(200);
+    let worker = PluginWorker::new(config);
+    worker.start().await.unwrap();
+    let first = worker.pid().unwrap();
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    let err = worker
+        .call("environmentProbe", &params, None, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
+    assert!(wait_gone(first).await);
+    let mut restarted = false;
+    for _ in 0..100 {
+        if worker.is_running() && worker.pid() != Some(first) {
+            restarted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(restarted, "the worker was not restarted after its crash");
+    assert_eq!(worker.starts(), 2);
+    worker.shutdown().await;
+}
+
+/// After `MAX_CONSECUTIVE_CRASHES` crashes in the window the worker stays
+/// down and calls fail at once with the reason; `start()` tries again.
+#[tokio::test]
+async fn a_crash_looping_worker_stays_down_until_started_again() {
+    let dirs = dirs();
+    let mut config = worker_config(&dirs, &[(ENV_CRASH_ON, "environmentProbe")]);
+    config.restart_backoff = Duration::from_millis(1);
+    let worker = PluginWorker::new(config);
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    for _ in 0..paperclip_env_core::plugin::MAX_CONSECUTIVE_CRASHES {
+        let err = worker
+            .call("environmentProbe", &params, None, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CallError::Unavailable(_)), "{err:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!worker.is_running(), "a crash-looping worker was restarted");
+    let starts = worker.starts();
+    let err = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("crashed 10 times"), "{err}");
+    assert_eq!(
+        worker.starts(),
+        starts,
+        "a call restarted a crash-looping worker"
+    );
+    worker.start().await.unwrap();
+    let validated = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(validated["ok"], true);
+    worker.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_worker_that_crashes_mid_call_gives_a_retryable_error_and_is_restarted() {
     let dirs = dirs();
@@ -406,19 +486,78 @@ async fn a_worker_that_crashes_mid_call_gives_a_retryable_error_and_is_restarted
     worker.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_hanging_worker_times_out_at_the_call_deadline_and_is_killed() {
+/// A hung call is rejected alone, as upstream's host does: the worker still
+/// answers `health`, so it keeps running, and another lease's call in flight
+/// on the same worker completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_call_is_rejected_alone_while_the_worker_answers_health() {
     let dirs = dirs();
-    let worker = PluginWorker::new(worker_config(&dirs, &[(ENV_HANG_ON, "environmentExecute")]));
-    let options = short_deadlines();
-    let runtime = sandbox_runtime(&worker, options);
+    let worker = PluginWorker::new(
+        worker_config(&dirs, &[(ENV_HANG_ON, "environmentProbe")])
+            .health_timeout(Duration::from_millis(500)),
+    );
+    let runtime = sandbox_runtime(&worker, short_deadlines());
     let env = sandbox_env();
     let lease = runtime
         .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-h"))
         .await
         .unwrap()
         .lease;
-    let hung_pid = worker.pid().unwrap();
+    let pid = worker.pid().unwrap();
+    let other_call = ExecuteRequest::shell("sleep 2; echo still-here").timeout_ms(10_000);
+    let probe_params =
+        json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": env.id, "config": env.config});
+    let (probe, executed) = tokio::join!(
+        worker.call(
+            "environmentProbe",
+            &probe_params,
+            None,
+            Some(Duration::from_millis(300))
+        ),
+        runtime.execute(&env, &lease, &other_call)
+    );
+    assert!(
+        matches!(probe, Err(CallError::Timeout { ref method, .. }) if method == "environmentProbe"),
+        "{probe:?}"
+    );
+    let executed = executed.expect("the other lease's call survived the hung one");
+    assert_eq!(executed.stdout.trim(), "still-here");
+    // The health check after the timeout has long been answered.
+    assert!(pid_alive(pid), "a worker that answers health was killed");
+    assert_eq!(worker.pid(), Some(pid));
+    assert_eq!(worker.starts(), 1);
+
+    let released = runtime
+        .release_run_leases("run-h", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    assert_eq!(
+        released[0].lease.cleanup_status,
+        Some(CleanupStatus::Success)
+    );
+    assert_eq!(live(dirs.control.path()), 0);
+    worker.shutdown().await;
+}
+
+/// A worker that stops answering altogether (a busy loop) fails its
+/// `health` check after the timed-out call and is killed; the next call
+/// starts a fresh one.
+#[tokio::test]
+async fn a_worker_that_stops_answering_health_is_killed_and_restarted() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(
+        worker_config(&dirs, &[(ENV_WEDGE_ON, "environmentExecute")])
+            .health_timeout(Duration::from_millis(300)),
+    );
+    let runtime = sandbox_runtime(&worker, short_deadlines());
+    let env = sandbox_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-w"))
+        .await
+        .unwrap()
+        .lease;
+    let wedged_pid = worker.pid().unwrap();
     let err = runtime
         .execute(&env, &lease, &ExecuteRequest::new("true").timeout_ms(100))
         .await
@@ -432,10 +571,13 @@ async fn a_hanging_worker_times_out_at_the_call_deadline_and_is_killed() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert!(!err.is_retryable(), "a timed-out execute is not idempotent");
-    assert!(wait_gone(hung_pid).await, "the hung worker was not killed");
+    assert!(
+        wait_gone(wedged_pid).await,
+        "the wedged worker was not killed"
+    );
 
     let released = runtime
-        .release_run_leases("run-h", LeaseStatus::Released)
+        .release_run_leases("run-w", LeaseStatus::Released)
         .await
         .into_result()
         .unwrap();
@@ -506,12 +648,15 @@ async fn a_plugin_driver_release_that_hangs_records_failed_cleanup_and_releases_
         .into_result()
         .unwrap();
     let lease = &released[0].lease;
-    assert_eq!(lease.status, LeaseStatus::Released);
+    assert_eq!(lease.status, LeaseStatus::PendingCleanup);
+    assert_eq!(
+        lease.failure_reason.as_deref(),
+        Some("release_cleanup_failed")
+    );
     assert_eq!(lease.cleanup_status, Some(CleanupStatus::Failed));
     assert!(
         lease
-            .cleanup_error
-            .as_deref()
+            .cleanup_error()
             .unwrap_or_default()
             .contains("timed out after 1500ms"),
         "{lease:?}"
@@ -564,6 +709,78 @@ async fn method_not_implemented_maps_to_not_supported() {
     assert!(!caps.execute && !caps.realize_workspace && caps.resume && caps.destroy);
     runtime
         .release_run_leases("run-n", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    worker.shutdown().await;
+}
+
+/// A worker that does not advertise `environmentReleaseLease` is not sent
+/// one, as upstream: the release records a failed cleanup (the reaper's
+/// work), for the sandbox-provider and the driver kind alike.
+#[tokio::test]
+async fn a_release_the_worker_does_not_advertise_is_not_sent_and_records_failed_cleanup() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(
+        &dirs,
+        &[(ENV_NOT_IMPLEMENTED, "environmentReleaseLease")],
+    ));
+    for (runtime, env, run) in [
+        (
+            plugin_runtime(&worker, short_deadlines()),
+            plugin_env(),
+            "run-nr-driver",
+        ),
+        (
+            sandbox_runtime(&worker, short_deadlines()),
+            sandbox_env(),
+            "run-nr-sandbox",
+        ),
+    ] {
+        runtime
+            .acquire_run_lease(AcquireRunLease::for_run(env.clone(), run))
+            .await
+            .unwrap();
+        let outcome = runtime.release_run_leases(run, LeaseStatus::Released).await;
+        let rows = runtime.lease_store().list_by_run(run, None).await.unwrap();
+        assert_eq!(rows.len(), 1, "{outcome:?}");
+        assert_eq!(
+            rows[0].cleanup_status,
+            Some(CleanupStatus::Failed),
+            "{:?}",
+            rows[0]
+        );
+        assert_ne!(rows[0].status, LeaseStatus::Active, "{:?}", rows[0]);
+    }
+    // Nothing was released: both sandboxes are still there for the reaper.
+    assert_eq!(live(dirs.control.path()), 2);
+    worker.shutdown().await;
+}
+
+/// `cwd` is always sent on execute: the lease's `remoteCwd` when the request
+/// names none, as upstream's host does.
+#[tokio::test]
+async fn execute_sends_the_leases_remote_cwd_when_the_request_has_none() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let runtime = sandbox_runtime(&worker, short_deadlines());
+    let env = sandbox_env();
+    let lease = runtime
+        .acquire_run_lease(AcquireRunLease::for_run(env.clone(), "run-cwd"))
+        .await
+        .unwrap()
+        .lease;
+    let remote_cwd = lease
+        .remote_cwd()
+        .expect("the fake records remoteCwd")
+        .to_owned();
+    let pwd = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("pwd"))
+        .await
+        .unwrap();
+    assert_eq!(pwd.stdout.trim(), remote_cwd);
+    runtime
+        .release_run_leases("run-cwd", LeaseStatus::Released)
         .await
         .into_result()
         .unwrap();
@@ -708,6 +925,7 @@ fn shell_worker(strict_stdout: bool) -> PluginWorker {
         .plugin_config(json!({"region": "eu-1"}).as_object().unwrap().clone())
         .ready_timeout(Duration::from_secs(5));
     config.strict_stdout = strict_stdout;
+    config.shutdown_drain = Duration::from_millis(300);
     config.shutdown_grace = Duration::from_millis(300);
     PluginWorker::new(config)
 }
@@ -742,9 +960,13 @@ async fn worker_notifications_and_worker_to_host_requests_are_served() {
         text.contains(r#"config reply: {"jsonrpc":"2.0","id":"w1","result":{"region":"eu-1"}}"#),
         "{text}"
     );
+    // A method upstream serves, refused with upstream's capability error
+    // (the manifest lacks `secrets.read-ref`), not "method not found".
     assert!(
-        text.contains("-32601")
-            && text.contains(r#"Host does not handle method \"secrets.resolve\""#),
+        text.contains("-32001")
+            && text.contains(
+                r#"missing required capability \"secrets.read-ref\" for method \"secrets.resolve\""#
+            ),
         "{text}"
     );
 }
@@ -771,6 +993,7 @@ fn noisy_worker(strict_stdout: bool) -> PluginWorker {
         .secret_env("NOISY_TOKEN", "noisy-secret-7f3a".to_owned().into())
         .ready_timeout(Duration::from_secs(5))
         .strict_stdout(strict_stdout);
+    config.shutdown_drain = Duration::from_millis(300);
     config.shutdown_grace = Duration::from_millis(300);
     PluginWorker::new(config)
 }
@@ -921,6 +1144,7 @@ async fn execute_log_chunks_of_other_or_no_invocations_are_dropped_and_the_tail_
         .arg("-c")
         .arg(STREAMING_SHELL_WORKER)
         .ready_timeout(Duration::from_secs(5));
+    config.shutdown_drain = Duration::from_millis(300);
     config.shutdown_grace = Duration::from_millis(300);
     let worker = PluginWorker::new(config);
     let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
@@ -1000,10 +1224,15 @@ async fn concurrent_calls_share_one_worker_and_get_their_own_answers() {
     worker.shutdown().await;
 }
 
+/// A call its caller abandons is dropped alone; the worker, which still
+/// answers `health`, serves the next call. After `shutdown` nothing restarts it.
 #[tokio::test]
-async fn an_abandoned_call_kills_the_worker_so_nothing_keeps_running() {
+async fn an_abandoned_call_is_dropped_alone_and_shutdown_is_final() {
     let dirs = dirs();
-    let worker = PluginWorker::new(worker_config(&dirs, &[(ENV_HANG_ON, "environmentProbe")]));
+    let worker = PluginWorker::new(
+        worker_config(&dirs, &[(ENV_HANG_ON, "environmentProbe")])
+            .health_timeout(Duration::from_millis(300)),
+    );
     worker.start().await.unwrap();
     let pid = worker.pid().unwrap();
     let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
@@ -1013,13 +1242,10 @@ async fn an_abandoned_call_kills_the_worker_so_nothing_keeps_running() {
             .await
             .is_err()
     );
-    assert!(
-        wait_gone(pid).await,
-        "the worker kept running an abandoned call"
-    );
-    assert!(!worker.is_running());
-    // The next call brings up a fresh worker.
-    let probe = worker
+    // Longer than the health timeout: a failed check would have killed it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(pid_alive(pid), "a worker that answers health was killed");
+    let validated = worker
         .call(
             "environmentValidateConfig",
             &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
@@ -1028,15 +1254,49 @@ async fn an_abandoned_call_kills_the_worker_so_nothing_keeps_running() {
         )
         .await
         .unwrap();
-    assert_eq!(probe["ok"], true);
-    assert_eq!(worker.starts(), 2);
+    assert_eq!(validated["ok"], true);
+    assert_eq!(worker.starts(), 1);
+    assert_eq!(worker.pid(), Some(pid));
     worker.shutdown().await;
     assert!(worker.is_shut_down());
+    assert!(wait_gone(pid).await, "shutdown left the worker running");
     let err = worker
         .call("environmentValidateConfig", &json!({}), None, None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("has been shut down"), "{err}");
+}
+
+/// With a zero health timeout an abandoned call kills the worker at once
+/// (nothing it started keeps running), and the next call restarts it.
+#[tokio::test]
+async fn a_zero_health_timeout_kills_the_worker_of_an_abandoned_call() {
+    let dirs = dirs();
+    let worker = PluginWorker::new(
+        worker_config(&dirs, &[(ENV_HANG_ON, "environmentProbe")]).health_timeout(Duration::ZERO),
+    );
+    worker.start().await.unwrap();
+    let pid = worker.pid().unwrap();
+    let params = json!({"driverKey": SANDBOX_DRIVER_KEY, "environmentId": "e", "config": {}});
+    let call = worker.call("environmentProbe", &params, None, None);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), call)
+            .await
+            .is_err()
+    );
+    assert!(wait_gone(pid).await, "the worker kept running");
+    let validated = worker
+        .call(
+            "environmentValidateConfig",
+            &json!({"driverKey": SANDBOX_DRIVER_KEY, "config": {}}),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(validated["ok"], true);
+    assert_eq!(worker.starts(), 2);
+    worker.shutdown().await;
 }
 
 #[tokio::test]
@@ -1144,5 +1404,48 @@ async fn a_plugin_driver_acquire_that_outlives_its_caller_leaves_nothing() {
         worker.is_running(),
         "the worker was not killed for a slow call"
     );
+    worker.shutdown().await;
+}
+
+/// The plugin's own environment cannot override what the host controls
+/// (PATH, NODE_PATH, NODE_ENV, TZ, PAPERCLIP_PLUGIN_ID), as upstream; other
+/// host variables never reach the worker; its own variables do.
+#[tokio::test]
+async fn the_worker_environment_is_minimal_and_host_controlled_keys_win() {
+    let out = tempfile::tempdir().unwrap();
+    let dump = out.path().join("env.txt");
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    // Answers `initialize` with the request's id, after writing its environment.
+    let script = format!(
+        "env > '{}'; read line; id=$(printf %s \"$line\" | grep -o '\"id\":[0-9]*' | head -n 1 | cut -d: -f2); \
+         printf '{{\"jsonrpc\":\"2.0\",\"id\":%s,\"result\":{{\"ok\":true,\"supportedMethods\":[]}}}}\\n' \"$id\"; exec sleep 30",
+        dump.display()
+    );
+    let mut config = PluginWorkerConfig::new("/bin/sh", manifest)
+        .arg("-c")
+        .arg(script)
+        .env("PATH", "/plugin/bin")
+        .env("TZ", "Mars/Olympus")
+        .env("PAPERCLIP_PLUGIN_ID", "someone.else")
+        .env("BOX_REGION", "eu-1")
+        .ready_timeout(Duration::from_secs(10));
+    config.shutdown_drain = Duration::from_millis(200);
+    config.shutdown_grace = Duration::from_millis(200);
+    let worker = PluginWorker::new(config);
+    worker.start().await.unwrap();
+    let env = std::fs::read_to_string(&dump).unwrap();
+    let var = |key: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+    };
+    assert_eq!(var("PATH"), std::env::var("PATH").ok());
+    assert_eq!(
+        var("TZ").as_deref(),
+        Some(std::env::var("TZ").as_deref().unwrap_or("UTC"))
+    );
+    assert_eq!(var("PAPERCLIP_PLUGIN_ID").as_deref(), Some(PLUGIN_KEY));
+    assert_eq!(var("BOX_REGION").as_deref(), Some("eu-1"));
+    assert_eq!(var("CARGO_MANIFEST_DIR"), None, "host environment leaked");
     worker.shutdown().await;
 }

@@ -8,5 +8,5 @@ async fn in_memory_store_conforms() {
     let store = InMemoryLeaseStore::new();
     let report = run(&StoreFixture::new(&store).exclusive_claims(true)).await;
     report.assert_passed();
-    assert_eq!(report.passed.len(), 13);
+    assert_eq!(report.passed.len(), 14);
 }

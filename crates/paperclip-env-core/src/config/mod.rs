@@ -14,8 +14,10 @@ use serde_json::Value;
 
 pub use plugin::PluginDriverConfig;
 pub use sandbox::{
-    DEFAULT_FAKE_IMAGE, ENVELOPE_KEYS, FakeSandboxConfig, PROVIDER_KEY_PATTERN, ProviderEnvelope,
-    SandboxConfig, TIMEOUT_MS_MAX,
+    DEFAULT_FAKE_IMAGE, ENVELOPE_KEYS, FakeSandboxConfig, HOST_FLAG_KEYS, HostFlags,
+    PROVIDER_KEY_PATTERN, ProviderEnvelope, REMOVED_SANDBOX_CONFIG_KEYS,
+    RUNNER_IDLE_TIMEOUT_MS_MAX, RUNNER_IDLE_TIMEOUT_MS_MIN, RunnerLifecycleMode, SandboxConfig,
+    TIMEOUT_MS_MAX, WARM_RUNNER_IDLE_TIMEOUT_MS,
 };
 pub use ssh::SshConfig;
 

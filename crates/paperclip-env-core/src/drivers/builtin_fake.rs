@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use crate::config::FakeSandboxConfig;
-use crate::lease::{EnvironmentLease, JsonObject};
+use crate::lease::JsonObject;
 use crate::provider::ProviderLease;
 
 pub(crate) fn metadata(config: &FakeSandboxConfig) -> JsonObject {
@@ -12,6 +12,7 @@ pub(crate) fn metadata(config: &FakeSandboxConfig) -> JsonObject {
     md.insert("provider".into(), json!("fake"));
     md.insert("image".into(), json!(config.image));
     md.insert("reuseLease".into(), json!(config.reuse_lease));
+    config.host_flags.apply_to(&mut md);
     md
 }
 
@@ -34,17 +35,6 @@ pub(crate) fn resume(config: &FakeSandboxConfig, provider_lease_id: &str) -> Pro
     ProviderLease::new(provider_lease_id, md)
 }
 
-/// The built-in matcher: non-empty id, `provider == "fake"`, `reuseLease`, same image.
-pub(crate) fn matches(lease: &EnvironmentLease, config: &FakeSandboxConfig) -> bool {
-    lease
-        .provider_lease_id
-        .as_deref()
-        .is_some_and(|id| !id.is_empty())
-        && lease.metadata_str("provider") == Some("fake")
-        && lease.metadata.as_ref().and_then(|m| m.get("reuseLease")) == Some(&json!(true))
-        && lease.metadata_str("image") == Some(config.image.as_str())
-}
-
 /// Config rebuilt from lease metadata: needs `provider: "fake"` and a string image.
 pub(crate) fn config_from_metadata(metadata: Option<&JsonObject>) -> Option<FakeSandboxConfig> {
     let md = metadata?;
@@ -54,5 +44,6 @@ pub(crate) fn config_from_metadata(metadata: Option<&JsonObject>) -> Option<Fake
     Some(FakeSandboxConfig {
         image: md.get("image")?.as_str()?.to_owned(),
         reuse_lease: md.get("reuseLease") == Some(&json!(true)),
+        host_flags: Default::default(),
     })
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{base_metadata, builtin_fake};
 use crate::acquisition::{self, AcquireTiming, Acquirer, acquire_recorded};
@@ -67,7 +67,7 @@ pub const INTERNAL_METADATA_KEYS: [&str; 10] = [
 ];
 
 /// `failureReason` written when a lease is released as `failed`.
-pub const RUN_FAILURE_REASON: &str = "adapter_or_run_failure";
+pub const RUN_FAILURE_REASON: &str = crate::lease::failure_reasons::ADAPTER_OR_RUN_FAILURE;
 /// `failureReason` written when a lease is destroyed.
 pub const DESTROYED_REASON: &str = "lease_destroyed";
 
@@ -348,7 +348,10 @@ impl SandboxDriver {
         let config = resolve_provider_config(&stored, &paths, ctx.secrets.as_ref()).await?;
         Ok(CallContext {
             company_id: lease.company_id.clone(),
-            environment_id: lease.environment_id.clone(),
+            environment_id: lease
+                .environment_id
+                .clone()
+                .unwrap_or_else(|| environment.id.clone()),
             issue_id: lease.issue_id.clone(),
             config,
         })
@@ -368,18 +371,6 @@ impl SandboxDriver {
         lease_operation_deadline(timeout, bridge, &ctx.options)
     }
 
-    fn expiry(
-        provider_expiry: Option<time::Timestamp>,
-        max_lease_lifetime: Option<Duration>,
-    ) -> Option<time::Timestamp> {
-        provider_expiry.or_else(|| {
-            let max = max_lease_lifetime?;
-            chrono::Duration::from_std(max)
-                .ok()
-                .map(|d| time::now() + d)
-        })
-    }
-
     async fn acquire_builtin(
         &self,
         ctx: &DriverContext,
@@ -388,33 +379,21 @@ impl SandboxDriver {
     ) -> Result<EnvironmentLease> {
         let environment = input.environment;
         let run_id = input.heartbeat_run_id.clone();
-        let mut reused = None;
-        if config.reuse_lease
-            && let Some(run) = run_id.as_deref()
-        {
-            reused = ctx
-                .store
-                .list_by_environment(&environment.id, None)
-                .await?
-                .into_iter()
-                .find(|l| resumable(l, run) && builtin_fake::matches(l, &config))
-                .and_then(|l| l.provider_lease_id);
-        }
-        let handle = match reused {
-            Some(id) => builtin_fake::resume(&config, &id),
-            None => builtin_fake::acquire(
-                &config,
-                &environment.id,
-                &run_id
-                    .clone()
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            ),
+        // The built-in fake is never reusable (Paperclip 2026.916: it does
+        // not declare reusable leases), whatever its `reuseLease` says: every
+        // acquisition is a fresh, ephemeral lease.
+        let ephemeral = crate::config::FakeSandboxConfig {
+            reuse_lease: false,
+            ..config
         };
-        let policy = if config.reuse_lease && run_id.is_some() {
-            LeasePolicy::ReuseByEnvironment
-        } else {
-            LeasePolicy::Ephemeral
-        };
+        let handle = builtin_fake::acquire(
+            &ephemeral,
+            &environment.id,
+            &run_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        );
+        let policy = LeasePolicy::Ephemeral;
         let mut metadata = base_metadata(environment, &input.lease_context);
         for (k, v) in handle.metadata.unwrap_or_default() {
             if !HOST_METADATA_KEYS.contains(&k.as_str()) || k == "provider" {
@@ -431,7 +410,10 @@ impl SandboxDriver {
                 lease_policy: Some(policy),
                 provider: Some("fake".into()),
                 provider_lease_id: handle.provider_lease_id,
-                expires_at: Self::expiry(None, ctx.options.max_lease_lifetime),
+                // Only a provider-confirmed expiry is stored (Paperclip
+                // 2026.916); the reaper bounds the lease by
+                // `max_lease_lifetime` itself.
+                expires_at: None,
                 metadata: Some(metadata),
             })
             .await
@@ -447,10 +429,14 @@ impl SandboxDriver {
         let provider = self.provider_for_acquire(&envelope.provider, ctx).await?;
         let paths = collect_secret_ref_paths(&provider.config_schema());
         let worker_stored = envelope.provider_config();
+        crate::secret::reject_pinned_secret_versions(&worker_stored, &paths)?;
         let config = resolve_provider_config(&worker_stored, &paths, ctx.secrets.as_ref()).await?;
         let mut stored_for_metadata = JsonObject::new();
         stored_for_metadata.insert("provider".into(), json!(envelope.provider));
         stored_for_metadata.extend(stored_config_for_metadata(&worker_stored, &paths));
+        // Host-owned flags are recorded with the config (as Paperclip's
+        // lease metadata has them), never handed to the provider.
+        envelope.host_flags.apply_to(&mut stored_for_metadata);
         let call = CallContext {
             company_id: input.company_id.clone(),
             environment_id: environment.id.clone(),
@@ -474,14 +460,29 @@ impl SandboxDriver {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
 
         let mut candidate = None;
-        if reusable && provider.capabilities().resume {
+        if reusable {
             let run = run_id.as_deref().unwrap_or_default();
-            candidate = ctx
-                .store
-                .list_by_environment(&environment.id, None)
-                .await?
-                .into_iter()
-                .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata));
+            let kept = ctx.store.list_by_environment(&environment.id, None).await?;
+            if provider.capabilities().resume {
+                candidate = kept
+                    .iter()
+                    .find(|l| resumable(l, run) && matches_stored_config(l, &stored_for_metadata))
+                    .cloned();
+            }
+            // Paperclip 2026.916's `cleanupObsoleteReusableSandboxLeases`:
+            // a kept sandbox of this environment and execution workspace
+            // whose recorded config no longer matches can never be resumed,
+            // so it is destroyed (`lease_fingerprint_mismatch`) instead of
+            // lingering until the reaper's lifetime bound.
+            let workspace = input.lease_context.execution_workspace_id.as_deref();
+            for obsolete in kept.iter().filter(|l| {
+                l.lease_policy == LeasePolicy::ReuseByEnvironment
+                    && matches!(l.status, LeaseStatus::Released | LeaseStatus::Retained)
+                    && l.execution_workspace_id.as_deref() == workspace
+                    && !matches_stored_config(l, &stored_for_metadata)
+            }) {
+                self.retire_mismatched(ctx, environment, obsolete).await;
+            }
         }
 
         let mut host_metadata = base_metadata(environment, &input.lease_context);
@@ -520,6 +521,7 @@ impl SandboxDriver {
             heartbeat: ctx.options.acquisition_heartbeat,
         };
         let acquirer = Arc::new(SandboxAcquirer {
+            store: ctx.store.clone(),
             provider,
             call,
             deadline,
@@ -530,7 +532,6 @@ impl SandboxDriver {
             run_label,
             workspace_mode: input.lease_context.execution_workspace_mode.clone(),
             policy,
-            max_lease_lifetime: ctx.options.max_lease_lifetime,
         });
         acquire_recorded(
             ctx.store.clone(),
@@ -540,6 +541,54 @@ impl SandboxDriver {
             acquirer,
         )
         .await
+    }
+
+    /// Destroys a kept lease whose fingerprint no longer matches, recording
+    /// `lease_fingerprint_mismatch`; a failed teardown leaves it
+    /// `pending_cleanup` for the sweep. Never fails the acquisition.
+    async fn retire_mismatched(
+        &self,
+        ctx: &DriverContext,
+        environment: &Environment,
+        lease: &EnvironmentLease,
+    ) {
+        let cleanup = match provider_key_of(lease) {
+            Some(key) => {
+                let key = key.to_owned();
+                self.provider_cleanup(ctx, environment, lease, &key, true, LeaseStatus::Expired)
+                    .await
+            }
+            None => Ok(()),
+        };
+        let reason = Some(crate::lease::failure_reasons::LEASE_FINGERPRINT_MISMATCH.to_owned());
+        let (status, update) = match cleanup {
+            Ok(()) => (
+                LeaseStatus::Expired,
+                ReleaseUpdate {
+                    failure_reason: reason,
+                    cleanup_status: Some(CleanupStatus::Success),
+                    cleanup_error: None,
+                    termination: crate::lease::remote_termination_receipt(lease, "destroyed"),
+                },
+            ),
+            Err(message) => (
+                LeaseStatus::PendingCleanup,
+                ReleaseUpdate {
+                    failure_reason: reason,
+                    cleanup_status: Some(CleanupStatus::Failed),
+                    cleanup_error: Some(message),
+                    termination: None,
+                },
+            ),
+        };
+        match ctx.store.release(&lease.id, status, update).await {
+            Ok(_) => {
+                info!(lease = %lease.id, %status, "retired a reusable lease whose config no longer matches")
+            }
+            Err(e) => {
+                warn!(lease = %lease.id, error = %e, "could not record a retired reusable lease")
+            }
+        }
     }
 
     async fn provider_cleanup(
@@ -700,6 +749,8 @@ impl SandboxDriver {
 
 /// The provider side of one recorded acquisition (see [`crate::acquisition`]).
 struct SandboxAcquirer {
+    /// Where a kept lease whose resource is gone is retired.
+    store: Arc<dyn crate::store::LeaseStore>,
     provider: Arc<dyn SandboxProvider>,
     call: CallContext,
     /// Bound of each teardown call.
@@ -714,7 +765,6 @@ struct SandboxAcquirer {
     run_label: String,
     workspace_mode: Option<String>,
     policy: LeasePolicy,
-    max_lease_lifetime: Option<Duration>,
 }
 
 impl SandboxAcquirer {
@@ -728,19 +778,49 @@ impl Acquirer for SandboxAcquirer {
     async fn acquire(&self) -> Result<AcquiredLease> {
         let mut handle: Option<ProviderLease> = None;
         if let Some(candidate) = &self.candidate {
+            // Paperclip 2026.916: a failed resume is an error, never a silent
+            // fresh acquire (spec 00 §7.2 fell back on any failure; issue #22
+            // wins). The kept lease is preserved and no replacement is created.
+            let kept = candidate.provider_lease_id.as_deref().unwrap_or_default();
+            let failed = |cause: String, retryable: bool| Error::Provider {
+                provider: self.key().to_owned(),
+                message: format!(
+                    "Reusable sandbox lease \"{kept}\" could not be resumed; the lease was preserved and no replacement was created. ({cause})"
+                ),
+                retryable,
+                source: None,
+            };
             match self
                 .provider
                 .resume(&self.call, &lease_handle(candidate))
                 .await
             {
                 Ok(lease) if lease.id().is_some() => handle = Some(lease),
-                Ok(_) => debug!(
-                    provider = self.key(),
-                    "resume returned no lease id; acquiring fresh"
-                ),
+                // The provider answered that the kept resource is gone (no
+                // lease id, e.g. an expired sandbox): its row is retired as
+                // `resume_failed` and a fresh one is acquired, as upstream
+                // does when the provider hands back another lease.
+                Ok(_) => {
+                    let update = ReleaseUpdate {
+                        failure_reason: Some(crate::lease::failure_reasons::RESUME_FAILED.into()),
+                        cleanup_status: Some(CleanupStatus::Success),
+                        cleanup_error: None,
+                        termination: None,
+                    };
+                    if let Err(e) = self
+                        .store
+                        .release(&candidate.id, LeaseStatus::Expired, update)
+                        .await
+                    {
+                        warn!(lease = %candidate.id, error = %e, "could not retire a kept lease whose resource is gone");
+                    }
+                }
                 Err(error) => {
-                    let error = self.call.config.scrub(&error.to_string());
-                    warn!(provider = self.key(), %error, "resume failed; acquiring fresh")
+                    let retryable = error.is_retryable();
+                    return Err(failed(
+                        self.call.config.scrub(&error.to_string()),
+                        retryable,
+                    ));
                 }
             }
         }
@@ -779,7 +859,8 @@ impl Acquirer for SandboxAcquirer {
         Ok(AcquiredLease {
             lease_policy: Some(self.policy),
             provider_lease_id: handle.provider_lease_id.clone(),
-            expires_at: SandboxDriver::expiry(handle.expires_at, self.max_lease_lifetime),
+            // Only the provider's own expiry is stored (see `RuntimeOptions::max_lease_lifetime`).
+            expires_at: handle.expires_at,
             metadata: Some(metadata),
         })
     }
@@ -887,19 +968,48 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             }
         };
         let (stored_status, failure_reason) = release_outcome(status, lease.lease_policy);
-        let update = match cleanup {
-            Ok(()) => ReleaseUpdate {
-                failure_reason,
-                cleanup_status: Some(CleanupStatus::Success),
-                cleanup_error: None,
-            },
+        let (stored_status, update) = match cleanup {
+            Ok(()) => {
+                // A kept (reusable) resource is still running: no receipt.
+                let gone = lease.lease_policy != LeasePolicy::ReuseByEnvironment
+                    && stored_status != LeaseStatus::Retained;
+                let termination = gone
+                    .then(|| crate::lease::remote_termination_receipt(lease, "destroyed"))
+                    .flatten();
+                (
+                    stored_status,
+                    ReleaseUpdate {
+                        failure_reason,
+                        cleanup_status: Some(CleanupStatus::Success),
+                        cleanup_error: None,
+                        termination,
+                    },
+                )
+            }
             Err(message) => {
                 warn!(lease = %lease.id, %message, "provider cleanup failed; recorded for retry");
-                ReleaseUpdate {
-                    failure_reason,
-                    cleanup_status: Some(CleanupStatus::Failed),
-                    cleanup_error: Some(message),
-                }
+                // As in Paperclip 2026.916, a failed cleanup routes the row to
+                // `pending_cleanup` (the only status the sweep retries), except
+                // a `retained` one, which keeps its resource on purpose.
+                let (stored_status, failure_reason) = if stored_status == LeaseStatus::Retained {
+                    (stored_status, failure_reason)
+                } else {
+                    (
+                        LeaseStatus::PendingCleanup,
+                        failure_reason.or_else(|| {
+                            Some(crate::lease::failure_reasons::RELEASE_CLEANUP_FAILED.into())
+                        }),
+                    )
+                };
+                (
+                    stored_status,
+                    ReleaseUpdate {
+                        failure_reason,
+                        cleanup_status: Some(CleanupStatus::Failed),
+                        cleanup_error: Some(message),
+                        termination: None,
+                    },
+                )
             }
         };
         ctx.store.release(&lease.id, stored_status, update).await
@@ -985,6 +1095,7 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                 failure_reason: Some(acquisition::ACQUIRE_ORPHANED_REASON.into()),
                 cleanup_status: Some(cleanup_status),
                 cleanup_error,
+                termination: None,
             };
             return ctx.store.release(&lease.id, status, update).await;
         }
@@ -996,21 +1107,30 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
             }
             None => Ok(()),
         };
+        // A sweep attempt on a `pending_cleanup` row records Paperclip's
+        // `pending_cleanup_retry`; any other destroy our `lease_destroyed`.
+        let reason = if lease.status == LeaseStatus::PendingCleanup {
+            crate::lease::failure_reasons::PENDING_CLEANUP_RETRY
+        } else {
+            DESTROYED_REASON
+        };
         let update = match cleanup {
             Ok(()) => (
                 LeaseStatus::Expired,
                 ReleaseUpdate {
-                    failure_reason: Some(DESTROYED_REASON.into()),
+                    failure_reason: Some(reason.into()),
                     cleanup_status: Some(CleanupStatus::Success),
                     cleanup_error: None,
+                    termination: crate::lease::remote_termination_receipt(lease, "destroyed"),
                 },
             ),
             Err(message) => (
                 LeaseStatus::PendingCleanup,
                 ReleaseUpdate {
-                    failure_reason: Some(DESTROYED_REASON.into()),
+                    failure_reason: Some(reason.into()),
                     cleanup_status: Some(CleanupStatus::Failed),
                     cleanup_error: Some(message),
+                    termination: None,
                 },
             ),
         };
@@ -1257,6 +1377,8 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                     message: format!("Sandbox provider \"{key}\" is not installed or its plugin worker is not running."),
                     retryable: false,
                 })?;
+                let paths = collect_secret_ref_paths(&provider.config_schema());
+                crate::secret::reject_pinned_secret_versions(&envelope.provider_config(), &paths)?;
                 let validation = provider
                     .validate_config(&envelope.provider_config())
                     .await?;
@@ -1274,7 +1396,6 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                     .normalized_config
                     .unwrap_or_else(|| envelope.provider_config());
                 if purpose == ConfigPurpose::Persistence {
-                    let paths = collect_secret_ref_paths(&provider.config_schema());
                     persist_secret_refs(
                         &mut normalized,
                         &paths,
@@ -1287,6 +1408,15 @@ impl EnvironmentRuntimeDriver for SandboxDriver {
                 let mut out = JsonObject::new();
                 out.insert("provider".into(), json!(key));
                 out.extend(normalized);
+                // Upstream's `applyHostOwnedSandboxFlags`: a provider that
+                // allowlists its own fields cannot drop the host's flags.
+                for key in crate::config::HOST_FLAG_KEYS
+                    .iter()
+                    .chain(crate::config::REMOVED_SANDBOX_CONFIG_KEYS.iter())
+                {
+                    out.remove(*key);
+                }
+                envelope.host_flags.apply_to(&mut out);
                 if let Some(t) = out.get("timeoutMs").and_then(Value::as_i64)
                     && !(1..=TIMEOUT_MS_MAX).contains(&t)
                 {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::protocol::{self, ValidationResult};
+use super::protocol::{self, ValidationResult, methods};
 use super::provider::deliver;
 use super::worker::{PluginWorker, StreamedOutput};
 use crate::Unsupported;
@@ -28,7 +28,7 @@ use crate::secret::{
     ProviderConfig, collect_secret_ref_paths, resolve_provider_config, strip_secret_paths,
 };
 use crate::store::{AcquiredLease, NewLease, ReleaseUpdate};
-use crate::{Error, Operation, Result, time};
+use crate::{Error, Operation, Result};
 
 /// `failureReason` written when a plugin lease is destroyed.
 const DESTROYED_REASON: &str = "lease_destroyed";
@@ -366,6 +366,7 @@ impl PluginDriver {
             ),
             lease,
         );
+        r.worker.require_advertised(methods::RELEASE).await?;
         r.call(
             Operation::Release,
             params,
@@ -393,7 +394,6 @@ struct PluginAcquirer {
     acquire_deadline: std::time::Duration,
     /// Bound of the teardown call.
     deadline: std::time::Duration,
-    max_lease_lifetime: Option<std::time::Duration>,
 }
 
 #[async_trait]
@@ -416,12 +416,9 @@ impl Acquirer for PluginAcquirer {
         let mut metadata = JsonObject::new();
         metadata.insert("providerMetadata".into(), Value::Object(provider_metadata));
         metadata.extend(self.host_metadata.clone());
-        let expires_at = provider_lease.expires_at.or_else(|| {
-            let max = self.max_lease_lifetime?;
-            chrono::Duration::from_std(max)
-                .ok()
-                .map(|d| time::now() + d)
-        });
+        // Only the provider's own expiry is stored (Paperclip 2026.916); the
+        // reaper bounds the lease by `RuntimeOptions::max_lease_lifetime`.
+        let expires_at = provider_lease.expires_at;
         Ok(AcquiredLease {
             lease_policy: Some(LeasePolicy::Ephemeral),
             provider_lease_id: provider_lease.provider_lease_id,
@@ -523,7 +520,6 @@ impl EnvironmentRuntimeDriver for PluginDriver {
             host_metadata,
             acquire_deadline: timing.hard_deadline,
             deadline,
-            max_lease_lifetime: ctx.options.max_lease_lifetime,
         });
         acquisition::acquire_recorded(
             ctx.store.clone(),
@@ -548,15 +544,35 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         lease: &EnvironmentLease,
         status: LeaseStatus,
     ) -> Result<Option<EnvironmentLease>> {
-        let update = match self.release_call(ctx, environment, lease).await {
-            Ok(()) => ReleaseUpdate::default(),
+        let (status, update) = match self.release_call(ctx, environment, lease).await {
+            Ok(()) => (status, ReleaseUpdate::default()),
             Err(e) => {
                 warn!(target: "paperclip_env::plugin", lease = %lease.id, "plugin lease cleanup failed: {e}");
-                ReleaseUpdate {
-                    failure_reason: None,
-                    cleanup_status: Some(CleanupStatus::Failed),
-                    cleanup_error: Some(e.to_string()),
-                }
+                // Paperclip 2026.916: a failed cleanup becomes `pending_cleanup`
+                // (`release_cleanup_failed`), so the sweep retries it; a
+                // `retained` release keeps its status.
+                let (status, failure_reason) = if status == LeaseStatus::Retained {
+                    (status, None)
+                } else if status == LeaseStatus::Failed {
+                    (
+                        LeaseStatus::PendingCleanup,
+                        Some(crate::lease::failure_reasons::ADAPTER_OR_RUN_FAILURE.to_owned()),
+                    )
+                } else {
+                    (
+                        LeaseStatus::PendingCleanup,
+                        Some(crate::lease::failure_reasons::RELEASE_CLEANUP_FAILED.to_owned()),
+                    )
+                };
+                (
+                    status,
+                    ReleaseUpdate {
+                        failure_reason,
+                        cleanup_status: Some(CleanupStatus::Failed),
+                        cleanup_error: Some(e.to_string()),
+                        termination: None,
+                    },
+                )
             }
         };
         ctx.store.release(&lease.id, status, update).await
@@ -609,6 +625,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
             ),
             lease,
         );
+        r.worker.require_advertised(methods::DESTROY).await?;
         r.call(
             Operation::Destroy,
             params,
@@ -669,7 +686,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
             lease.issue_id.as_ref(),
         );
         params.insert("lease".into(), protocol::lease_json(&lease_handle(lease)));
-        protocol::add_execute_fields(&mut params, request);
+        protocol::add_execute_fields(&mut params, request, lease.remote_cwd());
         let deadline =
             execute_deadline(request.timeout_ms, r.config.get("timeoutMs"), &ctx.options);
         let (value, streamed) = r

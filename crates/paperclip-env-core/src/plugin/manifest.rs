@@ -33,7 +33,9 @@ pub struct DriverDeclaration {
     pub display_name: String,
     /// JSON Schema of the driver config (`format: "secret-ref"` marks secrets).
     pub config_schema: Value,
-    /// `supportsReusableLeases` (LATER field; absent reads as true).
+    /// Whether the driver keeps leases for reuse: the manifest's
+    /// `sandboxCapabilities.reusableLeases`, else its legacy
+    /// `supportsReusableLeases`; false when neither is declared, as upstream.
     pub supports_reusable_leases: bool,
 }
 
@@ -126,10 +128,16 @@ impl PluginManifest {
                             .get("configSchema")
                             .cloned()
                             .unwrap_or_else(|| serde_json::json!({"type": "object"})),
+                        // As upstream's `resolveDeclaredSandboxCapabilities`:
+                        // `sandboxCapabilities.reusableLeases` wins over the
+                        // legacy flag; neither declared means not reusable.
                         supports_reusable_leases: entry
-                            .get("supportsReusableLeases")
+                            .pointer("/sandboxCapabilities/reusableLeases")
                             .and_then(Value::as_bool)
-                            .unwrap_or(true),
+                            .or_else(|| {
+                                entry.get("supportsReusableLeases").and_then(Value::as_bool)
+                            })
+                            .unwrap_or(false),
                     });
                 }
             }
@@ -180,5 +188,27 @@ mod tests {
         assert!(
             matches!(e, Error::InvalidConfig { ref field, .. } if field == "manifest.environmentDrivers[0].kind")
         );
+    }
+
+    #[test]
+    fn reusable_leases_only_when_declared_with_the_nested_flag_winning() {
+        let reusable = |entry: serde_json::Value| {
+            let mut entry = entry;
+            entry["driverKey"] = json!("a");
+            PluginManifest::from_json(json!({
+                "id": "p", "capabilities": [DRIVERS_CAPABILITY], "environmentDrivers": [entry]
+            }))
+            .unwrap()
+            .drivers[0]
+                .supports_reusable_leases
+        };
+        assert!(!reusable(json!({})));
+        assert!(reusable(json!({"supportsReusableLeases": true})));
+        assert!(reusable(
+            json!({"sandboxCapabilities": {"reusableLeases": true}})
+        ));
+        assert!(!reusable(
+            json!({"supportsReusableLeases": true, "sandboxCapabilities": {"reusableLeases": false}})
+        ));
     }
 }

@@ -6,7 +6,10 @@
 //!
 //! - [`PluginWorker`]: the process (spawn with a minimal environment in its
 //!   own process group, `initialize` handshake under a bounded wait,
-//!   per-call deadlines, restart after a crash or hang, `shutdown`).
+//!   per-call deadlines, a `health` check before a worker with a hung call is
+//!   killed, restart after a crash, `shutdown`), and the host side of the
+//!   worker's own calls (`config.get`, `state.*`, `secrets.resolve`, `log`;
+//!   see `host_services`).
 //! - [`PluginDriver`]: the `plugin` runtime driver (`environment_driver`
 //!   manifest entries, `driver: "plugin"` environments).
 //! - [`PluginSandboxProvider`]: a [`crate::SandboxProvider`] for
@@ -25,6 +28,8 @@
 //! (seed `003_environment-runtime.code-only.txt`).
 
 mod driver;
+mod host_methods;
+mod host_services;
 mod manifest;
 pub mod protocol;
 mod provider;
@@ -34,6 +39,7 @@ pub use driver::PluginDriver;
 pub use manifest::{DRIVERS_CAPABILITY, DriverDeclaration, DriverKind, PluginManifest};
 pub use provider::{PluginSandboxProvider, capabilities_from_methods};
 pub use worker::{
-    CallError, INHERITED_ENV, MAX_EXECUTE_LOG_CHUNK_CHARS, MAX_EXECUTE_LOG_TOTAL_CHARS,
-    NOISE_EXCERPT_BYTES, PluginWorker, PluginWorkerConfig, StreamedOutput, rpc_error_to_error,
+    CRASH_WINDOW, CallError, HOST_CONTROLLED_ENV, INHERITED_ENV, MAX_CONSECUTIVE_CRASHES,
+    MAX_EXECUTE_LOG_CHUNK_CHARS, MAX_EXECUTE_LOG_TOTAL_CHARS, NOISE_EXCERPT_BYTES, PluginWorker,
+    PluginWorkerConfig, StreamedOutput, rpc_error_to_error,
 };

@@ -40,6 +40,10 @@ pub mod codes {
     pub const TIMEOUT: i64 = -32003;
     /// The worker does not implement the optional method.
     pub const METHOD_NOT_IMPLEMENTED: i64 = -32004;
+    /// A worker → host call tried to leave the invocation's company scope.
+    pub const INVOCATION_SCOPE_DENIED: i64 = -32005;
+    /// A config delivery would have mixed two companies in a single-tenant worker.
+    pub const CROSS_TENANT_CONFIG: i64 = -32006;
     /// Catch-all.
     pub const UNKNOWN: i64 = -32099;
 }
@@ -420,11 +424,28 @@ pub fn workspace_json(workspace: &WorkspaceSpec) -> Value {
     serde_json::to_value(workspace).unwrap_or_else(|_| json!({}))
 }
 
-/// Adds the execute fields to `params` (`command, args, cwd, env, stdin, timeoutMs`).
-pub fn add_execute_fields(params: &mut JsonObject, request: &ExecuteRequest) {
+/// Adds the execute fields to `params` (`command, args, cwd, env, stdin,
+/// timeoutMs, bypassSession`). `cwd` is always sent, as upstream's host does: the request's,
+/// else the lease's `remoteCwd` (`lease_cwd`), when either is known.
+///
+/// ```
+/// use paperclip_env_core::ExecuteRequest;
+/// use paperclip_env_core::plugin::protocol::add_execute_fields;
+/// let mut params = serde_json::Map::new();
+/// add_execute_fields(&mut params, &ExecuteRequest::new("ls"), Some("/work/lease-1"));
+/// assert_eq!(params["cwd"], "/work/lease-1");
+/// assert!(params.get("bypassSession").is_none());
+/// add_execute_fields(&mut params, &ExecuteRequest::new("make").bypass_session(true), None);
+/// assert_eq!(params["bypassSession"], true);
+/// ```
+pub fn add_execute_fields(
+    params: &mut JsonObject,
+    request: &ExecuteRequest,
+    lease_cwd: Option<&str>,
+) {
     params.insert("command".into(), json!(request.command));
     params.insert("args".into(), json!(request.args));
-    if let Some(cwd) = &request.cwd {
+    if let Some(cwd) = request.cwd.as_deref().or(lease_cwd) {
         params.insert("cwd".into(), json!(cwd));
     }
     params.insert("env".into(), json!(request.env));
@@ -433,6 +454,10 @@ pub fn add_execute_fields(params: &mut JsonObject, request: &ExecuteRequest) {
     }
     if let Some(t) = request.timeout_ms {
         params.insert("timeoutMs".into(), json!(t));
+    }
+    // Only when set, as upstream's host sends it.
+    if request.bypass_session {
+        params.insert("bypassSession".into(), json!(true));
     }
 }
 

@@ -313,6 +313,7 @@ impl SandboxProvider for PluginSandboxProvider {
         lease: &LeaseHandle,
         _status: LeaseStatus,
     ) -> Result<()> {
+        self.worker.require_advertised(methods::RELEASE).await?;
         let params = with_lease(self.base(ctx), lease);
         self.call(
             Some(ctx),
@@ -325,6 +326,7 @@ impl SandboxProvider for PluginSandboxProvider {
     }
 
     async fn destroy(&self, ctx: &CallContext, lease: &LeaseHandle) -> Result<()> {
+        self.worker.require_advertised(methods::DESTROY).await?;
         let params = with_lease(self.base(ctx), lease);
         self.call(
             Some(ctx),
@@ -361,7 +363,14 @@ impl SandboxProvider for PluginSandboxProvider {
     ) -> Result<CommandExit> {
         let mut params = self.base(ctx);
         params.insert("lease".into(), protocol::lease_json(lease));
-        protocol::add_execute_fields(&mut params, request);
+        let lease_cwd = lease
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get("remoteCwd"))
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        protocol::add_execute_fields(&mut params, request, lease_cwd);
         let deadline = execute_deadline(
             request.timeout_ms,
             ctx.config.get("timeoutMs"),

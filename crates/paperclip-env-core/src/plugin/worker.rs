@@ -9,9 +9,13 @@
 //! - the worker runs in its own process group, and the whole group is killed
 //!   on drop, on a call deadline and on shutdown, so nothing it started
 //!   outlives it;
-//! - a call whose deadline passes (or whose caller gives up) kills the
-//!   worker: the B protocol has no cancel method, so a worker still busy with
-//!   an abandoned call cannot be told to stop. The next call restarts it;
+//! - a call whose deadline passes (or whose caller gives up) is rejected
+//!   alone, as upstream does; the host then asks the worker `health` and
+//!   kills its process group only if no answer comes within
+//!   [`PluginWorkerConfig::health_timeout`] (a worker blocked in a busy loop,
+//!   not one awaiting a slow provider), so calls of other leases in flight on
+//!   the same worker survive a hung one. The next call restarts a killed
+//!   worker;
 //! - a line on stdout that is not JSON-RPC 2.0 (a stray `console.log` in a
 //!   plugin or its dependencies) is logged as a warning, scrubbed of secrets
 //!   and cut to [`NOISE_EXCERPT_BYTES`], and skipped, as upstream does;
@@ -26,11 +30,19 @@
 //!   cannot prove which one wrote it), or would take the call past
 //!   [`MAX_EXECUTE_LOG_TOTAL_CHARS`]. The final result stays authoritative
 //!   (see `deliver` in the provider);
+//! - every call carries `paperclipInvocation` (`{id, scope}`), with an empty
+//!   scope when the call has no company, where upstream attaches one only to
+//!   company-scoped calls: a company-less environment (instance-scoped, as
+//!   Paperclip 2026.916 allows) still gets its `execute.log` chunks streamed,
+//!   and a worker → host call that needs a company is still refused;
 //! - everything the worker writes to logs or errors is scrubbed of every
 //!   secret the SDK has handed it.
-//! - restart is lazy (the next call) instead of a timer; failed starts back
-//!   off exponentially (`restart_backoff`, doubling to 5 minutes) like
-//!   upstream's crash back-off.
+//! - a worker that exits on its own (a crash) is restarted on a timer, as
+//!   upstream: after `restart_backoff` (1 s) doubled per crash up to 5
+//!   minutes, with ±25 % jitter; after [`MAX_CONSECUTIVE_CRASHES`] crashes
+//!   within [`CRASH_WINDOW`] it stays down (calls fail at once) until
+//!   [`PluginWorker::start`] is called. A call that arrives before the timer
+//!   restarts the worker itself. Failed starts back off the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -46,17 +58,24 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use super::host_services::{HostContext, HostServices};
 use super::manifest::PluginManifest;
 use super::protocol::{self, Incoming, InitializeResult, InstanceInfo, RpcError, codes, methods};
 use crate::Unsupported;
 use crate::execute::{OutputCollector, OutputStream};
 use crate::lease::JsonObject;
-use crate::secret::ProviderConfig;
+use crate::secret::{ProviderConfig, SecretResolver};
 use crate::{Error, Operation, Result};
 
 /// Host environment variables a worker inherits (upstream's allowlist);
 /// everything else of the host environment is withheld.
 pub const INHERITED_ENV: [&str; 5] = ["HOME", "PATH", "NODE_PATH", "NODE_ENV", "TZ"];
+
+/// Variables the host sets for the worker that the plugin's own environment
+/// ([`PluginWorkerConfig::env`]) cannot override, as upstream: `PATH`,
+/// `NODE_PATH`, `NODE_ENV`, `TZ` and `PAPERCLIP_PLUGIN_ID`.
+pub const HOST_CONTROLLED_ENV: [&str; 5] =
+    ["PATH", "NODE_PATH", "NODE_ENV", "TZ", "PAPERCLIP_PLUGIN_ID"];
 
 /// How to start and talk to one plugin worker.
 ///
@@ -88,13 +107,19 @@ pub struct PluginWorkerConfig {
     pub plugin_config: JsonObject,
     /// Host identity sent in `initialize`.
     pub instance: InstanceInfo,
-    /// Host API version sent in `initialize` (1).
+    /// Host API version sent in `initialize` when the manifest names none
+    /// (1); a manifest's `apiVersion` is sent as is, as upstream does.
     pub api_version: u32,
     /// Bound on starting the process and completing `initialize` (15 s).
     pub ready_timeout: Duration,
     /// Deadline of calls given none (30 s, the worker manager's `rpcTimeoutMs`).
     pub default_call_deadline: Duration,
-    /// How long `shutdown` waits for a graceful exit before each signal (2 s).
+    /// How long `shutdown` waits for the worker to answer `shutdown` and exit
+    /// before SIGTERM (10 s, upstream's `SHUTDOWN_DRAIN_MS`): time for its
+    /// `onShutdown` to finish in-flight work.
+    pub shutdown_drain: Duration,
+    /// How long after SIGTERM before SIGKILL (5 s, upstream's
+    /// `SIGTERM_GRACE_MS`).
     pub shutdown_grace: Duration,
     /// Wait before retrying a worker that failed to start (1 s), doubled per
     /// consecutive failure up to 5 minutes; calls in between fail at once.
@@ -107,6 +132,13 @@ pub struct PluginWorkerConfig {
     pub strict_stdout: bool,
     /// Longest accepted stdout line (64 MiB); longer is a protocol error.
     pub max_line_bytes: usize,
+    /// After a call timed out or was abandoned, how long the worker has to
+    /// answer `health` before its process group is killed (10 s). Zero
+    /// kills at once.
+    pub health_timeout: Duration,
+    /// Where the worker's `secrets.resolve` calls look secrets up (none:
+    /// they are refused with the capability error).
+    pub secret_resolver: Option<Arc<dyn SecretResolver>>,
 }
 
 impl std::fmt::Debug for PluginWorkerConfig {
@@ -120,6 +152,10 @@ impl std::fmt::Debug for PluginWorkerConfig {
             .field("plugin", &self.manifest.id)
             .field("ready_timeout", &self.ready_timeout)
             .field("default_call_deadline", &self.default_call_deadline)
+            .field("health_timeout", &self.health_timeout)
+            .field("shutdown_drain", &self.shutdown_drain)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("secret_resolver", &self.secret_resolver.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -142,10 +178,13 @@ impl PluginWorkerConfig {
             api_version: 1,
             ready_timeout: Duration::from_secs(15),
             default_call_deadline: Duration::from_secs(30),
-            shutdown_grace: Duration::from_secs(2),
+            shutdown_drain: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
             restart_backoff: Duration::from_secs(1),
             strict_stdout: false,
             max_line_bytes: 64 * 1024 * 1024,
+            health_timeout: Duration::from_secs(10),
+            secret_resolver: None,
         }
     }
 
@@ -188,6 +227,26 @@ impl PluginWorkerConfig {
     /// Sets [`PluginWorkerConfig::strict_stdout`].
     pub fn strict_stdout(mut self, strict: bool) -> Self {
         self.strict_stdout = strict;
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::shutdown_drain`] and
+    /// [`PluginWorkerConfig::shutdown_grace`].
+    pub fn shutdown_timings(mut self, drain: Duration, grace: Duration) -> Self {
+        self.shutdown_drain = drain;
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::secret_resolver`].
+    pub fn secret_resolver(mut self, resolver: Arc<dyn SecretResolver>) -> Self {
+        self.secret_resolver = Some(resolver);
+        self
+    }
+
+    /// Sets [`PluginWorkerConfig::health_timeout`].
+    pub fn health_timeout(mut self, timeout: Duration) -> Self {
+        self.health_timeout = timeout;
         self
     }
 }
@@ -265,7 +324,8 @@ type RouteSink = (OutputCollector, Arc<Mutex<StreamedOutput>>);
 pub enum CallError {
     /// The worker answered with a JSON-RPC error (message scrubbed).
     Rpc(RpcError),
-    /// No answer before the deadline; the worker was killed.
+    /// No answer before the deadline. The call alone is rejected; the
+    /// worker is killed only if it then fails its `health` check.
     Timeout {
         /// The method.
         method: String,
@@ -381,10 +441,12 @@ pub fn rpc_error_to_error(
             operation: operation.method_name().to_owned(),
             after: timeout_in_message(&e.message),
         },
-        codes::CAPABILITY_DENIED => Error::PermissionDenied {
-            message: e.message,
-            source: None,
-        },
+        codes::CAPABILITY_DENIED | codes::INVOCATION_SCOPE_DENIED | codes::CROSS_TENANT_CONFIG => {
+            Error::PermissionDenied {
+                message: e.message,
+                source: None,
+            }
+        }
         codes::WORKER_UNAVAILABLE => Error::Provider {
             provider: label.to_owned(),
             message: e.message,
@@ -487,7 +549,19 @@ struct Process {
     routes: Mutex<HashMap<u64, ExecuteRoute>>,
     alive: AtomicBool,
     exited: watch::Receiver<bool>,
+    /// Plugin id, for logs.
+    plugin: String,
+    /// See [`PluginWorkerConfig::health_timeout`].
+    health_timeout: Duration,
+    /// A `health` check is in flight.
+    checking: AtomicBool,
+    /// Request ids of health checks: a range of their own, far above the
+    /// host's call ids, so the two never meet in the pending map.
+    health_ids: AtomicU64,
 }
+
+/// First request id of health checks.
+const HEALTH_ID_BASE: u64 = 1 << 62;
 
 impl Process {
     fn alive(&self) -> bool {
@@ -517,6 +591,59 @@ impl Process {
         }
     }
 
+    /// A call timed out or was abandoned: ask the worker `health` and kill it
+    /// only if no answer comes within the health timeout. One check at a
+    /// time; without a runtime to run it on, the worker is killed at once.
+    fn suspect(self: &Arc<Self>, why: &'static str) {
+        if !self.alive() {
+            return;
+        }
+        if self.health_timeout.is_zero() {
+            self.kill(why);
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.kill(why);
+            return;
+        };
+        if self.checking.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let process = self.clone();
+        runtime.spawn(async move {
+            let answered = process.answers_health().await;
+            process.checking.store(false, Ordering::SeqCst);
+            if answered {
+                debug!(target: "paperclip_env::plugin", plugin = %process.plugin, why, "the worker still answers health; keeping it");
+            } else if process.alive() {
+                warn!(target: "paperclip_env::plugin", plugin = %process.plugin, why, after_ms = process.health_timeout.as_millis() as u64, "the worker did not answer health; killing it");
+                process.kill("the worker stopped answering health");
+            }
+        });
+    }
+
+    /// Whether the worker answers `health` (with a result or an error)
+    /// within the health timeout.
+    async fn answers_health(&self) -> bool {
+        let id = self.health_ids.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        self.lock_pending().insert(id, tx);
+        let probe = async {
+            self.write_line(&protocol::request_line(
+                id,
+                methods::HEALTH,
+                &json!({}),
+                None,
+            ))
+            .await
+            .ok()?;
+            rx.await.ok()
+        };
+        let answer = tokio::time::timeout(self.health_timeout, probe).await;
+        self.lock_pending().remove(&id);
+        matches!(answer, Ok(Some(Ok(_)) | Some(Err(CallError::Rpc(_)))))
+    }
+
     /// Kills the worker and everything in its process group.
     fn kill(&self, why: &str) {
         if self.alive.swap(false, Ordering::SeqCst) {
@@ -544,8 +671,9 @@ impl Drop for Process {
     }
 }
 
-/// Removes a pending call and kills the worker if the call is abandoned
-/// before its answer arrives (caller gave up, or its deadline passed).
+/// Removes a pending call; when the call is abandoned before its answer
+/// arrives (caller gave up, or its deadline passed), checks that the worker
+/// still answers `health` and kills it if not.
 struct PendingGuard {
     process: Arc<Process>,
     id: u64,
@@ -557,7 +685,7 @@ impl Drop for PendingGuard {
         self.process.lock_routes().remove(&self.id);
         if self.armed && self.process.lock_pending().remove(&self.id).is_some() {
             self.process
-                .kill("a call was abandoned before the worker answered");
+                .suspect("a call was abandoned before the worker answered");
         }
     }
 }
@@ -571,6 +699,28 @@ struct FailedStarts {
 
 /// Longest wait between start attempts.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(300);
+/// Crashes within [`CRASH_WINDOW`] after which a worker is not restarted
+/// (upstream's `MAX_CONSECUTIVE_CRASHES`).
+pub const MAX_CONSECUTIVE_CRASHES: usize = 10;
+/// The window crashes are counted in (10 minutes, upstream's `CRASH_WINDOW_MS`).
+pub const CRASH_WINDOW: Duration = Duration::from_secs(600);
+
+/// Recent crashes, for the restart timer and the crash-loop stop.
+#[derive(Default)]
+struct Crashes {
+    at: std::collections::VecDeque<tokio::time::Instant>,
+    /// Set once the worker crashed too often: why it stays down.
+    stopped: Option<String>,
+}
+
+/// `base` doubled per earlier crash, capped, with ±25 % jitter.
+fn crash_backoff(base: Duration, crashes: usize) -> Duration {
+    let doubled = base
+        .saturating_mul(2u32.saturating_pow(crashes.saturating_sub(1).min(16) as u32))
+        .min(MAX_RESTART_BACKOFF);
+    let jitter = 0.75 + 0.5 * (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+    doubled.mul_f64(jitter)
+}
 
 struct Shared {
     config: PluginWorkerConfig,
@@ -579,9 +729,47 @@ struct Shared {
     supported: Mutex<Option<Vec<String>>>,
     starts: AtomicU64,
     failed_starts: Mutex<Option<FailedStarts>>,
+    crashes: Mutex<Crashes>,
     next_id: AtomicU64,
     closed: AtomicBool,
     scrubber: Scrubber,
+    host: HostServices,
+}
+
+impl Shared {
+    fn lock_crashes(&self) -> std::sync::MutexGuard<'_, Crashes> {
+        self.crashes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers one worker → host request (see `host_services`).
+    async fn answer_host_call(
+        &self,
+        method: &str,
+        params: &Value,
+    ) -> std::result::Result<Value, RpcError> {
+        let config = &self.config;
+        let capabilities: Vec<&str> = config
+            .manifest
+            .raw
+            .get("capabilities")
+            .and_then(Value::as_array)
+            .map(|c| c.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let cx = HostContext {
+            plugin_id: &config.manifest.id,
+            capabilities,
+            config: &config.plugin_config,
+            resolver: config.secret_resolver.as_ref(),
+        };
+        let answer = self
+            .host
+            .answer(&cx, method, params, |text| self.scrubber.scrub(text))
+            .await?;
+        if let Some(secret) = &answer.revealed {
+            self.scrubber.add(secret);
+        }
+        Ok(answer.result)
+    }
 }
 
 impl Drop for Shared {
@@ -695,9 +883,11 @@ impl PluginWorker {
                 supported: Mutex::new(None),
                 starts: AtomicU64::new(0),
                 failed_starts: Mutex::new(None),
+                crashes: Mutex::new(Crashes::default()),
                 next_id: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
                 scrubber,
+                host: HostServices::default(),
             }),
         }
     }
@@ -776,6 +966,13 @@ impl PluginWorker {
     /// Starts the worker (if not running) and waits for `initialize`, bounded
     /// by [`PluginWorkerConfig::ready_timeout`].
     pub async fn start(&self) -> Result<()> {
+        // An explicit start is the operator's word: a crash-looping worker
+        // gets another chance.
+        {
+            let mut crashes = self.lock_crashes();
+            crashes.stopped = None;
+            crashes.at.clear();
+        }
         self.ensure_running()
             .await
             .map(|_| ())
@@ -795,6 +992,9 @@ impl PluginWorker {
         }
         if let Some(p) = self.current().filter(|p| p.alive()) {
             return Ok(p);
+        }
+        if let Some(why) = self.lock_crashes().stopped.clone() {
+            return Err(CallError::Unavailable(why));
         }
         let _starting = self.shared.start_lock.lock().await;
         if let Some(p) = self.current().filter(|p| p.alive()) {
@@ -859,7 +1059,12 @@ impl PluginWorker {
             "manifest": cfg.manifest.raw,
             "config": cfg.plugin_config,
             "instanceInfo": cfg.instance,
-            "apiVersion": cfg.api_version,
+            "apiVersion": cfg
+                .manifest
+                .raw
+                .get("apiVersion")
+                .and_then(Value::as_u64)
+                .unwrap_or(u64::from(cfg.api_version)),
             "databaseNamespace": null,
         });
         let outcome = self
@@ -918,10 +1123,23 @@ impl PluginWorker {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        // The plugin's own environment first; then what the host controls,
+        // which it cannot override (upstream spreads `options.env` before
+        // PATH, NODE_PATH, PAPERCLIP_PLUGIN_ID, NODE_ENV and TZ).
+        cmd.envs(&cfg.env);
+        for (key, value) in &cfg.secret_env {
+            cmd.env(key, value.expose_secret());
+        }
         for key in INHERITED_ENV {
             if let Ok(value) = std::env::var(key) {
                 cmd.env(key, value);
             }
+        }
+        if std::env::var_os("PATH").is_none() {
+            cmd.env("PATH", "");
+        }
+        if std::env::var_os("NODE_PATH").is_none() {
+            cmd.env("NODE_PATH", "");
         }
         if std::env::var_os("NODE_ENV").is_none() {
             cmd.env("NODE_ENV", "production");
@@ -930,10 +1148,6 @@ impl PluginWorker {
             cmd.env("TZ", "UTC");
         }
         cmd.env("PAPERCLIP_PLUGIN_ID", &cfg.manifest.id);
-        cmd.envs(&cfg.env);
-        for (key, value) in &cfg.secret_env {
-            cmd.env(key, value.expose_secret());
-        }
         if let Some(cwd) = &cfg.cwd {
             cmd.current_dir(cwd);
         }
@@ -958,6 +1172,10 @@ impl PluginWorker {
             routes: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             exited: exit_rx,
+            plugin: cfg.manifest.id.clone(),
+            health_timeout: cfg.health_timeout,
+            checking: AtomicBool::new(false),
+            health_ids: AtomicU64::new(HEALTH_ID_BASE),
         });
         let excerpt = Arc::new(Mutex::new(String::new()));
         let stderr_done = tokio::spawn(self.clone_weak().stderr_task(stderr, excerpt.clone()));
@@ -969,6 +1187,62 @@ impl PluginWorker {
             exit_tx,
         ));
         Ok(process)
+    }
+
+    fn lock_crashes(&self) -> std::sync::MutexGuard<'_, Crashes> {
+        self.shared.lock_crashes()
+    }
+
+    /// The worker exited on its own: count the crash, and restart it after
+    /// the back-off unless it crashed too often (see the module docs).
+    fn on_crash(shared: &Arc<Shared>, message: &str) {
+        if shared.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let plugin = shared.config.manifest.id.clone();
+        let count = {
+            let mut crashes = shared.lock_crashes();
+            let now = tokio::time::Instant::now();
+            crashes.at.push_back(now);
+            while crashes
+                .at
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > CRASH_WINDOW)
+            {
+                crashes.at.pop_front();
+            }
+            let count = crashes.at.len();
+            if count >= MAX_CONSECUTIVE_CRASHES {
+                let why = format!(
+                    "The worker of plugin \"{plugin}\" crashed {count} times within {} minutes and is not restarted; call start() to try again. Last exit: {}",
+                    CRASH_WINDOW.as_secs() / 60,
+                    message.lines().next().unwrap_or_default()
+                );
+                error!(target: "paperclip_env::plugin", plugin = %plugin, crashes = count, "plugin worker crash-looping; not restarting");
+                crashes.stopped = Some(why);
+                return;
+            }
+            count
+        };
+        let delay = crash_backoff(shared.config.restart_backoff, count);
+        info!(target: "paperclip_env::plugin", plugin = %plugin, crashes = count, delay_ms = delay.as_millis() as u64, "plugin worker crashed; restarting after the back-off");
+        let weak = Arc::downgrade(shared);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(shared) = weak.upgrade() else {
+                return;
+            };
+            let worker = PluginWorker { shared };
+            if worker.is_running() || worker.is_shut_down() {
+                return;
+            }
+            if let Err(e) = worker.ensure_running().await {
+                warn!(target: "paperclip_env::plugin", plugin = %worker.plugin_key(), "restart after a crash failed: {e}");
+            }
+        });
     }
 
     fn clone_weak(&self) -> WeakWorker {
@@ -1035,8 +1309,9 @@ impl PluginWorker {
                 )))
             }
             Err(_) => {
-                // The guard drops armed: the pending entry goes and the worker is killed.
-                warn!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), method, after_ms = deadline.as_millis() as u64, "plugin worker call timed out; restarting the worker");
+                // The guard drops armed: the pending entry goes and the
+                // worker is asked `health` (killed if it does not answer).
+                warn!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), method, after_ms = deadline.as_millis() as u64, "plugin worker call timed out; checking the worker still answers health");
                 drop(guard);
                 Err(CallError::Timeout {
                     method: method.to_owned(),
@@ -1086,9 +1361,37 @@ impl PluginWorker {
         Ok((value, streamed))
     }
 
-    /// Stops the worker: `shutdown`, then SIGTERM, then SIGKILL to its
-    /// process group, each after [`PluginWorkerConfig::shutdown_grace`]. No
-    /// restart happens afterwards.
+    /// Whether the worker stored anything through `state.set` (kept by this
+    /// host in memory, so it ends with the host process).
+    pub fn has_host_state(&self) -> bool {
+        self.shared.host.has_state()
+    }
+
+    /// Fails, without calling it, when the worker does not advertise the
+    /// lifecycle `method` in its `supportedMethods`: like upstream's host, no
+    /// release or destroy is sent that the live worker cannot serve, and the
+    /// caller records a failed cleanup for the reaper instead. Starts the
+    /// worker first when it is not running.
+    pub async fn require_advertised(&self, method: &str) -> Result<()> {
+        self.start().await?;
+        match self.supported_methods() {
+            Some(methods) if !methods.iter().any(|m| m == method) => Err(Error::Provider {
+                provider: self.label(),
+                message: format!(
+                    "Plugin \"{}\" does not advertise {method}; the lease is left for cleanup.",
+                    self.plugin_key()
+                ),
+                retryable: false,
+                source: None,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the worker as upstream's host does: `shutdown`, waiting up to
+    /// [`PluginWorkerConfig::shutdown_drain`] for the answer and the exit,
+    /// then SIGTERM to its process group, then SIGKILL after
+    /// [`PluginWorkerConfig::shutdown_grace`]. No restart happens afterwards.
     pub async fn shutdown(&self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         let _starting = self.shared.start_lock.lock().await;
@@ -1101,18 +1404,18 @@ impl PluginWorker {
         else {
             return;
         };
+        let drain = self.shared.config.shutdown_drain;
         let grace = self.shared.config.shutdown_grace;
         let mut exited = process.exited.clone();
         if process.alive() {
-            let _ = tokio::time::timeout(
-                grace,
-                self.send_no_kill(&process, methods::SHUTDOWN, &json!({})),
-            )
-            .await;
-            if tokio::time::timeout(grace, exited.wait_for(|e| *e))
-                .await
-                .is_err()
-            {
+            let mut drained = exited.clone();
+            let graceful = async {
+                self.send_no_kill(&process, methods::SHUTDOWN, &json!({}))
+                    .await;
+                let _ = drained.wait_for(|e| *e).await;
+            };
+            if tokio::time::timeout(drain, graceful).await.is_err() {
+                debug!(target: "paperclip_env::plugin", plugin = %self.plugin_key(), "worker did not exit after shutdown; sending SIGTERM");
                 process.signal_group(nix::sys::signal::Signal::SIGTERM);
                 if tokio::time::timeout(grace, exited.wait_for(|e| *e))
                     .await
@@ -1311,7 +1614,9 @@ impl WeakWorker {
             process.fail_all(CallError::Protocol(why.clone()));
             process.kill("protocol error");
         }
-        process.alive.store(false, Ordering::SeqCst);
+        // Still marked alive: nobody on the host side killed it, so it crashed
+        // (or exited) on its own.
+        let crashed = process.alive.swap(false, Ordering::SeqCst);
         // Stdout closed: the worker exited or is about to; give it a moment, then kill.
         let status = match tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
             Ok(Ok(s)) => Some(s),
@@ -1337,8 +1642,20 @@ impl WeakWorker {
         if broken.is_none() {
             info!(target: "paperclip_env::plugin", plugin = %self.plugin, "{}", message.lines().next().unwrap_or_default());
         }
-        process.fail_all(CallError::Unavailable(message));
+        process.fail_all(CallError::Unavailable(message.clone()));
         let _ = exit_tx.send(true);
+        if crashed && let Some(shared) = self.shared.upgrade() {
+            // Only the worker's current process: an old one exiting late is no crash.
+            let current = shared
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &process));
+            if current {
+                PluginWorker::on_crash(&shared, &message);
+            }
+        }
     }
 
     async fn handle(&self, process: &Arc<Process>, message: Incoming) {
@@ -1363,28 +1680,25 @@ impl WeakWorker {
                 });
                 let _ = tx.send(outcome);
             }
-            Incoming::Request { id, method, .. } => {
-                let line = if method == methods::CONFIG_GET {
-                    let config = self
-                        .shared
-                        .upgrade()
-                        .map(|s| Value::Object(s.config.plugin_config.clone()))
-                        .unwrap_or(Value::Null);
-                    protocol::result_line(&id, &config)
-                } else {
-                    warn!(target: "paperclip_env::plugin", plugin = %self.plugin, method = %method, "worker called unregistered host method");
-                    protocol::error_line(
-                        &id,
-                        &RpcError::new(
-                            codes::METHOD_NOT_FOUND,
-                            format!("Host does not handle method \"{method}\""),
-                        ),
-                    )
-                };
-                // Written from its own task: the reader must never wait on
-                // stdin, or a worker blocked on a full stdout pipe deadlocks.
+            Incoming::Request {
+                id, method, params, ..
+            } => {
+                // Answered from its own task: the reader must never wait on
+                // stdin (a worker blocked on a full stdout pipe would
+                // deadlock) nor on a secret resolver.
+                let shared = self.shared.clone();
                 let process = process.clone();
                 tokio::spawn(async move {
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    let line = match shared.answer_host_call(&method, &params).await {
+                        Ok(result) => protocol::result_line(&id, &result),
+                        Err(e) => {
+                            debug!(target: "paperclip_env::plugin", plugin = %shared.config.manifest.id, method = %method, code = e.code, "refused a worker call to the host: {}", e.message);
+                            protocol::error_line(&id, &e)
+                        }
+                    };
                     let _ = process.write_line(&line).await;
                 });
             }

@@ -104,7 +104,7 @@ impl InMemoryLeaseStore {
         let lease = EnvironmentLease {
             id: uuid::Uuid::new_v4().to_string(),
             company_id: new.company_id,
-            environment_id: new.environment_id,
+            environment_id: Some(new.environment_id),
             execution_workspace_id: new.execution_workspace_id,
             issue_id: new.issue_id,
             heartbeat_run_id: new.heartbeat_run_id,
@@ -119,17 +119,17 @@ impl InMemoryLeaseStore {
             failure_reason,
             cleanup_status,
             metadata: new.metadata,
-            cleanup_attempts: 0,
-            cleanup_error: None,
             created_at: now,
             updated_at: now,
         };
         let mut tables = self.write()?;
-        tables
-            .by_environment
-            .entry(lease.environment_id.clone())
-            .or_default()
-            .push(lease.id.clone());
+        if let Some(environment) = &lease.environment_id {
+            tables
+                .by_environment
+                .entry(environment.clone())
+                .or_default()
+                .push(lease.id.clone());
+        }
         if let Some(run) = &lease.heartbeat_run_id {
             tables
                 .by_run
@@ -205,17 +205,12 @@ impl LeaseStore for InMemoryLeaseStore {
             };
             lease.last_used_at = now;
             lease.updated_at = now;
+            lease.metadata = super::released_metadata(lease.metadata.as_ref(), &update);
             if let Some(reason) = update.failure_reason {
                 lease.failure_reason = Some(reason);
             }
             if let Some(cleanup) = update.cleanup_status {
                 lease.cleanup_status = Some(cleanup);
-                lease.cleanup_attempts += 1;
-                lease.cleanup_error = if cleanup == CleanupStatus::Success {
-                    None
-                } else {
-                    update.cleanup_error
-                };
             }
         })
     }
@@ -319,6 +314,24 @@ impl LeaseStore for InMemoryLeaseStore {
             .collect();
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(out)
+    }
+
+    async fn claim_cleanup_attempt(&self, id: &str, expected: u32) -> Result<bool> {
+        let now = time::now();
+        let mut tables = self.write()?;
+        let Some(lease) = tables.leases.get_mut(id) else {
+            return Ok(false);
+        };
+        if lease.status != LeaseStatus::PendingCleanup || lease.cleanup_attempts() != expected {
+            return Ok(false);
+        }
+        lease.metadata.get_or_insert_with(JsonObject::new).insert(
+            crate::lease::PENDING_CLEANUP_ATTEMPTS_KEY.into(),
+            serde_json::json!(expected + 1),
+        );
+        lease.last_used_at = now;
+        lease.updated_at = now;
+        Ok(true)
     }
 
     async fn try_claim(&self, id: &str, claimant: &str, ttl: std::time::Duration) -> Result<bool> {

@@ -61,15 +61,67 @@ pub struct AcquiredLease {
 }
 
 /// Optional fields written by a release; `None` keeps the previous value.
+///
+/// Like Paperclip 2026.916's `releaseLease`, every release also rewrites two
+/// metadata keys: `remoteExecutionTermination` is set to
+/// [`ReleaseUpdate::termination`] when given and **removed** otherwise (a
+/// later release without a receipt must not inherit an earlier stop's
+/// authority), and with a `cleanup_status` the last error is kept in
+/// `metadata.lastCleanupError` (removed on success). No release counts an
+/// attempt: attempts are counted only by the sweep's
+/// [`LeaseStore::claim_cleanup_attempt`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReleaseUpdate {
     /// Why the lease failed.
     pub failure_reason: Option<String>,
-    /// Outcome of provider cleanup; when set, the attempt is counted and
-    /// `cleanup_error` is recorded (cleared on success).
+    /// Outcome of provider cleanup; when set, `cleanup_error` is recorded in
+    /// metadata (cleared on success).
     pub cleanup_status: Option<CleanupStatus>,
     /// The cleanup error message, recorded with a `cleanup_status`.
     pub cleanup_error: Option<String>,
+    /// A provider-confirmed termination receipt, stored as
+    /// `metadata.remoteExecutionTermination`.
+    pub termination: Option<serde_json::Value>,
+}
+
+/// The metadata a release leaves: `metadata` with the termination receipt
+/// and the last cleanup error rewritten per `update` (shared by the stores
+/// that compute it in Rust).
+pub fn released_metadata(
+    metadata: Option<&JsonObject>,
+    update: &ReleaseUpdate,
+) -> Option<JsonObject> {
+    use crate::lease::{LAST_CLEANUP_ERROR_KEY, REMOTE_TERMINATION_KEY};
+    let touches_error = update.cleanup_status.is_some();
+    if metadata.is_none()
+        && update.termination.is_none()
+        && !(touches_error && update.cleanup_error.is_some())
+    {
+        return None;
+    }
+    let mut out = metadata.cloned().unwrap_or_default();
+    match &update.termination {
+        Some(receipt) => {
+            out.insert(REMOTE_TERMINATION_KEY.into(), receipt.clone());
+        }
+        None => {
+            out.remove(REMOTE_TERMINATION_KEY);
+        }
+    }
+    if touches_error {
+        match (&update.cleanup_status, &update.cleanup_error) {
+            (Some(CleanupStatus::Success), _) | (_, None) => {
+                out.remove(LAST_CLEANUP_ERROR_KEY);
+            }
+            (_, Some(message)) => {
+                out.insert(
+                    LAST_CLEANUP_ERROR_KEY.into(),
+                    serde_json::Value::String(message.clone()),
+                );
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Where leases live.
@@ -134,7 +186,8 @@ pub trait LeaseStore: Send + Sync + 'static {
         status: Option<LeaseStatus>,
     ) -> Result<Vec<EnvironmentLease>>;
 
-    /// Leases whose provider cleanup failed and needs a retry.
+    /// Leases whose provider cleanup failed (`cleanupStatus: failed`), oldest
+    /// update first. The reaper retries those that are `pending_cleanup`.
     async fn list_failed_cleanups(&self) -> Result<Vec<EnvironmentLease>>;
 
     /// Every `active` lease, oldest first: what the reaper inspects for
@@ -153,6 +206,30 @@ pub trait LeaseStore: Send + Sync + 'static {
         Err(crate::Error::store(
             "this lease store cannot list pending cleanups for the reaper",
         ))
+    }
+
+    /// Claims one sweep attempt on a `pending_cleanup` lease, as Paperclip's
+    /// `claimPendingCleanupRetryAttempt`: **only if** the lease is still
+    /// `pending_cleanup` and its stored attempt count
+    /// ([`crate::lease::read_cleanup_attempts`]) still equals `expected`, the
+    /// count becomes `expected + 1` (only that metadata key is written) and
+    /// `lastUsedAt`/`updatedAt` are touched. `true` for the one caller that
+    /// won; two sweeps reading the same count never both retry. The default
+    /// is a read-then-write, atomic only in single-process stores; durable
+    /// stores do it in one conditional `UPDATE`.
+    async fn claim_cleanup_attempt(&self, id: &str, expected: u32) -> Result<bool> {
+        let Some(lease) = self.get(id).await? else {
+            return Ok(false);
+        };
+        if lease.status != LeaseStatus::PendingCleanup || lease.cleanup_attempts() != expected {
+            return Ok(false);
+        }
+        let mut metadata = lease.metadata.unwrap_or_default();
+        metadata.insert(
+            crate::lease::PENDING_CLEANUP_ATTEMPTS_KEY.into(),
+            serde_json::json!(expected + 1),
+        );
+        Ok(self.update_metadata(id, metadata).await?.is_some())
     }
 
     /// Claims a lease for one reaper pass of `claimant` for `ttl`, so several

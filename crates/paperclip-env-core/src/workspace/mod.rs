@@ -13,7 +13,15 @@
 //!   [`WorkspaceTransport`] instead. Every command carries the caller's
 //!   timeout (default 300 000 ms).
 //! * **Excludes**: `.paperclip-runtime` and `._*` always, `.gitignore` rules
-//!   (optional, on by default) and the caller's gitignore-style patterns.
+//!   (optional, on by default), Paperclip 2026.916's heavy directories
+//!   ([`DEFAULT_HEAVY_DIR_EXCLUDES`]: `node_modules`, `vendor`, `dist`,
+//!   `build`, `out`, `coverage`, `.next`, `.turbo`, `.cache`, at any depth;
+//!   [`SyncOptions::heavy_dir_excludes`], re-included by a caller pattern
+//!   such as `!dist/`) and the caller's gitignore-style patterns. Spec 00
+//!   §13.4 had no default excludes; issue #22 wins. Unlike upstream, only
+//!   *directories* of those names are left out (a file called `build` is
+//!   source).
+//! * An **empty workspace** packs to a valid empty tar (two zero blocks).
 //!   Size and file-count limits are checked before anything is sent.
 //! * **Safety**: extraction (locally with our own checks, remotely into a
 //!   staging directory) refuses `..`, absolute paths, devices and symlinks
@@ -108,6 +116,21 @@ pub struct SyncProgress {
     pub files_total: u64,
 }
 
+/// Directories Paperclip 2026.916 leaves out of every sandbox workspace
+/// archive (`SANDBOX_WORKSPACE_HEAVY_DIR_NAMES` in `@paperclipai/adapter-utils`),
+/// matched by name at any depth, on top of `.gitignore`.
+pub const DEFAULT_HEAVY_DIR_EXCLUDES: [&str; 9] = [
+    "node_modules",
+    "vendor",
+    "dist",
+    "build",
+    "out",
+    "coverage",
+    ".next",
+    ".turbo",
+    ".cache",
+];
+
 /// Options of an upload or download.
 ///
 /// ```
@@ -121,6 +144,10 @@ pub struct SyncOptions {
     pub exclude: Vec<String>,
     /// Honour `.gitignore` files in the tree (default `true`).
     pub respect_gitignore: bool,
+    /// Directory names left out at any depth (default
+    /// [`DEFAULT_HEAVY_DIR_EXCLUDES`]); empty to send everything. A caller
+    /// pattern `!name` / `!name/` re-includes one of them.
+    pub heavy_dir_excludes: Vec<String>,
     /// Most file-content bytes one transfer may carry (on download: archive bytes).
     pub max_bytes: u64,
     /// Most entries one transfer may carry.
@@ -147,6 +174,10 @@ impl Default for SyncOptions {
         SyncOptions {
             exclude: Vec::new(),
             respect_gitignore: true,
+            heavy_dir_excludes: DEFAULT_HEAVY_DIR_EXCLUDES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
             max_bytes: DEFAULT_MAX_BYTES,
             max_files: DEFAULT_MAX_FILES,
             dry_run: false,
@@ -164,6 +195,7 @@ impl std::fmt::Debug for SyncOptions {
         f.debug_struct("SyncOptions")
             .field("exclude", &self.exclude)
             .field("respect_gitignore", &self.respect_gitignore)
+            .field("heavy_dir_excludes", &self.heavy_dir_excludes)
             .field("max_bytes", &self.max_bytes)
             .field("max_files", &self.max_files)
             .field("dry_run", &self.dry_run)
@@ -181,6 +213,34 @@ impl SyncOptions {
     pub fn exclude(mut self, pattern: impl Into<String>) -> Self {
         self.exclude.push(pattern.into());
         self
+    }
+
+    /// Replaces the heavy directory names left out by default
+    /// (an empty list sends them all).
+    pub fn heavy_dir_excludes<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.heavy_dir_excludes = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The heavy directory names in force: [`Self::heavy_dir_excludes`]
+    /// minus those a caller pattern re-includes (`!name`, `!name/`,
+    /// `!**/name`, `!**/name/`).
+    pub fn effective_heavy_dirs(&self) -> Vec<&str> {
+        let negated: Vec<&str> = self
+            .exclude
+            .iter()
+            .filter_map(|p| p.trim().strip_prefix('!'))
+            .map(|p| p.trim_start_matches("**/").trim_end_matches('/'))
+            .collect();
+        self.heavy_dir_excludes
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty() && !n.contains('/') && !negated.contains(n))
+            .collect()
     }
 
     /// Adds a top-level name that is left alone remotely.
@@ -757,8 +817,26 @@ rm -f "$RT/INCOMPLETE"
             files_done: 0,
             files_total: 0,
         });
+        // Heavy directories are pruned remotely by `find` into an exclude
+        // file (`tar -X`, GNU and BusyBox alike), so a regular file with one
+        // of those names still comes back; the local filter applies the same
+        // rule after the transfer.
+        let heavy = options.effective_heavy_dirs();
+        let heavy_list = if heavy.is_empty() {
+            String::new()
+        } else {
+            let names = heavy
+                .iter()
+                .map(|n| format!("-name {}", shell_quote(n)))
+                .collect::<Vec<_>>()
+                .join(" -o ");
+            excludes.push_str(" -X \"$RT/heavy-excludes\"");
+            format!(
+                "(cd \"$R\" && find . -type d \\( {names} \\) -prune -print) > \"$RT/heavy-excludes\"\n"
+            )
+        };
         let pack = format!(
-            "{v}set -e\nmkdir -p \"$RT\"\ntar -cf \"$TAR\" -C \"$R\" {excludes} .\nwc -c < \"$TAR\"",
+            "{v}set -e\nmkdir -p \"$RT\"\n{heavy_list}tar -cf \"$TAR\" -C \"$R\" {excludes} .\nrm -f \"$RT/heavy-excludes\"\nwc -c < \"$TAR\"",
             v = vars.script
         );
         let small = OutputCapture::Limit(64 * 1024);

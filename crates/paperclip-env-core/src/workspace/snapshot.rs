@@ -84,6 +84,7 @@ impl Snapshot {
     pub fn of_dir(root: &Path) -> Result<Snapshot> {
         let options = SyncOptions {
             respect_gitignore: false,
+            heavy_dir_excludes: Vec::new(),
             ..SyncOptions::default()
         };
         let scan = scan(root, &Filter::new(root, &options)?, &options)?;
@@ -115,6 +116,16 @@ pub(crate) struct Filter {
 impl Filter {
     pub(crate) fn new(root: &Path, options: &SyncOptions) -> Result<Filter> {
         let mut builder = GitignoreBuilder::new(root);
+        // Heavy directories first, so a later caller pattern (`!dist/`) can
+        // re-include one, as gitignore's last match wins.
+        for name in options.effective_heavy_dirs() {
+            builder
+                .add_line(None, &format!("{name}/"))
+                .map_err(|e| Error::InvalidInput {
+                    what: "heavy directory exclude",
+                    message: format!("{name:?}: {e}"),
+                })?;
+        }
         for pattern in &options.exclude {
             builder
                 .add_line(None, pattern)

@@ -991,6 +991,11 @@ impl SandboxProvider for DaytonaProvider {
         KEY
     }
 
+    /// Paperclip 2026.916's plugin id for this provider.
+    fn plugin_key(&self) -> String {
+        format!("paperclip.{}-sandbox-provider", self.key())
+    }
+
     fn default_lease_deadline(&self) -> Option<Duration> {
         // Acquire waits up to the default `timeoutMs` for `started` (spec 22
         // §5.3), plus the create call and the toolbox preparation calls.

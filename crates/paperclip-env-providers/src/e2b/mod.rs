@@ -262,6 +262,7 @@ impl E2bProvider {
 
     /// A builder for Novita Agent Sandbox.
     #[cfg(feature = "novita")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "novita")))]
     pub fn novita() -> E2bProviderBuilder {
         E2bProviderBuilder::new(Flavor::Novita)
     }
@@ -273,6 +274,7 @@ impl E2bProvider {
 
     /// Novita configured from the environment.
     #[cfg(feature = "novita")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "novita")))]
     pub fn novita_from_env() -> Result<Self> {
         Self::novita().with_env().build()
     }
@@ -587,6 +589,11 @@ fn version_less_than(version: &str, min: (u64, u64, u64)) -> bool {
 impl SandboxProvider for E2bProvider {
     fn key(&self) -> &str {
         self.inner.flavor.key()
+    }
+
+    /// Paperclip 2026.916's plugin id for this provider.
+    fn plugin_key(&self) -> String {
+        format!("paperclip.{}-sandbox-provider", self.key())
     }
 
     /// Create (one control-plane call, up to a minute on a cold template),

@@ -791,6 +791,11 @@ impl SandboxProvider for ExeDevProvider {
         KEY
     }
 
+    /// Paperclip 2026.916's plugin id for this provider.
+    fn plugin_key(&self) -> String {
+        format!("paperclip.{}-sandbox-provider", self.key())
+    }
+
     fn default_lease_deadline(&self) -> Option<Duration> {
         // Create (one API call), then SSH readiness with its retries, then setup.
         Some(

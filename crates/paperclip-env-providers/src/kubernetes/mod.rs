@@ -1444,6 +1444,11 @@ impl SandboxProvider for KubernetesProvider {
         KEY
     }
 
+    /// Paperclip 2026.916's plugin id for this provider.
+    fn plugin_key(&self) -> String {
+        format!("paperclip.{}-sandbox-provider", self.key())
+    }
+
     fn capabilities(&self) -> Capabilities {
         backend_capabilities(self.inner.opts.backend)
     }

@@ -774,7 +774,7 @@ pub async fn a4_5_release_from_metadata_config(f: &Fixture) -> CheckResult {
     ensure!(
         lease.cleanup_status == Some(CleanupStatus::Success),
         "provider cleanup from metadata failed: {:?}",
-        lease.cleanup_error
+        lease.cleanup_error()
     );
     if let Some(before) = before {
         let after = f.live().unwrap_or_default();

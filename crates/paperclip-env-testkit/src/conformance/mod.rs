@@ -19,6 +19,8 @@
 //! `SHOULD` line that fails is reported as a warning, not a failure.
 
 mod checks;
+pub mod environment;
+pub mod live;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -11,9 +11,11 @@ pub mod daytona;
 pub mod e2b;
 pub mod exe_dev;
 #[cfg(feature = "emulators-kubernetes")]
+#[cfg_attr(docsrs, doc(cfg(feature = "emulators-kubernetes")))]
 #[allow(clippy::result_large_err)]
 pub mod kubernetes;
 #[cfg(feature = "emulators-modal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "emulators-modal")))]
 pub mod modal;
 pub(crate) mod sandbox_fs;
 mod serve;

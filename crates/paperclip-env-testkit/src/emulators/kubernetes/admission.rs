@@ -581,6 +581,11 @@ pub(crate) fn admit_pod(store: &Store, namespace: &str, pod: &mut Value) -> Resu
             ),
         ));
     }
+    // The ServiceAccount admission plugin writes the account it admitted.
+    if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.insert("serviceAccountName".into(), Value::String(account.clone()));
+        spec.insert("serviceAccount".into(), Value::String(account));
+    }
     admit_pod_security(store, namespace, pod)?;
     if let Some(class) = pod
         .pointer("/spec/runtimeClassName")

@@ -1,6 +1,9 @@
 //! An in-process Kubernetes API server emulator (spec 26 §7 and §17): enough
 //! of the real wire protocol that standard clients work against it (the
-//! `kube` crate, tested; `kubectl` 1.32 get/create/exec/delete over HTTPS
+//! `kube` crate, tested; the official Python client `kubernetes` 37.0.2,
+//! in CI through `tests/vendor/kubernetes_client.py`: CRUD, watch, patches,
+//! the Sandbox CRD and Jobs, exec with its status channel, `ApiException`
+//! bodies; `kubectl` 1.32 get/create/exec/delete over HTTPS
 //! with `--validate=false`, since no OpenAPI document and no `Table`
 //! rendering are served, and client-go sends no bearer token over plain
 //! HTTP), with pods whose commands run as real local processes.

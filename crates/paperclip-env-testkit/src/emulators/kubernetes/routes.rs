@@ -685,6 +685,11 @@ fn create(
         && let Some(map) = object.as_object_mut()
     {
         map.remove("status");
+        // A built-in type's status struct is always serialized, empty at
+        // first (`"status": {}`); a custom resource has none until set.
+        if !rt.is_custom() {
+            map.insert("status".into(), json!({}));
+        }
     }
     match (rt.group.as_str(), rt.plural.as_str()) {
         ("", "secrets") => store::fold_string_data(&mut object),

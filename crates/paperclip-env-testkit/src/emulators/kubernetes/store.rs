@@ -29,6 +29,12 @@ pub(crate) struct ResourceType {
 }
 
 impl ResourceType {
+    /// Whether the type is served from a CRD (the agent-sandbox and Cilium
+    /// groups) rather than built into the API server.
+    pub(crate) fn is_custom(&self) -> bool {
+        matches!(self.group.as_str(), "agents.x-k8s.io" | "cilium.io")
+    }
+
     fn new(group: &str, versions: &[&str], plural: &str, kind: &str, namespaced: bool) -> Self {
         ResourceType {
             group: group.to_owned(),
