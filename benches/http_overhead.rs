@@ -58,6 +58,7 @@ fn overhead(c: &mut Criterion) {
             &AcquireRequest {
                 run_id: "bench".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         ))
         .expect("acquire");

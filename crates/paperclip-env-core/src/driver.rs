@@ -93,6 +93,8 @@ pub struct AcquireInput<'a> {
     pub heartbeat_run_id: Option<String>,
     /// The run's execution workspace.
     pub lease_context: LeaseContext,
+    /// What else the run asks for (agent, adapter, requested cwd and expiry).
+    pub details: crate::provider::AcquireDetails,
 }
 
 /// Why a config is being normalized.

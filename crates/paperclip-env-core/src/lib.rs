@@ -65,8 +65,8 @@ pub use lease::{
 };
 pub use probe::ProbeResult;
 pub use provider::{
-    AcquireRequest, CallContext, Capabilities, ConfigValidation, Diagnostic, LeaseHandle,
-    ProviderLease, ProviderProbe, Readiness, SandboxProvider, Severity,
+    AcquireDetails, AcquireRequest, CallContext, Capabilities, ConfigValidation, Diagnostic,
+    LeaseHandle, ProviderLease, ProviderProbe, Readiness, SandboxProvider, Severity,
 };
 pub use realize::{RealizeWorkspaceResult, WorkspaceSpec};
 pub use reaper::{ReapReport, Reaper, ReaperHandle, ReaperOptions};

@@ -277,12 +277,52 @@ impl LeaseHandle {
 }
 
 /// Acquire parameters beyond the context.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AcquireRequest {
     /// The run id (a random UUID for ad-hoc acquisitions); label resources with it.
     pub run_id: String,
     /// The run's execution workspace mode.
     pub workspace_mode: Option<String>,
+    /// What else the run asks for (agent, adapter, requested cwd and expiry).
+    pub details: AcquireDetails,
+}
+
+/// What a run asks of its lease beyond its ids, as Paperclip's host sends
+/// it to plugin workers on `environmentAcquireLease` (`agentId`,
+/// `executionWorkspaceId`, `adapterType`, `executionWorkspaceSettings`,
+/// `requestedExpiresAt`, `requestedCwd`). Every field is optional; a
+/// provider that cannot honour a requested expiry returns no `expiresAt`.
+///
+/// ```
+/// use paperclip_env_core::AcquireDetails;
+/// let d = AcquireDetails { agent_id: Some("agent-1".into()), ..AcquireDetails::default() };
+/// assert_eq!(serde_json::to_value(&d).unwrap(), serde_json::json!({"agentId": "agent-1"}));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AcquireDetails {
+    /// The agent the run belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// The run's execution workspace id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_workspace_id: Option<String>,
+    /// The run's harness / adapter type (selects a runtime image per run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_type: Option<String>,
+    /// The execution workspace's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_workspace_settings: Option<JsonObject>,
+    /// The latest time the lease may stay active.
+    #[serde(
+        with = "time::iso_opt",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub requested_expires_at: Option<Timestamp>,
+    /// The working directory the run asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_cwd: Option<String>,
 }
 
 /// A sandbox provider. Object safe; used as `Arc<dyn SandboxProvider>`.

@@ -18,7 +18,7 @@ use crate::lease::{
     LeaseRecord, LeaseStatus,
 };
 use crate::probe::ProbeResult;
-use crate::provider::{ProviderLease, SandboxProvider};
+use crate::provider::{AcquireDetails, ProviderLease, SandboxProvider};
 use crate::realize::{RealizeWorkspaceResult, WorkspaceSpec};
 use crate::secret::{InMemorySecretResolver, SecretResolver};
 use crate::store::{EnvironmentStore, InMemoryEnvironmentStore, InMemoryLeaseStore, LeaseStore};
@@ -37,6 +37,9 @@ pub struct AcquireRunLease {
     pub heartbeat_run_id: Option<String>,
     /// The run's persisted execution workspace.
     pub execution_workspace: Option<ExecutionWorkspaceRef>,
+    /// What else the run asks for: agent, adapter type, workspace settings,
+    /// requested cwd and expiry (sent to plugin workers as upstream does).
+    pub details: AcquireDetails,
 }
 
 impl AcquireRunLease {
@@ -48,6 +51,7 @@ impl AcquireRunLease {
             issue_id: None,
             heartbeat_run_id: Some(run_id.into()),
             execution_workspace: None,
+            details: AcquireDetails::default(),
         }
     }
 
@@ -59,6 +63,7 @@ impl AcquireRunLease {
             issue_id: None,
             heartbeat_run_id: None,
             execution_workspace: None,
+            details: AcquireDetails::default(),
         }
     }
 
@@ -71,6 +76,36 @@ impl AcquireRunLease {
     /// Sets the execution workspace.
     pub fn execution_workspace(mut self, id: Option<String>, mode: Option<String>) -> Self {
         self.execution_workspace = Some(ExecutionWorkspaceRef { id, mode });
+        self
+    }
+
+    /// Sets the agent the run belongs to.
+    pub fn agent(mut self, agent_id: impl Into<String>) -> Self {
+        self.details.agent_id = Some(agent_id.into());
+        self
+    }
+
+    /// Sets the run's adapter (harness) type.
+    pub fn adapter_type(mut self, adapter_type: impl Into<String>) -> Self {
+        self.details.adapter_type = Some(adapter_type.into());
+        self
+    }
+
+    /// Sets the working directory the run asks for.
+    pub fn requested_cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.details.requested_cwd = Some(cwd.into());
+        self
+    }
+
+    /// Sets the latest time the lease may stay active.
+    pub fn requested_expires_at(mut self, at: crate::time::Timestamp) -> Self {
+        self.details.requested_expires_at = Some(at);
+        self
+    }
+
+    /// Sets the execution workspace's settings.
+    pub fn execution_workspace_settings(mut self, settings: crate::lease::JsonObject) -> Self {
+        self.details.execution_workspace_settings = Some(settings);
         self
     }
 }
@@ -359,6 +394,14 @@ impl EnvironmentRuntime {
                     issue_id: input.issue_id,
                     heartbeat_run_id: input.heartbeat_run_id,
                     lease_context: lease_context.clone(),
+                    details: AcquireDetails {
+                        execution_workspace_id: input
+                            .details
+                            .execution_workspace_id
+                            .clone()
+                            .or_else(|| lease_context.execution_workspace_id.clone()),
+                        ..input.details
+                    },
                 },
             )
             .instrument(span)

@@ -29,6 +29,7 @@ fn request(run: &str) -> AcquireRequest {
     AcquireRequest {
         run_id: run.into(),
         workspace_mode: None,
+        ..Default::default()
     }
 }
 

@@ -53,6 +53,7 @@ fn modal(c: &mut Criterion) {
             &AcquireRequest {
                 run_id: "bench".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         ))
         .expect("acquire");

@@ -67,6 +67,7 @@ impl Setup {
                 &AcquireRequest {
                     run_id: "Run_123".into(),
                     workspace_mode: None,
+                    ..Default::default()
                 },
             )
             .await
@@ -352,6 +353,7 @@ async fn http_error_shapes() {
             &AcquireRequest {
                 run_id: "r".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await
@@ -373,6 +375,7 @@ async fn http_error_shapes() {
             &AcquireRequest {
                 run_id: "r".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await
@@ -390,6 +393,7 @@ async fn http_error_shapes() {
             &AcquireRequest {
                 run_id: "r".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await
@@ -410,6 +414,7 @@ async fn http_error_shapes() {
             &AcquireRequest {
                 run_id: "r".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await
@@ -429,6 +434,7 @@ async fn http_error_shapes() {
             &AcquireRequest {
                 run_id: "r".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await

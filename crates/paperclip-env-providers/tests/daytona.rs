@@ -85,6 +85,7 @@ impl Setup {
                 &AcquireRequest {
                     run_id: "run-1".into(),
                     workspace_mode: None,
+                    ..Default::default()
                 },
             )
             .await?;
@@ -1277,6 +1278,7 @@ async fn run_resources_are_found_by_their_run_label() {
             &AcquireRequest {
                 run_id: "run-2".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await

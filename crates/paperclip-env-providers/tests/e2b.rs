@@ -171,6 +171,7 @@ async fn acquire(provider: &E2bProvider, config: Value) -> paperclip_env_core::R
             &AcquireRequest {
                 run_id: "run-1".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await?;
@@ -301,6 +302,7 @@ async fn bad_api_key_is_unauthenticated_and_not_retried() {
             &AcquireRequest {
                 run_id: "r".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await
@@ -802,6 +804,7 @@ async fn novita_profile_wire_differences_and_validation() {
             &AcquireRequest {
                 run_id: "run-n".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await
@@ -1316,6 +1319,7 @@ async fn run_resources_are_found_by_their_metadata_label() {
     let request = |run: &str| AcquireRequest {
         run_id: run.into(),
         workspace_mode: None,
+        ..Default::default()
     };
     let a = provider.acquire(&ctx, &request("run-a")).await.unwrap();
     let _b = provider.acquire(&ctx, &request("run-b")).await.unwrap();

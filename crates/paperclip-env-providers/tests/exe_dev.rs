@@ -79,6 +79,7 @@ fn acquire_request(run: &str) -> AcquireRequest {
     AcquireRequest {
         run_id: run.into(),
         workspace_mode: None,
+        ..Default::default()
     }
 }
 

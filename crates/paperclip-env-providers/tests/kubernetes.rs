@@ -68,6 +68,7 @@ async fn acquire(
         &AcquireRequest {
             run_id: run.into(),
             workspace_mode: None,
+            ..Default::default()
         },
     )
     .await

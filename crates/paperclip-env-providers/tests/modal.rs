@@ -92,6 +92,7 @@ impl Harness {
                 &AcquireRequest {
                     run_id: "run-1".into(),
                     workspace_mode: None,
+                    ..Default::default()
                 },
             )
             .await?;
@@ -1131,6 +1132,7 @@ async fn https_to_a_plaintext_server_fails_with_a_typed_error() {
             &AcquireRequest {
                 run_id: "run-tls".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await,
@@ -1169,6 +1171,7 @@ async fn a_cancelled_acquire_terminates_its_half_made_sandbox() {
             &AcquireRequest {
                 run_id: "run-cancel".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await,
@@ -1257,6 +1260,7 @@ async fn a_throttled_create_waits_and_succeeds() {
                 &AcquireRequest {
                     run_id: "run-throttled".into(),
                     workspace_mode: None,
+                    ..Default::default()
                 },
             )
             .await,
@@ -1353,6 +1357,7 @@ async fn a_slow_create_is_not_cut_by_the_call_deadline() {
             &AcquireRequest {
                 run_id: "run-slow".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await
@@ -1387,6 +1392,7 @@ async fn a_create_that_outlives_its_acquire_is_terminated() {
             &AcquireRequest {
                 run_id: "run-outlived".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await,
@@ -1432,6 +1438,7 @@ async fn the_image_builder_version_comes_from_the_environment() {
             &AcquireRequest {
                 run_id: "run-pinned".into(),
                 workspace_mode: None,
+                ..Default::default()
             },
         )
         .await

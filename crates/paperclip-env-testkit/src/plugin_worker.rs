@@ -319,6 +319,7 @@ impl<W: AsyncWrite + Unpin + Send> Server<W> {
                         .get("workspaceMode")
                         .and_then(Value::as_str)
                         .map(str::to_owned),
+                    ..Default::default()
                 };
                 json_of(serde_json::to_value(fake.acquire(&ctx, &request).await?))
             }

@@ -444,3 +444,35 @@ async fn a_wedged_worker_is_killed_after_its_health_check_fails() {
     assert_eq!(plugin.live(), 0);
     worker.shutdown().await;
 }
+
+/// The run's details reach the plugin's acquire as upstream's host sends
+/// them: agent, execution workspace, adapter type, requested cwd and expiry.
+#[tokio::test]
+async fn acquire_sends_the_runs_details() {
+    let plugin = Plugin::new();
+    let worker = plugin.worker(&[]);
+    let runtime = runtime(&worker);
+    let expires = paperclip_env_core::time::now() + chrono::Duration::hours(1);
+    let request = AcquireRunLease::for_run(environment(), "run-details")
+        .execution_workspace(Some("ews-1".into()), Some("isolated_workspace".into()))
+        .agent("agent-7")
+        .adapter_type("codex_local")
+        .requested_cwd("/work/requested")
+        .requested_expires_at(expires);
+    let lease = runtime.acquire_run_lease(request).await.unwrap().lease;
+    let requested = &lease.metadata.as_ref().unwrap()["requested"];
+    assert_eq!(requested["agentId"], "agent-7", "{requested}");
+    assert_eq!(requested["executionWorkspaceId"], "ews-1");
+    assert_eq!(requested["adapterType"], "codex_local");
+    assert_eq!(requested["requestedCwd"], "/work/requested");
+    assert_eq!(requested["workspaceMode"], "isolated_workspace");
+    let sent = requested["requestedExpiresAt"].as_str().unwrap();
+    let parsed = chrono::DateTime::parse_from_rfc3339(sent).unwrap();
+    assert_eq!(parsed.timestamp(), expires.timestamp());
+    runtime
+        .release_run_leases("run-details", LeaseStatus::Released)
+        .await
+        .into_result()
+        .unwrap();
+    worker.shutdown().await;
+}

@@ -531,6 +531,7 @@ impl SandboxDriver {
             candidate,
             run_label,
             workspace_mode: input.lease_context.execution_workspace_mode.clone(),
+            details: input.details.clone(),
             policy,
         });
         acquire_recorded(
@@ -764,6 +765,7 @@ struct SandboxAcquirer {
     candidate: Option<EnvironmentLease>,
     run_label: String,
     workspace_mode: Option<String>,
+    details: crate::provider::AcquireDetails,
     policy: LeasePolicy,
 }
 
@@ -830,6 +832,7 @@ impl Acquirer for SandboxAcquirer {
                 let request = AcquireRequest {
                     run_id: self.run_label.clone(),
                     workspace_mode: self.workspace_mode.clone(),
+                    details: self.details.clone(),
                 };
                 self.provider
                     .acquire(&self.call, &request)

@@ -478,6 +478,7 @@ impl EnvironmentRuntimeDriver for PluginDriver {
         if let Some(mode) = &input.lease_context.execution_workspace_mode {
             params.insert("workspaceMode".into(), json!(mode));
         }
+        protocol::add_acquire_details(&mut params, &input.details);
         let mut host_metadata = JsonObject::new();
         host_metadata.insert("driver".into(), json!(environment.driver));
         host_metadata.insert(

@@ -461,6 +461,25 @@ pub fn add_execute_fields(
     }
 }
 
+/// Adds the run's acquire details to `environmentAcquireLease` params, each
+/// only when known, as upstream's host sends them (`agentId`,
+/// `executionWorkspaceId`, `adapterType`, `executionWorkspaceSettings`,
+/// `requestedExpiresAt`, `requestedCwd`).
+///
+/// ```
+/// use paperclip_env_core::AcquireDetails;
+/// use paperclip_env_core::plugin::protocol::add_acquire_details;
+/// let mut params = serde_json::Map::new();
+/// let details = AcquireDetails { adapter_type: Some("codex_local".into()), ..AcquireDetails::default() };
+/// add_acquire_details(&mut params, &details);
+/// assert_eq!(serde_json::Value::Object(params), serde_json::json!({"adapterType": "codex_local"}));
+/// ```
+pub fn add_acquire_details(params: &mut JsonObject, details: &crate::provider::AcquireDetails) {
+    if let Ok(Value::Object(fields)) = serde_json::to_value(details) {
+        params.extend(fields);
+    }
+}
+
 /// Parses an `environmentExecute` result (§11.1).
 ///
 /// ```

@@ -288,6 +288,7 @@ impl SandboxProvider for PluginSandboxProvider {
         if let Some(mode) = &request.workspace_mode {
             params.insert("workspaceMode".into(), json!(mode));
         }
+        protocol::add_acquire_details(&mut params, &request.details);
         let op = Operation::Acquire;
         let value = self
             .call(Some(ctx), op, params, self.lease_deadline(ctx))

@@ -16,7 +16,7 @@
 //!     issue_id: None,
 //!     config: ProviderConfig::new(config.as_object().cloned().unwrap_or_default()),
 //! };
-//! let lease = provider.acquire(&ctx, &AcquireRequest { run_id: "run-1".into(), workspace_mode: None }).await?;
+//! let lease = provider.acquire(&ctx, &AcquireRequest { run_id: "run-1".into(), workspace_mode: None, ..Default::default() }).await?;
 //! println!("VM {:?}", lease.provider_lease_id);
 //! # Ok(()) }
 //! ```

@@ -179,14 +179,28 @@ const plugin = definePlugin({
     };
   },
 
-  async onEnvironmentAcquireLease({ runId }) {
+  async onEnvironmentAcquireLease(params) {
+    const { runId } = params;
     await faults("environmentAcquireLease");
     const dir = await mkdtemp(path.join(ROOT, LEASE_PREFIX));
     bump("creates");
     writeFileSync(path.join(dir, ".paperclip-run-id"), String(runId ?? ""));
     return {
       providerLeaseId: ID_SCHEME + path.basename(dir),
-      metadata: { remoteCwd: dir, runId: runId ?? null, sdkLocal: true },
+      metadata: {
+        remoteCwd: dir,
+        runId: runId ?? null,
+        sdkLocal: true,
+        // What the host sent beyond the ids, for the tests to check.
+        requested: {
+          agentId: params.agentId ?? null,
+          executionWorkspaceId: params.executionWorkspaceId ?? null,
+          adapterType: params.adapterType ?? null,
+          requestedCwd: params.requestedCwd ?? null,
+          requestedExpiresAt: params.requestedExpiresAt ?? null,
+          workspaceMode: params.workspaceMode ?? null,
+        },
+      },
     };
   },
 

@@ -365,6 +365,7 @@ pub async fn a2_3_any_run_id(f: &Fixture) -> CheckResult {
         let request = AcquireRequest {
             run_id: run_id.clone(),
             workspace_mode: Some("isolated_workspace".into()),
+            ..Default::default()
         };
         let lease = f
             .timed("acquire", f.provider.acquire(&ctx, &request))
@@ -409,6 +410,7 @@ pub async fn a2_5_failed_acquire_leaves_nothing(f: &Fixture) -> CheckResult {
     let request = AcquireRequest {
         run_id: f.run_id.clone(),
         workspace_mode: None,
+        ..Default::default()
     };
     let result = f
         .timed("acquire", f.provider.acquire(&ctx, &request))
@@ -444,6 +446,7 @@ pub async fn a2_6_acquire_not_retried(f: &Fixture) -> CheckResult {
     let request = AcquireRequest {
         run_id: f.run_id.clone(),
         workspace_mode: None,
+        ..Default::default()
     };
     if let Ok(lease) = f
         .timed("acquire", f.provider.acquire(&ctx, &request))
@@ -1228,6 +1231,7 @@ pub async fn a7_1_lifecycle_order(f: &Fixture) -> CheckResult {
     let request = AcquireRequest {
         run_id: f.run_id.clone(),
         workspace_mode: None,
+        ..Default::default()
     };
     let lease = handle(
         &f.timed("acquire", recording.acquire(&ctx, &request))

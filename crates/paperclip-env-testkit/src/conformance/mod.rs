@@ -261,6 +261,7 @@ impl Fixture {
         let request = AcquireRequest {
             run_id: self.run_id.clone(),
             workspace_mode: None,
+            ..Default::default()
         };
         self.timed("acquire", self.provider.acquire(ctx, &request))
             .await?
