@@ -256,6 +256,14 @@ impl LeaseHandle {
         self.metadata.as_ref()?.get(key)?.as_str()
     }
 
+    /// The working directory recorded at acquire (`metadata.remoteCwd`),
+    /// trimmed, if non-empty.
+    pub fn remote_cwd(&self) -> Option<&str> {
+        self.metadata_str("remoteCwd")
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+
     /// The working directory realize should use (spec 11 A5.2): the lease's
     /// `remoteCwd`, else the workspace's `remotePath`, else its `localPath`;
     /// `None` leaves the provider default.
@@ -267,9 +275,7 @@ impl LeaseHandle {
     /// assert_eq!(lease.preferred_cwd(&ws).as_deref(), Some("/srv/ws"));
     /// ```
     pub fn preferred_cwd(&self, workspace: &crate::realize::WorkspaceSpec) -> Option<String> {
-        self.metadata_str("remoteCwd")
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
+        self.remote_cwd()
             .map(str::to_owned)
             .or_else(|| workspace.remote_path.clone())
             .or_else(|| workspace.local_path.clone())

@@ -757,12 +757,36 @@ async fn a_release_the_worker_does_not_advertise_is_not_sent_and_records_failed_
     worker.shutdown().await;
 }
 
+/// A worker whose lease records `remoteCwd: /srv/box-1` and whose execute
+/// answers with the `cwd` it was sent (or `none`).
+const CWD_ECHO_WORKER: &str = r#"
+id_of() { printf '%s' "$1" | sed -n 's/^{"jsonrpc":"2.0","id":\([0-9]*\),.*/\1/p'; }
+read -r line
+printf '{"jsonrpc":"2.0","id":%s,"result":{"ok":true,"supportedMethods":["environmentAcquireLease","environmentReleaseLease","environmentExecute"]}}\n' "$(id_of "$line")"
+while read -r line; do
+  case "$line" in
+    *'"method":"environmentAcquireLease"'*) r='{"providerLeaseId":"box-1","metadata":{"remoteCwd":"/srv/box-1"}}';;
+    *'"method":"environmentExecute"'*)
+      cwd=$(printf '%s' "$line" | sed -n 's/.*"cwd":"\([^"]*\)".*/\1/p')
+      r=$(printf '{"exitCode":0,"timedOut":false,"stdout":"%s","stderr":""}' "${cwd:-none}");;
+    *) r='null';;
+  esac
+  printf '{"jsonrpc":"2.0","id":%s,"result":%s}\n' "$(id_of "$line")" "$r"
+done
+"#;
+
 /// `cwd` is always sent on execute: the lease's `remoteCwd` when the request
-/// names none, as upstream's host does.
+/// names none, the request's own otherwise, as upstream's host does.
 #[tokio::test]
 async fn execute_sends_the_leases_remote_cwd_when_the_request_has_none() {
-    let dirs = dirs();
-    let worker = PluginWorker::new(worker_config(&dirs, &[]));
+    let manifest = PluginManifest::from_json(plugin_worker::reference_manifest()).unwrap();
+    let mut config = PluginWorkerConfig::new("sh", manifest)
+        .arg("-c")
+        .arg(CWD_ECHO_WORKER)
+        .ready_timeout(Duration::from_secs(5));
+    config.shutdown_drain = Duration::from_millis(300);
+    config.shutdown_grace = Duration::from_millis(300);
+    let worker = PluginWorker::new(config);
     let runtime = sandbox_runtime(&worker, short_deadlines());
     let env = sandbox_env();
     let lease = runtime
@@ -770,15 +794,17 @@ async fn execute_sends_the_leases_remote_cwd_when_the_request_has_none() {
         .await
         .unwrap()
         .lease;
-    let remote_cwd = lease
-        .remote_cwd()
-        .expect("the fake records remoteCwd")
-        .to_owned();
-    let pwd = runtime
+    assert_eq!(lease.remote_cwd(), Some("/srv/box-1"));
+    let defaulted = runtime
         .execute(&env, &lease, &ExecuteRequest::new("pwd"))
         .await
         .unwrap();
-    assert_eq!(pwd.stdout.trim(), remote_cwd);
+    assert_eq!(defaulted.stdout, "/srv/box-1");
+    let explicit = runtime
+        .execute(&env, &lease, &ExecuteRequest::new("pwd").cwd("/srv/other"))
+        .await
+        .unwrap();
+    assert_eq!(explicit.stdout, "/srv/other");
     runtime
         .release_run_leases("run-cwd", LeaseStatus::Released)
         .await

@@ -83,6 +83,22 @@ fn str_param<'a>(params: &'a Value, key: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
+/// Writes a worker's `log` (notification or request: `{level, message}`) to
+/// the `tracing` log at its level, scrubbed.
+pub(crate) fn log_plugin_message(plugin: &str, params: &Value, scrub: impl Fn(&str) -> String) {
+    let level = params
+        .get("level")
+        .and_then(Value::as_str)
+        .unwrap_or("info");
+    let message = scrub(params.get("message").and_then(Value::as_str).unwrap_or(""));
+    match level {
+        "error" => error!(target: "paperclip_env::plugin", plugin, "[plugin] {message}"),
+        "warn" => warn!(target: "paperclip_env::plugin", plugin, "[plugin] {message}"),
+        "debug" => debug!(target: "paperclip_env::plugin", plugin, "[plugin] {message}"),
+        _ => info!(target: "paperclip_env::plugin", plugin, "[plugin] {message}"),
+    }
+}
+
 fn invalid(method: &str, message: &str) -> RpcError {
     RpcError::new(codes::INVALID_PARAMS, format!("{method}: {message}"))
 }
@@ -161,19 +177,7 @@ impl HostServices {
             }
             "secrets.resolve" => self.resolve_secret(cx, params).await,
             "log" => {
-                let level = str_param(params, "level").unwrap_or("info");
-                let message = scrub(str_param(params, "message").unwrap_or(""));
-                let plugin = cx.plugin_id;
-                match level {
-                    "error" => {
-                        error!(target: "paperclip_env::plugin", plugin, "[plugin] {message}")
-                    }
-                    "warn" => warn!(target: "paperclip_env::plugin", plugin, "[plugin] {message}"),
-                    "debug" => {
-                        debug!(target: "paperclip_env::plugin", plugin, "[plugin] {message}")
-                    }
-                    _ => info!(target: "paperclip_env::plugin", plugin, "[plugin] {message}"),
-                }
+                log_plugin_message(cx.plugin_id, params, &scrub);
                 Ok(Value::Null.into())
             }
             "metrics.write" | "telemetry.track" | "activity.log" | "span.record"

@@ -364,14 +364,7 @@ impl SandboxProvider for PluginSandboxProvider {
     ) -> Result<CommandExit> {
         let mut params = self.base(ctx);
         params.insert("lease".into(), protocol::lease_json(lease));
-        let lease_cwd = lease
-            .metadata
-            .as_ref()
-            .and_then(|m| m.get("remoteCwd"))
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .filter(|c| !c.is_empty());
-        protocol::add_execute_fields(&mut params, request, lease_cwd);
+        protocol::add_execute_fields(&mut params, request, lease.remote_cwd());
         let deadline = execute_deadline(
             request.timeout_ms,
             ctx.config.get("timeoutMs"),

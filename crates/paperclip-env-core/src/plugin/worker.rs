@@ -58,7 +58,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use super::host_services::{HostContext, HostServices};
+use super::host_services::{HostContext, HostServices, log_plugin_message};
 use super::manifest::PluginManifest;
 use super::protocol::{self, Incoming, InitializeResult, InstanceInfo, RpcError, codes, methods};
 use crate::Unsupported;
@@ -713,13 +713,18 @@ struct Crashes {
     stopped: Option<String>,
 }
 
-/// `base` doubled per earlier crash, capped, with ±25 % jitter.
+/// The wait before the `n`th consecutive restart attempt (1-based): `base`
+/// doubled per earlier attempt, capped at [`MAX_RESTART_BACKOFF`]. Failed
+/// starts wait exactly this; crashes add ±25 % jitter.
+fn restart_backoff(base: Duration, n: u32) -> Duration {
+    base.saturating_mul(2u32.saturating_pow(n.saturating_sub(1).min(16)))
+        .min(MAX_RESTART_BACKOFF)
+}
+
+/// [`restart_backoff`] after the `crashes`th crash, with ±25 % jitter.
 fn crash_backoff(base: Duration, crashes: usize) -> Duration {
-    let doubled = base
-        .saturating_mul(2u32.saturating_pow(crashes.saturating_sub(1).min(16) as u32))
-        .min(MAX_RESTART_BACKOFF);
     let jitter = 0.75 + 0.5 * (uuid::Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
-    doubled.mul_f64(jitter)
+    restart_backoff(base, u32::try_from(crashes).unwrap_or(u32::MAX)).mul_f64(jitter)
 }
 
 struct Shared {
@@ -1037,10 +1042,7 @@ impl PluginWorker {
             Ok(_) => *failed = None,
             Err(e) => {
                 let count = failed.as_ref().map_or(1, |f| f.count + 1);
-                let base = self.shared.config.restart_backoff;
-                let wait = base
-                    .saturating_mul(2u32.saturating_pow(count.saturating_sub(1).min(16)))
-                    .min(MAX_RESTART_BACKOFF);
+                let wait = restart_backoff(self.shared.config.restart_backoff, count);
                 *failed = Some(FailedStarts {
                     count,
                     retry_at: tokio::time::Instant::now() + wait,
@@ -1710,24 +1712,7 @@ impl WeakWorker {
                 self.route_execute_log(process, &params, invocation_id.as_deref());
             }
             Incoming::Notification { method, params, .. } if method == methods::LOG => {
-                let level = params
-                    .get("level")
-                    .and_then(Value::as_str)
-                    .unwrap_or("info");
-                let msg = self.scrub(params.get("message").and_then(Value::as_str).unwrap_or(""));
-                let plugin = &self.plugin;
-                match level {
-                    "error" => {
-                        error!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}")
-                    }
-                    "warn" => {
-                        warn!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}")
-                    }
-                    "debug" => {
-                        debug!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}")
-                    }
-                    _ => info!(target: "paperclip_env::plugin", plugin = %plugin, "[plugin] {msg}"),
-                }
+                log_plugin_message(&self.plugin, &params, |text| self.scrub(text));
             }
             Incoming::Notification { method, .. } => {
                 debug!(target: "paperclip_env::plugin", plugin = %self.plugin, method = %method, "notification from worker");
